@@ -1,0 +1,97 @@
+"""The `quantfab` command: run, plan and schema.
+
+Exit codes: 0 built, 1 a quality gate failed (nothing published), 2 bad input (message, no traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+console = Console(stderr=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="quantfab", description="Build quantized LLMs from YAML recipes.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, text in (("run", "run a recipe's flow on a local Prefect"), ("plan", "show what a run would do, without running it")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("recipe", help="path to the recipe YAML")
+        p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a recipe field, e.g. --set validate.gates.max_kl=0.05 (repeatable)")
+        p.add_argument("--store", default=None, help="content-addressed store URL (default: $QUANTFAB_STORE or ~/.cache/quantfab/store)")
+        p.add_argument("-v", "--verbose", action="store_true", help="show Prefect's own logs")
+    sub.add_parser("schema", help="print the recipe JSON Schema")
+    args = parser.parse_args(argv)
+    if args.command == "schema":
+        from quantfab.pipelines.recipe import Recipe
+
+        print(json.dumps(Recipe.model_json_schema(by_alias=True), indent=2))
+        return 0
+    _quiet_prefect(args.verbose)
+    from quantfab.tasks.errors import UserError
+
+    try:
+        return _run(args) if args.command == "run" else _plan(args)
+    except UserError as exc:
+        console.print(f"[bold red]error:[/] {exc}", highlight=False)
+        return 2
+
+
+def _quiet_prefect(verbose: bool) -> None:
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    if not verbose:
+        os.environ.setdefault("PREFECT_LOGGING_LEVEL", "CRITICAL")
+        os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
+        logging.getLogger("gguf").setLevel(logging.WARNING)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from quantfab.pipelines.quantize import LISTENERS, ORDER, quantize
+    from quantfab.pipelines.recipe_loading import load_recipe
+    from quantfab.pipelines.runnable import check_runnable
+    from quantfab.tasks.errors import QualityGateFailed
+
+    recipe = load_recipe(args.recipe, args.overrides)  # fail fast, before Prefect starts
+    check_runnable(recipe)
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TimeElapsedColumn(), console=console, transient=True) as progress:
+        bar = progress.add_task(f"{recipe.name}: starting Prefect", total=len(ORDER))
+
+        def on_stage(stage: str, status: str, seconds: float) -> None:
+            progress.console.print(f"  {stage:<10} {status:<6} {seconds:8.2f} s")
+            progress.update(bar, advance=1, description=f"{recipe.name}: {stage} {status}")
+
+        LISTENERS.append(on_stage)
+        try:
+            result = quantize(args.recipe, args.overrides, args.store)
+        except QualityGateFailed as exc:
+            print(exc.table)
+            console.print(f"[bold red]quality gate failed:[/] {'; '.join(exc.failures)}; nothing was published", highlight=False)
+            return 1
+        finally:
+            LISTENERS.remove(on_stage)
+    print(result["table"])
+    console.print(f"[green]published[/] {result['destination']}", highlight=False)
+    return 0
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from quantfab.pipelines.plan import plan, render
+    from quantfab.pipelines.recipe_loading import load_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    print(render(plan(recipe, args.store)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,109 @@
+"""The `quantize` flow: download → calibrate → quantize → convert → validate → package.
+
+Thin wiring: each stage is a cached Prefect task (pipelines/stages.py) over a plain function in
+quantfab.tasks; stages hand each other manifests. A cache hit whose blobs have left the store, or whose
+package has left the destination, is recomputed rather than trusted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import time
+from importlib.metadata import version as dist_version
+from typing import Any, Callable
+
+import yaml
+from prefect import flow
+from prefect.artifacts import create_markdown_artifact
+
+from quantfab.pipelines.recipe import Recipe
+from quantfab.pipelines.recipe_loading import load_recipe
+from quantfab.pipelines.stages import STAGES, code_digest
+from quantfab.tasks.download import redact
+from quantfab.tasks.errors import QualityGateFailed
+from quantfab.tasks.manifests import Manifest, PackageManifest
+from quantfab.tasks.package import published
+from quantfab.tasks.store import Store
+
+ORDER = ("download", "calibrate", "quantize", "convert", "validate", "package")
+StageListener = Callable[[str, str, float], None]
+LISTENERS: list[StageListener] = []  # (stage, "ran" | "cached", seconds); the CLI draws progress with it
+
+
+def recipe_yaml(recipe: Recipe) -> str:
+    data = recipe.model_dump(mode="json", by_alias=True, exclude={"extends"})
+    for section, key in (("model", "source"), ("calibration", "source"), ("validate", "source"), ("package", "destination")):
+        data[section][key] = redact(data[section][key])
+    return yaml.safe_dump(data, sort_keys=False)
+
+
+def recipe_digest(recipe: Recipe) -> str:
+    return hashlib.sha256(recipe_yaml(recipe).encode()).hexdigest()
+
+
+def stage_inputs(stage: str, recipe: Recipe, store_url: str, up: dict[str, Any]) -> dict[str, Any]:
+    """Every argument of a stage's task, by keyword, from the recipe and the upstream manifests."""
+    common = {"store_url": store_url, "code": code_digest(stage)}
+    device = recipe.execution.device
+    if stage == "download":
+        return {"model": recipe.model, **common}
+    if stage == "calibrate":
+        return {"model": up["download"], "calibration": recipe.calibration, "device": device, **common}
+    if stage == "quantize":
+        return {"model": up["download"], "calibration": up["calibrate"], "quantize": recipe.quantize,
+                "outputs": list(recipe.outputs), **common}
+    if stage == "convert":
+        return {"model": up["download"], "quantized": up["quantize"], "outputs": list(recipe.outputs),
+                "name": recipe.name, **common}
+    if stage == "validate":
+        return {"model": up["download"], "converted": up["convert"], "quantized": up["quantize"],
+                "outputs": list(recipe.outputs), "validate": recipe.validate_, "device": device, **common}
+    return {"name": recipe.name, "model": up["download"], "converted": up["convert"], "quality": up["validate"],
+            "recipe_yaml": recipe_yaml(recipe), "recipe_digest": recipe_digest(recipe),
+            "destination": recipe.package.destination, "version": dist_version("quantfab"), **common}
+
+
+def _still_valid(result: Any, store: Store, destination: str) -> bool:
+    if isinstance(result, PackageManifest):
+        return published(destination, result)
+    return not isinstance(result, Manifest) or result.present_in(store)
+
+
+def _run_stage(stage: str, inputs: dict[str, Any], store: Store, destination: str) -> tuple[Any, bool]:
+    task = STAGES[stage].with_options(result_storage=store.results_dir())
+    start = time.perf_counter()
+    state = task(**inputs, return_state=True)
+    result = state.result()
+    cached = state.name == "Cached"
+    if cached and not _still_valid(result, store, destination):
+        state = task.with_options(refresh_cache=True)(**inputs, return_state=True)
+        result, cached = state.result(), False
+    for listener in LISTENERS:
+        listener(stage, "cached" if cached else "ran", time.perf_counter() - start)
+    return result, cached
+
+
+@flow(name="quantize", flow_run_name="{recipe_path}", validate_parameters=False)
+def quantize(recipe_path: str, overrides: list[str] | None = None, store: str | None = None) -> dict[str, Any]:
+    """Build every output of one recipe; fail (and publish nothing) if a quality gate fails."""
+    recipe = load_recipe(recipe_path, overrides)
+    store_obj = Store(store)
+    up: dict[str, Any] = {}
+    stages: dict[str, str] = {}
+    for stage in ORDER:
+        if stage == "package" and not up["validate"].passed:
+            raise QualityGateFailed(up["validate"].table, up["validate"].failures)
+        up[stage], cached = _run_stage(stage, stage_inputs(stage, recipe, store_obj.url, up), store_obj,
+                                       recipe.package.destination)
+        stages[stage] = "cached" if cached else "ran"
+        if stage == "validate":
+            create_markdown_artifact(key=_artifact_key(f"quality-{recipe.name}"), markdown=up[stage].table,
+                                     description=f"Quality of {recipe.name}")
+    return {"recipe": recipe.name, "stages": stages, "destination": redact(recipe.package.destination),
+            "quality": json.loads(store_obj.read_bytes(up["validate"].report)), "table": up["validate"].table}
+
+
+def _artifact_key(text: str) -> str:
+    return re.sub(r"[^a-z0-9-]+", "-", text.lower()).strip("-")

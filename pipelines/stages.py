@@ -1,0 +1,97 @@
+"""The six stages as Prefect tasks: thin wrappers over the plain functions in quantfab.tasks.
+
+A stage's cache key is Prefect's INPUTS + TASK_SOURCE over its arguments: the recipe section, the
+upstream manifests (blob digests), the store, and ``code``, a digest of the source files the stage runs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+from prefect import Task, task
+from prefect.cache_policies import INPUTS, TASK_SOURCE
+
+from quantfab.pipelines.recipe import CalibrationSpec, ModelSpec, QuantizeSpec, ValidateSpec
+from quantfab.tasks import calibrate as calibrate_mod
+from quantfab.tasks import download as download_mod
+from quantfab.tasks import package as package_mod
+from quantfab.tasks import validate as validate_mod
+from quantfab.tasks.convert import stage as convert_mod
+from quantfab.tasks.manifests import (CalibrationManifest, ConvertManifest, ModelManifest, PackageManifest,
+                                      QualityManifest, QuantizeManifest)
+from quantfab.tasks.quantize import stage as quantize_mod
+from quantfab.tasks.store import Store
+
+CACHE_POLICY = INPUTS + TASK_SOURCE
+TASKS_DIR = Path(__file__).resolve().parent.parent / "tasks"
+COMMON = ["errors.py", "store.py", "manifests.py", "modelio.py", "download.py"]
+STAGE_SOURCES = {
+    "download": ["synthetic.py"],
+    "calibrate": ["calibrate.py", "texts.py"],
+    "quantize": ["quantize"],
+    "convert": ["convert", "quantize/grids.py", "quantize/stage.py"],
+    "validate": ["validate.py", "texts.py", "convert"],
+    "package": ["package.py"],
+}
+
+
+def code_digest(stage: str) -> str:
+    """sha256 of the stage's source files (and the shared ones), so editing them invalidates its cache."""
+    h = hashlib.sha256()
+    for rel in COMMON + STAGE_SOURCES[stage]:
+        path = TASKS_DIR / rel
+        for f in sorted(path.rglob("*.py")) if path.is_dir() else [path]:
+            h.update(f.relative_to(TASKS_DIR).as_posix().encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def _stage(name: str, retries: int = 0):
+    return task(name=name, cache_policy=CACHE_POLICY, persist_result=True, result_serializer="json",
+                retries=retries, retry_delay_seconds=[2, 8, 30][:retries] or 0)
+
+
+@_stage("download", retries=2)
+def download(model: ModelSpec, store_url: str, code: str) -> ModelManifest:
+    return download_mod.download(model.source, model.revision, model.include, model.allow_pickle, Store(store_url))
+
+
+@_stage("calibrate")
+def calibrate(model: ModelManifest, calibration: CalibrationSpec, device: str, store_url: str, code: str) -> CalibrationManifest:
+    return calibrate_mod.calibrate(model, calibration.source, calibration.samples, calibration.seq_len, calibration.seed,
+                                   calibration.text_field, device, Store(store_url))
+
+
+@_stage("quantize")
+def quantize(model: ModelManifest, calibration: CalibrationManifest, quantize: QuantizeSpec, outputs: list,
+             store_url: str, code: str) -> QuantizeManifest:
+    return quantize_mod.quantize(model, calibration, quantize, outputs, Store(store_url))
+
+
+@_stage("convert")
+def convert(model: ModelManifest, quantized: QuantizeManifest, outputs: list, name: str, store_url: str,
+            code: str) -> ConvertManifest:
+    return convert_mod.convert(model, quantized, outputs, name, Store(store_url))
+
+
+@_stage("validate")
+def validate(model: ModelManifest, converted: ConvertManifest, quantized: QuantizeManifest, outputs: list,
+             validate: ValidateSpec, device: str, store_url: str, code: str) -> QualityManifest:
+    return validate_mod.validate(model, converted, quantized, outputs, validate, device, Store(store_url))
+
+
+@_stage("package")
+def package(name: str, model: ModelManifest, converted: ConvertManifest, quality: QualityManifest, recipe_yaml: str,
+            recipe_digest: str, destination: str, version: str, store_url: str, code: str) -> PackageManifest:
+    return package_mod.package(name, model, converted, quality, recipe_yaml, recipe_digest, destination, version,
+                               Store(store_url))
+
+
+STAGES: dict[str, Task] = {t.name: t for t in (download, calibrate, quantize, convert, validate, package)}
+
+
+def cache_key(stage: str, inputs: dict[str, Any]) -> str | None:
+    """The key Prefect will compute for this stage and these inputs (plan uses it to predict hits)."""
+    return CACHE_POLICY.compute_key(task_ctx=SimpleNamespace(task=STAGES[stage]), inputs=inputs, flow_parameters={})

@@ -1,0 +1,14 @@
+"""Errors a user can fix. The CLI prints their message without a traceback and exits 2."""
+
+
+class UserError(Exception):
+    """Bad input: a recipe, a source, a file or a tensor that is not what was expected."""
+
+
+class QualityGateFailed(Exception):
+    """A validate gate failed: the build is refused and nothing is published (CLI exit 1)."""
+
+    def __init__(self, table: str, failures: list[str]):
+        super().__init__("quality gate failed: " + "; ".join(failures))
+        self.table = table
+        self.failures = failures

@@ -1,0 +1,93 @@
+"""The small typed records stages hand each other: blob references and key facts, never tensors."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict
+
+from quantfab.tasks.store import Blob, Store
+
+
+class Manifest(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    def blobs(self) -> list[Blob]:
+        """Every blob this record refers to, so a cache hit can be checked against the store."""
+        found: list[Blob] = []
+
+        def walk(value: object) -> None:
+            if isinstance(value, Blob):
+                found.append(value)
+            elif isinstance(value, BaseModel):
+                for field in type(value).model_fields:
+                    walk(getattr(value, field))
+            elif isinstance(value, dict):
+                for v in value.values():
+                    walk(v)
+            elif isinstance(value, (list, tuple)):
+                for v in value:
+                    walk(v)
+
+        walk(self)
+        return found
+
+    def present_in(self, store: Store) -> bool:
+        return all(store.has(b) for b in self.blobs())
+
+
+class ModelManifest(Manifest):
+    source: str
+    revision: str
+    files: dict[str, Blob]  # file name -> blob (config, tokenizer, shards)
+    model_type: str
+    num_layers: int
+    parameters: int
+
+
+class CalibrationManifest(Manifest):
+    tokens: Blob  # safetensors with "input_ids" (samples, seq_len)
+    stats: list[Blob]  # one safetensors per decoder layer: {input}.hessian, {input}.mean_abs
+    count: int  # tokens per statistic
+
+
+class ModuleReport(BaseModel):
+    name: str
+    grid: str | None  # None: kept in float
+    note: str = ""
+    relative_output_error: float = 0.0
+
+
+class QuantizedOutput(BaseModel):
+    output: str  # the output key, e.g. gguf-Q4_0
+    layers: list[Blob]  # per decoder layer: {linear}.codes / .d / .m
+    modules: list[ModuleReport]
+
+
+class QuantizeManifest(Manifest):
+    method: str
+    outputs: dict[str, QuantizedOutput]
+
+
+class FormatFile(BaseModel):
+    output: str
+    filename: str
+    blob: Blob
+    tensor_types: dict[str, int]  # type name -> tensor count
+    fallbacks: list[str]  # "tensor: why"
+    bits_per_weight: float
+
+
+class ConvertManifest(Manifest):
+    files: dict[str, FormatFile]
+
+
+class QualityManifest(Manifest):
+    report: Blob  # quality.json
+    passed: bool
+    table: str  # markdown
+    failures: list[str]
+
+
+class PackageManifest(BaseModel):
+    destination: str
+    manifest_sha256: str
+    files: list[str]

@@ -1,0 +1,187 @@
+"""Streaming access to a safetensors model, and a Llama-family decoder run one layer at a time.
+
+Names, shapes and dtypes come from the safetensors headers alone; weights are read per decoder layer,
+so peak memory is one layer plus the hidden states, whatever the depth of the model.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import safe_open
+
+from quantfab.tasks.errors import UserError
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral")
+LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+           "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+# Linears that read the same input share one set of calibration statistics.
+INPUT_OF = {"self_attn.q_proj": "attn_in", "self_attn.k_proj": "attn_in", "self_attn.v_proj": "attn_in",
+            "self_attn.o_proj": "o_in", "mlp.gate_proj": "mlp_in", "mlp.up_proj": "mlp_in", "mlp.down_proj": "down_in"}
+ST_DTYPES = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+MAX_HEADER = 100 << 20
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    file: Path
+
+    @property
+    def numel(self) -> int:
+        return int(np.prod(self.shape)) if self.shape else 1
+
+
+def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
+    """Parse one file's header, checking that every tensor's offsets lie inside the file."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise UserError(f"{path.name}: not a safetensors file (shorter than its 8-byte header length)")
+        (n,) = struct.unpack("<Q", raw)
+        if n > MAX_HEADER or 8 + n > size:
+            raise UserError(f"{path.name}: safetensors header length {n} exceeds the file ({size} bytes); truncated or corrupt")
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise UserError(f"{path.name}: safetensors header is not valid JSON") from None
+    out: dict[str, TensorInfo] = {}
+    data_len = size - 8 - n
+    for name, meta in header.items():
+        if name == "__metadata__":
+            continue
+        dtype, shape, (start, end) = meta["dtype"], tuple(meta["shape"]), meta["data_offsets"]
+        width = ST_DTYPES.get(dtype)
+        if width is None:
+            raise UserError(f"{path.name}: tensor {name} has unsupported dtype {dtype}")
+        expected = width * (int(np.prod(shape)) if shape else 1)
+        if end - start != expected or end > data_len or start < 0:
+            raise UserError(f"{path.name}: tensor {name} offsets [{start}, {end}) do not fit dtype {dtype} "
+                            f"shape {list(shape)} inside {data_len} data bytes; the file is truncated or corrupt")
+        out[name] = TensorInfo(name, dtype, shape, path)
+    return out
+
+
+class WeightIndex:
+    """Every tensor of a model (across shards), read lazily by name."""
+
+    def __init__(self, files: list[Path]):
+        self.tensors: dict[str, TensorInfo] = {}
+        for path in sorted(files):
+            self.tensors.update(read_safetensors_header(path))
+
+    def load(self, names: list[str]) -> dict[str, torch.Tensor]:
+        by_file: dict[Path, list[str]] = {}
+        for name in names:
+            by_file.setdefault(self.tensors[name].file, []).append(name)
+        out: dict[str, torch.Tensor] = {}
+        for path, group in by_file.items():
+            with safe_open(str(path), framework="pt") as f:
+                for name in group:
+                    out[name] = f.get_tensor(name).to(torch.float32)
+        return out
+
+    def layer_names(self, i: int) -> list[str]:
+        prefix = f"model.layers.{i}."
+        return [n for n in self.tensors if n.startswith(prefix)]
+
+
+@dataclass(frozen=True)
+class ModelDir:
+    """A local folder with config, tokenizer and safetensors shards of one model."""
+
+    path: Path
+
+    def config(self):
+        from transformers import AutoConfig
+
+        try:
+            config = AutoConfig.from_pretrained(self.path, local_files_only=True)
+        except (OSError, ValueError) as exc:
+            raise UserError(f"{self.path / 'config.json'}: cannot read the model config: {exc}") from None
+        if config.model_type not in SUPPORTED_MODEL_TYPES:
+            raise UserError(f"{self.path / 'config.json'}: model_type {config.model_type!r} is not supported yet "
+                            f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
+        config._attn_implementation = "sdpa"
+        return config
+
+    def tokenizer(self):
+        from transformers import AutoTokenizer
+
+        if not (self.path / "tokenizer.json").is_file():
+            raise UserError(f"{self.path}: the model has no tokenizer.json (a fast tokenizer is required)")
+        return AutoTokenizer.from_pretrained(self.path, local_files_only=True)
+
+    def weights(self) -> WeightIndex:
+        files = sorted(self.path.glob("*.safetensors"))
+        if not files:
+            raise UserError(f"{self.path}: no .safetensors files")
+        return WeightIndex(files)
+
+
+def pick_device(setting: str) -> torch.device:
+    if setting == "cuda" and not torch.cuda.is_available():
+        raise UserError("execution.device: cuda was asked for but no CUDA device is present")
+    if setting == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda")
+
+
+class DecoderStack:
+    """The pieces of a Llama-family model, built one at a time from given weights."""
+
+    def __init__(self, config, device: torch.device):
+        import importlib
+
+        self.config = config
+        self.device = device
+        mod = importlib.import_module(f"transformers.models.{config.model_type}.modeling_{config.model_type}")
+        prefix = {"llama": "Llama", "mistral": "Mistral"}[config.model_type]
+        self._layer_cls = getattr(mod, f"{prefix}DecoderLayer")
+        self._norm_cls = getattr(mod, f"{prefix}RMSNorm")
+        self._rotary = getattr(mod, f"{prefix}RotaryEmbedding")(config).to(device)
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.config.num_hidden_layers)
+
+    def layer(self, i: int, weights: dict[str, torch.Tensor]) -> torch.nn.Module:
+        """Decoder layer ``i`` holding ``weights`` (keys relative to the layer, e.g. mlp.up_proj.weight)."""
+        with torch.device("meta"):
+            layer = self._layer_cls(self.config, i)
+        layer.load_state_dict({k: v.to(self.device) for k, v in weights.items()}, assign=True, strict=True)
+        return layer.eval()
+
+    @torch.no_grad()
+    def run_layer(self, layer: torch.nn.Module, hidden: torch.Tensor, batch: int = 8) -> torch.Tensor:
+        """Apply one layer to (samples, seq, hidden) in batches; causal attention, positions from 0."""
+        seq = hidden.shape[1]
+        pos = torch.arange(seq, device=self.device)[None]
+        out = torch.empty_like(hidden)
+        for s in range(0, hidden.shape[0], batch):
+            h = hidden[s:s + batch].to(self.device)
+            emb = self._rotary(h, pos)
+            out[s:s + batch] = layer(h, attention_mask=None, position_ids=pos, position_embeddings=emb).to(out.device)
+        return out
+
+    def norm(self, weight: torch.Tensor) -> torch.nn.Module:
+        norm = self._norm_cls(weight.shape[0], eps=self.config.rms_norm_eps)
+        norm.weight.data = weight.to(self.device)
+        return norm.to(self.device)
+
+
+def layer_prefix(i: int) -> str:
+    return f"model.layers.{i}."
+
+
+def relative(weights: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
+

@@ -1,0 +1,79 @@
+"""package: publish format files, config, tokenizer, quality report and a model card to the destination.
+
+Everything is first written under a staging prefix inside the destination, then moved into place;
+manifest.json (sha256 and size of every file) is written last, and an older manifest is removed first,
+so a reader that trusts manifest.json never sees a half-published package.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import uuid
+import fsspec
+
+from quantfab.tasks.download import redact
+from quantfab.tasks.manifests import ConvertManifest, ModelManifest, PackageManifest, QualityManifest
+from quantfab.tasks.store import Blob, Store
+
+MODEL_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+               "special_tokens_map.json", "tokenizer.model")
+
+
+def package(name: str, model: ModelManifest, converted: ConvertManifest, quality: QualityManifest, recipe_yaml: str,
+            recipe_digest: str, destination: str, version: str, store: Store) -> PackageManifest:
+    files: dict[str, bytes | Blob] = {f.filename: f.blob for f in converted.files.values()}
+    files.update({n: b for n, b in model.files.items() if n in MODEL_FILES})
+    files["quality.json"] = quality.report
+    files["README.md"] = model_card(model, converted, quality, recipe_yaml).encode()
+    fs, root = fsspec.core.url_to_fs(destination)
+    staging = f"{root}/.quantfab-staging-{uuid.uuid4().hex}"
+    fs.makedirs(staging, exist_ok=True)
+    entries = []
+    try:
+        for name in sorted(files):
+            data = files[name]
+            if isinstance(data, Blob):
+                fs.put_file(str(store.local_path(data)), f"{staging}/{name}")
+                digest, size = data.digest, data.size
+            else:
+                fs.pipe_file(f"{staging}/{name}", data)
+                digest, size = hashlib.sha256(data).hexdigest(), len(data)
+            entries.append({"path": name, "sha256": digest, "size": size})
+        manifest = json.dumps({
+            "name": name, "quantfab_version": version, "recipe_digest": recipe_digest,
+            "source": redact(model.source), "source_revision": model.revision, "passed": quality.passed,
+            "formats": {k: {"file": f.filename, "bits_per_weight": f.bits_per_weight} for k, f in converted.files.items()},
+            "files": entries}, indent=2, sort_keys=True).encode()
+        if fs.exists(f"{root}/manifest.json"):
+            fs.rm(f"{root}/manifest.json")
+        for e in entries:
+            fs.mv(f"{staging}/{e['path']}", f"{root}/{e['path']}")
+        fs.pipe_file(f"{staging}/manifest.json", manifest)
+        fs.mv(f"{staging}/manifest.json", f"{root}/manifest.json")
+    finally:
+        if fs.exists(staging):
+            fs.rm(staging, recursive=True)
+    return PackageManifest(destination=redact(destination), manifest_sha256=hashlib.sha256(manifest).hexdigest(),
+                           files=[e["path"] for e in entries])
+
+
+def published(destination: str, expected: PackageManifest) -> bool:
+    """Whether the destination still holds the package this manifest describes."""
+    fs, root = fsspec.core.url_to_fs(destination)
+    try:
+        return hashlib.sha256(fs.cat_file(f"{root}/manifest.json")).hexdigest() == expected.manifest_sha256
+    except FileNotFoundError:
+        return False
+
+
+def model_card(model: ModelManifest, converted: ConvertManifest, quality: QualityManifest, recipe_yaml: str) -> str:
+    sizes = "\n".join(f"| {f.filename} | {f.blob.size:,} | {f.bits_per_weight:.3f} | "
+                      f"{', '.join(f'{k}×{v}' for k, v in sorted(f.tensor_types.items()))} |"
+                      for f in converted.files.values())
+    return (f"# Quantized build of `{redact(model.source)}`\n\n"
+            f"Source revision `{model.revision}`, {model.parameters:,} parameters, built by quantfab.\n\n"
+            f"## Quality\n\n{quality.table}\n\n"
+            f"## Files\n\n| file | bytes | bits/weight | tensor types |\n|---|---|---|---|\n{sizes}\n\n"
+            f"## Recipe\n\n```yaml\n{recipe_yaml}```\n")
+

@@ -1,0 +1,44 @@
+"""Which grid and method each Linear gets for one output: ignore globs, overrides, row-length fallback.
+
+Plan and quantize both call this, so what plan shows is what quantize does.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Assignment:
+    module: str  # e.g. model.layers.0.mlp.down_proj
+    method: str
+    grid: str | None  # None: kept in float
+    note: str = ""
+
+
+def matches(module: str, pattern: str) -> bool:
+    """Globs match the full name or any dotted suffix, so 'lm_head' and '*.down_proj' both work."""
+    parts = module.split(".")
+    return any(fnmatch.fnmatchcase(".".join(parts[i:]), pattern) for i in range(len(parts)))
+
+
+def assign(module: str, cols: int, quant: Any, fmt: Any, options: Any) -> Assignment:
+    """``quant`` is the recipe's QuantizeSpec; ``fmt``/``options`` the output's format and options."""
+    if any(matches(module, pat) for pat in quant.ignore):
+        return Assignment(module, quant.method, None, "ignored by quantize.ignore")
+    method, bits, group_size, symmetric = quant.method, quant.bits, quant.group_size, quant.symmetric
+    for pattern, o in quant.overrides.items():
+        if matches(module, pattern):
+            method = o.method or method
+            bits = o.bits if o.bits is not None else bits
+            group_size = o.group_size if o.group_size is not None else group_size
+            symmetric = o.symmetric if o.symmetric is not None else symmetric
+    grid = fmt.grid_for(options, bits, group_size, symmetric)
+    if grid is None:
+        return Assignment(module, method, None, f"{options.key} keeps floats")
+    if cols % grid.block:
+        return Assignment(module, method, None, f"row length {cols} is not a multiple of the {grid.name} block "
+                          f"{grid.block}: kept as {getattr(options, 'float_type', 'float')}")
+    return Assignment(module, method, grid.name)

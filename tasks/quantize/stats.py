@@ -1,0 +1,32 @@
+"""Per-Linear input statistics recorded by calibrate and read by the methods."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class InputStats:
+    """Statistics of the inputs a Linear saw on the calibration set.
+
+    ``hessian`` is the sum of x x^T over ``count`` tokens (float32, in x in out), so H / count is
+    E[x x^T]; ``mean_abs`` is the per-channel mean |x| that AWQ-style methods scale by.
+    """
+
+    mean_abs: np.ndarray  # (in,)
+    hessian: np.ndarray  # (in, in)
+    count: int
+
+    def channel_energy(self) -> np.ndarray:
+        """E[x_j^2] per input channel: the diagonal of the mean Hessian."""
+        return (np.diag(self.hessian) / max(self.count, 1)).astype(np.float32)
+
+    def relative_output_error(self, w: np.ndarray, w_hat: np.ndarray) -> float:
+        """||(W - W')X||^2 / ||W X||^2 over the calibration inputs, from the Hessian alone."""
+        delta = (w_hat - w).astype(np.float32)
+        h = self.hessian.astype(np.float32)
+        num = ((delta @ h) * delta).sum(dtype=np.float64)
+        den = ((w @ h) * w).sum(dtype=np.float64)
+        return float(num / den) if den > 0 else 0.0

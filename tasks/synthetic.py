@@ -1,0 +1,126 @@
+"""synthetic:// sources: a deterministic random-weight Llama and random token streams.
+
+``synthetic://llama?layers=2&hidden=256&intermediate=688&heads=4&kv_heads=2&vocab=512&seed=0`` writes a
+real HF Llama folder (config, a Llama-style byte-fallback BPE tokenizer, one safetensors shard per
+decoder layer) without ever holding more than one layer in memory. Linear weights are N(0, 1/fan_in),
+so activations keep unit scale and logits stay peaked enough for KL and top-1 agreement to mean
+something on random weights.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from urllib.parse import parse_qsl, urlsplit
+
+import numpy as np
+from safetensors.numpy import save_file
+
+from quantfab.tasks.errors import UserError
+
+LLAMA_DEFAULTS = {"layers": 2, "hidden": 256, "intermediate": 688, "heads": 4, "kv_heads": 2, "vocab": 512,
+                  "seed": 0, "context": 2048}
+SPECIALS = ["<unk>", "<s>", "</s>"]
+PRINTABLE = [chr(c) for c in range(33, 127)]
+
+
+def parse(url: str, defaults: dict[str, int]) -> dict[str, int]:
+    parts = urlsplit(url)
+    params = dict(defaults)
+    for key, value in parse_qsl(parts.query):
+        if key not in defaults:
+            raise UserError(f"{url}: unknown parameter {key!r} (known: {', '.join(defaults)})")
+        try:
+            params[key] = int(value)
+        except ValueError:
+            raise UserError(f"{url}: parameter {key} must be an integer, got {value!r}") from None
+    return params
+
+
+def write_llama(url: str, out: Path) -> str:
+    """Write the model folder for ``url``; returns the revision (a digest of the parameters)."""
+    p = parse(url, LLAMA_DEFAULTS)
+    if p["hidden"] % p["heads"] or p["heads"] % p["kv_heads"] or (p["hidden"] // p["heads"]) % 2:
+        raise UserError(f"{url}: hidden must divide by heads into even head dims, and heads by kv_heads")
+    if p["vocab"] < len(SPECIALS) + 256 + 1 + len(PRINTABLE):
+        raise UserError(f"{url}: vocab must be at least {len(SPECIALS) + 256 + 1 + len(PRINTABLE)}")
+    out.mkdir(parents=True, exist_ok=True)
+    h, f, v = p["hidden"], p["intermediate"], p["vocab"]
+    kv = h // p["heads"] * p["kv_heads"]
+    config = {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": h, "intermediate_size": f,
+        "num_hidden_layers": p["layers"], "num_attention_heads": p["heads"], "num_key_value_heads": p["kv_heads"],
+        "vocab_size": v, "max_position_embeddings": p["context"], "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+        "hidden_act": "silu", "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 2,
+        "torch_dtype": "float32", "attention_bias": False, "mlp_bias": False,
+    }
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    _write_tokenizer(out, v)
+    shards: dict[str, str] = {}
+    n = p["layers"] + 2
+
+    def shard(idx: int, tensors: dict[str, np.ndarray]) -> None:
+        name = f"model-{idx + 1:05d}-of-{n:05d}.safetensors"
+        save_file(tensors, str(out / name))
+        shards.update({k: name for k in tensors})
+
+    rng = np.random.default_rng([p["seed"], 0])
+    shard(0, {"model.embed_tokens.weight": rng.standard_normal((v, h), dtype=np.float32)})
+    for i in range(p["layers"]):
+        rng = np.random.default_rng([p["seed"], i + 1])
+        pre = f"model.layers.{i}."
+        shapes = {"self_attn.q_proj": (h, h), "self_attn.k_proj": (kv, h), "self_attn.v_proj": (kv, h),
+                  "self_attn.o_proj": (h, h), "mlp.gate_proj": (f, h), "mlp.up_proj": (f, h), "mlp.down_proj": (h, f)}
+        layer = {f"{pre}{k}.weight": (rng.standard_normal(s, dtype=np.float32) / np.sqrt(s[1])).astype(np.float32)
+                 for k, s in shapes.items()}
+        layer[f"{pre}input_layernorm.weight"] = (1 + 0.1 * rng.standard_normal(h)).astype(np.float32)
+        layer[f"{pre}post_attention_layernorm.weight"] = (1 + 0.1 * rng.standard_normal(h)).astype(np.float32)
+        shard(i + 1, layer)
+    rng = np.random.default_rng([p["seed"], p["layers"] + 1])
+    shard(n - 1, {"model.norm.weight": np.ones(h, np.float32),
+                  "lm_head.weight": (rng.standard_normal((v, h), dtype=np.float32) * 2 / np.sqrt(h)).astype(np.float32)})
+    (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": shards}, indent=2))
+    return "synthetic-" + "-".join(f"{k}{p[k]}" for k in sorted(p))
+
+
+def _write_tokenizer(out: Path, vocab_size: int) -> None:
+    """A Llama-style BPE with byte fallback: specials, 256 byte tokens, printable chars, then merges."""
+    vocab: dict[str, int] = {}
+    for tok in SPECIALS + [f"<0x{b:02X}>" for b in range(256)] + ["▁"] + PRINTABLE:
+        vocab[tok] = len(vocab)
+    merges: list[list[str]] = []
+    letters = [c for c in "etaoinshrdlucmfwypvbgkjqxz"]
+    for a in ["▁"] + letters:
+        for b in letters:
+            if len(vocab) >= vocab_size:
+                break
+            if a + b not in vocab:
+                vocab[a + b] = len(vocab)
+                merges.append([a, b])
+    while len(vocab) < vocab_size:  # ids the merges never produce, so the vocab matches the embedding
+        vocab[f"<unused{len(vocab)}>"] = len(vocab)
+    tokenizer = {
+        "version": "1.0", "truncation": None, "padding": None,
+        "added_tokens": [{"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False,
+                          "normalized": False, "special": True} for i, t in enumerate(SPECIALS)],
+        "normalizer": {"type": "Sequence", "normalizers": [{"type": "Prepend", "prepend": "▁"},
+                                                           {"type": "Replace", "pattern": {"String": " "}, "content": "▁"}]},
+        "pre_tokenizer": None,
+        "post_processor": None,  # BOS comes from add_bos_token, as in Llama tokenizers
+        "decoder": {"type": "Sequence", "decoders": [{"type": "Replace", "pattern": {"String": "▁"}, "content": " "},
+                                                     {"type": "ByteFallback"}, {"type": "Fuse"},
+                                                     {"type": "Strip", "content": " ", "start": 1, "stop": 0}]},
+        "model": {"type": "BPE", "dropout": None, "unk_token": "<unk>", "continuing_subword_prefix": None,
+                  "end_of_word_suffix": None, "fuse_unk": True, "byte_fallback": True, "ignore_merges": False,
+                  "vocab": vocab, "merges": merges},
+    }
+    (out / "tokenizer.json").write_text(json.dumps(tokenizer, ensure_ascii=False))
+    (out / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "LlamaTokenizerFast", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+        "add_bos_token": True, "add_eos_token": False, "model_max_length": 2048, "legacy": False}))
+
+
+def token_stream(url: str, vocab_size: int, count: int) -> np.ndarray:
+    """``synthetic://tokens?seed=N``: ``count`` ids drawn uniformly from the non-special vocabulary."""
+    p = parse(url, {"seed": 0})
+    return np.random.default_rng([p["seed"], 7]).integers(len(SPECIALS), vocab_size, size=count, dtype=np.int64)

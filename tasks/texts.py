@@ -1,0 +1,77 @@
+"""Token streams for calibration and evaluation: text files (.txt, .jsonl) or synthetic token ids."""
+
+from __future__ import annotations
+
+import json
+
+import fsspec
+import numpy as np
+
+from quantfab.tasks import synthetic
+from quantfab.tasks.errors import UserError
+
+CHARS_PER_TOKEN_GUESS = 8  # generous: read this many characters per token needed, then stop
+
+
+def read_tokens(url: str, tokenizer, vocab_size: int, needed: int, text_field: str = "text") -> np.ndarray:
+    """At least ``needed`` token ids from the source if it has them (fewer only when the text runs out)."""
+    if url.startswith("synthetic://"):
+        return synthetic.token_stream(url, vocab_size, needed)
+    try:
+        with fsspec.open(url, "rb") as f:
+            raw = f.read(needed * CHARS_PER_TOKEN_GUESS)
+    except FileNotFoundError:
+        raise UserError(f"{url}: no such text file") from None
+    except OSError as exc:
+        raise UserError(f"{url}: cannot read the text: {exc}") from None
+    text = raw.decode("utf-8", errors="ignore").replace("\r\n", "\n")
+    if url.endswith(".jsonl"):
+        text = _jsonl_text(url, text, text_field, complete=len(raw) < needed * CHARS_PER_TOKEN_GUESS)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return np.asarray(ids, dtype=np.int64)
+
+
+def _jsonl_text(url: str, text: str, field: str, complete: bool) -> str:
+    lines = text.split("\n")
+    if not complete:
+        lines = lines[:-1]  # the last line may be cut mid-record
+    parts = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise UserError(f"{url}:{n}: not valid JSON ({exc.msg})") from None
+        if not isinstance(record, dict) or not isinstance(record.get(field), str):
+            raise UserError(f"{url}:{n}: expected an object with a string field {field!r}")
+        parts.append(record[field])
+    return "\n\n".join(parts)
+
+
+def windows(ids: np.ndarray, length: int, count: int, bos: int, url: str, what: str) -> np.ndarray:
+    """``count`` non-overlapping windows of ``length`` tokens, each BOS then ``length - 1`` text tokens."""
+    body = length - 1
+    available = len(ids) // body
+    if available < count:
+        raise UserError(f"{url}: {what} needs {count} windows of {length} tokens ({count * body} text tokens) "
+                        f"but the text gives {len(ids)} tokens ({available} windows)")
+    out = np.empty((count, length), dtype=np.int64)
+    out[:, 0] = bos
+    out[:, 1:] = ids[: count * body].reshape(count, body)
+    return out
+
+
+def sampled_windows(ids: np.ndarray, length: int, count: int, bos: int, seed: int, url: str) -> np.ndarray:
+    """Calibration windows: ``count`` of the non-overlapping windows, chosen by ``seed``."""
+    body = length - 1
+    available = len(ids) // body
+    if available < count:
+        raise UserError(f"{url}: calibration needs {count} samples of {length} tokens but the text gives "
+                        f"{len(ids)} tokens ({available} samples)")
+    picks = np.sort(np.random.default_rng(seed).choice(available, size=count, replace=False))
+    out = np.empty((count, length), dtype=np.int64)
+    out[:, 0] = bos
+    for row, k in enumerate(picks):
+        out[row, 1:] = ids[k * body:(k + 1) * body]
+    return out

@@ -1,0 +1,140 @@
+"""validate: measure what ships. Weights are decoded from the written files, never from memory.
+
+The unquantized model and every decoded output run side by side, one decoder layer at a time, on
+non-overlapping windows (BOS, then window - 1 text tokens). Metrics: perplexity of each, mean
+KL(fp32 || quantized) per predicted token in nats, and top-1 agreement with the unquantized model.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+import numpy as np
+import torch
+
+from quantfab.tasks.convert import FORMATS
+from quantfab.tasks.download import materialize
+from quantfab.tasks.manifests import ConvertManifest, ModelManifest, QuantizeManifest, QualityManifest
+from quantfab.tasks.modelio import DecoderStack, layer_prefix, pick_device, relative
+from quantfab.tasks.store import Store
+from quantfab.tasks.texts import read_tokens, windows
+
+GATE_METRIC = {"max_ppl_increase": "ppl_increase", "max_kl": "kl_divergence", "min_top1": "top1_agreement"}
+
+
+def eval_windows(model: ModelManifest, spec, store: Store) -> np.ndarray:
+    model_dir = materialize(store, model.files)
+    config = model_dir.config()
+    tokenizer = None if spec.source.startswith("synthetic://") else model_dir.tokenizer()
+    count = max(spec.tokens // spec.window, 1)
+    ids = read_tokens(spec.source, tokenizer, config.vocab_size, count * (spec.window - 1), spec.text_field)
+    bos = int(config.bos_token_id if config.bos_token_id is not None else 1)
+    return windows(ids, spec.window, count, bos, spec.source, "validate")
+
+
+@torch.no_grad()
+def measure(model: ModelManifest, converted: ConvertManifest, outputs: list, spec, device: str,
+            store: Store) -> dict[str, Any]:
+    """Metrics of the baseline and every output over the same tokens."""
+    model_dir = materialize(store, model.files)
+    config, weights = model_dir.config(), model_dir.weights()
+    dev = pick_device(device)
+    ids = torch.from_numpy(eval_windows(model, spec, store))
+    sources: dict[str, Any] = {"fp32": weights}
+    for o in outputs:
+        f = converted.files[o.key]
+        sources[o.key] = FORMATS[o.format].reader(store.local_path(f.blob), config)
+    stack = DecoderStack(config, dev)
+    hidden = {k: torch.nn.functional.embedding(ids, s.load(["model.embed_tokens.weight"])["model.embed_tokens.weight"])
+              for k, s in sources.items()}
+    for i in range(stack.num_layers):
+        for key, src in sources.items():
+            layer = stack.layer(i, relative(src.load(weights.layer_names(i)), layer_prefix(i)))
+            hidden[key] = stack.run_layer(layer, hidden[key])
+            del layer
+    head_names = ["model.norm.weight", "lm_head.weight" if "lm_head.weight" in weights.tensors else "model.embed_tokens.weight"]
+    heads = {}
+    for key, src in sources.items():
+        names = head_names if key == "fp32" else ["model.norm.weight", "lm_head.weight"]
+        loaded = src.load(names)
+        heads[key] = (stack.norm(loaded[names[0]]), loaded[names[1]].to(dev))
+    return _metrics(hidden, heads, ids, dev)
+
+
+def _metrics(hidden: dict, heads: dict, ids: torch.Tensor, dev: torch.device) -> dict[str, Any]:
+    targets = ids[:, 1:].reshape(-1).to(dev)
+    sums = {k: {"nll": 0.0, "kl": 0.0, "top1": 0} for k in hidden}
+    n = 0
+    step = max(1, (1 << 25) // (ids.shape[1] * next(iter(heads.values()))[1].shape[0]))  # ~256 MB of float64 logits
+    for s in range(0, ids.shape[0], step):
+        logp = {}
+        for key, (norm, lm_head) in heads.items():
+            h = norm(hidden[key][s:s + step, :-1].to(dev))
+            logp[key] = torch.log_softmax((h @ lm_head.T).reshape(-1, lm_head.shape[0]).double(), dim=-1)
+        t = targets[s * (ids.shape[1] - 1):(s + step) * (ids.shape[1] - 1)]
+        base = logp["fp32"]
+        top_base = base.argmax(dim=-1)
+        for key, lp in logp.items():
+            sums[key]["nll"] -= lp.gather(1, t[:, None]).sum().item()
+            sums[key]["kl"] += (base.exp() * (base - lp)).sum().item()
+            sums[key]["top1"] += int((lp.argmax(dim=-1) == top_base).sum().item())
+        n += t.numel()
+    base_ppl = math.exp(sums["fp32"]["nll"] / n)
+    out: dict[str, Any] = {"tokens": n, "windows": int(ids.shape[0]), "window": int(ids.shape[1]),
+                           "baseline_perplexity": base_ppl, "outputs": {}}
+    for key, v in sums.items():
+        if key == "fp32":
+            continue
+        ppl = math.exp(v["nll"] / n)
+        out["outputs"][key] = {"perplexity": ppl, "baseline_perplexity": base_ppl, "ppl_increase": ppl / base_ppl - 1,
+                               "kl_divergence": v["kl"] / n, "top1_agreement": v["top1"] / n}
+    return out
+
+
+def validate(model: ModelManifest, converted: ConvertManifest, quantized: QuantizeManifest, outputs: list, spec,
+             device: str, store: Store) -> QualityManifest:
+    return judge(measure(model, converted, outputs, spec, device, store), spec.gates, converted, quantized, store)
+
+
+def judge(metrics: dict[str, Any], gates, converted: ConvertManifest, quantized: QuantizeManifest,
+          store: Store) -> QualityManifest:
+    """Apply the gates, write quality.json to the store, and say whether the build may ship."""
+    failures: list[str] = []
+    report = {"protocol": {k: metrics[k] for k in ("tokens", "windows", "window")},
+              "baseline_perplexity": metrics["baseline_perplexity"], "outputs": {}}
+    for key, m in metrics["outputs"].items():
+        results = {}
+        for gate, metric in GATE_METRIC.items():
+            limit = getattr(gates, gate)
+            if limit is None:
+                continue
+            value = m[metric]
+            ok = value >= limit if gate.startswith("min_") else value <= limit
+            results[gate] = {"value": value, "limit": limit, "passed": ok}
+            if not ok:
+                failures.append(f"{key} {gate}: {value:.4f} vs limit {limit}")
+        q = quantized.outputs.get(key)
+        modules = sorted(q.modules, key=lambda r: -r.relative_output_error) if q else []
+        report["outputs"][key] = {**m, "bits_per_weight": converted.files[key].bits_per_weight, "gates": results,
+                                  "passed": all(r["passed"] for r in results.values()),
+                                  "fallbacks": converted.files[key].fallbacks,
+                                  "modules": [r.model_dump() for r in modules]}
+    report["passed"] = not failures
+    blob = store.put_bytes(json.dumps(report, indent=2, sort_keys=True).encode())
+    return QualityManifest(report=blob, passed=not failures, table=quality_table(report), failures=failures)
+
+
+def quality_table(report: dict[str, Any]) -> str:
+    p = report["protocol"]
+    lines = [f"Quality on {p['tokens']} tokens ({p['windows']} windows of {p['window']}, BOS first); "
+             f"FP32 perplexity {report['baseline_perplexity']:.4f}", "",
+             "| output | bits/weight | perplexity | Δ PPL | KL (nats/token) | top-1 agreement | gates |",
+             "|---|---|---|---|---|---|---|"]
+    for key, m in report["outputs"].items():
+        gates = ", ".join(f"{g} {'pass' if r['passed'] else 'FAIL'} ({r['value']:.4f} vs {r['limit']})"
+                          for g, r in m["gates"].items()) or "none"
+        lines.append(f"| {key} | {m['bits_per_weight']:.3f} | {m['perplexity']:.4f} | {m['ppl_increase'] * 100:+.2f} % | "
+                     f"{m['kl_divergence']:.5f} | {m['top1_agreement'] * 100:.2f} % | {gates} |")
+    return "\n".join(lines)
