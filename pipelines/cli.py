@@ -51,7 +51,7 @@ def _quiet_prefect(verbose: bool) -> None:
     if not verbose:
         os.environ.setdefault("PREFECT_LOGGING_LEVEL", "CRITICAL")
         os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
-        logging.getLogger("gguf").setLevel(logging.WARNING)
+        logging.getLogger("gguf").setLevel(logging.ERROR)  # gguf.vocab warns on every Llama tokenizer
 
 
 def _run(args: argparse.Namespace) -> int:

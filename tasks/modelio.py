@@ -39,8 +39,12 @@ class TensorInfo:
         return int(np.prod(self.shape)) if self.shape else 1
 
 
-def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
-    """Parse one file's header, checking that every tensor's offsets lie inside the file."""
+def read_safetensors_header(path: Path, header_only: bool = False) -> dict[str, TensorInfo]:
+    """Parse one file's header, checking that every tensor's offsets lie inside the file.
+
+    ``header_only``: the file holds just the header (plan reads no weights), so offsets are not checked
+    against its length.
+    """
     size = path.stat().st_size
     with open(path, "rb") as f:
         raw = f.read(8)
@@ -54,7 +58,7 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise UserError(f"{path.name}: safetensors header is not valid JSON") from None
     out: dict[str, TensorInfo] = {}
-    data_len = size - 8 - n
+    data_len = float("inf") if header_only else size - 8 - n
     for name, meta in header.items():
         if name == "__metadata__":
             continue
@@ -73,10 +77,16 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
 class WeightIndex:
     """Every tensor of a model (across shards), read lazily by name."""
 
-    def __init__(self, files: list[Path]):
+    def __init__(self, files: list[Path], tied_embeddings: bool = False):
         self.tensors: dict[str, TensorInfo] = {}
         for path in sorted(files):
             self.tensors.update(read_safetensors_header(path))
+        if tied_embeddings:  # a tied model may store either name; answer to both
+            embed, head = "model.embed_tokens.weight", "lm_head.weight"
+            if embed not in self.tensors and head in self.tensors:
+                self.tensors[embed] = self.tensors[head]
+            elif head not in self.tensors and embed in self.tensors:
+                self.tensors[head] = self.tensors[embed]
 
     def load(self, names: list[str]) -> dict[str, torch.Tensor]:
         by_file: dict[Path, list[str]] = {}
@@ -86,7 +96,7 @@ class WeightIndex:
         for path, group in by_file.items():
             with safe_open(str(path), framework="pt") as f:
                 for name in group:
-                    out[name] = f.get_tensor(name).to(torch.float32)
+                    out[name] = f.get_tensor(self.tensors[name].name).to(torch.float32)
         return out
 
     def layer_names(self, i: int) -> list[str]:
@@ -124,7 +134,7 @@ class ModelDir:
         files = sorted(self.path.glob("*.safetensors"))
         if not files:
             raise UserError(f"{self.path}: no .safetensors files")
-        return WeightIndex(files)
+        return WeightIndex(files, tied_embeddings=bool(self.config().tie_word_embeddings))
 
 
 def pick_device(setting: str) -> torch.device:

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
 import numpy as np
 from safetensors.numpy import save_file
 
 from quantfab.tasks.errors import UserError
+from quantfab.tasks.modelio import TensorInfo
 
 LLAMA_DEFAULTS = {"layers": 2, "hidden": 256, "intermediate": 688, "heads": 4, "kv_heads": 2, "vocab": 512,
                   "seed": 0, "context": 2048}
@@ -37,49 +39,79 @@ def parse(url: str, defaults: dict[str, int]) -> dict[str, int]:
     return params
 
 
-def write_llama(url: str, out: Path) -> str:
-    """Write the model folder for ``url``; returns the revision (a digest of the parameters)."""
+def _checked(url: str) -> dict[str, int]:
     p = parse(url, LLAMA_DEFAULTS)
     if p["hidden"] % p["heads"] or p["heads"] % p["kv_heads"] or (p["hidden"] // p["heads"]) % 2:
         raise UserError(f"{url}: hidden must divide by heads into even head dims, and heads by kv_heads")
     if p["vocab"] < len(SPECIALS) + 256 + 1 + len(PRINTABLE):
         raise UserError(f"{url}: vocab must be at least {len(SPECIALS) + 256 + 1 + len(PRINTABLE)}")
-    out.mkdir(parents=True, exist_ok=True)
+    return p
+
+
+def _config(p: dict[str, int]) -> dict:
+    return {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": p["hidden"],
+        "intermediate_size": p["intermediate"], "num_hidden_layers": p["layers"], "num_attention_heads": p["heads"],
+        "num_key_value_heads": p["kv_heads"], "vocab_size": p["vocab"], "max_position_embeddings": p["context"],
+        "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "hidden_act": "silu", "tie_word_embeddings": False,
+        "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": "float32", "attention_bias": False, "mlp_bias": False,
+    }
+
+
+def _shards(p: dict[str, int]) -> list[dict[str, tuple[int, ...]]]:
+    """Tensor shapes per shard: embeddings, one shard per decoder layer, then norm and head."""
     h, f, v = p["hidden"], p["intermediate"], p["vocab"]
     kv = h // p["heads"] * p["kv_heads"]
-    config = {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": h, "intermediate_size": f,
-        "num_hidden_layers": p["layers"], "num_attention_heads": p["heads"], "num_key_value_heads": p["kv_heads"],
-        "vocab_size": v, "max_position_embeddings": p["context"], "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
-        "hidden_act": "silu", "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 2,
-        "torch_dtype": "float32", "attention_bias": False, "mlp_bias": False,
-    }
-    (out / "config.json").write_text(json.dumps(config, indent=2))
-    _write_tokenizer(out, v)
-    shards: dict[str, str] = {}
-    n = p["layers"] + 2
-
-    def shard(idx: int, tensors: dict[str, np.ndarray]) -> None:
-        name = f"model-{idx + 1:05d}-of-{n:05d}.safetensors"
-        save_file(tensors, str(out / name))
-        shards.update({k: name for k in tensors})
-
-    rng = np.random.default_rng([p["seed"], 0])
-    shard(0, {"model.embed_tokens.weight": rng.standard_normal((v, h), dtype=np.float32)})
+    shards: list[dict[str, tuple[int, ...]]] = [{"model.embed_tokens.weight": (v, h)}]
     for i in range(p["layers"]):
-        rng = np.random.default_rng([p["seed"], i + 1])
         pre = f"model.layers.{i}."
-        shapes = {"self_attn.q_proj": (h, h), "self_attn.k_proj": (kv, h), "self_attn.v_proj": (kv, h),
-                  "self_attn.o_proj": (h, h), "mlp.gate_proj": (f, h), "mlp.up_proj": (f, h), "mlp.down_proj": (h, f)}
-        layer = {f"{pre}{k}.weight": (rng.standard_normal(s, dtype=np.float32) / np.sqrt(s[1])).astype(np.float32)
-                 for k, s in shapes.items()}
-        layer[f"{pre}input_layernorm.weight"] = (1 + 0.1 * rng.standard_normal(h)).astype(np.float32)
-        layer[f"{pre}post_attention_layernorm.weight"] = (1 + 0.1 * rng.standard_normal(h)).astype(np.float32)
-        shard(i + 1, layer)
-    rng = np.random.default_rng([p["seed"], p["layers"] + 1])
-    shard(n - 1, {"model.norm.weight": np.ones(h, np.float32),
-                  "lm_head.weight": (rng.standard_normal((v, h), dtype=np.float32) * 2 / np.sqrt(h)).astype(np.float32)})
-    (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": shards}, indent=2))
+        shards.append({f"{pre}self_attn.q_proj.weight": (h, h), f"{pre}self_attn.k_proj.weight": (kv, h),
+                       f"{pre}self_attn.v_proj.weight": (kv, h), f"{pre}self_attn.o_proj.weight": (h, h),
+                       f"{pre}mlp.gate_proj.weight": (f, h), f"{pre}mlp.up_proj.weight": (f, h),
+                       f"{pre}mlp.down_proj.weight": (h, f), f"{pre}input_layernorm.weight": (h,),
+                       f"{pre}post_attention_layernorm.weight": (h,)})
+    shards.append({"model.norm.weight": (h,), "lm_head.weight": (v, h)})
+    return shards
+
+
+def _init(name: str, shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
+    if name == "model.norm.weight":
+        return np.ones(shape, np.float32)
+    if len(shape) == 1:
+        return (1 + 0.1 * rng.standard_normal(shape)).astype(np.float32)
+    if name == "model.embed_tokens.weight":
+        return rng.standard_normal(shape, dtype=np.float32)
+    scale = 2.0 if name == "lm_head.weight" else 1.0
+    return (rng.standard_normal(shape, dtype=np.float32) * np.float32(scale / np.sqrt(shape[1]))).astype(np.float32)
+
+
+def headers(url: str, folder: Path) -> tuple[Any, dict[str, TensorInfo]]:
+    """Config and tensor headers of a synthetic model, without generating any weights (for plan)."""
+    from transformers import LlamaConfig
+
+    p = _checked(url)
+    config = LlamaConfig(**{k: v for k, v in _config(p).items() if k not in ("architectures", "model_type")})
+    tensors = {}
+    for idx, shard in enumerate(_shards(p)):
+        for name, shape in shard.items():
+            tensors[name] = TensorInfo(name, "F32", shape, folder / f"shard{idx}")
+    return config, tensors
+
+
+def write_llama(url: str, out: Path) -> str:
+    """Write the model folder for ``url``; returns the revision (a digest of the parameters)."""
+    p = _checked(url)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(_config(p), indent=2))
+    _write_tokenizer(out, p["vocab"])
+    shards = _shards(p)
+    weight_map: dict[str, str] = {}
+    for idx, shard in enumerate(shards):
+        rng = np.random.default_rng([p["seed"], idx])
+        name = f"model-{idx + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file({k: _init(k, s, rng) for k, s in shard.items()}, str(out / name))
+        weight_map.update({k: name for k in shard})
+    (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=2))
     return "synthetic-" + "-".join(f"{k}{p[k]}" for k in sorted(p))
 
 

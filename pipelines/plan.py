@@ -1,0 +1,135 @@
+"""`quantfab plan`: what a run would do, before any GPU time is spent.
+
+For each stage: whether Prefect's cache already holds it (the same key the run will compute), or why it
+must run or cannot run yet; for each output format: its estimated size and bits per weight, from the
+safetensors headers alone (no weights are read).
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import fsspec
+from prefect.filesystems import LocalFileSystem
+from prefect.results import ResultStore
+from prefect.serializers import JSONSerializer
+
+from quantfab.pipelines.quantize import ORDER, stage_inputs
+from quantfab.pipelines.recipe import Recipe
+from quantfab.pipelines.runnable import blockers
+from quantfab.pipelines.stages import cache_key
+from quantfab.tasks import synthetic
+from quantfab.tasks.convert import FORMATS
+from quantfab.tasks.download import redact
+from quantfab.tasks.errors import UserError
+from quantfab.tasks.manifests import Manifest
+from quantfab.tasks.modelio import LINEARS, ModelDir, TensorInfo, read_safetensors_header
+from quantfab.tasks.quantize.assign import assign
+from quantfab.tasks.store import Store
+
+
+@dataclass
+class StagePlan:
+    stage: str
+    status: str  # hit | miss | blocked
+    why: str = ""
+
+
+@dataclass
+class Plan:
+    recipe: Recipe
+    stages: list[StagePlan]
+    sizes: dict[str, tuple[int, float] | str] = field(default_factory=dict)  # output -> (bytes, bits/weight) or why unknown
+
+
+def plan(recipe: Recipe, store_url: str | None) -> Plan:
+    store = Store(store_url)
+    results = ResultStore(result_storage=LocalFileSystem(basepath=str(store.results_dir())), serializer=JSONSerializer())
+    blocked = blockers(recipe)
+    up: dict[str, Any] = {}
+    stages: list[StagePlan] = []
+    for stage in ORDER:
+        if stage in blocked:
+            stages.append(StagePlan(stage, "blocked", "; ".join(blocked[stage])))
+            break
+        if stage == "package" and "validate" in up and not up["validate"].passed:
+            stages.append(StagePlan(stage, "blocked", "the cached validate result fails its gates"))
+            break
+        if len(up) < ORDER.index(stage):
+            stages.append(StagePlan(stage, "miss", "an upstream stage will run"))
+            continue
+        key = cache_key(stage, stage_inputs(stage, recipe, store.url, up))
+        result = results.read(key).result if key and results.exists(key) else None
+        if isinstance(result, Manifest) and not result.present_in(store):
+            stages.append(StagePlan(stage, "miss", "cached record found, but its blobs left the store"))
+        elif result is None:
+            stages.append(StagePlan(stage, "miss", "no cached result for these inputs"))
+        else:
+            up[stage] = result
+            stages.append(StagePlan(stage, "hit", f"key {key[:12]}"))
+    for stage in ORDER[len(stages):]:
+        stages.append(StagePlan(stage, "blocked", "an upstream stage cannot run"))
+    out = Plan(recipe, stages)
+    try:
+        config, tensors = _headers(recipe, store, up.get("download"))
+    except (UserError, OSError, ValueError) as exc:
+        out.sizes = {o.key: f"unknown: cannot read the model's headers ({exc})" for o in recipe.outputs}
+        return out
+    params = sum(t.numel for n, t in tensors.items() if n == t.name)
+    for o in recipe.outputs:
+        fmt = FORMATS[o.format]
+        grids = {}
+        for i in range(int(config.num_hidden_layers)):
+            for lin in LINEARS:
+                name = f"model.layers.{i}.{lin}"
+                grids[name] = assign(name, tensors[f"{name}.weight"].shape[1], recipe.quantize, fmt, o).grid
+        size = sum(t.nbytes for t in fmt.plan(o, config, tensors, grids))
+        out.sizes[o.key] = (size, size * 8 / params)
+    return out
+
+
+def _headers(recipe: Recipe, store: Store, model) -> tuple[Any, dict[str, TensorInfo]]:
+    """Config and tensor headers: from the cached download, a synthetic spec, or ranged reads of the source."""
+    if model is not None:
+        from quantfab.tasks.download import materialize
+
+        folder = materialize(store, model.files)
+        return folder.config(), folder.weights().tensors
+    source = recipe.model.source
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        if source.startswith("synthetic://"):
+            return synthetic.headers(source, folder)
+        fs, root = fsspec.core.url_to_fs(source)
+        fs.get_file(f"{root}/config.json", str(folder / "config.json"))
+        config = ModelDir(folder).config()
+        tensors: dict[str, TensorInfo] = {}
+        for info in fs.ls(root, detail=True):
+            if info["name"].endswith(".safetensors"):
+                local = folder / Path(info["name"]).name
+                with fs.open(info["name"], "rb") as src:
+                    head = src.read(8)
+                    n = int.from_bytes(head, "little")
+                    local.write_bytes(head + src.read(n))
+                tensors.update(read_safetensors_header(local, header_only=True))
+        if config.tie_word_embeddings and "model.embed_tokens.weight" not in tensors and "lm_head.weight" in tensors:
+            tensors["model.embed_tokens.weight"] = tensors["lm_head.weight"]
+        return config, tensors
+
+
+def render(p: Plan) -> str:
+    r = p.recipe
+    lines = [f"recipe {r.name}: {redact(r.model.source)} -> {', '.join(o.key for o in r.outputs)} at {redact(r.package.destination)}",
+             f"method {r.quantize.method}; calibration {r.calibration.samples} x {r.calibration.seq_len} tokens; "
+             f"validate {r.validate_.tokens} tokens, window {r.validate_.window}", "", "stages:"]
+    for s in p.stages:
+        lines.append(f"  {s.stage:<10} {s.status:<8} {s.why}")
+    lines += ["", "outputs (estimated from safetensors headers):"]
+    for key, size in p.sizes.items():
+        lines.append(f"  {key:<12} {size}" if isinstance(size, str) else f"  {key:<12} {size[0] / 2**20:10.2f} MiB  {size[1]:.3f} bits/weight")
+    gates = {k: v for k, v in r.validate_.gates.model_dump().items() if v is not None}
+    lines += ["", "quality gates: " + (", ".join(f"{k} {v}" for k, v in gates.items()) or "none")]
+    return "\n".join(lines)

@@ -1,0 +1,71 @@
+"""Grids and GGUF packing against gguf-py, the ecosystem's own reference, bit for bit."""
+
+from __future__ import annotations
+
+import gguf
+import numpy as np
+import pytest
+
+from quantfab.tasks.convert.gguf import PACKERS, permute_rows, unpermute_rows
+from quantfab.tasks.quantize import METHODS
+from quantfab.tasks.quantize.grids import GRIDS
+from quantfab.tasks.quantize.stats import InputStats
+
+
+def weights(rows: int = 64, cols: int = 256, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal((rows, cols)).astype(np.float32)
+    w[0, :32] = 0.0  # an all-zero block: scale 0, codes must stay finite
+    w[1, 5] = 40.0  # an outlier block
+    w[2, 32:64] = 0.5  # a constant block (max == min for Q4_1)
+    w[3, 64:96] = np.float32(1e-8) * rng.standard_normal(32).astype(np.float32)  # tiny scales
+    return w
+
+
+@pytest.mark.parametrize("name", ["Q8_0", "Q4_0", "Q4_1"])
+def test_rtn_reference_is_llama_cpp_bytes(name: str) -> None:
+    """rtn on a GGUF grid packs to exactly the bytes gguf-py's port of llama.cpp's reference produces."""
+    w = weights()
+    enc = GRIDS[name].reference(w)
+    ours = PACKERS[name](enc)
+    theirs = gguf.quants.quantize(w, gguf.GGMLQuantizationType[name])
+    assert ours.dtype == np.uint8 and ours.shape == theirs.shape
+    assert np.array_equal(ours, theirs)
+
+
+@pytest.mark.parametrize("name", ["Q8_0", "Q4_0", "Q4_1"])
+@pytest.mark.parametrize("method", ["rtn", "group"])
+def test_decode_equals_gguf_dequantize(name: str, method: str) -> None:
+    """What our grid decodes is, bit for bit, what gguf-py decodes from the packed bytes."""
+    w = weights(seed=1)
+    grid = GRIDS[name]
+    enc = METHODS[method].quantize(w, grid, None)
+    assert enc.codes.min() >= grid.qmin and enc.codes.max() <= grid.qmax
+    decoded = gguf.quants.dequantize(PACKERS[name](enc), gguf.GGMLQuantizationType[name])
+    assert np.array_equal(decoded.view(np.uint32), grid.decode(enc).view(np.uint32))
+
+
+def test_group_never_worse_than_rtn_per_block() -> None:
+    """The clipping search includes ratio 1.0 with stored scales, so its weighted error cannot exceed rtn's by more than fp16 rounding allows; overall it is lower."""
+    w = weights(seed=2)
+    x = np.random.default_rng(3).standard_normal((512, w.shape[1])).astype(np.float32)
+    stats = InputStats(np.abs(x).mean(0), x.T @ x, x.shape[0])
+    for name in ("Q4_0", "Q4_1"):
+        grid = GRIDS[name]
+        rtn = grid.decode(METHODS["rtn"].quantize(w, grid, stats))
+        group = grid.decode(METHODS["group"].quantize(w, grid, stats))
+        assert stats.relative_output_error(w, group) < stats.relative_output_error(w, rtn)
+
+
+def test_round_half_away_from_zero_matches_c_roundf() -> None:
+    enc = GRIDS["Q8_0"].encode(np.array([[0.5, -0.5, 1.5, -2.5, 0.49999997] + [0.0] * 27], np.float32),
+                               np.ones((1, 1), np.float32), None)
+    assert enc[0, :5].tolist() == [1, -1, 2, -3, 0]
+
+
+def test_q_k_permutation_round_trips() -> None:
+    w = np.arange(64 * 8, dtype=np.float32).reshape(64, 8)
+    p = permute_rows(w, heads=4)
+    assert not np.array_equal(p, w)
+    assert np.array_equal(unpermute_rows(p, heads=4), w)
+
