@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from quantfab.tasks.convert import FORMATS
 from quantfab.tasks.quantize import METHODS, PLANNED_METHODS
@@ -117,13 +117,14 @@ class Recipe(Section):
         return [{"format": next(iter(v)), "type": next(iter(v.values()))}
                 if isinstance(v, dict) and len(v) == 1 and next(iter(v)) in FORMATS else v for v in value]
 
-    @model_validator(mode="after")
-    def _unique_outputs(self) -> "Recipe":
-        keys = [o.key for o in self.outputs]
+    @field_validator("outputs", mode="after")
+    @classmethod
+    def _unique_outputs(cls, outputs: list) -> list:
+        keys = [o.key for o in outputs]
         dupes = sorted({k for k in keys if keys.count(k) > 1})
         if dupes:
             raise ValueError(f"outputs lists {', '.join(dupes)} more than once")
-        return self
+        return outputs
 
     def section(self, name: str) -> dict[str, Any]:
         """A section as plain JSON data, for cache keys and manifests."""

@@ -104,14 +104,14 @@ def _collect_marks(node: yaml.Node, loc: Loc, file: str, marks: dict[Loc, Mark])
 
 
 def _resolve_strings(data: Any, base_dir: Path) -> None:
-    """Expand ${VAR} / ${VAR:-default} in every string, and make relative local sources absolute."""
+    """Expand ${VAR} / ${VAR:-default} (the default also when VAR is empty, as in the shell) in every string, and make relative local sources absolute."""
     def walk(value: Any, key: str | None) -> Any:
         if isinstance(value, dict):
             return {k: walk(v, k) for k, v in value.items()}
         if isinstance(value, list):
             return [walk(v, key) for v in value]
         if isinstance(value, str):
-            value = ENV_PATTERN.sub(lambda m: os.environ.get(m.group(1), m.group(2) or ""), value)
+            value = ENV_PATTERN.sub(lambda m: os.environ.get(m.group(1)) or m.group(2) or "", value)
             if key in ("source", "destination") and "://" not in value and not os.path.isabs(value):
                 value = str((base_dir / value).resolve())
         return value
