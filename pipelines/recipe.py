@@ -84,6 +84,17 @@ class ValidateSpec(Section):
     gates: GatesSpec = Field(default_factory=GatesSpec)
 
 
+    @field_validator("gates", mode="after")
+    @classmethod
+    def _gated_metrics_are_measured(cls, gates: GatesSpec, info) -> GatesSpec:
+        needs = {"max_ppl_increase": "perplexity", "max_kl": "kl_divergence", "min_top1": "top1_agreement"}
+        metrics = info.data.get("metrics", [])
+        for gate, metric in needs.items():
+            if getattr(gates, gate) is not None and metric not in metrics:
+                raise ValueError(f"gate {gate} needs metric {metric} in validate.metrics")
+        return gates
+
+
 class PackageSpec(Section):
     destination: str = Field(description="fsspec URL of the folder the package is published to.")
 

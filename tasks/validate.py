@@ -93,9 +93,16 @@ def _metrics(hidden: dict, heads: dict, ids: torch.Tensor, dev: torch.device) ->
     return out
 
 
+METRIC_KEYS = {"perplexity": ("perplexity", "baseline_perplexity", "ppl_increase"),
+               "kl_divergence": ("kl_divergence",), "top1_agreement": ("top1_agreement",)}
+
+
 def validate(model: ModelManifest, converted: ConvertManifest, quantized: QuantizeManifest, outputs: list, spec,
              device: str, store: Store) -> QualityManifest:
-    return judge(measure(model, converted, outputs, spec, device, store), spec.gates, converted, quantized, store)
+    metrics = measure(model, converted, outputs, spec, device, store)
+    keep = {k for name in spec.metrics for k in METRIC_KEYS[name]}
+    metrics["outputs"] = {key: {k: v for k, v in m.items() if k in keep} for key, m in metrics["outputs"].items()}
+    return judge(metrics, spec.gates, converted, quantized, store)
 
 
 def judge(metrics: dict[str, Any], gates, converted: ConvertManifest, quantized: QuantizeManifest,
@@ -135,6 +142,8 @@ def quality_table(report: dict[str, Any]) -> str:
     for key, m in report["outputs"].items():
         gates = ", ".join(f"{g} {'pass' if r['passed'] else 'FAIL'} ({r['value']:.4f} vs {r['limit']})"
                           for g, r in m["gates"].items()) or "none"
-        lines.append(f"| {key} | {m['bits_per_weight']:.3f} | {m['perplexity']:.4f} | {m['ppl_increase'] * 100:+.2f} % | "
-                     f"{m['kl_divergence']:.5f} | {m['top1_agreement'] * 100:.2f} % | {gates} |")
+        ppl = f"{m['perplexity']:.4f} | {m['ppl_increase'] * 100:+.2f} %" if "perplexity" in m else "- | -"
+        kl = f"{m['kl_divergence']:.5f}" if "kl_divergence" in m else "-"
+        top1 = f"{m['top1_agreement'] * 100:.2f} %" if "top1_agreement" in m else "-"
+        lines.append(f"| {key} | {m['bits_per_weight']:.3f} | {ppl} | {kl} | {top1} | {gates} |")
     return "\n".join(lines)

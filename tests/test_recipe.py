@@ -706,3 +706,14 @@ def test_cli_run_refuses_a_planned_method_before_prefect(cli_runs):
     assert_failed_cleanly(run)
     assert "quantize.method: awq:" in words(run.proc.stderr)
     assert "not implemented yet" in words(run.proc.stderr)
+
+
+def test_a_gate_on_an_unmeasured_metric_is_refused(tmp_path):
+    path = write_recipe(tmp_path, lambda d: d["validate"].update(metrics=["perplexity"], gates={"max_kl": 0.1}))
+    message = load_error(path)
+    assert "validate.gates" in message and "needs metric kl_divergence" in message
+
+
+def test_metrics_without_gates_may_be_narrowed(tmp_path):
+    path = write_recipe(tmp_path, lambda d: d["validate"].update(metrics=["perplexity"], gates={"max_ppl_increase": 0.1}))
+    assert load_recipe(path).validate_.metrics == ["perplexity"]
