@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 import tempfile
 import uuid
 from pathlib import Path
@@ -106,5 +105,3 @@ class Store:
         path.mkdir(parents=True, exist_ok=True)
         return path
 
-    def copy_to_local(self, blob: Blob, dest: Path) -> None:
-        shutil.copyfile(self.local_path(blob), dest)

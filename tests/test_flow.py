@@ -9,7 +9,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import gguf
 import numpy as np
 import pytest
 
@@ -68,7 +67,6 @@ def test_package_published_and_gguf_decodes_to_the_quantizer_reconstruction(buil
     # Read back with gguf-py and compare with what the quantize stage produced, bit for bit.
     store = Store(str(built["store"]))
     recipe = load_recipe(RECIPE, b["overrides"])
-    from quantfab.pipelines.stages import STAGES  # noqa: F401  (the flow registered the tasks)
     quant = _cached_quantize_manifest(store, recipe)
     config = materialize(store, _cached_model(store, recipe).files).config()
     for key in ("gguf-Q8_0", "gguf-Q4_0", "gguf-Q4_1"):
