@@ -26,7 +26,7 @@ from quantfab.tasks.convert import FORMATS
 from quantfab.tasks.download import redact
 from quantfab.tasks.errors import UserError
 from quantfab.tasks.manifests import Manifest
-from quantfab.tasks.modelio import LINEARS, ModelDir, TensorInfo, read_safetensors_header
+from quantfab.tasks.modelio import LINEARS, ModelDir, TensorInfo, alias_tied_embeddings, read_safetensors_header
 from quantfab.tasks.quantize.assign import assign
 from quantfab.tasks.store import Store
 
@@ -115,8 +115,8 @@ def _headers(recipe: Recipe, store: Store, model) -> tuple[Any, dict[str, Tensor
                     n = int.from_bytes(head, "little")
                     local.write_bytes(head + src.read(n))
                 tensors.update(read_safetensors_header(local, header_only=True))
-        if config.tie_word_embeddings and "model.embed_tokens.weight" not in tensors and "lm_head.weight" in tensors:
-            tensors["model.embed_tokens.weight"] = tensors["lm_head.weight"]
+        if config.tie_word_embeddings:
+            alias_tied_embeddings(tensors)
         return config, tensors
 
 

@@ -8,6 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from quantfab.tasks.convert import FORMATS
 from quantfab.tasks.quantize import METHODS, PLANNED_METHODS
+from quantfab.tasks.validate import GATES
 
 MethodName = Literal[tuple(METHODS) + tuple(PLANNED_METHODS)]  # type: ignore[valid-type]
 NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,63}$"
@@ -83,13 +84,11 @@ class ValidateSpec(Section):
         default=["perplexity", "kl_divergence", "top1_agreement"], min_length=1)
     gates: GatesSpec = Field(default_factory=GatesSpec)
 
-
     @field_validator("gates", mode="after")
     @classmethod
     def _gated_metrics_are_measured(cls, gates: GatesSpec, info) -> GatesSpec:
-        needs = {"max_ppl_increase": "perplexity", "max_kl": "kl_divergence", "min_top1": "top1_agreement"}
         metrics = info.data.get("metrics", [])
-        for gate, metric in needs.items():
+        for gate, (metric, _) in GATES.items():
             if getattr(gates, gate) is not None and metric not in metrics:
                 raise ValueError(f"gate {gate} needs metric {metric} in validate.metrics")
         return gates

@@ -74,6 +74,15 @@ def read_safetensors_header(path: Path, header_only: bool = False) -> dict[str, 
     return out
 
 
+def alias_tied_embeddings(tensors: dict[str, TensorInfo]) -> None:
+    """A tied model may store either the embedding or the head; make both names answer."""
+    embed, head = "model.embed_tokens.weight", "lm_head.weight"
+    if embed not in tensors and head in tensors:
+        tensors[embed] = tensors[head]
+    elif head not in tensors and embed in tensors:
+        tensors[head] = tensors[embed]
+
+
 class WeightIndex:
     """Every tensor of a model (across shards), read lazily by name."""
 
@@ -81,12 +90,8 @@ class WeightIndex:
         self.tensors: dict[str, TensorInfo] = {}
         for path in sorted(files):
             self.tensors.update(read_safetensors_header(path))
-        if tied_embeddings:  # a tied model may store either name; answer to both
-            embed, head = "model.embed_tokens.weight", "lm_head.weight"
-            if embed not in self.tensors and head in self.tensors:
-                self.tensors[embed] = self.tensors[head]
-            elif head not in self.tensors and embed in self.tensors:
-                self.tensors[head] = self.tensors[embed]
+        if tied_embeddings:
+            alias_tied_embeddings(self.tensors)
 
     def load(self, names: list[str]) -> dict[str, torch.Tensor]:
         by_file: dict[Path, list[str]] = {}

@@ -21,7 +21,9 @@ from quantfab.tasks.modelio import DecoderStack, layer_prefix, pick_device, rela
 from quantfab.tasks.store import Store
 from quantfab.tasks.texts import read_tokens, windows
 
-GATE_METRIC = {"max_ppl_increase": "ppl_increase", "max_kl": "kl_divergence", "min_top1": "top1_agreement"}
+# gate -> (the recipe metric it needs, the report value it limits)
+GATES = {"max_ppl_increase": ("perplexity", "ppl_increase"), "max_kl": ("kl_divergence", "kl_divergence"),
+         "min_top1": ("top1_agreement", "top1_agreement")}
 
 
 def eval_windows(model: ModelManifest, spec, store: Store) -> np.ndarray:
@@ -113,7 +115,7 @@ def judge(metrics: dict[str, Any], gates, converted: ConvertManifest, quantized:
               "baseline_perplexity": metrics["baseline_perplexity"], "outputs": {}}
     for key, m in metrics["outputs"].items():
         results = {}
-        for gate, metric in GATE_METRIC.items():
+        for gate, (_, metric) in GATES.items():
             limit = getattr(gates, gate)
             if limit is None:
                 continue
