@@ -57,11 +57,9 @@ def _quiet_prefect(verbose: bool) -> None:
 def _run(args: argparse.Namespace) -> int:
     from quantfab.pipelines.quantize import LISTENERS, ORDER, quantize
     from quantfab.pipelines.recipe_loading import load_recipe
-    from quantfab.pipelines.runnable import check_runnable
     from quantfab.tasks.errors import QualityGateFailed
 
     recipe = load_recipe(args.recipe, args.overrides)  # fail fast, before Prefect starts
-    check_runnable(recipe)
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                   TimeElapsedColumn(), console=console, transient=True) as progress:
         bar = progress.add_task(f"{recipe.name}: starting Prefect", total=len(ORDER))

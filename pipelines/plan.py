@@ -19,7 +19,6 @@ from prefect.serializers import JSONSerializer
 
 from quantfab.pipelines.quantize import ORDER, stage_inputs
 from quantfab.pipelines.recipe import Recipe
-from quantfab.pipelines.runnable import blockers
 from quantfab.pipelines.stages import cache_key
 from quantfab.tasks import synthetic
 from quantfab.tasks.convert import FORMATS
@@ -48,13 +47,9 @@ class Plan:
 def plan(recipe: Recipe, store_url: str | None) -> Plan:
     store = Store(store_url)
     results = ResultStore(result_storage=LocalFileSystem(basepath=str(store.results_dir())), serializer=JSONSerializer())
-    blocked = blockers(recipe)
     up: dict[str, Any] = {}
     stages: list[StagePlan] = []
     for stage in ORDER:
-        if stage in blocked:
-            stages.append(StagePlan(stage, "blocked", "; ".join(blocked[stage])))
-            break
         if stage == "package" and "validate" in up and not up["validate"].passed:
             stages.append(StagePlan(stage, "blocked", "the cached validate result fails its gates"))
             break

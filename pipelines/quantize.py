@@ -53,7 +53,7 @@ def stage_inputs(stage: str, recipe: Recipe, store_url: str, up: dict[str, Any])
         return {"model": up["download"], "calibration": recipe.calibration, "device": device, **common}
     if stage == "quantize":
         return {"model": up["download"], "calibration": up["calibrate"], "quantize": recipe.quantize,
-                "outputs": list(recipe.outputs), **common}
+                "outputs": list(recipe.outputs), "device": device, **common}
     if stage == "convert":
         return {"model": up["download"], "quantized": up["quantize"], "outputs": list(recipe.outputs),
                 "name": recipe.name, **common}

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from quantfab.tasks.convert import FORMATS
-from quantfab.tasks.quantize import METHODS, PLANNED_METHODS
+from quantfab.tasks.quantize import METHODS
+from quantfab.tasks.quantize.assign import request
 from quantfab.tasks.validate import GATES
 
-MethodName = Literal[tuple(METHODS) + tuple(PLANNED_METHODS)]  # type: ignore[valid-type]
+MethodName = Literal[tuple(METHODS)]  # type: ignore[valid-type]
 NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,63}$"
 
 
@@ -46,10 +47,34 @@ class ModuleOverride(Section):
     symmetric: bool | None = None
 
 
+class GPTQSpec(Section):
+    damp_percent: float = Field(0.01, gt=0, le=1, description="Dampening added to H's diagonal, as a fraction of its "
+                                "mean; raised tenfold (up to 4 times) if the Cholesky factorisation fails.")
+    block_size: int = Field(128, ge=1, le=65536, description="Columns per lazy-batch update block.")
+    act_order: bool = Field(False, description="Process columns by descending H diagonal (desc_act). Groups stay "
+                            "contiguous in the original order, so every format can store them.")
+    static_groups: bool = Field(False, description="Take every group's scale from the original weights up front "
+                                "instead of when the group's first column is reached.")
+
+
+class AWQSpec(Section):
+    grid_points: int = Field(20, ge=1, le=1000, description="Values of alpha in [0, 1) tried for s = mean|x|^alpha.")
+    clip: bool = Field(True, description="Search a per-block range shrink after scaling (not for q/k, as AutoAWQ).")
+    max_shrink: float = Field(0.5, ge=0, lt=1, description="Largest fraction the clipping search shrinks a block's range by.")
+    clip_points: int = Field(20, ge=1, le=1000, description="Shrink ratios tried between 1 and 1 - max_shrink.")
+
+
+class NF4Spec(Section):
+    double_quant: bool = Field(False, description="Quantize the absmax values too (8-bit, blocks of 256, minus "
+                               "their mean), as bitsandbytes' compress_statistics does.")
+
+
 class QuantizeSpec(Section):
     method: MethodName = Field(description="rtn: round to nearest with the grid's reference rule. "  # type: ignore[valid-type]
                                "group: group-wise with an activation-weighted clipping search. "
-                               "nf4, gptq, awq: accepted by plan, not runnable yet.")
+                               "nf4: bitsandbytes' NormalFloat-4 codebook, absmax per block (64 by default). "
+                               "gptq: Hessian-based error feedback, layer-sequential on the quantized model's inputs. "
+                               "awq: activation-aware scales folded into the preceding op, then a clipping search.")
     bits: int | None = Field(None, ge=2, le=8, description="Code width; empty means the output type's.")
     group_size: int | None = Field(None, ge=1, description="Elements per scale along the input dimension; "
                                    "empty means the output type's block.")
@@ -57,6 +82,9 @@ class QuantizeSpec(Section):
     ignore: list[str] = Field(default=["lm_head"], description="Globs of Linear names kept in float.")
     overrides: dict[str, ModuleOverride] = Field(default_factory=dict,
                                                  description="Per-module settings by glob, e.g. '*.mlp.down_proj': {bits: 8}.")
+    gptq: GPTQSpec = Field(default_factory=GPTQSpec, description="Options of method gptq.")
+    awq: AWQSpec = Field(default_factory=AWQSpec, description="Options of method awq.")
+    nf4: NF4Spec = Field(default_factory=NF4Spec, description="Options of method nf4.")
 
 
 def _output_union() -> Any:
@@ -136,6 +164,24 @@ class Recipe(Section):
             raise ValueError(f"outputs lists {', '.join(dupes)} more than once")
         return outputs
 
+    @model_validator(mode="after")
+    def _outputs_hold_the_grids(self) -> "Recipe":
+        """Every output can store what quantize asks for, globally and in each override."""
+        q = self.quantize
+        asks = {"quantize": (q.method, q.bits, q.group_size, q.symmetric)}
+        for pattern, o in q.overrides.items():
+            asks[f"quantize.overrides[{pattern!r}]"] = (o.method or q.method, q.bits if o.bits is None else o.bits,
+                                                        q.group_size if o.group_size is None else o.group_size,
+                                                        q.symmetric if o.symmetric is None else o.symmetric)
+        for i, o in enumerate(self.outputs):
+            for where, (method, bits, group_size, symmetric) in asks.items():
+                try:
+                    FORMATS[o.format].grid_for(o, request(method, bits, group_size, symmetric, q))
+                except ValueError as exc:
+                    raise ValueError(f"outputs[{i}]: {o.key} cannot store {where}.method {method}"
+                                     f"{_asked(bits, group_size, symmetric)}: {exc}") from None
+        return self
+
     def section(self, name: str) -> dict[str, Any]:
         """A section as plain JSON data, for cache keys and manifests."""
         key = "validate_" if name == "validate" else name
@@ -143,3 +189,8 @@ class Recipe(Section):
         if isinstance(value, list):
             return {"items": [v.model_dump(mode="json") for v in value]}
         return value.model_dump(mode="json")
+
+
+def _asked(bits: int | None, group_size: int | None, symmetric: bool | None) -> str:
+    parts = [f"{k}={v}" for k, v in (("bits", bits), ("group_size", group_size), ("symmetric", symmetric)) if v is not None]
+    return f" with {', '.join(parts)}" if parts else ""

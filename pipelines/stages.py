@@ -31,8 +31,8 @@ COMMON = ["errors.py", "store.py", "manifests.py", "modelio.py", "download.py"]
 STAGE_SOURCES = {
     "download": ["synthetic.py"],
     "calibrate": ["calibrate.py", "texts.py"],
-    "quantize": ["quantize"],
-    "convert": ["convert", "quantize/grids.py", "quantize/stage.py"],
+    "quantize": ["quantize", "calibrate.py"],
+    "convert": ["convert", "quantize/grids.py", "quantize/layer_file.py"],
     "validate": ["validate.py", "texts.py", "convert"],
     "package": ["package.py"],
 }
@@ -66,8 +66,8 @@ def calibrate(model: ModelManifest, calibration: CalibrationSpec, device: str, s
 
 @_stage("quantize")
 def quantize(model: ModelManifest, calibration: CalibrationManifest, quantize: QuantizeSpec, outputs: list,
-             store_url: str, code: str) -> QuantizeManifest:
-    return quantize_mod.quantize(model, calibration, quantize, outputs, Store(store_url))
+             device: str, store_url: str, code: str) -> QuantizeManifest:
+    return quantize_mod.quantize(model, calibration, quantize, outputs, device, Store(store_url))
 
 
 @_stage("convert")

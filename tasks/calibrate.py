@@ -38,9 +38,14 @@ def _bos(config) -> int:
 def calibrate(model: ModelManifest, source: str, samples: int, seq_len: int, seed: int, text_field: str,
               device: str, store: Store) -> CalibrationManifest:
     torch.manual_seed(seed)
+    ids = calibration_tokens(model, source, samples, seq_len, seed, text_field, store)
+    return calibrate_on(model, ids, device, store)
+
+
+def calibrate_on(model: ModelManifest, ids: np.ndarray, device: str, store: Store) -> CalibrationManifest:
+    """Statistics of the unquantized model on calibration windows ``ids`` (samples, seq_len)."""
     model_dir = materialize(store, model.files)
     config, weights = model_dir.config(), model_dir.weights()
-    ids = calibration_tokens(model, source, samples, seq_len, seed, text_field, store)
     dev = pick_device(device)
     stack = DecoderStack(config, dev)
     embed = weights.load(["model.embed_tokens.weight"])["model.embed_tokens.weight"]

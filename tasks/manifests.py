@@ -52,6 +52,7 @@ class CalibrationManifest(Manifest):
 class ModuleReport(BaseModel):
     name: str
     grid: str | None  # None: kept in float
+    method: str | None = None
     note: str = ""
     relative_output_error: float = 0.0
 

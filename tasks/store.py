@@ -88,6 +88,27 @@ class Store:
             os.replace(tmp, cached)
         return cached
 
+    def _ref(self, kind: str, key: str) -> str:
+        return f"{self.root}/refs/{kind}/{key}.json"
+
+    def put_ref(self, kind: str, key: str, blob: Blob) -> None:
+        """Name a blob under ``kind/key`` (a checkpoint); written whole or not at all."""
+        path = self._ref(kind, key)
+        tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+        self.fs.makedirs(os.path.dirname(path), exist_ok=True)
+        with self.fs.open(tmp, "wb") as f:
+            f.write(blob.model_dump_json().encode())
+        self.fs.mv(tmp, path)
+
+    def get_ref(self, kind: str, key: str) -> Blob | None:
+        """The blob named ``kind/key``, or None when there is none or its bytes left the store."""
+        path = self._ref(kind, key)
+        if not self.fs.exists(path):
+            return None
+        with self.fs.open(path, "rb") as f:
+            blob = Blob.model_validate_json(f.read())
+        return blob if self.has(blob) else None
+
     def read_bytes(self, blob: Blob) -> bytes:
         return self.local_path(blob).read_bytes()
 

@@ -36,33 +36,37 @@ def eval_windows(model: ModelManifest, spec, store: Store) -> np.ndarray:
     return windows(ids, spec.window, count, bos, spec.source, "validate")
 
 
-@torch.no_grad()
 def measure(model: ModelManifest, converted: ConvertManifest, outputs: list, spec, device: str,
             store: Store) -> dict[str, Any]:
-    """Metrics of the baseline and every output over the same tokens."""
+    """Metrics of the baseline and every output over the same tokens, each decoded from its written file."""
     model_dir = materialize(store, model.files)
     config, weights = model_dir.config(), model_dir.weights()
-    dev = pick_device(device)
-    ids = torch.from_numpy(eval_windows(model, spec, store))
     sources: dict[str, Any] = {"fp32": weights}
     for o in outputs:
         f = converted.files[o.key]
         sources[o.key] = FORMATS[o.format].reader(store.local_path(f.blob), config)
+    return compare(config, sources, eval_windows(model, spec, store), device)
+
+
+@torch.no_grad()
+def compare(config, sources: dict[str, Any], ids: np.ndarray, device: str) -> dict[str, Any]:
+    """Run ``sources`` (name -> anything with ``load(names)``; "fp32" is the baseline) side by side, a layer at a time."""
+    dev = pick_device(device)
+    ids_t = torch.from_numpy(ids)
     stack = DecoderStack(config, dev)
-    hidden = {k: torch.nn.functional.embedding(ids, s.load(["model.embed_tokens.weight"])["model.embed_tokens.weight"])
+    hidden = {k: torch.nn.functional.embedding(ids_t, s.load(["model.embed_tokens.weight"])["model.embed_tokens.weight"])
               for k, s in sources.items()}
     for i in range(stack.num_layers):
+        names = sources["fp32"].layer_names(i)
         for key, src in sources.items():
-            layer = stack.layer(i, relative(src.load(weights.layer_names(i)), layer_prefix(i)))
+            layer = stack.layer(i, relative(src.load(names), layer_prefix(i)))
             hidden[key] = stack.run_layer(layer, hidden[key])
             del layer
-    head_names = ["model.norm.weight", "lm_head.weight" if "lm_head.weight" in weights.tensors else "model.embed_tokens.weight"]
     heads = {}
     for key, src in sources.items():
-        names = head_names if key == "fp32" else ["model.norm.weight", "lm_head.weight"]
-        loaded = src.load(names)
-        heads[key] = (stack.norm(loaded[names[0]]), loaded[names[1]].to(dev))
-    return _metrics(hidden, heads, ids, dev)
+        loaded = src.load(["model.norm.weight", "lm_head.weight"])
+        heads[key] = (stack.norm(loaded["model.norm.weight"]), loaded["lm_head.weight"].to(dev))
+    return _metrics(hidden, heads, ids_t, dev)
 
 
 def _metrics(hidden: dict, heads: dict, ids: torch.Tensor, dev: torch.device) -> dict[str, Any]:
@@ -95,6 +99,7 @@ def _metrics(hidden: dict, heads: dict, ids: torch.Tensor, dev: torch.device) ->
     return out
 
 
+WORST_MODULES = 8  # per output in the markdown table; quality.json lists every module
 METRIC_KEYS = {"perplexity": ("perplexity", "baseline_perplexity", "ppl_increase"),
                "kl_divergence": ("kl_divergence",), "top1_agreement": ("top1_agreement",)}
 
@@ -148,4 +153,12 @@ def quality_table(report: dict[str, Any]) -> str:
         kl = f"{m['kl_divergence']:.5f}" if "kl_divergence" in m else "-"
         top1 = f"{m['top1_agreement'] * 100:.2f} %" if "top1_agreement" in m else "-"
         lines.append(f"| {key} | {m['bits_per_weight']:.3f} | {ppl} | {kl} | {top1} | {gates} |")
+    for key, m in report["outputs"].items():
+        worst = [r for r in m["modules"] if r["grid"]][:WORST_MODULES]
+        if worst:
+            lines += ["", f"{key}: modules with the largest relative output error on the calibration inputs "
+                      f"(all {len(m['modules'])} in quality.json)", "", "| module | method | grid | relative error |",
+                      "|---|---|---|---|"]
+            lines += [f"| {r['name']} | {r.get('method') or '-'} | {r['grid']} | {r['relative_output_error']:.5f} |"
+                      for r in worst]
     return "\n".join(lines)

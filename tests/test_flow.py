@@ -17,8 +17,8 @@ from quantfab.pipelines.recipe_loading import load_recipe
 from quantfab.tasks.convert.gguf import GGUFTensors
 from quantfab.tasks.download import materialize
 from quantfab.tasks.errors import QualityGateFailed
-from quantfab.tasks.quantize.grids import GRIDS
-from quantfab.tasks.quantize.stage import load_encoded
+from quantfab.tasks.quantize.grids import grid_named
+from quantfab.tasks.quantize.layer_file import LayerFile
 from quantfab.tasks.store import Store
 
 pytestmark = pytest.mark.slow
@@ -26,6 +26,7 @@ REPO = Path(__file__).resolve().parent.parent
 RECIPE = REPO / "recipes" / "tinystories-656k-q4_0.yaml"
 FAST = ["calibration.samples=16", "calibration.seq_len=128", "validate.tokens=4096", "validate.window=128"]
 ALL_TYPES = "outputs=[{gguf: Q8_0}, {gguf: Q4_0}, {gguf: Q4_1}]"
+METHODS = ["rtn", "group", "gptq", "awq"]  # nf4 has no GGUF grid
 
 
 def run(overrides: list[str], store: Path) -> tuple[dict, dict[str, str]]:
@@ -40,10 +41,10 @@ def run(overrides: list[str], store: Path) -> tuple[dict, dict[str, str]]:
 
 @pytest.fixture(scope="module")
 def built(prefect_env, data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """One cold run per method (rtn, group) into one store."""
+    """One cold run per method into one store."""
     base = tmp_path_factory.mktemp("flow")
     out = {"store": base / "store"}
-    for method in ("rtn", "group"):
+    for method in METHODS:
         dest = base / f"pkg-{method}"
         overrides = [*FAST, ALL_TYPES, f"quantize.method={method}", f"package.destination={dest}"]
         result, stages = run(overrides, out["store"])
@@ -51,7 +52,7 @@ def built(prefect_env, data_dir: Path, tmp_path_factory: pytest.TempPathFactory)
     return out
 
 
-@pytest.mark.parametrize("method", ["rtn", "group"])
+@pytest.mark.parametrize("method", METHODS)
 def test_package_published_and_gguf_decodes_to_the_quantizer_reconstruction(built: dict, method: str) -> None:
     b = built[method]
     assert b["stages"]["quantize"] == "ran" and b["stages"]["package"] == "ran"
@@ -80,10 +81,15 @@ def test_package_published_and_gguf_decodes_to_the_quantizer_reconstruction(buil
         for m in q.modules:
             assert m.grid == key.split("-")[1]
             layer = int(m.name.split(".")[2])
-            enc = load_encoded(store.local_path(q.layers[layer]), m.name)
-            expected = GRIDS[m.grid].decode(enc)
+            enc = LayerFile(store.local_path(q.layers[layer])).encoded(m.name)
+            expected = grid_named(m.grid).decode(enc)
             got = reader.array(f"{m.name}.weight")
             assert np.array_equal(got.view(np.uint32), expected.view(np.uint32)), m.name
+        for blob in q.layers:  # floats a method changed (AWQ's scaled norms) ship as changed, exactly
+            layer_file = LayerFile(store.local_path(blob))
+            for name in layer_file.float_names():
+                assert np.array_equal(reader.array(name), layer_file.float(name)), name
+    assert any(LayerFile(store.local_path(b)).float_names() for b in quant.outputs["gguf-Q4_0"].layers) == (method == "awq")
 
 
 def _cached(stage: str, store: Store, recipe, up: dict):
@@ -119,6 +125,9 @@ def test_quality_report_has_every_metric_and_gate(built: dict) -> None:
         assert all(g["passed"] for g in m["gates"].values())
     q8, q4 = report["outputs"]["gguf-Q8_0"], report["outputs"]["gguf-Q4_0"]
     assert q8["kl_divergence"] < q4["kl_divergence"]  # 8 bits must beat 4
+    errors = [r["relative_output_error"] for r in q4["modules"]]
+    assert len(errors) == 14 and errors == sorted(errors, reverse=True) and errors[-1] > 0  # worst first
+    assert {(r["method"], r["grid"]) for r in q4["modules"]} == {("group", "Q4_0")}
 
 
 def test_rerun_in_a_new_process_hits_every_stage_without_running_bodies(built: dict, prefect_env) -> None:

@@ -39,7 +39,7 @@ def test_decode_equals_gguf_dequantize(name: str, method: str) -> None:
     """What our grid decodes is, bit for bit, what gguf-py decodes from the packed bytes."""
     w = weights(seed=1)
     grid = GRIDS[name]
-    enc = METHODS[method].quantize(w, grid, None)
+    enc = METHODS[method]().quantize(w, grid, None)
     assert enc.codes.min() >= grid.qmin and enc.codes.max() <= grid.qmax
     decoded = gguf.quants.dequantize(PACKERS[name](enc), gguf.GGMLQuantizationType[name])
     assert np.array_equal(decoded.view(np.uint32), grid.decode(enc).view(np.uint32))
@@ -52,8 +52,8 @@ def test_group_never_worse_than_rtn_per_block() -> None:
     stats = InputStats(np.abs(x).mean(0), x.T @ x, x.shape[0])
     for name in ("Q4_0", "Q4_1"):
         grid = GRIDS[name]
-        rtn = grid.decode(METHODS["rtn"].quantize(w, grid, stats))
-        group = grid.decode(METHODS["group"].quantize(w, grid, stats))
+        rtn = grid.decode(METHODS["rtn"]().quantize(w, grid, stats))
+        group = grid.decode(METHODS["group"]().quantize(w, grid, stats))
         assert stats.relative_output_error(w, group) < stats.relative_output_error(w, rtn)
 
 

@@ -613,12 +613,12 @@ def _cli_cases(root: Path) -> dict[str, tuple[Path, Path, list[str]]]:
     run_recipe = write_recipe(run_folder.joinpath(*LONG), two_problems)  # a long path, given absolute
     plan_folder = root / "plan"
     plan_recipe = write_recipe(plan_folder, lambda d: set_in(d, "quantize.methd", "rtn"))
-    awq_folder = root / "awq"
-    awq_recipe = write_recipe(awq_folder, lambda d: d["quantize"].update(method="awq"))
+    nf4_folder = root / "nf4"
+    nf4_recipe = write_recipe(nf4_folder, lambda d: d["quantize"].update(method="nf4"))
     return {
         "run": (run_folder, run_recipe, ["run", str(run_recipe)]),
         "plan": (plan_folder, plan_recipe, ["plan", "recipe.yaml", "--set", "calibration.samples=many"]),
-        "awq": (awq_folder, awq_recipe, ["run", "recipe.yaml"]),
+        "nf4": (nf4_folder, nf4_recipe, ["run", "recipe.yaml"]),
     }
 
 
@@ -700,12 +700,10 @@ def test_cli_plan_bad_recipe_and_bad_set_exit_2(cli_runs):
     assert "(got 'many')" in words(run.proc.stderr)
 
 
-def test_cli_run_refuses_a_planned_method_before_prefect(cli_runs):
-    run = cli_runs["awq"]
-    load_recipe(run.recipe)  # the recipe itself is valid: awq is accepted by the schema
+def test_cli_run_refuses_a_grid_the_format_cannot_store(cli_runs):
+    run = cli_runs["nf4"]
     assert_failed_cleanly(run)
-    assert "quantize.method: awq:" in words(run.proc.stderr)
-    assert "not implemented yet" in words(run.proc.stderr)
+    assert "outputs[0]: gguf-Q4_0 cannot store quantize.method nf4: gguf has no NF4 grid" in words(run.proc.stderr)
 
 
 def test_a_gate_on_an_unmeasured_metric_is_refused(tmp_path):

@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict
 
 from quantfab.tasks.errors import UserError
 from quantfab.tasks.modelio import ModelDir, TensorInfo
-from quantfab.tasks.quantize.grids import GRIDS, Encoded, Grid
+from quantfab.tasks.quantize.grids import GRIDS, Encoded, Grid, GridRequest
 
 QTYPE = gguf.GGMLQuantizationType
 GRID_TYPES = {"Q8_0": QTYPE.Q8_0, "Q4_0": QTYPE.Q4_0, "Q4_1": QTYPE.Q4_1}
@@ -59,20 +59,25 @@ class GGUFFormat:
     options = GGUFOptions
     extension = ".gguf"
 
-    def grid_for(self, options: GGUFOptions, bits: int | None, group_size: int | None,
-                 symmetric: bool | None) -> Grid | None:
+    def grid_for(self, options: GGUFOptions, want: GridRequest) -> Grid | None:
         """The GGUF grid that holds this request; None when the output type keeps floats."""
         if options.type not in GRID_TYPES:
             return None
+        if want.nf4:
+            raise ValueError("gguf has no NF4 grid")
         default = GRIDS[options.type]
-        want = (bits or default.bits, group_size or default.block, default.symmetric if symmetric is None else symmetric)
+        key = (want.bits or default.bits, want.group_size or default.block,
+               default.symmetric if want.symmetric is None else want.symmetric)
         for name in GRID_TYPES:
             g = GRIDS[name]
-            if (g.bits, g.block, g.symmetric) == want:
+            if (g.bits, g.block, g.symmetric) == key:
                 return g
-        raise ValueError(f"gguf has no grid with bits={want[0]}, group_size={want[1]}, symmetric={want[2]}; "
+        raise ValueError(f"gguf has no grid with bits={key[0]}, group_size={key[1]}, symmetric={key[2]}; "
                          "it stores Q8_0 (8-bit symmetric), Q4_0 (4-bit symmetric) and Q4_1 (4-bit asymmetric), "
                          "all in blocks of 32")
+
+    def stores_codes(self, options: GGUFOptions) -> bool:
+        return options.type in GRID_TYPES
 
     def plan(self, options: GGUFOptions, config, tensors: dict[str, TensorInfo],
              grids: dict[str, str | None]) -> list[PlannedTensor]:

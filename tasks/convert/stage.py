@@ -8,7 +8,7 @@ from pathlib import Path
 from quantfab.tasks.convert import FORMATS
 from quantfab.tasks.download import materialize
 from quantfab.tasks.manifests import ConvertManifest, FormatFile, ModelManifest, QuantizeManifest
-from quantfab.tasks.quantize.stage import load_encoded
+from quantfab.tasks.quantize.layer_file import LayerFile
 from quantfab.tasks.store import Store
 
 
@@ -22,11 +22,15 @@ def convert(model: ModelManifest, quantized: QuantizeManifest, outputs: list, na
         grids = {m.name: m.grid for m in q.modules} if q else {}
         planned = fmt.plan(o, config, weights.tensors, grids)
 
-        def tensor_data(t, q=q, grids=grids, fmt=fmt):
+        layer_files = [LayerFile(store.local_path(b)) for b in q.layers] if q else []
+        replaced = {k: i for i, lf in enumerate(layer_files) for k in lf.float_names()}
+
+        def tensor_data(t, grids=grids, fmt=fmt, layer_files=layer_files, replaced=replaced):
             module = t.hf_name.removesuffix(".weight")
-            if q is not None and grids.get(module):
-                layer = int(module.split(".")[2])
-                return fmt.pack(t, load_encoded(store.local_path(q.layers[layer]), module))
+            if grids.get(module):
+                return fmt.pack(t, layer_files[int(module.split(".")[2])].encoded(module))
+            if t.hf_name in replaced:  # a float the method changed, e.g. an AWQ-scaled norm
+                return fmt.float_tensor(t, layer_files[replaced[t.hf_name]].float(t.hf_name))
             return fmt.float_tensor(t, weights.load([t.hf_name])[t.hf_name].numpy())
 
         filename = f"{name}-{o.type}{fmt.extension}"

@@ -1,32 +1,21 @@
-"""Quantization methods. Adding one is one module here plus one line in ``METHODS``."""
+"""Quantization methods. Adding one is one module here plus one line in ``METHODS``.
+
+A method is built from the recipe's ``quantize`` section and quantizes one decoder layer at a time
+(``quantize_layer(LayerInput) -> LayerResult``); ``sequential`` methods are fitted to the outputs of the
+layers before them as quantized, the others to the unquantized model's calibration statistics.
+"""
 
 from __future__ import annotations
 
-from typing import Protocol
-
-import numpy as np
-
-from quantfab.tasks.quantize.grids import Encoded, Grid
+from quantfab.tasks.quantize.awq import AWQ
+from quantfab.tasks.quantize.gptq import GPTQ
 from quantfab.tasks.quantize.group import GroupClipSearch
-from quantfab.tasks.quantize.rtn import RoundToNearest
-from quantfab.tasks.quantize.stats import InputStats
+from quantfab.tasks.quantize.rtn import NormalFloat4, RoundToNearest
 
-
-class Method(Protocol):
-    name: str
-    uses_calibration: bool
-
-    def quantize(self, w: np.ndarray, grid: Grid, stats: InputStats | None) -> Encoded: ...
-
-
-METHODS: dict[str, Method] = {
-    "rtn": RoundToNearest(),
-    "group": GroupClipSearch(),
-}
-
-# Accepted by the recipe schema so recipes can be written and planned now; `run` refuses them until built.
-PLANNED_METHODS: dict[str, str] = {
-    "nf4": "NormalFloat-4 (bitsandbytes codebook) is planned",
-    "gptq": "GPTQ (Hessian-based, layer-sequential) is planned",
-    "awq": "AWQ (activation-aware scaling) is planned",
+METHODS = {
+    "rtn": RoundToNearest,
+    "group": GroupClipSearch,
+    "nf4": NormalFloat4,
+    "gptq": GPTQ,
+    "awq": AWQ,
 }

@@ -9,6 +9,8 @@ import fnmatch
 from dataclasses import dataclass
 from typing import Any
 
+from quantfab.tasks.quantize.grids import GridRequest
+
 
 @dataclass(frozen=True)
 class Assignment:
@@ -24,6 +26,13 @@ def matches(module: str, pattern: str) -> bool:
     return any(fnmatch.fnmatchcase(".".join(parts[i:]), pattern) for i in range(len(parts)))
 
 
+def request(method: str, bits: int | None, group_size: int | None, symmetric: bool | None, quant: Any) -> GridRequest:
+    """The grid a method asks for: nf4 asks for the NF4 codebook, every other method for integers."""
+    if method == "nf4":
+        return GridRequest(bits, group_size, symmetric, nf4=True, double_quant=quant.nf4.double_quant)
+    return GridRequest(bits, group_size, symmetric)
+
+
 def assign(module: str, cols: int, quant: Any, fmt: Any, options: Any) -> Assignment:
     """``quant`` is the recipe's QuantizeSpec; ``fmt``/``options`` the output's format and options."""
     if any(matches(module, pat) for pat in quant.ignore):
@@ -35,7 +44,7 @@ def assign(module: str, cols: int, quant: Any, fmt: Any, options: Any) -> Assign
             bits = o.bits if o.bits is not None else bits
             group_size = o.group_size if o.group_size is not None else group_size
             symmetric = o.symmetric if o.symmetric is not None else symmetric
-    grid = fmt.grid_for(options, bits, group_size, symmetric)
+    grid = fmt.grid_for(options, request(method, bits, group_size, symmetric, quant))
     if grid is None:
         return Assignment(module, method, None, f"{options.key} keeps floats")
     if cols % grid.block:

@@ -10,14 +10,14 @@ from __future__ import annotations
 import numpy as np
 
 from quantfab.tasks.quantize.grids import Encoded, Grid
+from quantfab.tasks.quantize.layer import PerModule
 from quantfab.tasks.quantize.stats import InputStats
 
 RATIOS = np.linspace(1.0, 0.5, 20, dtype=np.float32)
 
 
-class GroupClipSearch:
+class GroupClipSearch(PerModule):
     name = "group"
-    uses_calibration = True
 
     def quantize(self, w: np.ndarray, grid: Grid, stats: InputStats | None) -> Encoded:
         importance = np.ones(w.shape[1], np.float32) if stats is None else stats.channel_energy()
@@ -33,12 +33,12 @@ class GroupClipSearch:
                 continue
             better = err < best_err
             best_err = np.where(better, err, best_err)
-            best = _take(best, enc, better.reshape(d.shape), grid)
+            best = take_better(best, enc, better.reshape(d.shape), grid)
         assert best is not None
         return best
 
 
-def _take(old: Encoded, new: Encoded, better: np.ndarray, grid: Grid) -> Encoded:
+def take_better(old: Encoded, new: Encoded, better: np.ndarray, grid: Grid) -> Encoded:
     """Per block, keep ``new`` where ``better`` holds and ``old`` elsewhere."""
     codes = np.where(better[..., None], grid.blocks(new.codes), grid.blocks(old.codes)).reshape(old.codes.shape)
     m = None if old.m is None or new.m is None else np.where(better, new.m, old.m)

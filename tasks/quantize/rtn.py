@@ -5,12 +5,21 @@ from __future__ import annotations
 import numpy as np
 
 from quantfab.tasks.quantize.grids import Encoded, Grid
+from quantfab.tasks.quantize.layer import PerModule
 from quantfab.tasks.quantize.stats import InputStats
 
 
-class RoundToNearest:
+class RoundToNearest(PerModule):
     name = "rtn"
-    uses_calibration = False
 
     def quantize(self, w: np.ndarray, grid: Grid, stats: InputStats | None) -> Encoded:
         return grid.reference(w)
+
+
+class NormalFloat4(RoundToNearest):
+    """nf4: the nearest NF4 codebook value times the block absmax, as bitsandbytes' quantize_4bit does.
+
+    The method is round-to-nearest; what makes it NF4 is the grid it asks formats for (see ``assign``).
+    """
+
+    name = "nf4"

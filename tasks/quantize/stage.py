@@ -1,78 +1,206 @@
-"""quantize: per decoder layer, codes for every Linear on each output's grid.
+"""quantize: per output and decoder layer, codes for every Linear on that output's grid, checkpointed per layer.
 
-Writes one safetensors per (output, layer) holding ``{module}.codes`` (int8), ``.d`` and ``.m`` (float32),
-and reports each module's relative output error on the calibration inputs.
+Methods that are not sequential fit each layer to the unquantized model's calibration statistics (the
+calibrate stage's, shared by every recipe with the same model and calibration set). Sequential methods
+(GPTQ) carry the calibration hidden states through the model: layer i is fitted to what layers 0..i-1
+produce *as quantized*, holding one decoder layer and the hidden states in memory.
+
+Each finished layer is committed to the store as a checkpoint keyed by its weights' digest, its inputs'
+digest and the method settings; a rerun after a crash finds them and redoes no finished layer. For a
+sequential method the inputs' digest chains the keys of the layers before it, so the hidden states a
+resumed run recomputes (a forward pass through the committed layers) are the ones the first run had.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import uuid
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import torch
 from safetensors import safe_open
-from safetensors.numpy import save_file
 
+from quantfab.tasks.calibrate import InputRecorder
 from quantfab.tasks.convert import FORMATS
 from quantfab.tasks.download import materialize
 from quantfab.tasks.manifests import CalibrationManifest, ModelManifest, ModuleReport, QuantizedOutput, QuantizeManifest
-from quantfab.tasks.modelio import INPUT_OF, LINEARS
+from quantfab.tasks.modelio import INPUT_OF, LINEARS, DecoderStack, ModelDir, layer_prefix, pick_device, relative
 from quantfab.tasks.quantize import METHODS
-from quantfab.tasks.quantize.assign import assign
-from quantfab.tasks.quantize.grids import GRIDS, Encoded
+from quantfab.tasks.quantize.assign import Assignment, assign
+from quantfab.tasks.quantize.grids import grid_named
+from quantfab.tasks.quantize.layer import LayerInput, LayerResult
+from quantfab.tasks.quantize.layer_file import LayerFile, write_layer_file
 from quantfab.tasks.quantize.stats import InputStats
 from quantfab.tasks.store import Blob, Store
 
-
-def quantize(model: ModelManifest, calibration: CalibrationManifest, quant, outputs: list, store: Store) -> QuantizeManifest:
-    weights = materialize(store, model.files).weights()
-    targets = [o for o in outputs if FORMATS[o.format].grid_for(o, None, None, None) is not None]
-    layers: dict[str, list[Blob]] = {o.key: [] for o in targets}
-    reports: dict[str, list[ModuleReport]] = {o.key: [] for o in targets}
-    work = Path(store.scratch())
-    for i in range(model.num_layers):
-        stats = _load_stats(store.local_path(calibration.stats[i]), calibration.count)
-        names = [f"model.layers.{i}.{lin}" for lin in LINEARS]
-        w = {n: t.numpy() for n, t in weights.load([f"{n}.weight" for n in names]).items()}
-        for o in targets:
-            fmt = FORMATS[o.format]
-            tensors: dict[str, np.ndarray] = {}
-            for name, lin in zip(names, LINEARS):
-                weight = w[f"{name}.weight"]
-                a = assign(name, weight.shape[1], quant, fmt, o)
-                if a.grid is None:
-                    reports[o.key].append(ModuleReport(name=name, grid=None, note=a.note))
-                    continue
-                grid = GRIDS[a.grid]
-                st = stats[INPUT_OF[lin]]
-                enc = METHODS[a.method].quantize(weight, grid, st)
-                error = st.relative_output_error(weight, grid.decode(enc))
-                reports[o.key].append(ModuleReport(name=name, grid=a.grid, note=a.note, relative_output_error=error))
-                tensors.update(_flatten(name, enc))
-            path = work / f"quant-{uuid.uuid4().hex}.safetensors"
-            save_file(tensors, str(path))
-            layers[o.key].append(store.put_file(path))
-            path.unlink()
-    return QuantizeManifest(method=quant.method, outputs={
-        o.key: QuantizedOutput(output=o.key, layers=layers[o.key], modules=reports[o.key]) for o in targets})
+CHECKPOINTS = "quantize-layer"
+SOURCES = Path(__file__).resolve().parent
 
 
-def _flatten(name: str, enc: Encoded) -> dict[str, np.ndarray]:
-    out = {f"{name}.codes": enc.codes, f"{name}.d": enc.d}
-    if enc.m is not None:
-        out[f"{name}.m"] = enc.m
-    return out
+def quantize(model: ModelManifest, calibration: CalibrationManifest, quant: Any, outputs: list, device: str,
+             store: Store) -> QuantizeManifest:
+    model_dir = materialize(store, model.files)
+    config, weights = model_dir.config(), model_dir.weights()
+    out = {}
+    for o in outputs:
+        fmt = FORMATS[o.format]
+        if not fmt.stores_codes(o):
+            continue
+        plans = [{lin: assign(f"{layer_prefix(i)}{lin}", weights.tensors[f"{layer_prefix(i)}{lin}.weight"].shape[1],
+                              quant, fmt, o) for lin in LINEARS} for i in range(int(config.num_hidden_layers))]
+        out[o.key] = quantize_model(model, model_dir, calibration, quant, plans, o.key, pick_device(device), store)
+    return QuantizeManifest(method=quant.method, outputs=out)
 
 
-def load_encoded(path: Path, name: str) -> Encoded:
-    """The codes of module ``name`` from a quantize layer file."""
-    with safe_open(str(path), framework="numpy") as f:
-        keys = set(f.keys())
-        m = f.get_tensor(f"{name}.m") if f"{name}.m" in keys else None
-        return Encoded(f.get_tensor(f"{name}.codes"), f.get_tensor(f"{name}.d"), m)
+def quantize_model(model: ModelManifest, model_dir: ModelDir, calibration: CalibrationManifest, quant: Any,
+                   plans: list[dict[str, Assignment]], key: str, device: torch.device, store: Store) -> QuantizedOutput:
+    """Quantize every layer by ``plans`` (per layer: Linear -> method and grid) as output ``key``."""
+    weights = model_dir.weights()
+    methods = {name: cls(quant) for name, cls in METHODS.items()}
+    sequential = any(methods[a.method].sequential for plan in plans for a in plan.values() if a.grid)
+    inputs = HiddenStates(model, model_dir, calibration, device, store) if sequential else CalibrationStats(calibration, store)
+    settings = _settings(quant, device)
+    layers: list[Blob] = []
+    reports: list[ModuleReport] = []
+    for i, plan in enumerate(plans):
+        prefix = layer_prefix(i)
+        checkpoint = _digest({"weights": _layer_weights_digest(model, weights, i), "inputs": inputs.digest(i),
+                              "plan": {lin: [a.method, a.grid, a.note] for lin, a in plan.items()}, "settings": settings})
+        blob = store.get_ref(CHECKPOINTS, checkpoint)
+        if blob is None:
+            tensors = {k: v.numpy() for k, v in relative(weights.load(weights.layer_names(i)), prefix).items()}
+            result = _quantize_layer(tensors, inputs.stats(i, tensors), plan, methods, f"{prefix.rstrip('.')}")
+            blob = _commit(result, plan, tensors, prefix, store)
+            store.put_ref(CHECKPOINTS, checkpoint, blob)
+        layers.append(blob)
+        layer = LayerFile(store.local_path(blob))
+        reports += layer.reports()
+        inputs.advance(i, checkpoint, layer)
+    return QuantizedOutput(output=key, layers=layers, modules=reports)
 
 
-def _load_stats(path: Path, count: int) -> dict[str, InputStats]:
-    with safe_open(str(path), framework="numpy") as f:
-        keys = {k.split(".")[0] for k in f.keys()}
-        return {k: InputStats(f.get_tensor(f"{k}.mean_abs"), f.get_tensor(f"{k}.hessian"), count) for k in keys}
+def _quantize_layer(tensors: dict[str, np.ndarray], stats: dict[str, InputStats], plan: dict[str, Assignment],
+                    methods: dict[str, Any], name: str) -> LayerResult:
+    """Each method quantizes the Linears assigned to it; their results are merged."""
+    merged = LayerResult()
+    for method in sorted({a.method for a in plan.values() if a.grid}):
+        grids = {lin: grid_named(a.grid) for lin, a in plan.items() if a.grid and a.method == method}
+        r = methods[method].quantize_layer(LayerInput(tensors, stats, grids, name))
+        merged.encoded.update(r.encoded)
+        merged.floats.update(r.floats)
+        merged.stats.update(r.stats)
+        merged.fitted.update(r.fitted)
+    return merged
+
+
+def _commit(result: LayerResult, plan: dict[str, Assignment], tensors: dict[str, np.ndarray], prefix: str,
+            store: Store) -> Blob:
+    reports = []
+    for lin, a in plan.items():
+        if a.grid is None:
+            reports.append(ModuleReport(name=prefix + lin, grid=None, note=a.note))
+            continue
+        enc = result.encoded[lin]
+        grid = grid_named(a.grid)
+        # The error against the float weight the codes stand for, on the inputs they were fitted to
+        # (AWQ: the scaled weight and the scaled inputs, whose product is the original's).
+        fitted = result.fitted.get(lin, tensors[f"{lin}.weight"])
+        error = result.stats[lin].relative_output_error(fitted, grid.decode(enc))
+        reports.append(ModuleReport(name=prefix + lin, grid=a.grid, method=a.method, note=a.note,
+                                    relative_output_error=error))
+    path = Path(store.scratch()) / f"quant-{uuid.uuid4().hex}.safetensors"
+    try:
+        write_layer_file(path, {prefix + lin: enc for lin, enc in result.encoded.items()},
+                         {prefix + k: v for k, v in result.floats.items()}, reports)
+        return store.put_file(path)
+    finally:
+        path.unlink(missing_ok=True)
+
+
+class CalibrationStats:
+    """Inputs of non-sequential methods: the unquantized model's statistics from the calibrate stage."""
+
+    def __init__(self, calibration: CalibrationManifest, store: Store):
+        self.calibration, self.store = calibration, store
+
+    def digest(self, i: int) -> str:
+        return self.calibration.stats[i].digest
+
+    def stats(self, i: int, tensors: dict[str, np.ndarray]) -> dict[str, InputStats]:
+        with safe_open(str(self.store.local_path(self.calibration.stats[i])), framework="numpy") as f:
+            keys = {k.split(".")[0] for k in f.keys()}
+            return {k: InputStats(f.get_tensor(f"{k}.mean_abs"), f.get_tensor(f"{k}.hessian"), self.calibration.count)
+                    for k in keys}
+
+    def advance(self, i: int, key: str, layer: LayerFile) -> None:
+        pass
+
+
+class HiddenStates:
+    """Inputs of sequential methods: the calibration hidden states after the layers before, as quantized.
+
+    Forward passes through committed layers are deferred until statistics are needed, so a rerun whose
+    layers are all committed runs none.
+    """
+
+    def __init__(self, model: ModelManifest, model_dir: ModelDir, calibration: CalibrationManifest,
+                 device: torch.device, store: Store):
+        self.device, self.store = device, store
+        self.calibration = calibration
+        self.stack = DecoderStack(model_dir.config(), device)
+        self.weights = model_dir.weights()
+        self.hidden: torch.Tensor | None = None
+        self.pending: list[tuple[int, LayerFile]] = []
+        embed = self.weights.tensors["model.embed_tokens.weight"]
+        self.chain = _digest({"tokens": calibration.tokens.digest, "embedding": [embed.name, model.files[embed.file.name].digest]})
+
+    def digest(self, i: int) -> str:
+        return self.chain
+
+    def stats(self, i: int, tensors: dict[str, np.ndarray]) -> dict[str, InputStats]:
+        self._catch_up()
+        layer = self.stack.layer(i, {k: torch.from_numpy(v) for k, v in tensors.items()})
+        recorder = InputRecorder(layer, self.device)
+        self.stack.run_layer(layer, self.hidden)
+        raw = recorder.finish()
+        count = int(self.hidden.shape[0] * self.hidden.shape[1])
+        return {k: InputStats(raw[f"{k}.mean_abs"], raw[f"{k}.hessian"], count) for k in set(INPUT_OF.values())}
+
+    def advance(self, i: int, key: str, layer: LayerFile) -> None:
+        self.chain = _digest({"after": key})
+        self.pending.append((i, layer))
+
+    def _catch_up(self) -> None:
+        if self.hidden is None:
+            with safe_open(str(self.store.local_path(self.calibration.tokens)), framework="pt") as f:
+                ids = f.get_tensor("input_ids")
+            embed = self.weights.load(["model.embed_tokens.weight"])["model.embed_tokens.weight"]
+            self.hidden = torch.nn.functional.embedding(ids, embed).to(self.device)
+        for i, layer_file in self.pending:
+            prefix = layer_prefix(i)
+            tensors = relative(self.weights.load(self.weights.layer_names(i)), prefix)
+            tensors.update(relative(layer_file.weights(), prefix))
+            self.hidden = self.stack.run_layer(self.stack.layer(i, tensors), self.hidden)
+        self.pending = []
+
+
+def _settings(quant: Any, device: torch.device) -> dict[str, Any]:
+    """What besides weights, inputs and grids decides a layer's codes: method options, the code, the device."""
+    code = hashlib.sha256()
+    for f in sorted(SOURCES.glob("*.py")) + [SOURCES.parent / "modelio.py", SOURCES.parent / "calibrate.py"]:
+        code.update(f.name.encode() + b"\0" + f.read_bytes())
+    return {"quantize": quant.model_dump(mode="json"), "code": code.hexdigest(), "device": device.type}
+
+
+def _layer_weights_digest(model: ModelManifest, weights: Any, i: int) -> str:
+    """Names and shard digests of a layer's tensors: the shards are content-addressed, so this names the bytes."""
+    files = {info.file.name: model.files[info.file.name].digest for n in weights.layer_names(i)
+             for info in [weights.tensors[n]]}
+    return _digest({"tensors": sorted(weights.layer_names(i)), "files": files})
+
+
+def _digest(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()

@@ -1,0 +1,120 @@
+"""awq: activation-aware scaling, then a clipping search, then codes on the format's grid.
+
+Lin et al. 2023 (AWQ), as AutoAWQ applies it to Llama. For each group of Linears that read one input
+(q/k/v after input_layernorm, o after v when their shapes match, gate/up after post_attention_layernorm,
+down after up), a per-input-channel scale s = mean|x|^alpha (normalised by sqrt(max s * min s)) is
+searched over ``grid_points`` values of alpha in [0, 1); the one kept minimises the group's output error
+sum ||(Q(W s) / s - W) X||^2, computed exactly from the calibration Hessian X^T X. alpha = 0 is plain
+round-to-nearest, so the search never does worse than it on that error. The scale is folded into the
+preceding norm weight or Linear rows (x / s) and into the Linears' columns (W s): the float model is
+unchanged. Then, for every Linear but q and k (as AutoAWQ), each block's range is shrunk by up to
+``max_shrink`` over ``clip_points`` ratios, keeping the ratio with the least output error of that block.
+
+Statistics are the unquantized model's, which are the scaled model's: scaling leaves its outputs unchanged.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from quantfab.tasks.modelio import INPUT_OF
+from quantfab.tasks.quantize.grids import Encoded, Grid
+from quantfab.tasks.quantize.group import take_better
+from quantfab.tasks.quantize.layer import LayerInput, LayerResult, PerModule
+from quantfab.tasks.quantize.stats import InputStats
+
+# (what the scale is folded into, whether that is a Linear whose rows it divides, the scaled Linears, their input)
+SCALING = (
+    ("input_layernorm.weight", False, ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "attn_in"),
+    ("self_attn.v_proj.weight", True, ("self_attn.o_proj",), "o_in"),
+    ("post_attention_layernorm.weight", False, ("mlp.gate_proj", "mlp.up_proj"), "mlp_in"),
+    ("mlp.up_proj.weight", True, ("mlp.down_proj",), "down_in"),
+)
+NO_CLIP = ("self_attn.q_proj", "self_attn.k_proj")  # AutoAWQ leaves these unclipped: attention scores are sensitive
+
+
+class AWQ(PerModule):
+    name = "awq"
+
+    def quantize_layer(self, layer: LayerInput) -> LayerResult:
+        opts = self.spec.awq
+        weights = {k: v.astype(np.float32, copy=True) for k, v in layer.weights.items()}
+        stats = dict(layer.stats)
+        changed: set[str] = set()
+        for prev, prev_is_linear, modules, key in SCALING:
+            if not all(m in layer.grids for m in modules):
+                continue  # a Linear here is kept in float or quantized by another method: leave the group alone
+            if prev_is_linear and (prev.removesuffix(".weight") not in layer.grids
+                                   or weights[prev].shape[0] != weights[f"{modules[0]}.weight"].shape[1]):
+                continue  # e.g. grouped-query attention: v's outputs do not line up with o's inputs
+            s = search_scale([weights[f"{m}.weight"] for m in modules], [layer.grids[m] for m in modules],
+                             stats[key], opts.grid_points)
+            if prev_is_linear:
+                weights[prev] = (weights[prev] / s[:, None]).astype(np.float32)
+            else:
+                weights[prev] = (weights[prev] / s).astype(np.float32)
+            changed.add(prev)
+            for m in modules:
+                weights[f"{m}.weight"] = (weights[f"{m}.weight"] * s[None, :]).astype(np.float32)
+            stats[key] = scaled_stats(stats[key], s)
+        result = LayerResult()
+        for module, grid in layer.grids.items():
+            w = weights[f"{module}.weight"]
+            st = stats[INPUT_OF[module]]
+            if opts.clip and module not in NO_CLIP:
+                enc = clip_search(w, grid, st, opts.max_shrink, opts.clip_points)
+            else:
+                enc = grid.reference(w)
+            result.encoded[module] = grid.finalize(enc)
+            result.stats[module] = st
+            result.fitted[module] = w
+        result.floats = {name: weights[name] for name in changed if name.removesuffix(".weight") not in layer.grids}
+        return result
+
+
+def search_scale(ws: list[np.ndarray], grids: list[Grid], st: InputStats, points: int) -> np.ndarray:
+    """The per-input-channel scale with the least output error of the scaled, quantized group."""
+    x_mean = np.maximum(st.mean_abs.astype(np.float32), np.float32(0))
+    h = st.hessian.astype(np.float32)
+    best_s, best_loss = np.ones_like(x_mean), np.inf
+    for alpha in np.arange(points, dtype=np.float32) / np.float32(points):
+        s = np.maximum(x_mean ** alpha, np.float32(1e-4))
+        s = (s / np.sqrt(s.max() * s.min())).astype(np.float32)
+        loss = 0.0
+        for w, grid in zip(ws, grids):
+            scaled = (w * s[None, :]).astype(np.float32)
+            delta = grid.decode(grid.reference(scaled)) / s[None, :] - w
+            loss += float(((delta @ h) * delta).sum(dtype=np.float64))
+        if loss < best_loss:
+            best_s, best_loss = s, loss
+    return best_s
+
+
+def scaled_stats(st: InputStats, s: np.ndarray) -> InputStats:
+    """Statistics of x / s, the input the scaled Linears now read."""
+    inv = (1 / s).astype(np.float32)
+    return InputStats((st.mean_abs * inv).astype(np.float32), (st.hessian * inv[:, None] * inv[None, :]).astype(np.float32),
+                      st.count)
+
+
+def clip_search(w: np.ndarray, grid: Grid, st: InputStats, max_shrink: float, points: int) -> Encoded:
+    """Per block, the range shrink ratio in [1 - max_shrink, 1] with the least output error of that block."""
+    rows, cols = w.shape
+    b = grid.block
+    idx = np.arange(cols // b)
+    h_blocks = st.hessian.reshape(cols // b, b, cols // b, b)[idx, :, idx, :]  # (blocks, b, b): diagonal blocks
+    best: Encoded | None = None
+    best_err = np.full((rows, cols // b), np.inf)
+    for ratio in np.linspace(1.0, 1.0 - max_shrink, points, dtype=np.float32):
+        d, m = grid.scale_candidates(w, float(ratio))
+        enc = Encoded(grid.encode(w, d, m), d, m)
+        delta = grid.blocks(grid.decode(enc) - w)
+        err = np.einsum("rki,kij,rkj->rk", delta, h_blocks, delta, optimize=True)
+        if best is None:
+            best, best_err = enc, err
+            continue
+        better = err < best_err
+        best_err = np.where(better, err, best_err)
+        best = take_better(best, enc, better, grid)
+    assert best is not None
+    return best

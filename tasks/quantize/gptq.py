@@ -1,0 +1,135 @@
+"""gptq: quantize columns one at a time, pushing each column's rounding error onto the columns not yet done.
+
+Frantar et al. 2022 (GPTQ), with the lazy-batch and Cholesky formulation of its reference code:
+H = 2 X^T X / n from the layer's real inputs, dampened by ``damp_percent`` of its mean diagonal; the
+upper Cholesky factor U of H^-1 gives each column's error weight; updates are applied inside blocks of
+``block_size`` columns and to the rest of the matrix once per block. Linears that read the same input
+(q/k/v, gate/up) share H, so their rows are quantized together in one pass.
+
+Groups are contiguous blocks of the original column order on every grid (GGUF has no g_idx), so
+``act_order`` changes the order columns are processed in (descending H diagonal) but not which columns
+share a scale. A group's scale is taken from the current, error-updated weights when its first column is
+reached, or from the original weights up front with ``static_groups``. Float32 throughout.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from quantfab.tasks.errors import UserError
+from quantfab.tasks.modelio import INPUT_OF
+from quantfab.tasks.quantize.grids import Encoded, Grid
+from quantfab.tasks.quantize.layer import LayerInput, LayerResult, PerModule
+from quantfab.tasks.quantize.stats import InputStats
+
+DAMP_RETRIES = 4  # multiply the dampening by 10 up to this many times before giving up
+
+
+class GPTQ(PerModule):
+    name = "gptq"
+    sequential = True
+
+    def quantize_layer(self, layer: LayerInput) -> LayerResult:
+        """Quantize Linears that share an input and a grid together: they share H and its factorisation."""
+        result = LayerResult()
+        batches: dict[tuple[str, str], list[str]] = {}
+        for module, grid in layer.grids.items():
+            batches.setdefault((INPUT_OF[module], grid.name), []).append(module)
+        for modules in batches.values():
+            grid, st = layer.grids[modules[0]], layer.stats_of(modules[0])
+            rows = [layer.weight(m).shape[0] for m in modules]
+            stacked = np.concatenate([layer.weight(m) for m in modules], axis=0)
+            enc = self.quantize(stacked, grid, st, f"{layer.name}.{'/'.join(m.split('.')[-1] for m in modules)}")
+            start = 0
+            for m, n in zip(modules, rows):
+                sl = slice(start, start + n)
+                part = Encoded(enc.codes[sl], enc.d[sl], None if enc.m is None else enc.m[sl])
+                result.encoded[m] = grid.finalize(part)
+                result.stats[m] = st
+                start += n
+        return result
+
+    def quantize(self, w: np.ndarray, grid: Grid, stats: InputStats, name: str = "tensor") -> Encoded:
+        opts = self.spec.gptq
+        return gptq(w, stats.hessian * np.float32(2 / max(stats.count, 1)), grid, opts.damp_percent, opts.block_size,
+                    opts.act_order, opts.static_groups, name)
+
+
+def inverse_cholesky(h: np.ndarray, damp_percent: float, name: str) -> np.ndarray:
+    """Upper Cholesky factor of (H + damp I)^-1, raising the dampening tenfold on failure."""
+    mean_diag = float(np.mean(np.diag(h)))
+    damp = damp_percent * mean_diag
+    eye = torch.eye(h.shape[0], dtype=torch.float32)
+    for _ in range(DAMP_RETRIES + 1):
+        lower, info = torch.linalg.cholesky_ex(torch.from_numpy(h) + damp * eye)
+        if info.item() == 0:
+            upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(lower), upper=True)
+            if info.item() == 0:
+                return upper.numpy()
+        damp *= 10
+    raise UserError(f"{name}: GPTQ's Hessian is not positive definite even with dampening {damp / 10:.3g} "
+                    f"({damp_percent} x 10^{DAMP_RETRIES} of its mean diagonal {mean_diag:.3g}); raise "
+                    "quantize.gptq.damp_percent or calibrate on more tokens")
+
+
+def gptq(w: np.ndarray, h: np.ndarray, grid: Grid, damp_percent: float, block_size: int, act_order: bool,
+         static_groups: bool, name: str) -> Encoded:
+    rows, cols = w.shape
+    group = grid.block
+    W = w.astype(np.float32, copy=True)
+    H = h.astype(np.float32, copy=True)
+    dead = np.diag(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    perm = np.argsort(-np.diag(H), kind="stable") if act_order else np.arange(cols)
+    inv_perm = np.argsort(perm)
+    W, H = W[:, perm], H[perm][:, perm]
+    U = inverse_cholesky(H, damp_percent, name)
+
+    n_groups = cols // group
+    d = np.zeros((rows, n_groups), np.float32)
+    m = np.zeros((rows, n_groups), np.float32) if _has_min(grid) else None
+    done = np.zeros(n_groups, bool)
+    if static_groups:
+        d0, m0 = grid.scale_candidates(w.astype(np.float32), 1.0)
+        d[:] = d0
+        if m is not None and m0 is not None:
+            m[:] = m0
+        done[:] = True
+    codes = np.zeros((rows, cols), np.int8)
+
+    for i1 in range(0, cols, block_size):
+        i2 = min(i1 + block_size, cols)
+        W1 = W[:, i1:i2].copy()
+        Err1 = np.zeros_like(W1)
+        U1 = U[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = int(perm[i1 + i])
+            g = col // group
+            if not done[g]:
+                members = inv_perm[g * group:(g + 1) * group]  # positions of the group's columns in W
+                current = W[:, members].copy()
+                inside = (members >= i1) & (members < i2)
+                current[:, inside] = W1[:, members[inside] - i1]
+                dg, mg = grid.scale_candidates(current, 1.0)  # columns in original order
+                d[:, g] = dg[:, 0]
+                if m is not None and mg is not None:
+                    m[:, g] = mg[:, 0]
+                done[g] = True
+            x = W1[:, i]
+            mg_col = None if m is None else m[:, g]
+            q = grid.encode_values(x, d[:, g], mg_col)
+            codes[:, col] = q
+            err = (x - grid.decode_values(q, d[:, g], mg_col)) / U1[i, i]
+            W1[:, i:] -= np.outer(err, U1[i, i:])
+            Err1[:, i] = err
+        if i2 < cols:  # the rest of the matrix takes this block's errors at once (torch: MKL, in place)
+            torch.from_numpy(W)[:, i2:].sub_(torch.from_numpy(Err1) @ torch.from_numpy(U[i1:i2, i2:]))
+    return Encoded(codes, d, m)
+
+
+def _has_min(grid: Grid) -> bool:
+    """Whether the grid stores a per-block min or zero point (Q4_1, INT*_ASYM) beside the scale."""
+    _, m = grid.scale_candidates(np.zeros((1, grid.block), np.float32), 1.0)
+    return m is not None

@@ -1,0 +1,60 @@
+"""What a method sees and returns for one decoder layer.
+
+Methods work a layer at a time because the calibrated ones need it: GPTQ quantizes the Linears that share an
+input together, AWQ moves scales between a norm and the Linears after it. Weight names are relative to the
+layer (``self_attn.q_proj.weight``); modules are named without ``.weight`` (``self_attn.q_proj``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from quantfab.tasks.modelio import INPUT_OF
+from quantfab.tasks.quantize.grids import Encoded, Grid
+from quantfab.tasks.quantize.stats import InputStats
+
+
+@dataclass(frozen=True)
+class LayerInput:
+    weights: dict[str, np.ndarray]  # every float32 tensor of the layer, by relative name
+    stats: dict[str, InputStats]  # by input key (attn_in, o_in, mlp_in, down_in)
+    grids: dict[str, Grid]  # the modules this method quantizes, with their grids
+    name: str  # e.g. model.layers.3, for error messages
+
+    def weight(self, module: str) -> np.ndarray:
+        return self.weights[f"{module}.weight"]
+
+    def stats_of(self, module: str) -> InputStats:
+        return self.stats[INPUT_OF[module]]
+
+
+@dataclass
+class LayerResult:
+    encoded: dict[str, Encoded] = field(default_factory=dict)  # module -> codes on its grid
+    floats: dict[str, np.ndarray] = field(default_factory=dict)  # relative tensor name -> replaced float values
+    stats: dict[str, InputStats] = field(default_factory=dict)  # module -> the inputs its codes were fitted to
+    fitted: dict[str, np.ndarray] = field(default_factory=dict)  # module -> the float weight its codes stand for,
+    # where a method changed it (AWQ's scaled weights); the original weight otherwise
+
+
+class PerModule:
+    """Adapter for methods that quantize each Linear on its own: ``quantize(w, grid, stats) -> Encoded``."""
+
+    sequential = False  # True: fit each layer to the outputs of the layers before it as quantized
+
+    def __init__(self, spec: Any = None):
+        self.spec = spec  # the recipe's QuantizeSpec, for methods with options
+
+    def quantize(self, w: np.ndarray, grid: Grid, stats: InputStats) -> Encoded:
+        raise NotImplementedError
+
+    def quantize_layer(self, layer: LayerInput) -> LayerResult:
+        result = LayerResult()
+        for module, grid in layer.grids.items():
+            st = layer.stats_of(module)
+            result.encoded[module] = grid.finalize(self.quantize(layer.weight(module), grid, st))
+            result.stats[module] = st
+        return result
