@@ -30,26 +30,20 @@ def main() -> None:
     calib, evals = protocol_windows(args.data / "tinystories-valid-head.txt", args.data / "tinystories-656k", 156, 257, 64, 256)
     with tempfile.TemporaryDirectory() as tmp:
         trial = Trial(args.data / "tinystories-656k", Store(tmp), calib, evals, args.device)
-        rows = []
-        for group, sym in SCHEMES:
-            grid = f"INT4_G{group}_{'SYM' if sym else 'ASYM'}"
-            for method in ("rtn", "gptq", "awq"):
-                t = time.perf_counter()
-                m = trial.metrics(QuantizeSpec(method=method), grid)
-                rows.append((grid, method, m, time.perf_counter() - t))
-        for block in (64,):
-            for grid, method in ((f"INT4_G{block}_SYM", "rtn"), (f"NF4_B{block}", "nf4")):
-                t = time.perf_counter()
-                rows.append((grid, method, trial.metrics(QuantizeSpec(method=method), grid), time.perf_counter() - t))
-        print(f"FP32 PPL {rows[0][2]['baseline_perplexity']:.3f} on {rows[0][2]['tokens']} tokens")
-        print(f"{'grid':<16} {'method':<6} {'PPL':>8} {'KL':>8} {'KL/rtn':>7} {'top1':>7} {'s':>6}")
-        rtn = {}
-        for grid, method, m, secs in rows:
+        builds = [(f"INT4_G{g}_{'SYM' if sym else 'ASYM'}", method) for g, sym in SCHEMES for method in ("rtn", "gptq", "awq")]
+        builds += [("INT4_G64_SYM", "rtn"), ("NF4_B64", "nf4")]
+        print(f"{'grid':<16} {'method':<6} {'PPL':>8} {'KL':>8} {'KL/rtn':>7} {'top1':>7} {'s':>6}", flush=True)
+        rtn: dict[str, float] = {}
+        for grid, method in builds:
+            t = time.perf_counter()
+            m = trial.metrics(QuantizeSpec(method=method), grid)
+            secs = time.perf_counter() - t
             if method == "rtn":
                 rtn[grid] = m["kl_divergence"]
-            base = rtn.get(grid) or rtn.get(grid.replace("NF4_B", "INT4_G") + "_SYM")
+            base = rtn.get(grid) or rtn[grid.replace("NF4_B", "INT4_G") + "_SYM"]
             print(f"{grid:<16} {method:<6} {m['perplexity']:8.3f} {m['kl_divergence']:8.5f} "
-                  f"{m['kl_divergence'] / base:7.3f} {m['top1_agreement'] * 100:6.2f}% {secs:6.1f}")
+                  f"{m['kl_divergence'] / base:7.3f} {m['top1_agreement'] * 100:6.2f}% {secs:6.1f}", flush=True)
+        print(f"FP32 PPL {m['baseline_perplexity']:.3f} on {m['tokens']} tokens")
 
 
 if __name__ == "__main__":

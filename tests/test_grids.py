@@ -8,7 +8,7 @@ import pytest
 
 from quantfab.tasks.convert.gguf import PACKERS, permute_rows, unpermute_rows
 from quantfab.tasks.quantize import METHODS
-from quantfab.tasks.quantize.grids import GRIDS
+from quantfab.tasks.quantize.grids import GRIDS, grid_named
 from quantfab.tasks.quantize.stats import InputStats
 
 
@@ -69,3 +69,44 @@ def test_q_k_permutation_round_trips() -> None:
     assert not np.array_equal(p, w)
     assert np.array_equal(unpermute_rows(p, heads=4), w)
 
+
+
+def _bnb_nf4(w: np.ndarray, double_quant: bool):
+    torch = pytest.importorskip("torch")
+    functional = pytest.importorskip("bitsandbytes.functional", reason="bitsandbytes is not installed")
+    packed, state = functional.quantize_4bit(torch.from_numpy(w), blocksize=64, quant_type="nf4",
+                                             compress_statistics=double_quant)
+    p = packed.reshape(-1).numpy()
+    codes = np.empty(p.size * 2, np.uint8)
+    codes[0::2], codes[1::2] = p >> 4, p & 15  # bitsandbytes: the first element in the high nibble
+    return codes, state, functional.dequantize_4bit(packed, state).numpy()
+
+
+def test_nf4_codes_and_absmax_equal_bitsandbytes() -> None:
+    w = weights(rows=96, cols=320, seed=4)
+    ours = grid_named("NF4_B64").reference(w)
+    codes, state, decoded = _bnb_nf4(w, double_quant=False)
+    assert np.array_equal(ours.codes.reshape(-1).astype(np.uint8), codes)
+    assert np.array_equal(ours.d.reshape(-1), state.absmax.numpy())
+    assert np.array_equal(grid_named("NF4_B64").decode(ours), decoded)
+
+
+def test_nf4_double_quant_codes_equal_bitsandbytes_and_nested_codes_are_nearest() -> None:
+    """4-bit codes and the nested absmax/offset equal bitsandbytes'. Its CPU kernel picks the nested 8-bit codes
+    through a 65,536-entry lookup table; ours are the exact nearest dynamic-map value, so where the two differ
+    ours is strictly closer."""
+    from quantfab.tasks.quantize.grids import DYNAMIC_MAP
+
+    w = weights(rows=96, cols=320, seed=5)
+    ours = grid_named("NF4_B64_DQ").reference(w)
+    codes, state, _ = _bnb_nf4(w, double_quant=True)
+    assert np.array_equal(ours.codes.reshape(-1).astype(np.uint8), codes)
+    assert np.array_equal(ours.extra["nested_absmax"], state.state2.absmax.numpy())
+    assert ours.extra["offset"][0] == state.offset.item()
+    absmax = np.abs(grid_named("NF4_B64").blocks(w)).max(axis=-1).reshape(-1) - state.offset.item()
+    target = absmax / np.repeat(ours.extra["nested_absmax"], 256)[: absmax.size]
+    theirs = state.absmax.numpy()
+    differ = ours.extra["nested_codes"] != theirs
+    assert differ.mean() < 0.05
+    ours_err = np.abs(DYNAMIC_MAP[ours.extra["nested_codes"][differ]] - target[differ])
+    assert np.all(ours_err < np.abs(DYNAMIC_MAP[theirs[differ]] - target[differ]))

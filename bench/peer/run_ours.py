@@ -1,0 +1,78 @@
+"""Our side of the llm-compressor comparison: the same tokens, the same calibration rows, the same evaluator.
+
+Runs in quantfab's own venv. Our builds go through quantfab's quantize code (tasks/trial.py); their decoded
+weights are loaded into the HF model and scored by protocol.evaluate, exactly as run_llmcompressor.py scores
+the peer's. Prints ours beside theirs (results-tinystories.json, from run_llmcompressor.py) with ratios.
+
+    python bench/peer/run_ours.py [--data ../shared/data] [--peer bench/peer/results-tinystories.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import protocol  # noqa: E402
+
+from quantfab.pipelines.recipe import QuantizeSpec  # noqa: E402
+from quantfab.tasks.store import Store  # noqa: E402
+from quantfab.tasks.trial import Trial  # noqa: E402
+
+SCHEMES = {  # peer scheme name -> (our method, our grid)
+    "rtn-g32-asym": ("rtn", "INT4_G32_ASYM"), "gptq-g32-asym": ("gptq", "INT4_G32_ASYM"),
+    "awq-g32-asym": ("awq", "INT4_G32_ASYM"), "gptq-g128-sym": ("gptq", "INT4_G128_SYM"),
+    "rtn-g32-sym": ("rtn", "INT4_G32_SYM"), "rtn-g128-sym": ("rtn", "INT4_G128_SYM"),
+    "rtn-g128-asym": ("rtn", "INT4_G128_ASYM"), "gptq-g32-sym": ("gptq", "INT4_G32_SYM"),
+    "gptq-g128-asym": ("gptq", "INT4_G128_ASYM"), "awq-g32-sym": ("awq", "INT4_G32_SYM"),
+    "awq-g128-sym": ("awq", "INT4_G128_SYM"), "awq-g128-asym": ("awq", "INT4_G128_ASYM"),
+}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", type=Path, default=Path(os.environ.get("QUANTFAB_DATA", "../shared/data")))
+    ap.add_argument("--peer", type=Path, default=Path(__file__).resolve().parent / "results-tinystories.json")
+    args = ap.parse_args()
+    model_dir, text = args.data / "tinystories-656k", args.data / "tinystories-valid-head.txt"
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    chunks = protocol.eval_chunks(tokenizer, text)
+    rows = protocol.calibration_rows(tokenizer, text)
+    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    reference = protocol.fp32_logprobs(hf, chunks)
+    peer = json.loads(args.peer.read_text())["schemes"] if args.peer.is_file() else {}
+    with tempfile.TemporaryDirectory() as tmp:
+        t = time.perf_counter()
+        trial = Trial(model_dir, Store(tmp), rows, eval_ids=rows[:1])  # scored below by protocol.evaluate instead
+        calibrate_s = time.perf_counter() - t
+        print(f"FP32 PPL {protocol.evaluate(hf, chunks)['ppl']:.3f}; calibration {calibrate_s:.1f} s (shared by all)")
+        print(f"{'scheme':<15} {'PPL ours':>9} {'PPL peer':>9} {'KL ours':>8} {'KL peer':>8} {'KL o/p':>7} "
+              f"{'s ours':>7} {'s peer':>7} {'s o/p':>6}")
+        for scheme, (method, grid) in SCHEMES.items():
+            t = time.perf_counter()
+            layers = trial.layer_files(QuantizeSpec(method=method), grid)
+            seconds = time.perf_counter() - t
+            model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+            state = {}
+            for lf in layers:
+                state.update(lf.weights())
+            missing, unexpected = model.load_state_dict(state, strict=False)
+            assert not unexpected, unexpected
+            ours = protocol.evaluate(model, chunks, reference)
+            theirs = peer.get(scheme, {})
+            ratio = lambda a, b: f"{a / b:.3f}" if b else "-"  # noqa: E731
+            print(f"{scheme:<15} {ours['ppl']:9.3f} {theirs.get('ppl', float('nan')):9.3f} {ours['kl']:8.4f} "
+                  f"{theirs.get('kl', float('nan')):8.4f} {ratio(ours['kl'], theirs.get('kl')):>7} {seconds:7.1f} "
+                  f"{theirs.get('seconds', float('nan')):7.1f} {ratio(seconds, theirs.get('seconds')):>6}")
+
+
+if __name__ == "__main__":
+    main()
