@@ -6,7 +6,7 @@ tokenizer that ships with the model). Nothing here knows about quantfab or llm-c
 Text
     The whole file (``tinystories-valid-head.txt``, read as UTF-8, not stripped) is tokenized once
     with the model's own tokenizer and ``add_special_tokens=False``. With the TinyStories-656K
-    tokenizer that gives 207,398 text tokens.
+    tokenizer that gives 193,012 text tokens (sha256 of the int64 ids, first 16 hex: d88220a926a9a6d5).
 
 Evaluation tokens (``eval_chunks``)
     The first ``EVAL_TOKENS`` = 40,000 text tokens, cut into consecutive chunks of ``EVAL_CHUNK`` =
@@ -16,13 +16,16 @@ Evaluation tokens (``eval_chunks``)
     FP32 perplexity of TinyStories-656K under this protocol: 30.968368.
 
 Calibration rows (``calibration_rows``)
-    ``CALIB_ROWS`` = 64 rows of ``CALIB_LEN`` = 256 token ids, int64, shape (64, 256). Each row is
-    BOS followed by 255 text tokens. The text tokens are the LAST 64 * 255 = 16,320 text tokens of the
-    file, cut into 64 consecutive, non-overlapping pieces of 255, in file order (row 0 holds the
-    earliest of them). They do not overlap the evaluation tokens (those are the first 40,000).
+    ``CALIB_ROWS`` = 64 rows of ``CALIB_LEN`` = 257 token ids, int64, shape (64, 257). Each row is
+    BOS followed by ``CALIB_TEXT`` = 256 text tokens. The text tokens are the LAST 64 * 256 = 16,384
+    text tokens of the file, cut into 64 consecutive, non-overlapping pieces of 256, in file order
+    (row 0 holds the earliest of them). They do not overlap the evaluation tokens (the first 40,000).
     Both sides feed exactly this array, with an all-ones attention mask, to their calibration.
-    (The other plausible reading, BOS + 256 text tokens = rows of 257 from the last 64 * 256 text
-    tokens, is available as ``calibration_rows(..., text_per_row=256)`` for comparison only.)
+    Why 256 text tokens and not BOS + 255 (rows of 256): both readings were run through
+    llm-compressor 0.14's GPTQ W4 g32 asym; BOS + 256 reproduces the lead's earlier figure
+    (PPL 31.851, KL 0.0316) exactly (31.8506 / 0.03157), BOS + 255 does not (31.935 / 0.0310).
+    RTN does not use the rows and is identical either way. The other reading stays available as
+    ``calibration_rows(..., text_per_row=255)``, for comparison only.
 
 Metrics (``evaluate``)
     * ``ppl``: exp(mean negative log-likelihood) over the 40,000 scored tokens.
@@ -47,11 +50,12 @@ BOS_ID = 1
 EVAL_TOKENS = 40_000
 EVAL_CHUNK = 256
 CALIB_ROWS = 64
-CALIB_LEN = 256  # row length including the BOS
+CALIB_TEXT = 256  # text tokens per calibration row, after the BOS
+CALIB_LEN = CALIB_TEXT + 1  # row length including the BOS (257)
 BATCH = 32  # chunks per forward pass (numerics are per-row; batching only saves time)
 
 __all__ = [
-    "BOS_ID", "EVAL_TOKENS", "EVAL_CHUNK", "CALIB_ROWS", "CALIB_LEN",
+    "BOS_ID", "EVAL_TOKENS", "EVAL_CHUNK", "CALIB_ROWS", "CALIB_TEXT", "CALIB_LEN",
     "text_tokens", "eval_chunks", "calibration_rows", "fp32_logprobs", "evaluate", "Reference",
     "tokens_digest",
 ]
@@ -82,10 +86,10 @@ def eval_chunks(tokenizer, path, tokens: int = EVAL_TOKENS, chunk: int = EVAL_CH
     return [ids[i:i + chunk].copy() for i in range(0, tokens, chunk)]
 
 
-def calibration_rows(tokenizer, path, rows: int = CALIB_ROWS, text_per_row: int = CALIB_LEN - 1) -> np.ndarray:
+def calibration_rows(tokenizer, path, rows: int = CALIB_ROWS, text_per_row: int = CALIB_TEXT) -> np.ndarray:
     """(rows, 1 + text_per_row) int64: BOS + text tokens, from the last rows*text_per_row text tokens.
 
-    Protocol default: (64, 256) = BOS + 255 text tokens per row.
+    Protocol default: (64, 257) = BOS + 256 text tokens per row.
     """
     ids = text_tokens(tokenizer, path)
     need = rows * text_per_row

@@ -60,17 +60,17 @@ SYN_DIR = Path(os.environ.get("BENCH_CACHE", "/work/bench-cache")) / "synthetic-
 # name -> (method, symmetric, group_size)
 SCHEMES = {
     "rtn-g32-asym": ("rtn", False, 32),
+    "gptq-g32-asym": ("gptq", False, 32),
+    "awq-g32-asym": ("awq", False, 32),
+    "gptq-g128-sym": ("gptq", True, 128),
     "rtn-g32-sym": ("rtn", True, 32),
     "rtn-g128-asym": ("rtn", False, 128),
     "rtn-g128-sym": ("rtn", True, 128),
-    "gptq-g32-asym": ("gptq", False, 32),
     "gptq-g32-sym": ("gptq", True, 32),
     "gptq-g128-asym": ("gptq", False, 128),
-    "gptq-g128-sym": ("gptq", True, 128),
-    "awq-g32-asym": ("awq", False, 32),
-    "awq-g32-sym": ("awq", True, 32),
     "awq-g128-asym": ("awq", False, 128),
     "awq-g128-sym": ("awq", True, 128),
+    "awq-g32-sym": ("awq", True, 32),
 }
 # the lead's reference figures (ppl, kl) under this protocol
 REFERENCE = {
@@ -273,7 +273,7 @@ def load_fp32(path):
 
 
 # ---------------------------------------------------------------------------------------------
-def part_tinystories(args) -> dict:
+def part_tinystories(args, on_result=None) -> dict:
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(MODEL_DIR))
@@ -289,6 +289,9 @@ def part_tinystories(args) -> dict:
 
     names = args.schemes or list(SCHEMES)
     results: dict[str, dict] = {}
+    head = {"fp32_ppl": ref.ppl, "results": results, "rows_shape": list(rows.shape),
+            "rows_digest": P.tokens_digest(rows), "eval_digest": P.tokens_digest(chunks)}
+    crosschecked: set[str] = set()
     for name in names:
         method, sym, gs = SCHEMES[name]
         model = copy.deepcopy(base)  # fresh fp32 copy
@@ -298,6 +301,8 @@ def part_tinystories(args) -> dict:
         except Exception as e:  # keep going: a scheme that does not run is recorded as such
             print(f"{name}: FAILED {type(e).__name__}: {e}", flush=True)
             results[name] = {"error": f"{type(e).__name__}: {e}"}
+            if on_result:
+                on_result(head)
             continue
         state, checks = effective_state(model, gs, original)
         checks["stored_weight_vs_effective_max_abs"] = stored_vs_effective(model)
@@ -308,19 +313,24 @@ def part_tinystories(args) -> dict:
         assert plain.lm_head.weight.data_ptr() == plain.model.embed_tokens.weight.data_ptr()
         assert torch.equal(plain.model.embed_tokens.weight, original["model.embed_tokens.weight"])
         r = P.evaluate(plain, chunks, reference=ref)
-        wrapped = P.evaluate(model, chunks)  # oneshot's own model, quantized-forward wrappers on
+        # cross-check: oneshot's own model, quantized-forward wrappers on (once per method by default)
+        wrapped = None
+        if args.crosscheck == "all" or (args.crosscheck == "first" and method not in crosschecked):
+            wrapped = P.evaluate(model, chunks)
+            crosschecked.add(method)
         res = {"method": method, "symmetric": sym, "group_size": gs, "ppl": r["ppl"], "kl": r["kl"],
-               "top1": r["top1"], "seconds": secs, "ppl_oneshot_model": wrapped["ppl"], "checks": checks}
+               "top1": r["top1"], "seconds": secs, "ppl_oneshot_model": wrapped["ppl"] if wrapped else None, "checks": checks}
         results[name] = res
         ok = checks["max_distinct_per_group"] <= 16 and checks["all_changed"]
         print(f"{name:15s} PPL {r['ppl']:8.4f}  KL {r['kl']:.5f}  top1 {r['top1']:.4f}  "
-              f"oneshot {secs:7.2f} s  | oneshot-model PPL {wrapped['ppl']:.4f}  "
+              f"oneshot {secs:7.2f} s  | oneshot-model PPL {wrapped['ppl'] if wrapped else float('nan'):.4f}  "
               f"linears {checks['quantized_linears']} distinct<= {checks['max_distinct_per_group']} "
               f"changed {checks['all_changed']} stored-vs-qdq {checks['stored_weight_vs_effective_max_abs']:.2e}"
               f"{'' if ok else '  CHECK FAILED'}", flush=True)
         del model, plain, state
-    return {"fp32_ppl": ref.ppl, "results": results, "rows_shape": list(rows.shape),
-            "rows_digest": P.tokens_digest(rows), "eval_digest": P.tokens_digest(chunks)}
+        if on_result:
+            on_result(head)
+    return head
 
 
 def print_table(res: dict) -> str:
@@ -367,17 +377,31 @@ def build_synthetic(out_dir: Path) -> np.ndarray:
 
 
 def part_synthetic(args) -> dict:
-    torch.set_num_threads(args.threads)
+    from transformers import AutoConfig
+
     rows = build_synthetic(SYN_DIR)
-    out = {"model_dir": str(SYN_DIR), "config": SYN_CFG, "tie_word_embeddings": False,
-           "threads": torch.get_num_threads(), "calib_shape": list(rows.shape),
-           "calib_digest": P.tokens_digest(rows), "results": {}}
+    cfg = AutoConfig.from_pretrained(str(SYN_DIR))
+    out = {"model_dir": str(SYN_DIR), "config": SYN_CFG, "tie_word_embeddings": bool(cfg.tie_word_embeddings),
+           "seed": "torch.manual_seed(0) then LlamaForCausalLM(config), fp32",
+           "calib": "np.random.default_rng(0).integers(0, 32000, size=(64, 256)) int64, no BOS, "
+                    "saved as calib.safetensors key input_ids",
+           "threads": torch.get_num_threads(), "device": "cpu", "calib_shape": list(rows.shape),
+           "calib_digest": P.tokens_digest(rows), "versions": versions(), "defaults": observed_defaults(),
+           "results": {}}
+    path = HERE / "results-synthetic.json"
+    # oneshot insists on a processor when given a dataset, although the rows are already token ids and
+    # it tokenizes nothing; the synthetic model has none, so the TinyStories tokenizer stands in
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(MODEL_DIR))
+    out["processor"] = "TinyStories-656K tokenizer object (unused: the dataset is input_ids)"
     for name in args.syn_schemes:
         method, sym, gs = SCHEMES[name]
         model = load_fp32(SYN_DIR)
-        secs = run_oneshot(model, None, rows, make_recipe(method, sym, gs))
+        secs = run_oneshot(model, tok, rows, make_recipe(method, sym, gs))
         out["results"][name] = {"method": method, "symmetric": sym, "group_size": gs, "seconds": secs}
         print(f"synthetic {name}: oneshot {secs:.1f} s (torch threads {torch.get_num_threads()})", flush=True)
+        path.write_text(json.dumps(out, indent=2) + "\n")
         del model
     return out
 
@@ -386,11 +410,14 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("part", choices=["tinystories", "synthetic", "all"])
     ap.add_argument("--schemes", nargs="*", choices=list(SCHEMES), default=None)
-    ap.add_argument("--text-per-row", type=int, default=P.CALIB_LEN - 1,
-                    help="text tokens per calibration row after the BOS (protocol: 255)")
+    ap.add_argument("--text-per-row", type=int, default=P.CALIB_TEXT,
+                    help="text tokens per calibration row after the BOS (protocol: 256)")
+    ap.add_argument("--crosscheck", choices=["all", "first", "none"], default="first",
+                    help="also score oneshot's own (wrapped) model: for every scheme, the first of "
+                         "each method, or never")
     ap.add_argument("--out", default=None, help="JSON path for the tinystories part")
     ap.add_argument("--syn-schemes", nargs="*", default=["gptq-g128-sym", "awq-g128-asym"])
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (both parts)")
     args = ap.parse_args()
 
     patch_pin_memory_for_cpu()
@@ -403,27 +430,30 @@ def main() -> None:
     workdir.mkdir(parents=True, exist_ok=True)
     os.chdir(workdir)
 
+    torch.set_num_threads(args.threads)
     if args.part in ("tinystories", "all"):
-        res = part_tinystories(args)
-        table = print_table(res)
-        doc = {"protocol": {"eval_tokens": P.EVAL_TOKENS, "eval_chunk": P.EVAL_CHUNK, "bos": P.BOS_ID,
-                            "calibration": f"{res['rows_shape'][0]} rows x {res['rows_shape'][1]} = BOS + "
-                                           f"{args.text_per_row} text tokens, last "
-                                           f"{res['rows_shape'][0] * args.text_per_row} text tokens",
-                            "torch_threads": torch.get_num_threads()},
-               "fp32_ppl": res["fp32_ppl"], "versions": versions(), "defaults": observed_defaults(),
-               "rows_digest": res["rows_digest"], "eval_digest": res["eval_digest"],
-               "schemes": res["results"], "table_md": table}
         out = Path(args.out) if args.out else HERE / "results-tinystories.json"
-        out.write_text(json.dumps(doc, indent=2) + "\n")
+        meta = {"versions": versions(), "defaults": observed_defaults()}
+
+        def write(res: dict, final: bool = False) -> None:
+            table = print_table(res) if final else None
+            doc = {"protocol": {"eval_tokens": P.EVAL_TOKENS, "eval_chunk": P.EVAL_CHUNK, "bos": P.BOS_ID,
+                                "calibration": f"{res['rows_shape'][0]} rows x {res['rows_shape'][1]} = BOS + "
+                                               f"{args.text_per_row} text tokens, the last "
+                                               f"{res['rows_shape'][0] * args.text_per_row} text tokens",
+                                "torch_threads": torch.get_num_threads(), "device": "cpu"},
+                   "complete": final, "fp32_ppl": res["fp32_ppl"], **meta,
+                   "rows_digest": res["rows_digest"], "eval_digest": res["eval_digest"],
+                   "reference_lead": {k: {"ppl": v[0], "kl": v[1]} for k, v in REFERENCE.items()},
+                   "schemes": res["results"], "table_md": table}
+            out.write_text(json.dumps(doc, indent=2) + "\n")
+
+        res = part_tinystories(args, on_result=write)
+        write(res, final=True)
         print(f"wrote {out}")
     if args.part in ("synthetic", "all"):
-        res = part_synthetic(args)
-        res["versions"] = versions()
-        res["defaults"] = observed_defaults()
-        out = HERE / "results-synthetic.json"
-        out.write_text(json.dumps(res, indent=2) + "\n")
-        print(f"wrote {out}")
+        part_synthetic(args)
+        print(f"wrote {HERE / 'results-synthetic.json'}")
 
 
 if __name__ == "__main__":

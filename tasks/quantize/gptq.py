@@ -89,7 +89,7 @@ def gptq(w: np.ndarray, h: np.ndarray, grid: Grid, damp_percent: float, block_si
 
     n_groups = cols // group
     d = np.zeros((rows, n_groups), np.float32)
-    m = np.zeros((rows, n_groups), np.float32) if _has_min(grid) else None
+    m = None if grid.symmetric else np.zeros((rows, n_groups), np.float32)  # asymmetric grids store a min or zero
     done = np.zeros(n_groups, bool)
     if static_groups:
         d0, m0 = grid.scale_candidates(w.astype(np.float32), 1.0)
@@ -128,8 +128,3 @@ def gptq(w: np.ndarray, h: np.ndarray, grid: Grid, damp_percent: float, block_si
             torch.from_numpy(W)[:, i2:].sub_(torch.from_numpy(Err1) @ torch.from_numpy(U[i1:i2, i2:]))
     return Encoded(codes, d, m)
 
-
-def _has_min(grid: Grid) -> bool:
-    """Whether the grid stores a per-block min or zero point (Q4_1, INT*_ASYM) beside the scale."""
-    _, m = grid.scale_candidates(np.zeros((1, grid.block), np.float32), 1.0)
-    return m is not None
