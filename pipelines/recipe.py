@@ -51,8 +51,9 @@ class GPTQSpec(Section):
     damp_percent: float = Field(0.01, gt=0, le=1, description="Dampening added to H's diagonal, as a fraction of its "
                                 "mean; raised tenfold (up to 4 times) if the Cholesky factorisation fails.")
     block_size: int = Field(128, ge=1, le=65536, description="Columns per lazy-batch update block.")
-    act_order: bool = Field(False, description="Process columns by descending H diagonal (desc_act). Groups stay "
-                            "contiguous in the original order, so every format can store them.")
+    act_order: bool = Field(True, description="Process columns by descending H diagonal (desc_act). Groups stay "
+                            "contiguous in the original order, so every format can store them. On by default: on "
+                            "TinyStories INT4 g32 asymmetric it measured KL 0.0305 against 0.0336 without.")
     static_groups: bool = Field(False, description="Take every group's scale from the original weights up front "
                                 "instead of when the group's first column is reached.")
 

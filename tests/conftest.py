@@ -22,6 +22,11 @@ PREFECT_ENV = {
     "PREFECT_LOGGING_SERVER_LEVEL": "WARNING",
     "QUANTFAB_DATA": str(DATA),
     "HF_HUB_OFFLINE": "1",
+    # The ephemeral API's polling loops (schedules, late runs, workers...) wake every few seconds and
+    # serve nothing a test runs; on a 2-core CI machine they compete with the test itself.
+    **{f"PREFECT_SERVER_SERVICES_{s}_ENABLED": "false" for s in (
+        "CANCELLATION_CLEANUP", "FOREMAN", "LATE_RUNS", "SCHEDULER", "PAUSE_EXPIRATIONS", "REPOSSESSOR",
+        "CLEANUP_RECONCILER", "TRIGGERS")},
 }
 os.environ.update(PREFECT_ENV)
 

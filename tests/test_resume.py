@@ -16,8 +16,8 @@ pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parent.parent
 QUANTFAB = Path(sys.executable).parent / "quantfab"
 LAYERS = 6
-SETS = ["quantize.method=gptq", "outputs=[{gguf: Q4_0}]", "calibration.samples=16",
-        f"model.source=synthetic://llama?layers={LAYERS}&hidden=256&intermediate=688&heads=4&kv_heads=2&vocab=512&seed=0"]
+SETS = ["quantize.method=gptq", "outputs=[{gguf: Q4_0}]", "calibration.samples=16", "validate.tokens=1024",
+        f"model.source=synthetic://llama?layers={LAYERS}&hidden=128&intermediate=352&heads=4&kv_heads=2&vocab=512&seed=0"]
 
 
 def launch(root: Path, prefect_env: dict[str, str]) -> subprocess.Popen:

@@ -25,10 +25,8 @@ returned by oneshot (with its quantized-forward wrappers) is also scored; the tw
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import inspect
-import io
 import json
 import os
 import platform

@@ -34,6 +34,7 @@ SCHEMES = {  # peer scheme name -> (our method, our grid)
     "rtn-g128-asym": ("rtn", "INT4_G128_ASYM"), "gptq-g32-sym": ("gptq", "INT4_G32_SYM"),
     "gptq-g128-asym": ("gptq", "INT4_G128_ASYM"), "awq-g32-sym": ("awq", "INT4_G32_SYM"),
     "awq-g128-sym": ("awq", "INT4_G128_SYM"), "awq-g128-asym": ("awq", "INT4_G128_ASYM"),
+    "rtn-g64-sym": ("rtn", "INT4_G64_SYM"), "nf4-b64": ("nf4", "NF4_B64"), "nf4-b64-dq": ("nf4", "NF4_B64_DQ"),  # no peer row: bitsandbytes' grid
 }
 
 
@@ -41,6 +42,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", type=Path, default=Path(os.environ.get("QUANTFAB_DATA", "../shared/data")))
     ap.add_argument("--peer", type=Path, default=Path(__file__).resolve().parent / "results-tinystories.json")
+    ap.add_argument("--out", type=Path, help="also write our figures here as JSON")
+    ap.add_argument("--schemes", nargs="*", default=list(SCHEMES), choices=list(SCHEMES), metavar="SCHEME")
     args = ap.parse_args()
     model_dir, text = args.data / "tinystories-656k", args.data / "tinystories-valid-head.txt"
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -49,6 +52,7 @@ def main() -> None:
     hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     reference = protocol.fp32_logprobs(hf, chunks)
     peer = json.loads(args.peer.read_text())["schemes"] if args.peer.is_file() else {}
+    results: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
         t = time.perf_counter()
         trial = Trial(model_dir, Store(tmp), rows, eval_ids=rows[:1])  # scored below by protocol.evaluate instead
@@ -56,7 +60,8 @@ def main() -> None:
         print(f"FP32 PPL {protocol.evaluate(hf, chunks)['ppl']:.3f}; calibration {calibrate_s:.1f} s (shared by all)")
         print(f"{'scheme':<15} {'PPL ours':>9} {'PPL peer':>9} {'KL ours':>8} {'KL peer':>8} {'KL o/p':>7} "
               f"{'s ours':>7} {'s peer':>7} {'s o/p':>6}")
-        for scheme, (method, grid) in SCHEMES.items():
+        for scheme in args.schemes:
+            method, grid = SCHEMES[scheme]
             t = time.perf_counter()
             layers = trial.layer_files(QuantizeSpec(method=method), grid)
             seconds = time.perf_counter() - t
@@ -68,10 +73,16 @@ def main() -> None:
             assert not unexpected, unexpected
             ours = protocol.evaluate(model, chunks, reference)
             theirs = peer.get(scheme, {})
+            results[scheme] = {"method": method, "grid": grid, "ppl": ours["ppl"], "kl": ours["kl"],
+                               "top1": ours.get("top1"), "seconds": seconds, "kl_over_peer": ours["kl"] / theirs["kl"]
+                               if theirs.get("kl") else None}
             ratio = lambda a, b: f"{a / b:.3f}" if b else "-"  # noqa: E731
             print(f"{scheme:<15} {ours['ppl']:9.3f} {theirs.get('ppl', float('nan')):9.3f} {ours['kl']:8.4f} "
                   f"{theirs.get('kl', float('nan')):8.4f} {ratio(ours['kl'], theirs.get('kl')):>7} {seconds:7.1f} "
-                  f"{theirs.get('seconds', float('nan')):7.1f} {ratio(seconds, theirs.get('seconds')):>6}")
+                  f"{theirs.get('seconds', float('nan')):7.1f} {ratio(seconds, theirs.get('seconds')):>6}", flush=True)
+    if args.out:
+        args.out.write_text(json.dumps({"defaults": QuantizeSpec(method="gptq").model_dump(mode="json"),
+                                        "torch_threads": torch.get_num_threads(), "schemes": results}, indent=2) + "\n")
 
 
 if __name__ == "__main__":
