@@ -73,16 +73,14 @@ def test_package_published_and_gguf_decodes_to_the_quantizer_reconstruction(buil
     recipe = load_recipe(RECIPE, b["overrides"])
     quant = _cached_quantize_manifest(store, recipe)
     config = materialize(store, _cached_model(store, recipe).files).config()
-    for key in (f"gguf-{t}" for t in TYPES[method]):
-        path = dest / f"tinystories-656k-q4_0-{key.split('-')[1]}.gguf"
-        reader = GGUFTensors(path, config)
+    for qtype in TYPES[method]:
+        reader = GGUFTensors(dest / f"tinystories-656k-q4_0-{qtype}.gguf", config)
         types = dict(reader.types())
-        assert types["blk.0.attn_q.weight"] == key.split("-")[1]
-        assert types["blk.1.ffn_down.weight"] == key.split("-")[1]
+        assert types["blk.0.attn_q.weight"] == types["blk.1.ffn_down.weight"] == qtype
         assert types["output_norm.weight"] == "F32" and types["token_embd.weight"] == "F16"
-        q = quant.outputs[key]
+        q = quant.outputs[f"gguf-{qtype}"]
         for m in q.modules:
-            assert m.grid == key.split("-")[1]
+            assert m.grid == qtype
             layer = int(m.name.split(".")[2])
             enc = LayerFile(store.local_path(q.layers[layer])).encoded(m.name)
             expected = grid_named(m.grid).decode(enc)

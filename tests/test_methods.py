@@ -91,7 +91,7 @@ def test_gptq_on_llama_cpp_grid_beats_its_rtn(tiny: Trial) -> None:
 
 def test_same_inputs_give_identical_codes(tiny: Trial, data_dir: Path, protocol, tmp_path: Path) -> None:
     """A second store recomputes calibration and every layer from nothing and gets the same bytes."""
-    spec = QuantizeSpec(method="gptq", gptq={"act_order": True})
+    spec = QuantizeSpec(method="gptq")
     first = [lf.path.read_bytes() for lf in tiny.layer_files(spec, int4(32, False))]
     again = Trial(data_dir / "tinystories-656k", Store(str(tmp_path / "store")), *protocol)
     assert [lf.path.read_bytes() for lf in again.layer_files(spec, int4(32, False))] == first
