@@ -123,8 +123,10 @@ def render(p: Plan) -> str:
     for s in p.stages:
         lines.append(f"  {s.stage:<10} {s.status:<8} {s.why}")
     lines += ["", "outputs (estimated from safetensors headers):"]
+    width = max(map(len, p.sizes), default=0)
     for key, size in p.sizes.items():
-        lines.append(f"  {key:<12} {size}" if isinstance(size, str) else f"  {key:<12} {size[0] / 2**20:10.2f} MiB  {size[1]:.3f} bits/weight")
+        lines.append(f"  {key:<{width}} {size}" if isinstance(size, str)
+                     else f"  {key:<{width}} {size[0] / 2**20:10.2f} MiB  {size[1]:.3f} bits/weight")
     gates = {k: v for k, v in r.validate_.gates.model_dump().items() if v is not None}
     lines += ["", "quality gates: " + (", ".join(f"{k} {v}" for k, v in gates.items()) or "none")]
     return "\n".join(lines)

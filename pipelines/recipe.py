@@ -154,7 +154,8 @@ class Recipe(Section):
         if not isinstance(value, list):
             return value
         return [{"format": next(iter(v)), "type": next(iter(v.values()))}
-                if isinstance(v, dict) and len(v) == 1 and next(iter(v)) in FORMATS else v for v in value]
+                if isinstance(v, dict) and len(v) == 1 and "format" not in v and not isinstance(next(iter(v.values())), (dict, list))
+                else v for v in value]
 
     @field_validator("outputs", mode="after")
     @classmethod

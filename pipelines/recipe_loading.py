@@ -18,6 +18,7 @@ from pydantic import ValidationError
 
 from quantfab.tasks.errors import UserError
 from quantfab.pipelines.recipe import Recipe
+from quantfab.tasks.convert import FORMATS
 
 Loc = tuple[str | int, ...]
 ENV_PATTERN = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
@@ -164,11 +165,18 @@ def _format_validation(exc: ValidationError, marks: dict[Loc, Mark], path: Path)
         loc = tuple("validate" if p == "validate_" else p for p in err["loc"])
         # Union members and discriminator tags add loc parts that are not YAML keys: drop them.
         loc = tuple(p for p in loc if isinstance(p, int) or not str(p).startswith(("function-", "tagged-")))
+        if len(loc) > 2 and loc[0] == "outputs" and loc[2] in FORMATS:  # the format tag of a discriminated output
+            loc = loc[:2] + loc[3:]
         field = ".".join(str(p) for p in loc) or "(top level)"
         mark = _nearest_mark(loc, marks, err["type"])
         msg = err["msg"]
         if err["type"] == "extra_forbidden":
             msg = "unknown field (check the spelling; `quantfab schema` lists the fields)"
+        elif err["type"] == "union_tag_invalid":
+            loc, field = (*loc, "format"), f"{field}.format"
+            msg = f"unknown format {err['ctx']['tag']!r} (formats: {', '.join(FORMATS)})"
+        elif err["type"] == "union_tag_not_found":
+            msg = f"say which format, e.g. {{gguf: Q4_0}} or format: {next(iter(FORMATS))} (formats: {', '.join(FORMATS)})"
         elif err["type"] == "missing":
             msg = "required field is missing"
         elif "input" in err and err["type"] not in ("missing",):

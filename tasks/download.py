@@ -11,6 +11,7 @@ import fnmatch
 import hashlib
 import json
 import os
+import shutil
 import time
 import uuid
 from pathlib import Path
@@ -141,14 +142,13 @@ def materialize(store: Store, files: dict[str, Blob]) -> ModelDir:
         tmp = folder.with_name(f"{key}.tmp-{uuid.uuid4().hex}")
         tmp.mkdir(parents=True)
         for name, blob in files.items():
+            (tmp / name).parent.mkdir(parents=True, exist_ok=True)
             os.symlink(store.local_path(blob), tmp / name)
         (tmp / ".complete").touch()
         try:
             os.replace(tmp, folder)
         except OSError:  # another process won the race; its folder is equivalent
-            for p in tmp.iterdir():
-                p.unlink()
-            tmp.rmdir()
+            shutil.rmtree(tmp)
     return ModelDir(folder)
 
 

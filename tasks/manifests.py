@@ -68,13 +68,22 @@ class QuantizeManifest(Manifest):
     outputs: dict[str, QuantizedOutput]
 
 
+WEIGHT_FILES = (".gguf", ".safetensors")  # what bits per weight counts; configs and tokenizers do not
+
+
 class FormatFile(BaseModel):
+    """One output as published: a single file (GGUF) or a folder of files (an HF checkpoint)."""
+
     output: str
-    filename: str
-    blob: Blob
+    path: str  # the file or folder name in the package
+    files: dict[str, Blob]  # path in the package -> blob, every file of this output
     tensor_types: dict[str, int]  # type name -> tensor count
     fallbacks: list[str]  # "tensor: why"
-    bits_per_weight: float
+    bits_per_weight: float  # weight files' bytes x 8 / parameters
+
+    @property
+    def weight_bytes(self) -> int:
+        return sum(b.size for name, b in self.files.items() if name.endswith(WEIGHT_FILES))
 
 
 class ConvertManifest(Manifest):

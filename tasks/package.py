@@ -22,7 +22,7 @@ MODEL_FILES = ("config.json", "generation_config.json", "tokenizer.json", "token
 
 def package(name: str, model: ModelManifest, converted: ConvertManifest, quality: QualityManifest, recipe_yaml: str,
             recipe_digest: str, destination: str, version: str, store: Store) -> PackageManifest:
-    files: dict[str, bytes | Blob] = {f.filename: f.blob for f in converted.files.values()}
+    files: dict[str, bytes | Blob] = {p: b for f in converted.files.values() for p, b in f.files.items()}
     files.update({n: b for n, b in model.files.items() if n in MODEL_FILES})
     files["quality.json"] = quality.report
     files["README.md"] = model_card(model, converted, quality, recipe_yaml).encode()
@@ -31,23 +31,28 @@ def package(name: str, model: ModelManifest, converted: ConvertManifest, quality
     fs.makedirs(staging, exist_ok=True)
     entries = []
     try:
-        for name in sorted(files):
-            data = files[name]
+        for path in sorted(files):
+            data = files[path]
+            if "/" in path:  # a folder output's file
+                fs.makedirs(f"{staging}/{path.rsplit('/', 1)[0]}", exist_ok=True)
             if isinstance(data, Blob):
-                fs.put_file(str(store.local_path(data)), f"{staging}/{name}")
+                fs.put_file(str(store.local_path(data)), f"{staging}/{path}")
                 digest, size = data.digest, data.size
             else:
-                fs.pipe_file(f"{staging}/{name}", data)
+                fs.pipe_file(f"{staging}/{path}", data)
                 digest, size = hashlib.sha256(data).hexdigest(), len(data)
-            entries.append({"path": name, "sha256": digest, "size": size})
+            entries.append({"path": path, "sha256": digest, "size": size})
         manifest = json.dumps({
             "name": name, "quantfab_version": version, "recipe_digest": recipe_digest,
             "source": redact(model.source), "source_revision": model.revision, "passed": quality.passed,
-            "formats": {k: {"file": f.filename, "bits_per_weight": f.bits_per_weight} for k, f in converted.files.items()},
+            "formats": {k: {"path": f.path, "weight_bytes": f.weight_bytes, "bits_per_weight": f.bits_per_weight}
+                        for k, f in converted.files.items()},
             "files": entries}, indent=2, sort_keys=True).encode()
         if fs.exists(f"{root}/manifest.json"):
             fs.rm(f"{root}/manifest.json")
         for e in entries:
+            if "/" in e["path"]:
+                fs.makedirs(f"{root}/{e['path'].rsplit('/', 1)[0]}", exist_ok=True)
             fs.mv(f"{staging}/{e['path']}", f"{root}/{e['path']}")
         fs.pipe_file(f"{staging}/manifest.json", manifest)
         fs.mv(f"{staging}/manifest.json", f"{root}/manifest.json")
@@ -68,12 +73,12 @@ def published(destination: str, expected: PackageManifest) -> bool:
 
 
 def model_card(model: ModelManifest, converted: ConvertManifest, quality: QualityManifest, recipe_yaml: str) -> str:
-    sizes = "\n".join(f"| {f.filename} | {f.blob.size:,} | {f.bits_per_weight:.3f} | "
+    sizes = "\n".join(f"| {f.path} | {f.weight_bytes:,} | {f.bits_per_weight:.3f} | "
                       f"{', '.join(f'{k}×{v}' for k, v in sorted(f.tensor_types.items()))} |"
                       for f in converted.files.values())
     return (f"# Quantized build of `{redact(model.source)}`\n\n"
             f"Source revision `{model.revision}`, {model.parameters:,} parameters, built by quantfab.\n\n"
             f"## Quality\n\n{quality.table}\n\n"
-            f"## Files\n\n| file | bytes | bits/weight | tensor types |\n|---|---|---|---|\n{sizes}\n\n"
+            f"## Files\n\n| file or folder | weight bytes | bits/weight | tensor types |\n|---|---|---|---|\n{sizes}\n\n"
             f"## Recipe\n\n```yaml\n{recipe_yaml}```\n")
 

@@ -44,7 +44,7 @@ def measure(model: ModelManifest, converted: ConvertManifest, outputs: list, spe
     sources: dict[str, Any] = {"fp32": weights}
     for o in outputs:
         f = converted.files[o.key]
-        sources[o.key] = FORMATS[o.format].reader(store.local_path(f.blob), config)
+        sources[o.key] = FORMATS[o.format].reader(materialize(store, f.files).path / f.path, config)
     return compare(config, sources, eval_windows(model, spec, store), device)
 
 
@@ -52,12 +52,26 @@ def measure(model: ModelManifest, converted: ConvertManifest, outputs: list, spe
 def compare(config, sources: dict[str, Any], ids: np.ndarray, device: str) -> dict[str, Any]:
     """Run ``sources`` (name -> anything with ``load(names)``; "fp32" is the baseline) side by side, a layer at a time."""
     dev = pick_device(device)
-    ids_t = torch.from_numpy(ids)
+    hidden, heads = _forward(config, sources, sources["fp32"], torch.from_numpy(ids), dev)
+    return _metrics(hidden, heads, torch.from_numpy(ids), dev)
+
+
+@torch.no_grad()
+def logits(config, source: Any, fp32: Any, ids: np.ndarray, device: str = "cpu") -> torch.Tensor:
+    """float32 logits (windows, tokens, vocab) of ``source`` as ``compare`` computes them; ``fp32`` names the tensors."""
+    dev = pick_device(device)
+    hidden, heads = _forward(config, {"q": source}, fp32, torch.from_numpy(ids), dev)
+    norm, lm_head = heads["q"]
+    return (norm(hidden["q"].to(dev)) @ lm_head.T).cpu()
+
+
+def _forward(config, sources: dict[str, Any], fp32: Any, ids: torch.Tensor, dev: torch.device) -> tuple[dict, dict]:
+    """Final hidden states and (norm, lm_head) of every source; ``fp32.layer_names(i)`` lists layer i's tensors."""
     stack = DecoderStack(config, dev)
-    hidden = {k: torch.nn.functional.embedding(ids_t, s.load(["model.embed_tokens.weight"])["model.embed_tokens.weight"])
+    hidden = {k: torch.nn.functional.embedding(ids, s.load(["model.embed_tokens.weight"])["model.embed_tokens.weight"])
               for k, s in sources.items()}
     for i in range(stack.num_layers):
-        names = sources["fp32"].layer_names(i)
+        names = fp32.layer_names(i)
         for key, src in sources.items():
             layer = stack.layer(i, relative(src.load(names), layer_prefix(i)))
             hidden[key] = stack.run_layer(layer, hidden[key])
@@ -66,7 +80,7 @@ def compare(config, sources: dict[str, Any], ids: np.ndarray, device: str) -> di
     for key, src in sources.items():
         loaded = src.load(["model.norm.weight", "lm_head.weight"])
         heads[key] = (stack.norm(loaded["model.norm.weight"]), loaded["lm_head.weight"].to(dev))
-    return _metrics(hidden, heads, ids_t, dev)
+    return hidden, heads
 
 
 def _metrics(hidden: dict, heads: dict, ids: torch.Tensor, dev: torch.device) -> dict[str, Any]:

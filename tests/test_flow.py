@@ -29,6 +29,8 @@ FAST = ["calibration.samples=16", "calibration.seq_len=128", "validate.tokens=40
 # Q4_0 (test_methods covers both methods on both kinds of grid).
 TYPES = {"rtn": ["Q8_0", "Q4_0", "Q4_1"], "group": ["Q8_0", "Q4_0", "Q4_1"], "gptq": ["Q4_1"], "awq": ["Q4_0"]}
 METHODS = list(TYPES)
+# a folder format through the whole flow (test_formats proves its consumers); g32: g128 is one group per row here
+FOLDER_OUTPUTS = {"awq": "{format: compressed-tensors, type: int4, group_size: 32}"}
 
 
 def run(overrides: list[str], store: Path) -> tuple[dict, dict[str, str]]:
@@ -48,7 +50,7 @@ def built(prefect_env, data_dir: Path, tmp_path_factory: pytest.TempPathFactory)
     out = {"store": base / "store"}
     for method in METHODS:
         dest = base / f"pkg-{method}"
-        outputs = ", ".join(f"{{gguf: {t}}}" for t in TYPES[method])
+        outputs = ", ".join([f"{{gguf: {t}}}" for t in TYPES[method]] + ([FOLDER_OUTPUTS[method]] if method in FOLDER_OUTPUTS else []))
         overrides = [*FAST, f"outputs=[{outputs}]", f"quantize.method={method}", f"package.destination={dest}"]
         result, stages = run(overrides, out["store"])
         out[method] = {"result": result, "stages": stages, "dest": dest, "overrides": overrides}
@@ -92,6 +94,21 @@ def test_package_published_and_gguf_decodes_to_the_quantizer_reconstruction(buil
                 assert np.array_equal(reader.array(name), layer_file.float(name)), name
     first = quant.outputs[f"gguf-{TYPES[method][0]}"]
     assert any(LayerFile(store.local_path(b)).float_names() for b in first.layers) == (method == "awq")
+
+
+def test_folder_format_is_published_whole_with_its_size(built: dict) -> None:
+    dest: Path = built["awq"]["dest"]
+    manifest = json.loads((dest / "manifest.json").read_text())
+    ct = manifest["formats"]["compressed-tensors-int4-g32"]
+    folder = "tinystories-656k-q4_0-int4-g32-ct"
+    assert ct["path"] == folder
+    assert {f["path"] for f in manifest["files"]} >= {f"{folder}/{n}" for n in ("config.json", "model.safetensors",
+                                                                                 "tokenizer.json")}
+    assert ct["weight_bytes"] == (dest / folder / "model.safetensors").stat().st_size
+    report = json.loads((dest / "quality.json").read_text())["outputs"]["compressed-tensors-int4-g32"]
+    assert report["bits_per_weight"] == ct["bits_per_weight"] and report["kl_divergence"] > 0
+    card = (dest / "README.md").read_text()
+    assert f"| {folder} | {ct['weight_bytes']:,} | {ct['bits_per_weight']:.3f} |" in card
 
 
 def _cached(stage: str, store: Store, recipe, up: dict):

@@ -48,6 +48,10 @@ class PlannedTensor:
     qtype: gguf.GGMLQuantizationType
 
     @property
+    def type_name(self) -> str:
+        return self.qtype.name
+
+    @property
     def nbytes(self) -> int:
         block, size = gguf.GGML_QUANT_SIZES[self.qtype]
         n = int(np.prod(self.shape))
@@ -57,7 +61,9 @@ class PlannedTensor:
 class GGUFFormat:
     name = "gguf"
     options = GGUFOptions
-    extension = ".gguf"
+
+    def output_name(self, options: GGUFOptions, name: str) -> str:
+        return f"{name}-{options.type}.gguf"
 
     def grid_for(self, options: GGUFOptions, want: GridRequest) -> Grid | None:
         """The GGUF grid that holds this request; None when the output type keeps floats."""

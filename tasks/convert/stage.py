@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import uuid
 from pathlib import Path
 
@@ -9,7 +10,7 @@ from quantfab.tasks.convert import FORMATS
 from quantfab.tasks.download import materialize
 from quantfab.tasks.manifests import ConvertManifest, FormatFile, ModelManifest, QuantizeManifest
 from quantfab.tasks.quantize.layer_file import LayerFile
-from quantfab.tasks.store import Store
+from quantfab.tasks.store import Blob, Store
 
 
 def convert(model: ModelManifest, quantized: QuantizeManifest, outputs: list, name: str, store: Store) -> ConvertManifest:
@@ -33,17 +34,24 @@ def convert(model: ModelManifest, quantized: QuantizeManifest, outputs: list, na
                 return fmt.float_tensor(t, layer_files[replaced[t.hf_name]].float(t.hf_name))
             return fmt.float_tensor(t, weights.load([t.hf_name])[t.hf_name].numpy())
 
-        filename = f"{name}-{o.type}{fmt.extension}"
-        path = Path(store.scratch()) / f"{uuid.uuid4().hex}-{filename}"
+        out_name = fmt.output_name(o, name)
+        work = Path(store.scratch()) / f"convert-{uuid.uuid4().hex}"
+        work.mkdir()
         try:
-            fmt.write(path, o, model_dir, planned, tensor_data, name)
-            blob = store.put_file(path)
+            fmt.write(work / out_name, o, model_dir, planned, tensor_data, name)
+            blobs = _put_tree(work, work / out_name, store)
         finally:
-            path.unlink(missing_ok=True)
+            shutil.rmtree(work, ignore_errors=True)
         types: dict[str, int] = {}
         for t in planned:
-            types[t.qtype.name] = types.get(t.qtype.name, 0) + 1
+            types[t.type_name] = types.get(t.type_name, 0) + 1
         fallbacks = [f"{m.name}: {m.note}" for m in (q.modules if q else []) if m.grid is None and "row length" in m.note]
-        files[o.key] = FormatFile(output=o.key, filename=filename, blob=blob, tensor_types=types, fallbacks=fallbacks,
-                                  bits_per_weight=round(blob.size * 8 / model.parameters, 4))
+        f = FormatFile(output=o.key, path=out_name, files=blobs, tensor_types=types, fallbacks=fallbacks, bits_per_weight=0)
+        files[o.key] = f.model_copy(update={"bits_per_weight": round(f.weight_bytes * 8 / model.parameters, 4)})
     return ConvertManifest(files=files)
+
+
+def _put_tree(root: Path, written: Path, store: Store) -> dict[str, Blob]:
+    """Every file a format wrote (one file, or a folder's files), keyed by its path under ``root``."""
+    paths = [written] if written.is_file() else sorted(p for p in written.rglob("*") if p.is_file())
+    return {p.relative_to(root).as_posix(): store.put_file(p) for p in paths}

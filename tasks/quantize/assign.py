@@ -47,6 +47,7 @@ def assign(module: str, cols: int, quant: Any, fmt: Any, options: Any) -> Assign
     grid = fmt.grid_for(options, request(method, bits, group_size, symmetric, quant))
     if grid is None:
         return Assignment(module, method, None, f"{options.key} keeps floats")
+    grid = grid.for_row(cols)
     if cols % grid.block:
         return Assignment(module, method, None, f"row length {cols} is not a multiple of the {grid.name} block "
                           f"{grid.block}: kept as {getattr(options, 'float_type', 'float')}")

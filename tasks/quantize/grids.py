@@ -99,6 +99,10 @@ class Grid:
         """Round a float32 scale to the stored dtype and back, so codes see what the file holds."""
         return x.astype(self.scale_dtype).astype(np.float32)
 
+    def for_row(self, cols: int) -> "Grid":
+        """The grid a tensor with rows of ``cols`` elements gets (a per-channel grid becomes one block per row)."""
+        return self
+
 
 def _inverse(d: np.ndarray) -> np.ndarray:
     with np.errstate(divide="ignore"):
@@ -222,6 +226,20 @@ class IntGrid(Grid):
         return (d * (q.astype(np.float32) - z)).astype(np.float32)
 
 
+class IntChannelGrid(IntGrid):
+    """INT{bits}_CH_{SYM|ASYM}: one scale per output row (compressed-tensors' channel strategy).
+
+    Its block is the row, so it stands for no tensor until ``for_row`` makes it INT{bits}_G{cols}.
+    """
+
+    def __init__(self, bits: int, symmetric: bool):
+        super().__init__(bits, 0, symmetric)
+        self.name = f"INT{bits}_CH_{'SYM' if symmetric else 'ASYM'}"
+
+    def for_row(self, cols: int) -> Grid:
+        return grid_named(f"INT{self.bits}_G{cols}_{'SYM' if self.symmetric else 'ASYM'}")
+
+
 class NF4Grid(Grid):
     """NF4_B{block}[_DQ]: bitsandbytes' NormalFloat-4, the nearest of 16 fixed values times the block absmax.
 
@@ -313,12 +331,13 @@ def _round_half_away(x: np.ndarray) -> np.ndarray:
 
 GRIDS: dict[str, Grid] = {g.name: g for g in (Q8_0(), Q4_0(), Q4_1())}
 DYNAMIC_MAP = dynamic_map()
-_PARAMETRIC = re.compile(r"^(?:INT(?P<bits>[2-8])_G(?P<group>\d+)_(?P<sym>SYM|ASYM)|NF4_B(?P<nf4>\d+)(?P<dq>_DQ)?)$")
+_PARAMETRIC = re.compile(r"^(?:INT(?P<bits>[2-8])_(?:G(?P<group>\d+)|(?P<ch>CH))_(?P<sym>SYM|ASYM)"
+                         r"|NF4_B(?P<nf4>\d+)(?P<dq>_DQ)?)$")
 
 
 @lru_cache(maxsize=None)
 def grid_named(name: str) -> Grid:
-    """The grid called ``name``: a fixed GGUF grid, INT{bits}_G{group}_{SYM|ASYM}, or NF4_B{block}[_DQ]."""
+    """The grid called ``name``: a fixed GGUF grid, INT{bits}_{G{group}|CH}_{SYM|ASYM}, or NF4_B{block}[_DQ]."""
     if name in GRIDS:
         return GRIDS[name]
     found = _PARAMETRIC.match(name)
@@ -326,4 +345,6 @@ def grid_named(name: str) -> Grid:
         raise KeyError(f"no grid named {name}")
     if found["nf4"]:
         return NF4Grid(int(found["nf4"]), bool(found["dq"]))
+    if found["ch"]:
+        return IntChannelGrid(int(found["bits"]), found["sym"] == "SYM")
     return IntGrid(int(found["bits"]), int(found["group"]), found["sym"] == "SYM")

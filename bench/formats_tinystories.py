@@ -1,0 +1,70 @@
+"""Every serving format on TinyStories-656K: quality measured from the written files, and bits per weight.
+
+Runs the stage functions (what the flow's tasks call) on recipes/tinystories-656k-q4_0.yaml as it stands
+(64 x 256 TinyStories calibration tokens, 16,384-token WikiText-2 validation), one build per method, and
+prints a markdown table. The consumer column says which real reader loads each format in tests/test_formats.py.
+
+    python bench/formats_tinystories.py [--threads 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from quantfab.pipelines.recipe_loading import load_recipe
+from quantfab.tasks import calibrate as calibrate_mod
+from quantfab.tasks import download as download_mod
+from quantfab.tasks import validate as validate_mod
+from quantfab.tasks.convert.stage import convert
+from quantfab.tasks.quantize.stage import quantize
+from quantfab.tasks.store import Store
+
+RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "tinystories-656k-q4_0.yaml"
+BUILDS = {  # method (and options) -> outputs
+    ("gptq",): "[{compressed-tensors: int4}, {gptq: int4}, {gguf: Q4_0}]",
+    ("awq",): "[{awq: int4}, {compressed-tensors: int4}, {gguf: Q4_0}]",
+    ("rtn",): "[{compressed-tensors: int8}, {compressed-tensors: int4}, {gguf: Q8_0}, {gguf: Q4_0}]",
+    ("nf4",): "[{bnb-nf4: nf4}]",
+    ("nf4", "quantize.nf4.double_quant=true"): "[{bnb-nf4: nf4}]",
+}
+CONSUMERS = {"compressed-tensors": "transformers + compressed-tensors 0.20 (asymmetric: compressed-tensors' decompressor)",
+             "gptq": "independent decoder of the v1 layout (tests)", "awq": "independent decoder of the GEMM layout (tests)",
+             "bnb-nf4": "transformers + bitsandbytes (CPU)", "gguf": "gguf-py GGUFReader + quants.dequantize"}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        store = Store(tmp)
+        for (method, *extra), outputs in BUILDS.items():
+            r = load_recipe(RECIPE, [f"quantize.method={method}", *extra, f"outputs={outputs}"])
+            t = time.perf_counter()
+            model = download_mod.download(r.model.source, None, r.model.include, False, store)
+            cal = calibrate_mod.calibrate(model, r.calibration.source, r.calibration.samples, r.calibration.seq_len,
+                                          r.calibration.seed, r.calibration.text_field, "cpu", store)
+            quantized = quantize(model, cal, r.quantize, r.outputs, "cpu", store)
+            converted = convert(model, quantized, r.outputs, r.name, store)
+            metrics = validate_mod.measure(model, converted, r.outputs, r.validate_, "cpu", store)
+            label = method + (" (double quant)" if extra else "")
+            for o in r.outputs:
+                m = metrics["outputs"][o.key]
+                rows.append((o.key, label, CONSUMERS[o.format], converted.files[o.key].bits_per_weight, m["perplexity"],
+                             m["ppl_increase"], m["kl_divergence"], m["top1_agreement"]))
+            print(f"{label}: {time.perf_counter() - t:.0f} s; FP32 PPL {metrics['baseline_perplexity']:.2f} on "
+                  f"{metrics['tokens']} tokens", flush=True)
+    print("\n| output | method | loaded by | bits/weight | PPL | Δ PPL | KL (nats/token) | top-1 |\n|---|---|---|---|---|---|---|---|")
+    for key, label, consumer, bpw, ppl, rise, kl, top1 in rows:
+        print(f"| {key} | {label} | {consumer} | {bpw:.3f} | {ppl:.2f} | {rise * 100:+.2f} % | {kl:.5f} | {top1 * 100:.2f} % |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,148 @@
+"""compressed-tensors: the pack-quantized HF checkpoint vLLM and transformers load (int2..int8 weights, fp activations).
+
+A folder like the one llm-compressor saves: config.json with the ``quantization_config`` built by the
+``compressed-tensors`` package's own classes, model safetensors (sharded past ``SHARD_BYTES``), and the
+tokenizer files. Each quantized Linear stores ``weight_packed`` (the method's signed codes packed by the
+package's ``pack_to_int32``, never re-rounded), ``weight_scale``, ``weight_zero_point`` when asymmetric
+(packed along the output dim), and ``weight_shape``. Scales are written in float32 for a float32 model,
+else float16: both hold the grid's fp16 scales exactly. The reader decodes with the package's own
+``PackedQuantizationCompressor``, so validate measures what vLLM would load.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable, Literal
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from quantfab.tasks.convert.hf_folder import FolderWeights, PlannedTensor, float_tensor, plan_tensors, write_folder
+from quantfab.tasks.errors import UserError
+from quantfab.tasks.modelio import ModelDir, TensorInfo
+from quantfab.tasks.quantize.grids import Encoded, Grid, GridRequest, grid_named
+
+DEFAULT_GROUP = {"int4": 128, "int8": "channel"}  # llm-compressor's W4A16 and W8A16 presets
+
+
+class CompressedTensorsOptions(BaseModel):
+    """`{compressed-tensors: int4}` or `{format: compressed-tensors, type: int4, group_size: 32, symmetric: false}`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    format: Literal["compressed-tensors"] = "compressed-tensors"
+    type: Literal["int4", "int8"] = Field(description="Default code width; quantize.bits and overrides may differ per module.")
+    group_size: int | Literal["channel"] | None = Field(
+        None, description="Default elements per scale, or 'channel' for one scale per row; empty: 128 for int4, "
+        "channel for int8. quantize.group_size overrides it.")
+    symmetric: bool = Field(True, description="Default for symmetric codes; quantize.symmetric overrides it.")
+
+    @property
+    def key(self) -> str:
+        group = self.group_size or DEFAULT_GROUP[self.type]
+        return f"compressed-tensors-{self.type}-{'channel' if group == 'channel' else f'g{group}'}" + \
+            ("" if self.symmetric else "-asym")
+
+
+def packed_bytes(shape: tuple[int, ...], grid_name: str, dtype: torch.dtype) -> int:
+    grid = grid_named(grid_name)
+    rows, cols = shape
+    groups = cols // grid.block
+    zeros = 0 if grid.symmetric else -(-rows * grid.bits // 32) * groups * 4
+    scale_size = 4 if dtype == torch.float32 else 2
+    return rows * -(-cols * grid.bits // 32) * 4 + rows * groups * scale_size + zeros + 2 * 8  # + weight_shape
+
+
+class CompressedTensorsFormat:
+    name = "compressed-tensors"
+    options = CompressedTensorsOptions
+
+    def output_name(self, options: CompressedTensorsOptions, name: str) -> str:
+        return f"{name}-{options.key.removeprefix('compressed-tensors-')}-ct"
+
+    def grid_for(self, options: CompressedTensorsOptions, want: GridRequest) -> Grid | None:
+        if want.nf4:
+            raise ValueError("compressed-tensors pack-quantized holds integer codes, not NF4 (use output bnb-nf4)")
+        bits = want.bits or int(options.type.removeprefix("int"))
+        group = want.group_size or options.group_size or DEFAULT_GROUP[options.type]
+        symmetric = options.symmetric if want.symmetric is None else want.symmetric
+        side = "SYM" if symmetric else "ASYM"
+        return grid_named(f"INT{bits}_CH_{side}" if group == "channel" else f"INT{bits}_G{group}_{side}")
+
+    def stores_codes(self, options: CompressedTensorsOptions) -> bool:
+        return True
+
+    def plan(self, options: CompressedTensorsOptions, config, tensors: dict[str, TensorInfo],
+             grids: dict[str, str | None]) -> list[PlannedTensor]:
+        return plan_tensors(config, tensors, grids, packed_bytes)
+
+    def write(self, path: Path, options: CompressedTensorsOptions, model: ModelDir, planned: list[PlannedTensor],
+              tensor_data: Callable[[PlannedTensor], dict[str, torch.Tensor]], name: str) -> None:
+        write_folder(path, model, quantization_config(planned), planned, tensor_data)
+
+    def float_tensor(self, t: PlannedTensor, w: np.ndarray) -> dict[str, torch.Tensor]:
+        return float_tensor(t, w)
+
+    def pack(self, t: PlannedTensor, enc: Encoded) -> dict[str, torch.Tensor]:
+        from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+
+        grid = grid_named(t.grid or "")
+        module = t.hf_name.removesuffix(".weight")
+        scale_dtype = torch.float32 if t.dtype == torch.float32 else torch.float16
+        out = {f"{module}.weight_packed": pack_to_int32(torch.from_numpy(enc.codes), grid.bits),
+               f"{module}.weight_scale": torch.from_numpy(enc.d).to(scale_dtype),
+               f"{module}.weight_shape": torch.tensor(t.shape, dtype=torch.int64)}
+        if not grid.symmetric:
+            assert enc.m is not None
+            zero = torch.from_numpy(enc.m.astype(np.int8))
+            out[f"{module}.weight_zero_point"] = pack_to_int32(zero, grid.bits, packed_dim=0)
+        return out
+
+    def reader(self, path: Path, config) -> FolderWeights:
+        return compressed_tensors_weights(path)
+
+
+def quantization_config(weights: list[PlannedTensor]) -> dict:
+    """compressed-tensors' own QuantizationConfig: one config group per scheme, float Linears ignored."""
+    from compressed_tensors import __version__ as ct_version
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
+
+    linears = [t for t in weights if len(t.shape) == 2 and "embed_tokens" not in t.hf_name]
+    by_args: dict[tuple, list[str]] = {}  # (bits, symmetric, group size or None for channel) -> modules
+    for t in linears:
+        if t.grid:
+            grid = grid_named(t.grid)
+            key = (grid.bits, grid.symmetric, None if grid.block == t.shape[1] else grid.block)
+            by_args.setdefault(key, []).append(t.hf_name.removesuffix(".weight"))
+    groups = {}
+    for i, ((bits, symmetric, group), modules) in enumerate(sorted(by_args.items(), key=str)):
+        args = QuantizationArgs(num_bits=bits, type="int", symmetric=symmetric,
+                                strategy="channel" if group is None else "group", group_size=group)
+        groups[f"group_{i}"] = QuantizationScheme(targets=["Linear"] if len(by_args) == 1 else modules, weights=args)
+    ignore = [t.hf_name.removesuffix(".weight") for t in linears if not t.grid]
+    if not any(t.hf_name == "lm_head.weight" for t in linears):
+        ignore.append("lm_head")  # tied to the embedding, so not stored, but the loader still builds the Linear
+    qc = QuantizationConfig(config_groups=groups, format="pack-quantized", quantization_status="compressed",
+                            ignore=ignore)
+    return {"version": ct_version, **qc.model_dump(mode="json", exclude_none=False)}
+
+
+def compressed_tensors_weights(path: Path) -> FolderWeights:
+    """The folder's weights decoded by compressed-tensors' own PackedQuantizationCompressor."""
+    from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
+    from compressed_tensors.quantization import QuantizationConfig
+
+    stored = json.loads((path / "config.json").read_text())["quantization_config"]
+    schemes = list(QuantizationConfig.model_validate(
+        {k: v for k, v in stored.items() if k in QuantizationConfig.model_fields}).config_groups.values())
+
+    def decode(module: str, folder: FolderWeights) -> torch.Tensor:
+        scheme = next((s for s in schemes if module in s.targets or s.targets == ["Linear"]), None)
+        if scheme is None:
+            raise UserError(f"{path / 'config.json'}: no config group of quantization_config targets {module}")
+        parts = [f"{module}.weight_{k}" for k in ("packed", "scale", "shape", "zero_point")]
+        state = {p.rsplit(".", 1)[1]: folder.raw(p) for p in parts if folder.has(p)}
+        return PackedQuantizationCompressor.decompress(state, scheme)["weight"]
+
+    return FolderWeights(path, "weight_packed", decode)

@@ -1,0 +1,132 @@
+"""gptq: the AutoGPTQ / GPTQModel v1 checkpoint (``checkpoint_format: gptq``) that transformers and vLLM load.
+
+Per quantized Linear (in -> out features): ``qweight`` int32 (in * bits / 32, out), codes packed along the
+input dim, low bits first; ``qzeros`` int32 (groups, out * bits / 32), the zero point *minus one* (v1's
+offset) packed along the output dim; ``scales`` float16 (groups, out); ``g_idx`` int32 (in,), each input
+column's group. Codes are unsigned: u = q + 2^(bits-1) for our signed q, and the zero point likewise, so
+w = scale * (u - zero). Groups stay contiguous (act_order changes the column order GPTQ processes, not
+the groups), so ``g_idx`` is i // group_size and ``desc_act`` is false: every v1 kernel can serve it.
+One bit width and group size for the whole model, as the v1 config holds.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Literal
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from quantfab.tasks.convert.hf_folder import FolderWeights, PlannedTensor, float_tensor, plan_tensors, write_folder
+from quantfab.tasks.errors import UserError
+from quantfab.tasks.modelio import ModelDir, TensorInfo
+from quantfab.tasks.quantize.grids import Encoded, Grid, GridRequest, grid_named
+
+BITS = {"int4": 4, "int8": 8}  # widths that pack whole codes into an int32
+
+
+class GPTQOptions(BaseModel):
+    """`{gptq: int4}` or `{format: gptq, type: int4, group_size: 32, symmetric: false}`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    format: Literal["gptq"] = "gptq"
+    type: Literal["int4", "int8"] = Field(description="Code width of every quantized Linear.")
+    group_size: int = Field(128, ge=1, description="Input elements per scale, for every quantized Linear.")
+    symmetric: bool = Field(True, description="sym in the config; asymmetric zero points must be at least 1 "
+                            "(v1 stores zero - 1 in unsigned bits).")
+
+    @property
+    def key(self) -> str:
+        return f"gptq-{self.type}-g{self.group_size}" + ("" if self.symmetric else "-asym")
+
+
+def packed_bytes(shape: tuple[int, ...], grid_name: str, dtype: torch.dtype) -> int:
+    grid = grid_named(grid_name)
+    rows, cols = shape  # out, in
+    groups = cols // grid.block
+    return cols * grid.bits // 8 * rows + groups * rows * grid.bits // 8 + groups * rows * 2 + cols * 4
+
+
+def pack_along_first(u: np.ndarray, bits: int) -> np.ndarray:
+    """(n, m) unsigned codes -> (n * bits / 32, m) int32, element k of each word at bits * k."""
+    per = 32 // bits
+    words = u.astype(np.uint32).reshape(u.shape[0] // per, per, *u.shape[1:])
+    shifts = (np.arange(per, dtype=np.uint32) * bits).reshape(1, per, *([1] * (u.ndim - 1)))
+    return np.ascontiguousarray(np.bitwise_or.reduce(words << shifts, axis=1)).view(np.int32)
+
+
+def unpack_along_first(packed: np.ndarray, bits: int) -> np.ndarray:
+    per = 32 // bits
+    shifts = (np.arange(per, dtype=np.uint32) * bits).reshape(1, per, *([1] * (packed.ndim - 1)))
+    u = (packed.view(np.uint32)[:, None] >> shifts) & np.uint32((1 << bits) - 1)
+    return u.reshape(packed.shape[0] * per, *packed.shape[1:]).astype(np.int32)
+
+
+class GPTQFormat:
+    name = "gptq"
+    options = GPTQOptions
+
+    def output_name(self, options: GPTQOptions, name: str) -> str:
+        return f"{name}-{options.key}"
+
+    def grid_for(self, options: GPTQOptions, want: GridRequest) -> Grid | None:
+        if want.nf4:
+            raise ValueError("gptq checkpoints hold integer codes, not NF4 (use output bnb-nf4)")
+        bits, symmetric = BITS[options.type], options.symmetric
+        asked = (want.bits or bits, want.group_size or options.group_size,
+                 symmetric if want.symmetric is None else want.symmetric)
+        if asked != (bits, options.group_size, symmetric):
+            raise ValueError(f"a gptq checkpoint holds one scheme for every Linear ({bits} bits, group_size "
+                             f"{options.group_size}, symmetric={symmetric}); use compressed-tensors for mixed precision")
+        return grid_named(f"INT{bits}_G{options.group_size}_{'SYM' if symmetric else 'ASYM'}")
+
+    def stores_codes(self, options: GPTQOptions) -> bool:
+        return True
+
+    def plan(self, options: GPTQOptions, config, tensors: dict[str, TensorInfo],
+             grids: dict[str, str | None]) -> list[PlannedTensor]:
+        return plan_tensors(config, tensors, grids, packed_bytes)
+
+    def write(self, path: Path, options: GPTQOptions, model: ModelDir, planned: list[PlannedTensor],
+              tensor_data: Callable[[PlannedTensor], dict[str, torch.Tensor]], name: str) -> None:
+        kept = [t.hf_name.removesuffix(".weight") for t in planned
+                if t.grid is None and len(t.shape) == 2 and t.hf_name.startswith("model.layers.")]
+        config = {"quant_method": "gptq", "bits": BITS[options.type], "group_size": options.group_size,
+                  "desc_act": False, "sym": options.symmetric, "static_groups": False, "true_sequential": True,
+                  "damp_percent": 0.01, "checkpoint_format": "gptq", "meta": {"quantizer": ["quantfab"]},
+                  # GPTQModel's per-module rules: "-:" keeps a module in float (rows that no group divides)
+                  "dynamic": {f"-:^{m.replace('.', '[.]')}$": {} for m in kept} or None}
+        write_folder(path, model, {k: v for k, v in config.items() if v is not None}, planned, tensor_data)
+
+    def float_tensor(self, t: PlannedTensor, w: np.ndarray) -> dict[str, torch.Tensor]:
+        return float_tensor(t, w)
+
+    def pack(self, t: PlannedTensor, enc: Encoded) -> dict[str, torch.Tensor]:
+        grid = grid_named(t.grid or "")
+        module = t.hf_name.removesuffix(".weight")
+        offset = 1 << (grid.bits - 1)
+        u = (enc.codes.astype(np.int32) + offset).T  # (in, out)
+        zero = np.full(enc.d.shape, offset, np.int32) if enc.m is None else enc.m.astype(np.int32) + offset
+        if (zero < 1).any():
+            row, group = np.argwhere(zero < 1)[0]
+            raise UserError(f"{module}: gptq v1 cannot store zero point 0 (row {row}, group {group}): it writes zero - 1 "
+                            "in unsigned bits. Use symmetric: true, or output compressed-tensors for asymmetric codes")
+        cols = enc.codes.shape[1]
+        return {f"{module}.qweight": torch.from_numpy(pack_along_first(u, grid.bits)),
+                f"{module}.qzeros": torch.from_numpy(pack_along_first(zero - 1, grid.bits).T.copy()),
+                f"{module}.scales": torch.from_numpy(enc.d.T.astype(np.float16).copy()),
+                f"{module}.g_idx": torch.from_numpy((np.arange(cols) // grid.block).astype(np.int32))}
+
+    def reader(self, path: Path, config) -> FolderWeights:
+        return FolderWeights(path, "qweight", decode_gptq_v1)
+
+
+def decode_gptq_v1(module: str, folder: FolderWeights) -> torch.Tensor:
+    """(out, in) float32 weights: scales[g_idx] * (u - (qzeros + 1)), as v1 kernels compute them."""
+    bits = int(folder.config["quantization_config"]["bits"])
+    u = unpack_along_first(folder.raw(f"{module}.qweight").numpy(), bits)  # (in, out)
+    zeros = unpack_along_first(folder.raw(f"{module}.qzeros").numpy().T.copy(), bits).T + 1  # (groups, out)
+    scales = folder.raw(f"{module}.scales").numpy().astype(np.float32)
+    g = folder.raw(f"{module}.g_idx").numpy().astype(np.int64)
+    return torch.from_numpy((scales[g] * (u - zeros[g]).astype(np.float32)).T.copy())

@@ -1,0 +1,136 @@
+"""What every HF-checkpoint format shares: config.json with a quantization_config, tokenizer, safetensors shards.
+
+A format plans its tensors (what each stores and how many bytes), packs a quantized Linear into its own
+named tensors, and reads a written folder back through ``FolderWeights``; this module writes the folder the
+way ``save_pretrained`` lays it out and reads raw tensors from it.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from quantfab.tasks.modelio import ModelDir, TensorInfo, WeightIndex
+
+SHARD_BYTES = 5 << 30  # save_pretrained's default max_shard_size
+TOKENIZER_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "tokenizer.model")
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class PlannedTensor:
+    hf_name: str
+    shape: tuple[int, ...]
+    grid: str | None  # None: stored as a float in ``dtype``
+    dtype: torch.dtype  # the model's float dtype
+    nbytes: int  # what it occupies in the checkpoint
+
+    @property
+    def type_name(self) -> str:
+        return self.grid or str(self.dtype).removeprefix("torch.")
+
+
+def model_dtype(config) -> torch.dtype:
+    name = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or "float32"
+    return name if isinstance(name, torch.dtype) else DTYPES[str(name)]
+
+
+def plan_tensors(config, tensors: dict[str, TensorInfo], grids: dict[str, str | None],
+                 quantized_bytes: Callable[[tuple[int, ...], str, torch.dtype], int]) -> list[PlannedTensor]:
+    """Every stored tensor: a tied head is stored once, as the embedding, like save_pretrained does."""
+    dtype = model_dtype(config)
+    out = []
+    for name in sorted(tensors):
+        if name.endswith("rotary_emb.inv_freq") or (name == "lm_head.weight" and config.tie_word_embeddings):
+            continue
+        shape, grid = tensors[name].shape, grids.get(name.removesuffix(".weight"))
+        nbytes = quantized_bytes(shape, grid, dtype) if grid else int(np.prod(shape)) * dtype.itemsize
+        out.append(PlannedTensor(name, shape, grid, dtype, nbytes))
+    return out
+
+
+def float_tensor(t: PlannedTensor, w: np.ndarray) -> dict[str, torch.Tensor]:
+    return {t.hf_name: torch.from_numpy(np.ascontiguousarray(w, dtype=np.float32)).to(t.dtype)}
+
+
+def write_folder(path: Path, model: ModelDir, quantization_config: dict[str, Any], planned: list[PlannedTensor],
+                 tensor_data: Callable[[PlannedTensor], dict[str, torch.Tensor]]) -> None:
+    path.mkdir(parents=True)
+    config = json.loads((model.path / "config.json").read_text())
+    config["quantization_config"] = quantization_config
+    (path / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    for f in TOKENIZER_FILES:
+        if (model.path / f).is_file():
+            shutil.copyfile(model.path / f, path / f)
+    _write_shards(path, planned, tensor_data)
+
+
+def _write_shards(path: Path, planned: list[PlannedTensor], tensor_data: Callable) -> None:
+    """model.safetensors, or model-0000i-of-0000n.safetensors plus the index past SHARD_BYTES."""
+    shards: list[Path] = []
+    current: dict[str, torch.Tensor] = {}
+    size = 0
+
+    def flush() -> None:
+        shards.append(path / f"part-{len(shards) + 1}.safetensors")
+        save_file(current, str(shards[-1]), metadata={"format": "pt"})
+        current.clear()
+
+    for t in planned:
+        data = tensor_data(t)
+        nbytes = sum(v.numel() * v.element_size() for v in data.values())
+        if current and size + nbytes > SHARD_BYTES:
+            flush()
+            size = 0
+        current.update(data)
+        size += nbytes
+    flush()
+    if len(shards) == 1:
+        shards[0].rename(path / "model.safetensors")
+        return
+    weight_map: dict[str, str] = {}
+    for i, part in enumerate(shards, start=1):
+        final = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        part.rename(path / final)
+        with safe_open(str(path / final), framework="pt") as f:
+            weight_map.update({k: final for k in f.keys()})
+    total = sum((path / f).stat().st_size for f in set(weight_map.values()))
+    (path / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, indent=2))
+
+
+class FolderWeights:
+    """A written folder's weights as float32 under HF names; ``decode`` turns a packed Linear into its weight."""
+
+    def __init__(self, path: Path, packed_suffix: str, decode: Callable[[str, "FolderWeights"], torch.Tensor]):
+        self.path = path
+        self.config = json.loads((path / "config.json").read_text())
+        self.index = WeightIndex(sorted(path.glob("*.safetensors")), bool(self.config.get("tie_word_embeddings")))
+        self.packed_suffix, self.decode = packed_suffix, decode
+
+    def raw(self, name: str) -> torch.Tensor:
+        """A stored tensor as written (packed integers stay integers)."""
+        with safe_open(str(self.index.tensors[name].file), framework="pt") as f:
+            return f.get_tensor(name)
+
+    def has(self, name: str) -> bool:
+        return name in self.index.tensors
+
+    def load(self, names: list[str]) -> dict[str, torch.Tensor]:
+        out = {}
+        for name in names:
+            module = name.removesuffix(".weight")
+            if name.endswith(".weight") and self.has(f"{module}.{self.packed_suffix}"):
+                out[name] = self.decode(module, self).float()
+            else:
+                out[name] = self.index.load([name])[name]
+        return out

@@ -1,0 +1,290 @@
+"""Serving formats proved by their consumers: each written checkpoint is loaded by the runtime's own reader.
+
+The builds run the stage functions (the same code the flow's tasks call) on the real TinyStories-656K
+model, calibrated on 16 x 128 TinyStories tokens; logits are compared on 8 windows of 128 TinyStories tokens.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from quantfab.pipelines.recipe_loading import load_recipe
+from quantfab.tasks import calibrate as calibrate_mod
+from quantfab.tasks import download as download_mod
+from quantfab.tasks import validate as validate_mod
+from quantfab.tasks.convert import FORMATS
+from quantfab.tasks.convert.stage import convert
+from quantfab.tasks.download import materialize
+from quantfab.tasks.quantize.grids import grid_named
+from quantfab.tasks.quantize.layer_file import LayerFile
+from quantfab.tasks.quantize.stage import quantize
+from quantfab.tasks.store import Store
+from quantfab.tasks.texts import windows
+
+REPO = Path(__file__).resolve().parent.parent
+RECIPE = REPO / "recipes" / "tinystories-656k-q4_0.yaml"
+CT_INT4_G32_ASYM = "{format: compressed-tensors, type: int4, group_size: 32, symmetric: false}"
+BUILDS = {  # name -> recipe overrides
+    "gptq-mixed": ["quantize.method=gptq", "quantize.overrides={'*.mlp.down_proj': {bits: 8}}",
+                   f"outputs=[{{compressed-tensors: int4}}, {CT_INT4_G32_ASYM}, {{compressed-tensors: int8}}]"],
+    "awq": ["quantize.method=awq", "outputs=[{compressed-tensors: int4}, {awq: int4}, {gptq: int4}, "
+            "{format: awq, type: int4, group_size: 64, symmetric: true}]"],
+    "nf4": ["quantize.method=nf4", "outputs=[{bnb-nf4: nf4}]"],
+    "nf4-dq": ["quantize.method=nf4", "quantize.nf4.double_quant=true", "outputs=[{bnb-nf4: nf4}]"],
+    "gptq-asym": ["quantize.method=gptq", "outputs=[{format: gptq, type: int4, group_size: 32, symmetric: false}, "
+                  "{format: gptq, type: int8, group_size: 64}]"],
+}
+LOGIT_ATOL = 2e-4  # fp32 logits of transformers' forward against validate's layer-at-a-time forward
+
+
+class Build:
+    def __init__(self, overrides: list[str], store: Store):
+        r = load_recipe(RECIPE, ["calibration.samples=16", "calibration.seq_len=128", *overrides])
+        self.recipe, self.store = r, store
+        self.model = download_mod.download(r.model.source, None, r.model.include, False, store)
+        cal = calibrate_mod.calibrate(self.model, r.calibration.source, r.calibration.samples, r.calibration.seq_len,
+                                      r.calibration.seed, r.calibration.text_field, "cpu", store)
+        self.quantized = quantize(self.model, cal, r.quantize, r.outputs, "cpu", store)
+        self.converted = convert(self.model, self.quantized, r.outputs, r.name, store)
+        self.folder = materialize(store, self.model.files)
+
+    def written(self, key: str) -> Path:
+        f = self.converted.files[key]
+        return materialize(self.store, f.files).path / f.path
+
+    def reconstruction(self, key: str) -> dict[str, np.ndarray]:
+        """What the quantizer decided, decoded by the grid: the reference every format must reproduce."""
+        out = {}
+        for blob in self.quantized.outputs[key].layers:
+            lf = LayerFile(self.store.local_path(blob))
+            for r in lf.reports():
+                if r.grid:
+                    out[f"{r.name}.weight"] = grid_named(r.grid).decode(lf.encoded(r.name))
+        return out
+
+
+@pytest.fixture(scope="module")
+def builds(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Build]:
+    store = Store(str(tmp_path_factory.mktemp("formats-store")))
+    return {name: Build(overrides, store) for name, overrides in BUILDS.items()}
+
+
+@pytest.fixture(scope="module")
+def eval_ids(data_dir: Path, builds: dict[str, Build]) -> np.ndarray:
+    tokenizer = next(iter(builds.values())).folder.tokenizer()
+    text = (data_dir / "tinystories-valid-head.txt").read_text(encoding="utf-8")[:20_000]
+    ids = np.asarray(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=np.int64)
+    return windows(ids, 128, 8, 1, "tinystories-valid-head.txt", "test")
+
+
+def transformers_from_pretrained(path: Path) -> torch.nn.Module:
+    """What `AutoModelForCausalLM.from_pretrained` serves: transformers' compressed-tensors quantizer."""
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    assert sum(k.endswith("weight_packed") for k in hf.state_dict()) == 14, "the Linears were not loaded compressed"
+    return hf
+
+
+def compressed_tensors_decompress(path: Path) -> torch.nn.Module:
+    """compressed-tensors' own model path: compress a model of this config, load our tensors strictly, decompress.
+
+    The compressor creates every parameter with the name, shape and dtype it writes itself, so a load that
+    finds no key missing or unexpected (but the tied head) proves the checkpoint's layout; decompression then runs the package's unpacking and dequantization.
+    """
+    from compressed_tensors.compressors import ModelCompressor
+    from compressed_tensors.quantization import QuantizationConfig, apply_quantization_config
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(path)
+    qc = QuantizationConfig.model_validate({k: v for k, v in config.quantization_config.items()
+                                            if k in QuantizationConfig.model_fields})
+    del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    compressor = ModelCompressor(quantization_config=qc)
+    apply_quantization_config(model, qc)
+    compressor.compress_model(model)
+    missing, unexpected = model.load_state_dict(load_file(str(path / "model.safetensors")), strict=False)
+    assert not unexpected and missing == (["lm_head.weight"] if config.tie_word_embeddings else []), (missing, unexpected)
+    model.tie_weights()  # the head is the embedding, stored once
+    compressor.decompress_model(model)
+    return model
+
+
+# transformers 5.23 with compressed-tensors 0.20 cannot load any asymmetric pack-quantized checkpoint: it
+# builds the model with compressed-tensors' meta-device compression, which leaves weight_zero_point unpacked
+# (rows, groups) while the real compressor (and every checkpoint) packs it along the rows, so loading stops
+# on a size mismatch. The asymmetric outputs are proved by compressed-tensors' own decompression instead.
+CONSUMERS = {"transformers": transformers_from_pretrained, "compressed-tensors": compressed_tensors_decompress}
+
+
+def consumer_cases() -> list:
+    cases = []
+    for build, overrides in BUILDS.items():
+        for o in load_recipe(RECIPE, overrides).outputs:
+            if o.format == "compressed-tensors":
+                cases += [(build, o.key, c) for c in CONSUMERS if c != "transformers" or o.symmetric]
+    return cases
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("build,key,consumer", consumer_cases())
+def test_compressed_tensors_consumer_reproduces_our_logits(builds: dict[str, Build], eval_ids: np.ndarray, build: str,
+                                                            key: str, consumer: str) -> None:
+    b = builds[build]
+    path = b.written(key)
+    config = json.loads((path / "config.json").read_text())["quantization_config"]
+    assert config["quant_method"] == "compressed-tensors" and config["format"] == "pack-quantized"
+    model = CONSUMERS[consumer](path)
+    with torch.no_grad():
+        theirs = model(torch.from_numpy(eval_ids)).logits  # transformers decompresses on this first forward
+    state = model.state_dict()
+    # codes are stored, never re-rounded: the consumer's weights are our grid's decode, bit for bit
+    for name, value in b.reconstruction(key).items():
+        assert torch.equal(state[name], torch.from_numpy(value)), name
+    reader = FORMATS["compressed-tensors"].reader(path, b.folder.config())
+    ours = validate_mod.logits(b.folder.config(), reader, b.folder.weights(), eval_ids)
+    diff = (theirs - ours).abs().max().item()
+    print(f"{build} {key} via {consumer}: max |logit difference| {diff:.3g} over {eval_ids.size} tokens")
+    assert diff <= LOGIT_ATOL
+
+
+@pytest.mark.slow
+def test_compressed_tensors_config_groups_follow_overrides(builds: dict[str, Build]) -> None:
+    b = builds["gptq-mixed"]
+    config = json.loads((b.written("compressed-tensors-int4-g32-asym") / "config.json").read_text())["quantization_config"]
+    schemes = {tuple(sorted(g["targets"])): g["weights"] for g in config["config_groups"].values()}
+    down = tuple(sorted(f"model.layers.{i}.mlp.down_proj" for i in range(2)))
+    assert schemes[down] == {**schemes[down], "num_bits": 8, "group_size": 32, "strategy": "group", "symmetric": False}
+    rest = next(w for t, w in schemes.items() if t != down)
+    assert (rest["num_bits"], rest["group_size"], rest["symmetric"]) == (4, 32, False)
+    assert config["ignore"] == ["lm_head"]
+    channel = json.loads((b.written("compressed-tensors-int8-channel") / "config.json").read_text())["quantization_config"]
+    assert {(g["weights"]["strategy"], g["weights"]["group_size"]) for g in channel["config_groups"].values()} == \
+        {("channel", None)}
+
+
+@pytest.mark.slow
+def test_bits_per_weight_counts_the_weight_files(builds: dict[str, Build]) -> None:
+    b = builds["awq"]
+    f = b.converted.files["compressed-tensors-int4-g128"]
+    weights = [p for p in f.files if p.endswith(".safetensors")]
+    assert weights == [f"{f.path}/model.safetensors"]
+    assert f.bits_per_weight == round(f.files[weights[0]].size * 8 / b.model.parameters, 4)
+    assert {p.rsplit("/", 1)[1] for p in f.files} >= {"config.json", "model.safetensors", "tokenizer.json"}
+
+
+# Independent decoders, written from the published layouts (AutoGPTQ's QuantLinear and AutoAWQ's
+# WQLinear_GEMM pack/unpack code), one element at a time, sharing nothing with quantfab's writers.
+def nibble(word: int, k: int, bits: int) -> int:
+    return (word >> (bits * k)) & ((1 << bits) - 1)
+
+
+def gptq_v1_reference(tensors: dict[str, np.ndarray], bits: int, out_f: int, in_f: int) -> np.ndarray:
+    per = 32 // bits
+    qweight, qzeros = tensors["qweight"].view(np.uint32), tensors["qzeros"].view(np.uint32)
+    scales, g_idx = tensors["scales"].astype(np.float32), tensors["g_idx"]
+    w = np.empty((out_f, in_f), np.float32)
+    for i in range(in_f):
+        g = int(g_idx[i])
+        for o in range(out_f):
+            q = nibble(int(qweight[i // per, o]), i % per, bits)
+            zero = nibble(int(qzeros[g, o // per]), o % per, bits) + 1  # v1 stores zero - 1
+            w[o, i] = scales[g, o] * np.float32(q - zero)
+    return w
+
+
+AWQ_REVERSE_ORDER = [0, 4, 1, 5, 2, 6, 3, 7]  # column 8j + c sits in nibble AWQ_REVERSE_ORDER[c] of word j
+
+
+def awq_gemm_reference(tensors: dict[str, np.ndarray], group: int, out_f: int, in_f: int) -> np.ndarray:
+    qweight, qzeros = tensors["qweight"].view(np.uint32), tensors["qzeros"].view(np.uint32)
+    scales = tensors["scales"].astype(np.float32)
+    w = np.empty((out_f, in_f), np.float32)
+    for i in range(in_f):
+        g = i // group
+        for o in range(out_f):
+            q = nibble(int(qweight[i, o // 8]), AWQ_REVERSE_ORDER[o % 8], 4)
+            zero = nibble(int(qzeros[g, o // 8]), AWQ_REVERSE_ORDER[o % 8], 4)
+            w[o, i] = scales[g, o] * np.float32(q - zero)
+    return w
+
+
+def packed_cases() -> list:
+    cases = []
+    for build, overrides in BUILDS.items():
+        cases += [(build, o.key) for o in load_recipe(RECIPE, overrides).outputs if o.format in ("gptq", "awq")]
+    return cases
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("build,key", packed_cases())
+def test_gptq_and_awq_checkpoints_decode_to_our_codes_by_the_published_layout(builds: dict[str, Build], eval_ids,
+                                                                              build: str, key: str) -> None:
+    from safetensors.numpy import load_file
+
+    b = builds[build]
+    path = b.written(key)
+    qc = json.loads((path / "config.json").read_text())["quantization_config"]
+    option = next(o for o in b.recipe.outputs if o.key == key)
+    stored = load_file(str(path / "model.safetensors"))
+    if option.format == "gptq":
+        assert qc == {**qc, "quant_method": "gptq", "checkpoint_format": "gptq", "bits": int(option.type[3:]),
+                      "group_size": option.group_size, "desc_act": False, "sym": option.symmetric}
+    else:
+        assert qc == {**qc, "quant_method": "awq", "version": "gemm", "bits": 4, "group_size": option.group_size,
+                      "zero_point": True, "modules_to_not_convert": ["lm_head"]}
+    expected = b.reconstruction(key)
+    assert len(expected) == 14
+    # one Linear of each shape, decoded element by element (the loops are slow in Python)
+    for name in ("model.layers.0.self_attn.k_proj.weight", "model.layers.1.mlp.down_proj.weight"):
+        module = name.removesuffix(".weight")
+        parts = {k.rsplit(".", 1)[1]: v for k, v in stored.items() if k.startswith(module + ".")}
+        out_f, in_f = expected[name].shape
+        if option.format == "gptq":
+            assert parts["g_idx"].tolist() == [i // option.group_size for i in range(in_f)]
+            got = gptq_v1_reference(parts, int(option.type[3:]), out_f, in_f)
+        else:
+            got = awq_gemm_reference(parts, option.group_size, out_f, in_f)
+        assert np.array_equal(got, expected[name]), name
+    # the format's own reader (what validate measures) agrees with the codes on every Linear
+    reader = FORMATS[option.format].reader(path, b.folder.config())
+    for name, value in expected.items():
+        assert torch.equal(reader.load([name])[name], torch.from_numpy(value)), name
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("build", ["nf4", "nf4-dq"])
+def test_bnb_nf4_loads_in_transformers_with_bitsandbytes_and_reproduces_our_logits(builds: dict[str, Build],
+                                                                                   eval_ids: np.ndarray, build: str) -> None:
+    functional = pytest.importorskip("bitsandbytes.functional", reason="bitsandbytes is not installed")
+    from transformers import AutoModelForCausalLM
+
+    b = builds[build]
+    path = b.written("bnb-nf4")
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    q_proj = model.model.layers[0].self_attn.q_proj
+    assert type(q_proj).__name__ == "Linear4bit" and q_proj.weight.quant_state.nested == (build == "nf4-dq")
+    # bitsandbytes' own dequantization of every Linear is our grid's decode, bit for bit
+    modules = dict(model.named_modules())
+    for name, value in b.reconstruction("bnb-nf4").items():
+        param = modules[name.removesuffix(".weight")].weight
+        assert torch.equal(functional.dequantize_4bit(param.data, param.quant_state), torch.from_numpy(value)), name
+    reader = FORMATS["bnb-nf4"].reader(path, b.folder.config())
+    ours = validate_mod.logits(b.folder.config(), reader, b.folder.weights(), eval_ids)
+    # In eval mode on a CPU with AVX512-BF16, bitsandbytes repacks the weights and runs its fused kernel in
+    # bfloat16 whatever bnb_4bit_compute_dtype says; train mode (no dropout in Llama) takes its float32
+    # dequantize-then-matmul path, which is what the comparison needs.
+    with torch.no_grad():  # train mode first: the first eval-mode forward repacks the weights for good
+        theirs = model.train()(torch.from_numpy(eval_ids)).logits
+        served = model.eval()(torch.from_numpy(eval_ids)).logits
+    diff = (theirs - ours).abs().max().item()
+    print(f"{build} bnb-nf4 via transformers+bitsandbytes: max |logit difference| {diff:.3g} over {eval_ids.size} "
+          f"tokens on bitsandbytes' float32 path, {(served - ours).abs().max().item():.3g} as served in eval mode")
+    assert diff <= LOGIT_ATOL
