@@ -33,7 +33,8 @@ BUILDS = {  # method (and options) -> outputs
     ("nf4", "quantize.nf4.double_quant=true"): "[{bnb-nf4: nf4}]",
 }
 CONSUMERS = {"compressed-tensors": "transformers + compressed-tensors 0.20 (asymmetric: compressed-tensors' decompressor)",
-             "gptq": "independent decoder of the v1 layout (tests)", "awq": "independent decoder of the GEMM layout (tests)",
+             "gptq": "transformers + gptqmodel 7.6 (bench/consumers); v1 layout decoder (tests)",
+             "awq": "transformers + gptqmodel 7.6 (bench/consumers); GEMM layout decoder (tests)",
              "bnb-nf4": "transformers + bitsandbytes (CPU)", "gguf": "gguf-py GGUFReader + quants.dequantize"}
 
 
