@@ -16,8 +16,8 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from quantfab.tasks.convert.hf_folder import FolderWeights, PlannedTensor, float_tensor, plan_tensors, write_folder
-from quantfab.tasks.modelio import ModelDir, TensorInfo
+from quantfab.tasks.convert.hf_folder import FolderWeights, HFFolderFormat, PlannedTensor, write_folder
+from quantfab.tasks.modelio import ModelDir
 from quantfab.tasks.quantize.grids import Encoded, Grid, GridRequest, grid_named
 
 ORDER = np.array([0, 2, 4, 6, 1, 3, 5, 7])  # AutoAWQ's AWQ_ORDER: word slot k holds column ORDER[k] of 8
@@ -57,12 +57,10 @@ def unpack_interleaved(packed: np.ndarray) -> np.ndarray:
     return out.reshape(packed.shape[0], packed.shape[1] * 8).astype(np.int32)
 
 
-class AWQFormat:
+class AWQFormat(HFFolderFormat):
     name = "awq"
     options = AWQOptions
-
-    def output_name(self, options: AWQOptions, name: str) -> str:
-        return f"{name}-{options.key}"
+    packed_bytes = staticmethod(packed_bytes)
 
     def grid_for(self, options: AWQOptions, want: GridRequest) -> Grid | None:
         if want.nf4:
@@ -74,13 +72,6 @@ class AWQFormat:
                              "for every Linear; use compressed-tensors for mixed precision")
         return grid_named(f"INT4_G{options.group_size}_{'SYM' if asked[2] else 'ASYM'}")
 
-    def stores_codes(self, options: AWQOptions) -> bool:
-        return True
-
-    def plan(self, options: AWQOptions, config, tensors: dict[str, TensorInfo],
-             grids: dict[str, str | None]) -> list[PlannedTensor]:
-        return plan_tensors(config, tensors, grids, packed_bytes)
-
     def write(self, path: Path, options: AWQOptions, model: ModelDir, planned: list[PlannedTensor],
               tensor_data: Callable[[PlannedTensor], dict[str, torch.Tensor]], name: str) -> None:
         kept = sorted({t.hf_name.removesuffix(".weight") for t in planned if t.grid is None and len(t.shape) == 2
@@ -88,9 +79,6 @@ class AWQFormat:
         config = {"quant_method": "awq", "version": "gemm", "bits": 4, "group_size": options.group_size,
                   "zero_point": True, "modules_to_not_convert": kept}
         write_folder(path, model, config, planned, tensor_data)
-
-    def float_tensor(self, t: PlannedTensor, w: np.ndarray) -> dict[str, torch.Tensor]:
-        return float_tensor(t, w)
 
     def pack(self, t: PlannedTensor, enc: Encoded) -> dict[str, torch.Tensor]:
         module = t.hf_name.removesuffix(".weight")

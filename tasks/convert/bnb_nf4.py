@@ -18,8 +18,8 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from quantfab.tasks.convert.hf_folder import FolderWeights, PlannedTensor, float_tensor, plan_tensors, write_folder
-from quantfab.tasks.modelio import ModelDir, TensorInfo
+from quantfab.tasks.convert.hf_folder import FolderWeights, HFFolderFormat, PlannedTensor, write_folder
+from quantfab.tasks.modelio import ModelDir
 from quantfab.tasks.quantize.grids import DYNAMIC_MAP, Encoded, Grid, GridRequest, NF4Grid, grid_named
 
 BLOCKSIZES = (64, 128, 256, 512, 1024, 2048, 4096)  # what bitsandbytes' blockwise kernels accept
@@ -49,12 +49,10 @@ def packed_bytes(shape: tuple[int, ...], grid_name: str, dtype: torch.dtype) -> 
     return n // 2 + blocks * 4 + 16 * 4 + state
 
 
-class BnbNF4Format:
+class BnbNF4Format(HFFolderFormat):
     name = "bnb-nf4"
     options = BnbNF4Options
-
-    def output_name(self, options: BnbNF4Options, name: str) -> str:
-        return f"{name}-{options.key}"
+    packed_bytes = staticmethod(packed_bytes)
 
     def grid_for(self, options: BnbNF4Options, want: GridRequest) -> Grid | None:
         if not want.nf4:
@@ -65,13 +63,6 @@ class BnbNF4Format:
         if block not in BLOCKSIZES:
             raise ValueError(f"bitsandbytes block sizes are {', '.join(map(str, BLOCKSIZES))}, not {block}")
         return grid_named(f"NF4_B{block}" + ("_DQ" if want.double_quant else ""))
-
-    def stores_codes(self, options: BnbNF4Options) -> bool:
-        return True
-
-    def plan(self, options: BnbNF4Options, config, tensors: dict[str, TensorInfo],
-             grids: dict[str, str | None]) -> list[PlannedTensor]:
-        return plan_tensors(config, tensors, grids, packed_bytes)
 
     def write(self, path: Path, options: BnbNF4Options, model: ModelDir, planned: list[PlannedTensor],
               tensor_data: Callable[[PlannedTensor], dict[str, torch.Tensor]], name: str) -> None:
@@ -85,9 +76,6 @@ class BnbNF4Format:
                   "bnb_4bit_quant_storage": "uint8", "llm_int8_skip_modules": kept, "llm_int8_threshold": 6.0,
                   "llm_int8_has_fp16_weight": False, "llm_int8_enable_fp32_cpu_offload": False}
         write_folder(path, model, config, planned, tensor_data)
-
-    def float_tensor(self, t: PlannedTensor, w: np.ndarray) -> dict[str, torch.Tensor]:
-        return float_tensor(t, w)
 
     def pack(self, t: PlannedTensor, enc: Encoded) -> dict[str, torch.Tensor]:
         grid = grid_named(t.grid or "")

@@ -19,9 +19,9 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from quantfab.tasks.convert.hf_folder import FolderWeights, PlannedTensor, float_tensor, plan_tensors, write_folder
+from quantfab.tasks.convert.hf_folder import FolderWeights, HFFolderFormat, PlannedTensor, write_folder
 from quantfab.tasks.errors import UserError
-from quantfab.tasks.modelio import ModelDir, TensorInfo
+from quantfab.tasks.modelio import ModelDir
 from quantfab.tasks.quantize.grids import Encoded, Grid, GridRequest, grid_named
 
 DEFAULT_GROUP = {"int4": 128, "int8": "channel"}  # llm-compressor's W4A16 and W8A16 presets
@@ -54,9 +54,10 @@ def packed_bytes(shape: tuple[int, ...], grid_name: str, dtype: torch.dtype) -> 
     return rows * -(-cols * grid.bits // 32) * 4 + rows * groups * scale_size + zeros + 2 * 8  # + weight_shape
 
 
-class CompressedTensorsFormat:
+class CompressedTensorsFormat(HFFolderFormat):
     name = "compressed-tensors"
     options = CompressedTensorsOptions
+    packed_bytes = staticmethod(packed_bytes)
 
     def output_name(self, options: CompressedTensorsOptions, name: str) -> str:
         return f"{name}-{options.key.removeprefix('compressed-tensors-')}-ct"
@@ -70,19 +71,9 @@ class CompressedTensorsFormat:
         side = "SYM" if symmetric else "ASYM"
         return grid_named(f"INT{bits}_CH_{side}" if group == "channel" else f"INT{bits}_G{group}_{side}")
 
-    def stores_codes(self, options: CompressedTensorsOptions) -> bool:
-        return True
-
-    def plan(self, options: CompressedTensorsOptions, config, tensors: dict[str, TensorInfo],
-             grids: dict[str, str | None]) -> list[PlannedTensor]:
-        return plan_tensors(config, tensors, grids, packed_bytes)
-
     def write(self, path: Path, options: CompressedTensorsOptions, model: ModelDir, planned: list[PlannedTensor],
               tensor_data: Callable[[PlannedTensor], dict[str, torch.Tensor]], name: str) -> None:
         write_folder(path, model, quantization_config(planned), planned, tensor_data)
-
-    def float_tensor(self, t: PlannedTensor, w: np.ndarray) -> dict[str, torch.Tensor]:
-        return float_tensor(t, w)
 
     def pack(self, t: PlannedTensor, enc: Encoded) -> dict[str, torch.Tensor]:
         from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32

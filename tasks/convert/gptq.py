@@ -18,9 +18,9 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from quantfab.tasks.convert.hf_folder import FolderWeights, PlannedTensor, float_tensor, plan_tensors, write_folder
+from quantfab.tasks.convert.hf_folder import FolderWeights, HFFolderFormat, PlannedTensor, write_folder
 from quantfab.tasks.errors import UserError
-from quantfab.tasks.modelio import ModelDir, TensorInfo
+from quantfab.tasks.modelio import ModelDir
 from quantfab.tasks.quantize.grids import Encoded, Grid, GridRequest, grid_named
 
 BITS = {"int4": 4, "int8": 8}  # widths that pack whole codes into an int32
@@ -63,12 +63,10 @@ def unpack_along_first(packed: np.ndarray, bits: int) -> np.ndarray:
     return u.reshape(packed.shape[0] * per, *packed.shape[1:]).astype(np.int32)
 
 
-class GPTQFormat:
+class GPTQFormat(HFFolderFormat):
     name = "gptq"
     options = GPTQOptions
-
-    def output_name(self, options: GPTQOptions, name: str) -> str:
-        return f"{name}-{options.key}"
+    packed_bytes = staticmethod(packed_bytes)
 
     def grid_for(self, options: GPTQOptions, want: GridRequest) -> Grid | None:
         if want.nf4:
@@ -81,13 +79,6 @@ class GPTQFormat:
                              f"{options.group_size}, symmetric={symmetric}); use compressed-tensors for mixed precision")
         return grid_named(f"INT{bits}_G{options.group_size}_{'SYM' if symmetric else 'ASYM'}")
 
-    def stores_codes(self, options: GPTQOptions) -> bool:
-        return True
-
-    def plan(self, options: GPTQOptions, config, tensors: dict[str, TensorInfo],
-             grids: dict[str, str | None]) -> list[PlannedTensor]:
-        return plan_tensors(config, tensors, grids, packed_bytes)
-
     def write(self, path: Path, options: GPTQOptions, model: ModelDir, planned: list[PlannedTensor],
               tensor_data: Callable[[PlannedTensor], dict[str, torch.Tensor]], name: str) -> None:
         kept = [t.hf_name.removesuffix(".weight") for t in planned
@@ -98,9 +89,6 @@ class GPTQFormat:
                   # GPTQModel's per-module rules: "-:" keeps a module in float (rows that no group divides)
                   "dynamic": {f"-:^{m.replace('.', '[.]')}$": {} for m in kept} or None}
         write_folder(path, model, {k: v for k, v in config.items() if v is not None}, planned, tensor_data)
-
-    def float_tensor(self, t: PlannedTensor, w: np.ndarray) -> dict[str, torch.Tensor]:
-        return float_tensor(t, w)
 
     def pack(self, t: PlannedTensor, enc: Encoded) -> dict[str, torch.Tensor]:
         grid = grid_named(t.grid or "")

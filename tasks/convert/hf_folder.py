@@ -58,8 +58,22 @@ def plan_tensors(config, tensors: dict[str, TensorInfo], grids: dict[str, str | 
     return out
 
 
-def float_tensor(t: PlannedTensor, w: np.ndarray) -> dict[str, torch.Tensor]:
-    return {t.hf_name: torch.from_numpy(np.ascontiguousarray(w, dtype=np.float32)).to(t.dtype)}
+class HFFolderFormat:
+    """What the HF-checkpoint formats share; each sets ``packed_bytes`` and defines grid_for, write, pack, reader."""
+
+    packed_bytes: Callable[[tuple[int, ...], str, torch.dtype], int]
+
+    def output_name(self, options: Any, name: str) -> str:
+        return f"{name}-{options.key}"
+
+    def stores_codes(self, options: Any) -> bool:
+        return True
+
+    def plan(self, options: Any, config, tensors: dict[str, TensorInfo], grids: dict[str, str | None]) -> list[PlannedTensor]:
+        return plan_tensors(config, tensors, grids, type(self).packed_bytes)
+
+    def float_tensor(self, t: PlannedTensor, w: np.ndarray) -> dict[str, torch.Tensor]:
+        return {t.hf_name: torch.from_numpy(np.ascontiguousarray(w, dtype=np.float32)).to(t.dtype)}
 
 
 def write_folder(path: Path, model: ModelDir, quantization_config: dict[str, Any], planned: list[PlannedTensor],
