@@ -71,6 +71,10 @@ class QuantizeManifest(Manifest):
 WEIGHT_FILES = (".gguf", ".safetensors")  # what bits per weight counts; configs and tokenizers do not
 
 
+def weight_bytes(files: dict[str, Blob]) -> int:
+    return sum(b.size for name, b in files.items() if name.endswith(WEIGHT_FILES))
+
+
 class FormatFile(BaseModel):
     """One output as published: a single file (GGUF) or a folder of files (an HF checkpoint)."""
 
@@ -83,7 +87,7 @@ class FormatFile(BaseModel):
 
     @property
     def weight_bytes(self) -> int:
-        return sum(b.size for name, b in self.files.items() if name.endswith(WEIGHT_FILES))
+        return weight_bytes(self.files)
 
 
 class ConvertManifest(Manifest):

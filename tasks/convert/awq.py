@@ -16,7 +16,8 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from quantfab.tasks.convert.hf_folder import FolderWeights, HFFolderFormat, PlannedTensor, write_folder
+from quantfab.tasks.convert.hf_folder import (FolderWeights, HFFolderFormat, PlannedTensor, pack_words, unpack_words,
+                                              write_folder)
 from quantfab.tasks.modelio import ModelDir
 from quantfab.tasks.quantize.grids import Encoded, Grid, GridRequest, grid_named
 
@@ -42,19 +43,6 @@ def packed_bytes(shape: tuple[int, ...], grid_name: str, dtype: torch.dtype) -> 
     rows, cols = shape  # out, in
     groups = cols // grid_named(grid_name).block
     return cols * rows // 2 + groups * rows // 2 + groups * rows * 2
-
-
-def pack_interleaved(u: np.ndarray) -> np.ndarray:
-    """(n, m) unsigned 4-bit codes -> (n, m / 8) int32 in AWQ's order."""
-    cols = u.astype(np.uint32).reshape(u.shape[0], u.shape[1] // 8, 8)[..., ORDER]
-    return np.ascontiguousarray(np.bitwise_or.reduce(cols << (np.arange(8, dtype=np.uint32) * 4), axis=-1)).view(np.int32)
-
-
-def unpack_interleaved(packed: np.ndarray) -> np.ndarray:
-    nibbles = (packed.view(np.uint32)[..., None] >> (np.arange(8, dtype=np.uint32) * 4)) & np.uint32(15)
-    out = np.empty_like(nibbles)
-    out[..., ORDER] = nibbles
-    return out.reshape(packed.shape[0], packed.shape[1] * 8).astype(np.int32)
 
 
 class AWQFormat(HFFolderFormat):
@@ -84,8 +72,8 @@ class AWQFormat(HFFolderFormat):
         module = t.hf_name.removesuffix(".weight")
         u = (enc.codes.astype(np.int32) + 8).T  # (in, out)
         zero = np.full(enc.d.shape, 8, np.int32) if enc.m is None else enc.m.astype(np.int32) + 8  # (out, groups)
-        return {f"{module}.qweight": torch.from_numpy(pack_interleaved(u)),
-                f"{module}.qzeros": torch.from_numpy(pack_interleaved(zero.T)),
+        return {f"{module}.qweight": torch.from_numpy(pack_words(u, 4, ORDER)),
+                f"{module}.qzeros": torch.from_numpy(pack_words(zero.T, 4, ORDER)),
                 f"{module}.scales": torch.from_numpy(enc.d.T.astype(np.float16).copy())}
 
     def reader(self, path: Path, config) -> FolderWeights:
@@ -95,7 +83,7 @@ class AWQFormat(HFFolderFormat):
 def decode_awq_gemm(module: str, folder: FolderWeights) -> torch.Tensor:
     """(out, in) float32 weights: scales * (u - zeros), each repeated over its group of input rows."""
     group = int(folder.config["quantization_config"]["group_size"])
-    u = unpack_interleaved(folder.raw(f"{module}.qweight").numpy())  # (in, out)
-    zeros = np.repeat(unpack_interleaved(folder.raw(f"{module}.qzeros").numpy()), group, axis=0)
+    u = unpack_words(folder.raw(f"{module}.qweight").numpy(), 4, ORDER)  # (in, out)
+    zeros = np.repeat(unpack_words(folder.raw(f"{module}.qzeros").numpy(), 4, ORDER), group, axis=0)
     scales = np.repeat(folder.raw(f"{module}.scales").numpy().astype(np.float32), group, axis=0)
     return torch.from_numpy((scales * (u - zeros).astype(np.float32)).T.copy())

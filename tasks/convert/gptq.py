@@ -18,7 +18,8 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from quantfab.tasks.convert.hf_folder import FolderWeights, HFFolderFormat, PlannedTensor, write_folder
+from quantfab.tasks.convert.hf_folder import (FolderWeights, HFFolderFormat, PlannedTensor, pack_words, unpack_words,
+                                              write_folder)
 from quantfab.tasks.errors import UserError
 from quantfab.tasks.modelio import ModelDir
 from quantfab.tasks.quantize.grids import Encoded, Grid, GridRequest, grid_named
@@ -46,21 +47,6 @@ def packed_bytes(shape: tuple[int, ...], grid_name: str, dtype: torch.dtype) -> 
     rows, cols = shape  # out, in
     groups = cols // grid.block
     return cols * grid.bits // 8 * rows + groups * rows * grid.bits // 8 + groups * rows * 2 + cols * 4
-
-
-def pack_along_first(u: np.ndarray, bits: int) -> np.ndarray:
-    """(n, m) unsigned codes -> (n * bits / 32, m) int32, element k of each word at bits * k."""
-    per = 32 // bits
-    words = u.astype(np.uint32).reshape(u.shape[0] // per, per, *u.shape[1:])
-    shifts = (np.arange(per, dtype=np.uint32) * bits).reshape(1, per, *([1] * (u.ndim - 1)))
-    return np.ascontiguousarray(np.bitwise_or.reduce(words << shifts, axis=1)).view(np.int32)
-
-
-def unpack_along_first(packed: np.ndarray, bits: int) -> np.ndarray:
-    per = 32 // bits
-    shifts = (np.arange(per, dtype=np.uint32) * bits).reshape(1, per, *([1] * (packed.ndim - 1)))
-    u = (packed.view(np.uint32)[:, None] >> shifts) & np.uint32((1 << bits) - 1)
-    return u.reshape(packed.shape[0] * per, *packed.shape[1:]).astype(np.int32)
 
 
 class GPTQFormat(HFFolderFormat):
@@ -94,15 +80,15 @@ class GPTQFormat(HFFolderFormat):
         grid = grid_named(t.grid or "")
         module = t.hf_name.removesuffix(".weight")
         offset = 1 << (grid.bits - 1)
-        u = (enc.codes.astype(np.int32) + offset).T  # (in, out)
+        u = enc.codes.astype(np.int32) + offset  # (out, in)
         zero = np.full(enc.d.shape, offset, np.int32) if enc.m is None else enc.m.astype(np.int32) + offset
         if (zero < 1).any():
             row, group = np.argwhere(zero < 1)[0]
             raise UserError(f"{module}: gptq v1 cannot store zero point 0 (row {row}, group {group}): it writes zero - 1 "
                             "in unsigned bits. Use symmetric: true, or output compressed-tensors for asymmetric codes")
         cols = enc.codes.shape[1]
-        return {f"{module}.qweight": torch.from_numpy(pack_along_first(u, grid.bits)),
-                f"{module}.qzeros": torch.from_numpy(pack_along_first(zero - 1, grid.bits).T.copy()),
+        return {f"{module}.qweight": torch.from_numpy(pack_words(u, grid.bits).T.copy()),  # packed along in
+                f"{module}.qzeros": torch.from_numpy(pack_words((zero - 1).T, grid.bits)),  # along out
                 f"{module}.scales": torch.from_numpy(enc.d.T.astype(np.float16).copy()),
                 f"{module}.g_idx": torch.from_numpy((np.arange(cols) // grid.block).astype(np.int32))}
 
@@ -113,8 +99,8 @@ class GPTQFormat(HFFolderFormat):
 def decode_gptq_v1(module: str, folder: FolderWeights) -> torch.Tensor:
     """(out, in) float32 weights: scales[g_idx] * (u - (qzeros + 1)), as v1 kernels compute them."""
     bits = int(folder.config["quantization_config"]["bits"])
-    u = unpack_along_first(folder.raw(f"{module}.qweight").numpy(), bits)  # (in, out)
-    zeros = unpack_along_first(folder.raw(f"{module}.qzeros").numpy().T.copy(), bits).T + 1  # (groups, out)
+    u = unpack_words(folder.raw(f"{module}.qweight").numpy().T, bits).T  # (in, out)
+    zeros = unpack_words(folder.raw(f"{module}.qzeros").numpy(), bits) + 1  # (groups, out)
     scales = folder.raw(f"{module}.scales").numpy().astype(np.float32)
     g = folder.raw(f"{module}.g_idx").numpy().astype(np.int64)
     return torch.from_numpy((scales[g] * (u - zeros[g]).astype(np.float32)).T.copy())

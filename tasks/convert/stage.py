@@ -8,7 +8,7 @@ from pathlib import Path
 
 from quantfab.tasks.convert import FORMATS
 from quantfab.tasks.download import materialize
-from quantfab.tasks.manifests import ConvertManifest, FormatFile, ModelManifest, QuantizeManifest
+from quantfab.tasks.manifests import ConvertManifest, FormatFile, ModelManifest, QuantizeManifest, weight_bytes
 from quantfab.tasks.quantize.layer_file import LayerFile
 from quantfab.tasks.store import Blob, Store
 
@@ -46,8 +46,8 @@ def convert(model: ModelManifest, quantized: QuantizeManifest, outputs: list, na
         for t in planned:
             types[t.type_name] = types.get(t.type_name, 0) + 1
         fallbacks = [f"{m.name}: {m.note}" for m in (q.modules if q else []) if m.grid is None and "row length" in m.note]
-        f = FormatFile(output=o.key, path=out_name, files=blobs, tensor_types=types, fallbacks=fallbacks, bits_per_weight=0)
-        files[o.key] = f.model_copy(update={"bits_per_weight": round(f.weight_bytes * 8 / model.parameters, 4)})
+        files[o.key] = FormatFile(output=o.key, path=out_name, files=blobs, tensor_types=types, fallbacks=fallbacks,
+                                  bits_per_weight=round(weight_bytes(blobs) * 8 / model.parameters, 4))
     return ConvertManifest(files=files)
 
 
