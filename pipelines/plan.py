@@ -77,10 +77,11 @@ def plan(recipe: Recipe, store_url: str | None) -> Plan:
     for o in recipe.outputs:
         fmt = FORMATS[o.format]
         grids = {}
+        presets = fmt.presets(o, config, tensors)
         for i in range(int(config.num_hidden_layers)):
             for lin in LINEARS:
                 name = f"model.layers.{i}.{lin}"
-                grids[name] = assign(name, tensors[f"{name}.weight"].shape[1], recipe.quantize, fmt, o).grid
+                grids[name] = assign(name, tensors[f"{name}.weight"].shape[1], recipe.quantize, fmt, o, presets.get(name)).grid
         size = sum(t.nbytes for t in fmt.plan(o, config, tensors, grids))
         out.sizes[o.key] = (size, size * 8 / params)
     return out

@@ -80,7 +80,9 @@ class QuantizeSpec(Section):
     group_size: int | None = Field(None, ge=1, description="Elements per scale along the input dimension; "
                                    "empty means the output type's block.")
     symmetric: bool | None = Field(None, description="Symmetric codes (no zero/min); empty means the output type's.")
-    ignore: list[str] = Field(default=["lm_head"], description="Globs of Linear names kept in float.")
+    ignore: list[str] = Field(default_factory=list, description="Globs of decoder-layer Linear names kept in float. "
+                              "No method quantizes the embedding or the output head; HF formats keep them in "
+                              "float and GGUF file types round them to nearest as llama-quantize does.")
     overrides: dict[str, ModuleOverride] = Field(default_factory=dict,
                                                  description="Per-module settings by glob, e.g. '*.mlp.down_proj': {bits: 8}.")
     gptq: GPTQSpec = Field(default_factory=GPTQSpec, description="Options of method gptq.")

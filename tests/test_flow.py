@@ -25,9 +25,10 @@ pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parent.parent
 RECIPE = REPO / "recipes" / "tinystories-656k-q4_0.yaml"
 FAST = ["calibration.samples=16", "calibration.seq_len=128", "validate.tokens=4096", "validate.window=128"]
-# nf4 has no GGUF grid. rtn and group write all three types; gptq takes the asymmetric Q4_1 path and awq
-# Q4_0 (test_methods covers both methods on both kinds of grid).
-TYPES = {"rtn": ["Q8_0", "Q4_0", "Q4_1"], "group": ["Q8_0", "Q4_0", "Q4_1"], "gptq": ["Q4_1"], "awq": ["Q4_0"]}
+# nf4 has no GGUF grid. rtn and group write three file types; gptq takes the asymmetric Q4_1 path and the
+# Q4_K_M mix (on this model's rows of 128 and 384 that is llama.cpp's Q5_0/Q8_0 fallback), awq Q4_0
+# (test_methods covers both methods on both kinds of grid).
+TYPES = {"rtn": ["Q8_0", "Q4_0", "Q4_1"], "group": ["Q8_0", "Q4_0", "Q4_1"], "gptq": ["Q4_1", "Q4_K_M"], "awq": ["Q4_0"]}
 METHODS = list(TYPES)
 # a folder format through the whole flow (test_formats proves its consumers); g32: g128 is one group per row here
 FOLDER_OUTPUTS = {"awq": "{format: compressed-tensors, type: int4, group_size: 32}"}
@@ -74,15 +75,22 @@ def test_package_published_and_gguf_decodes_to_the_quantizer_reconstruction(buil
     store = Store(str(built["store"]))
     recipe = load_recipe(RECIPE, b["overrides"])
     quant = _cached_quantize_manifest(store, recipe)
-    config = materialize(store, _cached_model(store, recipe).files).config()
+    model = materialize(store, _cached_model(store, recipe).files)
+    config = model.config()
+    embed = model.weights().load(["model.embed_tokens.weight"])["model.embed_tokens.weight"].numpy()
+    q8_0 = grid_named("Q8_0")
     for qtype in TYPES[method]:
         reader = GGUFTensors(dest / f"tinystories-656k-q4_0-{qtype}.gguf", config)
         types = dict(reader.types())
-        assert types["blk.0.attn_q.weight"] == types["blk.1.ffn_down.weight"] == qtype
-        assert types["output_norm.weight"] == "F32" and types["token_embd.weight"] == "F16"
+        assert types["output_norm.weight"] == "F32"
+        # The tied embedding is llama.cpp's output head: Q6_K, which rows of 128 turn into Q8_0, rounded to nearest.
+        assert types["token_embd.weight"] == "Q8_0"
+        assert np.array_equal(reader.array("model.embed_tokens.weight"), q8_0.decode(q8_0.reference(embed)))
         q = quant.outputs[f"gguf-{qtype}"]
+        expected_types = {"Q4_K_M": {"Q5_0", "Q8_0"}}.get(qtype, {qtype})
+        assert {m.grid for m in q.modules} == expected_types
         for m in q.modules:
-            assert m.grid == qtype
+            assert types[reader.tmap.get_name(f"{m.name}.weight", try_suffixes=(".weight",))] == m.grid
             layer = int(m.name.split(".")[2])
             enc = LayerFile(store.local_path(q.layers[layer])).encoded(m.name)
             expected = grid_named(m.grid).decode(enc)

@@ -6,23 +6,29 @@ import gguf
 import numpy as np
 import pytest
 
-from quantfab.tasks.convert.gguf import PACKERS, permute_rows, unpermute_rows
+from quantfab.tasks.convert.gguf import permute_rows, unpermute_rows
+from quantfab.tasks.convert.gguf_blocks import PACKERS
 from quantfab.tasks.quantize import METHODS
+from quantfab.tasks.quantize.gptq import gptq
 from quantfab.tasks.quantize.grids import GRIDS, grid_named
 from quantfab.tasks.quantize.stats import InputStats
 
+K_TYPES = ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]
 
-def weights(rows: int = 64, cols: int = 256, seed: int = 0) -> np.ndarray:
+
+def weights(rows: int = 64, cols: int = 512, seed: int = 0) -> np.ndarray:
     rng = np.random.default_rng(seed)
     w = rng.standard_normal((rows, cols)).astype(np.float32)
     w[0, :32] = 0.0  # an all-zero block: scale 0, codes must stay finite
     w[1, 5] = 40.0  # an outlier block
     w[2, 32:64] = 0.5  # a constant block (max == min for Q4_1)
     w[3, 64:96] = np.float32(1e-8) * rng.standard_normal(32).astype(np.float32)  # tiny scales
+    w[4, 256:] = 0.0  # an all-zero K-quant super-block
+    w[5, :256] = np.abs(w[5, :256])  # a super-block without negatives: every min is 0
     return w
 
 
-@pytest.mark.parametrize("name", ["Q8_0", "Q4_0", "Q4_1"])
+@pytest.mark.parametrize("name", ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1"])
 def test_rtn_reference_is_llama_cpp_bytes(name: str) -> None:
     """rtn on a GGUF grid packs to exactly the bytes gguf-py's port of llama.cpp's reference produces."""
     w = weights()
@@ -33,16 +39,52 @@ def test_rtn_reference_is_llama_cpp_bytes(name: str) -> None:
     assert np.array_equal(ours, theirs)
 
 
-@pytest.mark.parametrize("name", ["Q8_0", "Q4_0", "Q4_1"])
-@pytest.mark.parametrize("method", ["rtn", "group"])
+@pytest.mark.parametrize("name", list(GRIDS))
+@pytest.mark.parametrize("method", ["rtn", "group", "gptq"])
 def test_decode_equals_gguf_dequantize(name: str, method: str) -> None:
-    """What our grid decodes is, bit for bit, what gguf-py decodes from the packed bytes."""
+    """What our grid decodes is, bit for bit, what gguf-py decodes from the packed bytes, for every GGUF type."""
     w = weights(seed=1)
     grid = GRIDS[name]
-    enc = METHODS[method]().quantize(w, grid, None)
+    if method == "gptq":
+        x = np.random.default_rng(7).standard_normal((1024, w.shape[1])).astype(np.float32)
+        enc = grid.finalize(gptq(w, x.T @ x / np.float32(x.shape[0]), grid, 0.01, 128, True, False, "w"))
+    else:
+        enc = METHODS[method]().quantize(w, grid, None)
     assert enc.codes.min() >= grid.qmin and enc.codes.max() <= grid.qmax
-    decoded = gguf.quants.dequantize(PACKERS[name](enc), gguf.GGMLQuantizationType[name])
+    packed = PACKERS[name](enc)
+    block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[name]]
+    assert packed.dtype == np.uint8 and packed.shape == (w.shape[0], w.shape[1] // block * size)
+    decoded = gguf.quants.dequantize(packed, gguf.GGMLQuantizationType[name])
     assert np.array_equal(decoded.view(np.uint32), grid.decode(enc).view(np.uint32))
+
+
+@pytest.mark.parametrize("name", K_TYPES)
+def test_k_quant_scales_are_integers_of_one_super_block_scale(name: str) -> None:
+    """Every sub-block scale (and min) is fp16(d) times an integer in the type's range; split recovers them."""
+    grid = GRIDS[name]
+    enc = grid.reference(weights(seed=6))
+    fields = grid.split(enc.d.reshape(-1), None if enc.m is None else enc.m.reshape(-1))
+    per = 256 // grid.block
+    d = np.repeat(fields["d"], per).reshape(enc.d.shape)
+    assert np.array_equal(fields["d"].astype(np.float16).astype(np.float32), fields["d"])
+    assert np.array_equal(d * fields["scales"].reshape(enc.d.shape).astype(np.float32), enc.d)
+    if enc.m is not None:
+        assert np.array_equal(-(np.repeat(fields["dmin"], per).reshape(enc.m.shape)
+                                * fields["mins"].reshape(enc.m.shape).astype(np.float32)), enc.m)
+
+
+@pytest.mark.parametrize("name", ["Q4_0", "Q5_0", *K_TYPES])
+def test_gptq_beats_rtn_on_output_error(name: str) -> None:
+    """GPTQ on the same grid (K-quant super-block scales included) lowers the output error on correlated inputs."""
+    rng = np.random.default_rng(8)
+    w = rng.standard_normal((128, 512)).astype(np.float32)
+    mixing = rng.standard_normal((64, 512)).astype(np.float32)
+    x = rng.standard_normal((2048, 64)).astype(np.float32) @ mixing + 0.3 * rng.standard_normal((2048, 512)).astype(np.float32)
+    stats = InputStats(np.abs(x).mean(0), x.T @ x, x.shape[0])
+    grid = GRIDS[name]
+    rtn = grid.decode(grid.reference(w))
+    ours = grid.decode(gptq(w, stats.hessian * np.float32(2 / stats.count), grid, 0.01, 128, True, False, "w"))
+    assert stats.relative_output_error(w, ours) < 0.5 * stats.relative_output_error(w, rtn)
 
 
 def test_group_never_worse_than_rtn_per_block() -> None:

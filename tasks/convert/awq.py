@@ -50,7 +50,7 @@ class AWQFormat(HFFolderFormat):
     options = AWQOptions
     packed_bytes = staticmethod(packed_bytes)
 
-    def grid_for(self, options: AWQOptions, want: GridRequest) -> Grid | None:
+    def grid_for(self, options: AWQOptions, want: GridRequest, preset: str | None = None) -> Grid | None:
         if want.nf4:
             raise ValueError("awq checkpoints hold integer codes, not NF4 (use output bnb-nf4)")
         asked = (want.bits or 4, want.group_size or options.group_size,

@@ -54,7 +54,7 @@ class BnbNF4Format(HFFolderFormat):
     options = BnbNF4Options
     packed_bytes = staticmethod(packed_bytes)
 
-    def grid_for(self, options: BnbNF4Options, want: GridRequest) -> Grid | None:
+    def grid_for(self, options: BnbNF4Options, want: GridRequest, preset: str | None = None) -> Grid | None:
         if not want.nf4:
             raise ValueError("bnb-nf4 stores NF4 codes: use quantize.method nf4")
         if want.bits not in (None, 4) or want.symmetric is False:

@@ -62,7 +62,7 @@ class CompressedTensorsFormat(HFFolderFormat):
     def output_name(self, options: CompressedTensorsOptions, name: str) -> str:
         return f"{name}-{options.key.removeprefix('compressed-tensors-')}-ct"
 
-    def grid_for(self, options: CompressedTensorsOptions, want: GridRequest) -> Grid | None:
+    def grid_for(self, options: CompressedTensorsOptions, want: GridRequest, preset: str | None = None) -> Grid | None:
         if want.nf4:
             raise ValueError("compressed-tensors pack-quantized holds integer codes, not NF4 (use output bnb-nf4)")
         bits = want.bits or int(options.type.removeprefix("int"))

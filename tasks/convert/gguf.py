@@ -1,8 +1,11 @@
 """gguf: llama.cpp's container, written with gguf-py's GGUFWriter and read back with its GGUFReader.
 
-Quantized tensors store the method's codes unchanged on llama.cpp's Q8_0 / Q4_0 / Q4_1 grids (blocks
-of 32, fp16 scales); 1-D tensors are F32 and other float tensors ``float_type``. Tensors are streamed to
-the file one at a time, and q/k rows are permuted to llama.cpp's rotary layout as its converter does.
+``type`` is a llama-quantize file type: Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, the K-quant mixes Q2_K, Q3_K_S/M/L,
+Q4_K_S/M, Q5_K_S/M, Q6_K, or F16/F32. Each tensor gets the GGML type llama-quantize would give it
+(``gguf_types``). Decoder-layer Linears hold the method's codes on that type's grid; the embedding and
+the output head, which no method quantizes, are rounded to nearest by the grid's reference rule, which
+is llama.cpp's own. 1-D tensors are F32 and float tensors ``float_type``. Tensors are streamed to the
+file one at a time, and q/k rows are permuted to llama.cpp's rotary layout as its converter does.
 """
 
 from __future__ import annotations
@@ -16,28 +19,30 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict
 
+from quantfab.tasks.convert.gguf_blocks import PACKERS
+from quantfab.tasks.convert.gguf_types import DEFAULT_TYPE, ModelFacts, choose_types
 from quantfab.tasks.errors import UserError
 from quantfab.tasks.modelio import ModelDir, TensorInfo
 from quantfab.tasks.quantize.grids import GRIDS, Encoded, Grid, GridRequest
 
 QTYPE = gguf.GGMLQuantizationType
-GRID_TYPES = {"Q8_0": QTYPE.Q8_0, "Q4_0": QTYPE.Q4_0, "Q4_1": QTYPE.Q4_1}
-FILE_TYPES = {"F32": gguf.LlamaFileType.ALL_F32, "F16": gguf.LlamaFileType.MOSTLY_F16,
-              "Q8_0": gguf.LlamaFileType.MOSTLY_Q8_0, "Q4_0": gguf.LlamaFileType.MOSTLY_Q4_0,
-              "Q4_1": gguf.LlamaFileType.MOSTLY_Q4_1}
+SIMPLE_TYPES = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1")  # blocks of 32: what explicit bits/symmetric pick from
+FileType = Literal["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_K_S", "Q4_K_M",
+                   "Q5_K_S", "Q5_K_M", "Q6_K", "F16", "F32"]
 
 
 class GGUFOptions(BaseModel):
-    """`{gguf: Q4_0}` or `{format: gguf, type: Q4_0, float_type: F16}`."""
+    """`{gguf: Q4_K_M}` or `{format: gguf, type: Q4_K_M, pure: true, float_type: F32}`."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     format: Literal["gguf"] = "gguf"
-    type: Literal["Q8_0", "Q4_0", "Q4_1", "F16", "F32"]
+    type: FileType
+    pure: bool = False  # every quantized tensor of the type itself, as llama-quantize --pure
     float_type: Literal["F16", "F32"] = "F16"
 
     @property
     def key(self) -> str:
-        return f"gguf-{self.type}"
+        return f"gguf-{self.type}" + ("-pure" if self.pure else "")
 
 
 @dataclass(frozen=True)
@@ -52,6 +57,10 @@ class PlannedTensor:
         return self.qtype.name
 
     @property
+    def quantized(self) -> bool:
+        return self.qtype not in (QTYPE.F32, QTYPE.F16)
+
+    @property
     def nbytes(self) -> int:
         block, size = gguf.GGML_QUANT_SIZES[self.qtype]
         n = int(np.prod(self.shape))
@@ -63,46 +72,62 @@ class GGUFFormat:
     options = GGUFOptions
 
     def output_name(self, options: GGUFOptions, name: str) -> str:
-        return f"{name}-{options.type}.gguf"
+        return f"{name}-{options.type}" + ("-pure" if options.pure else "") + ".gguf"
 
-    def grid_for(self, options: GGUFOptions, want: GridRequest) -> Grid | None:
-        """The GGUF grid that holds this request; None when the output type keeps floats."""
-        if options.type not in GRID_TYPES:
+    def presets(self, options: GGUFOptions, config, tensors: dict[str, TensorInfo]) -> dict[str, str | None]:
+        """Module -> the GGML type llama-quantize gives its weight (``float_type`` if it stays float), per 2-D weight."""
+        if not self.stores_codes(options):
+            return {}
+        names = [(hf, gname, tensors[hf].shape) for hf, gname in _file_tensors(config, tensors)]
+        types = choose_types(options.type, [(g, shape) for _, g, shape in names], ModelFacts.of(config), options.pure)
+        return {hf.removesuffix(".weight"): types[g] or options.float_type for hf, g, shape in names if len(shape) == 2}
+
+    def grid_for(self, options: GGUFOptions, want: GridRequest, preset: str | None = None) -> Grid | None:
+        """The grid that holds this request for a tensor whose file-type choice is ``preset``.
+
+        ``preset`` is what ``presets`` gives the tensor, None with no tensor in view (recipe checks). The
+        result is None when the tensor stays float. A request without bits, group or symmetry takes the
+        preset (or the file type's default type); explicit ones pick among the blocks of 32.
+        """
+        if not self.stores_codes(options):
             return None
         if want.nf4:
             raise ValueError("gguf has no NF4 grid")
-        default = GRIDS[options.type]
-        key = (want.bits or default.bits, want.group_size or default.block,
-               default.symmetric if want.symmetric is None else want.symmetric)
-        for name in GRID_TYPES:
-            g = GRIDS[name]
-            if (g.bits, g.block, g.symmetric) == key:
-                return g
-        raise ValueError(f"gguf has no grid with bits={key[0]}, group_size={key[1]}, symmetric={key[2]}; "
-                         "it stores Q8_0 (8-bit symmetric), Q4_0 (4-bit symmetric) and Q4_1 (4-bit asymmetric), "
-                         "all in blocks of 32")
+        default = GRIDS[preset] if preset in GRIDS else GRIDS[DEFAULT_TYPE[options.type]]
+        if want.bits is None and want.group_size is None and want.symmetric is None:
+            return None if preset is not None and preset not in GRIDS else default
+        bits = want.bits or default.bits
+        if want.group_size not in (None, 32):
+            raise ValueError(f"gguf has no grid with group_size={want.group_size}: llama.cpp's 4/5/8-bit types use "
+                             "blocks of 32 (K-quants come from the file type itself, e.g. Q4_K_M)")
+        fits = [GRIDS[t] for t in SIMPLE_TYPES if GRIDS[t].bits == bits
+                and (want.symmetric is None or GRIDS[t].symmetric == want.symmetric)]
+        fits.sort(key=lambda g: g.symmetric != default.symmetric)
+        if not fits:
+            raise ValueError(f"gguf has no grid with bits={bits}" + ("" if want.symmetric is None else f", symmetric={want.symmetric}")
+                             + "; explicit settings pick among Q8_0 (8-bit symmetric), Q4_0/Q5_0 (symmetric) and "
+                             "Q4_1/Q5_1 (with a min), all in blocks of 32")
+        return fits[0]
 
     def stores_codes(self, options: GGUFOptions) -> bool:
-        return options.type in GRID_TYPES
+        return options.type in DEFAULT_TYPE
 
     def plan(self, options: GGUFOptions, config, tensors: dict[str, TensorInfo],
              grids: dict[str, str | None]) -> list[PlannedTensor]:
-        """Every tensor the file will hold, in file order, with its GGUF name and type."""
-        tmap = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, int(config.num_hidden_layers))
+        """Every tensor the file will hold, in file order, with its GGUF name and type.
+
+        Layer Linears take the grid quantize used (``grids``; None there means kept in float); other 2-D
+        weights take the file type's choice.
+        """
         floating = QTYPE.F32 if options.type == "F32" or options.float_type == "F32" else QTYPE.F16
+        presets = self.presets(options, config, tensors)
         out = []
-        for name in sorted(tensors, key=_file_order):
-            if name == "lm_head.weight" and config.tie_word_embeddings:
-                continue
-            if name.endswith("rotary_emb.inv_freq"):
-                continue
-            gname = tmap.get_name(name, try_suffixes=(".weight", ".bias"))
-            if gname is None:
-                raise UserError(f"tensor {name}: no GGUF name for it in llama.cpp's llama architecture")
+        for name, gname in _file_tensors(config, tensors):
             shape = tensors[name].shape
-            grid = grids.get(name.removesuffix(".weight"))
-            if grid is not None:
-                qtype = GRID_TYPES[grid]
+            module = name.removesuffix(".weight")
+            chosen = grids[module] if module in grids else presets.get(module)
+            if chosen in GRIDS:
+                qtype = QTYPE[chosen]
             elif len(shape) == 1:
                 qtype = QTYPE.F32
             else:
@@ -118,7 +143,7 @@ class GGUFFormat:
         _add_metadata(writer, config, options, name)
         _add_tokenizer(writer, model.path, int(config.vocab_size))
         for t in planned:
-            if t.qtype in (QTYPE.F32, QTYPE.F16):
+            if not t.quantized:
                 dtype = np.float32 if t.qtype == QTYPE.F32 else np.float16
                 writer.add_tensor_info(t.gguf_name, t.shape, np.dtype(dtype), t.nbytes)
             else:
@@ -136,10 +161,27 @@ class GGUFFormat:
         return GGUFTensors(path, config)
 
     def float_tensor(self, t: PlannedTensor, w: np.ndarray) -> np.ndarray:
+        """A tensor no method quantized: floats, or llama.cpp's round-to-nearest where its type is quantized."""
+        if t.quantized:
+            return self.pack(t, GRIDS[t.type_name].reference(w.astype(np.float32)))
         return w.astype(np.float32 if t.qtype == QTYPE.F32 else np.float16)
 
     def pack(self, t: PlannedTensor, enc: Encoded) -> np.ndarray:
-        return PACKERS[t.qtype.name](enc)
+        return PACKERS[t.type_name](enc)
+
+
+def _file_tensors(config, tensors: dict[str, TensorInfo]) -> Iterator[tuple[str, str]]:
+    """(HF name, GGUF name) of every tensor the file holds, in file order."""
+    tmap = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, int(config.num_hidden_layers))
+    for name in sorted(tensors, key=_file_order):
+        if name == "lm_head.weight" and config.tie_word_embeddings:
+            continue
+        if name.endswith("rotary_emb.inv_freq"):
+            continue
+        gname = tmap.get_name(name, try_suffixes=(".weight", ".bias"))
+        if gname is None:
+            raise UserError(f"tensor {name}: no GGUF name for it in llama.cpp's llama architecture")
+        yield name, gname
 
 
 def _file_order(name: str) -> tuple:
@@ -186,7 +228,8 @@ def _add_metadata(writer: gguf.GGUFWriter, config, options: GGUFOptions, name: s
     rope_theta = getattr(config, "rope_theta", None) or (getattr(config, "rope_parameters", None) or {}).get("rope_theta", 10000.0)
     writer.add_rope_freq_base(float(rope_theta))
     writer.add_vocab_size(int(config.vocab_size))
-    writer.add_file_type(int(FILE_TYPES[options.type]))
+    file_type = {"F32": "ALL_F32", "F16": "MOSTLY_F16"}.get(options.type, f"MOSTLY_{options.type}")
+    writer.add_file_type(int(gguf.LlamaFileType[file_type]))
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
 
@@ -217,37 +260,6 @@ def _add_tokenizer(writer: gguf.GGUFWriter, folder: Path, vocab_size: int) -> No
         gguf.SpecialVocab(folder, load_merges=True, n_vocab=len(tokens)).add_to_gguf(writer, quiet=True)
     else:
         gguf.SpecialVocab(folder, n_vocab=len(tokens)).add_to_gguf(writer, quiet=True)
-
-
-def _pack_nibbles(codes: np.ndarray) -> np.ndarray:
-    """(rows, blocks, 32) codes 0..15 -> (rows, blocks, 16) bytes: element j low, element j+16 high."""
-    return (codes[..., :16] | (codes[..., 16:] << 4)).astype(np.uint8)
-
-
-def _fp16_bytes(x: np.ndarray) -> np.ndarray:
-    return x.astype(np.float16).view(np.uint8).reshape(*x.shape, 2)
-
-
-def pack_q8_0(enc: Encoded) -> np.ndarray:
-    rows, cols = enc.codes.shape
-    q = enc.codes.reshape(rows, cols // 32, 32).view(np.uint8)
-    return np.concatenate([_fp16_bytes(enc.d), q], axis=-1).reshape(rows, -1)
-
-
-def pack_q4_0(enc: Encoded) -> np.ndarray:
-    rows, cols = enc.codes.shape
-    q = (enc.codes.astype(np.int16) + 8).astype(np.uint8).reshape(rows, cols // 32, 32)
-    return np.concatenate([_fp16_bytes(enc.d), _pack_nibbles(q)], axis=-1).reshape(rows, -1)
-
-
-def pack_q4_1(enc: Encoded) -> np.ndarray:
-    assert enc.m is not None
-    rows, cols = enc.codes.shape
-    q = enc.codes.astype(np.uint8).reshape(rows, cols // 32, 32)
-    return np.concatenate([_fp16_bytes(enc.d), _fp16_bytes(enc.m), _pack_nibbles(q)], axis=-1).reshape(rows, -1)
-
-
-PACKERS: dict[str, Callable[[Encoded], np.ndarray]] = {"Q8_0": pack_q8_0, "Q4_0": pack_q4_0, "Q4_1": pack_q4_1}
 
 
 class GGUFTensors:

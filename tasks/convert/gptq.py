@@ -54,7 +54,7 @@ class GPTQFormat(HFFolderFormat):
     options = GPTQOptions
     packed_bytes = staticmethod(packed_bytes)
 
-    def grid_for(self, options: GPTQOptions, want: GridRequest) -> Grid | None:
+    def grid_for(self, options: GPTQOptions, want: GridRequest, preset: str | None = None) -> Grid | None:
         if want.nf4:
             raise ValueError("gptq checkpoints hold integer codes, not NF4 (use output bnb-nf4)")
         bits, symmetric = BITS[options.type], options.symmetric

@@ -89,6 +89,10 @@ class HFFolderFormat:
     def stores_codes(self, options: Any) -> bool:
         return True
 
+    def presets(self, options: Any, config, tensors: dict[str, TensorInfo]) -> dict[str, str | None]:
+        """No per-tensor choice: every Linear takes the grid ``grid_for`` gives the recipe's request."""
+        return {}
+
     def plan(self, options: Any, config, tensors: dict[str, TensorInfo], grids: dict[str, str | None]) -> list[PlannedTensor]:
         return plan_tensors(config, tensors, grids, type(self).packed_bytes)
 

@@ -33,8 +33,9 @@ def request(method: str, bits: int | None, group_size: int | None, symmetric: bo
     return GridRequest(bits, group_size, symmetric)
 
 
-def assign(module: str, cols: int, quant: Any, fmt: Any, options: Any) -> Assignment:
-    """``quant`` is the recipe's QuantizeSpec; ``fmt``/``options`` the output's format and options."""
+def assign(module: str, cols: int, quant: Any, fmt: Any, options: Any, preset: str | None = None) -> Assignment:
+    """``quant`` is the recipe's QuantizeSpec; ``fmt``/``options`` the output's format and options; ``preset``
+    the type the format's own per-tensor rules give this module (``fmt.presets``), if it has any."""
     if any(matches(module, pat) for pat in quant.ignore):
         return Assignment(module, quant.method, None, "ignored by quantize.ignore")
     method, bits, group_size, symmetric = quant.method, quant.bits, quant.group_size, quant.symmetric
@@ -44,11 +45,12 @@ def assign(module: str, cols: int, quant: Any, fmt: Any, options: Any) -> Assign
             bits = o.bits if o.bits is not None else bits
             group_size = o.group_size if o.group_size is not None else group_size
             symmetric = o.symmetric if o.symmetric is not None else symmetric
-    grid = fmt.grid_for(options, request(method, bits, group_size, symmetric, quant))
+    grid = fmt.grid_for(options, request(method, bits, group_size, symmetric, quant), preset)
     if grid is None:
-        return Assignment(module, method, None, f"{options.key} keeps floats")
+        return Assignment(module, method, None, f"{options.key} keeps floats"
+                          + (f" (row length {cols} fits no block of its type)" if preset else ""))
     grid = grid.for_row(cols)
-    if cols % grid.block:
+    if cols % grid.span:
         return Assignment(module, method, None, f"row length {cols} is not a multiple of the {grid.name} block "
-                          f"{grid.block}: kept as {getattr(options, 'float_type', 'float')}")
+                          f"{grid.span}: kept as {getattr(options, 'float_type', 'float')}")
     return Assignment(module, method, grid.name)

@@ -98,7 +98,8 @@ def scaled_stats(st: InputStats, s: np.ndarray) -> InputStats:
 
 
 def clip_search(w: np.ndarray, grid: Grid, st: InputStats, max_shrink: float, points: int) -> Encoded:
-    """Per block, the range shrink ratio in [1 - max_shrink, 1] with the least output error of that block."""
+    """Per block (per super-block of a K-quant), the range shrink ratio in [1 - max_shrink, 1] with the least
+    output error there (the diagonal blocks of H, so errors of different blocks are not coupled)."""
     rows, cols = w.shape
     b = grid.block
     idx = np.arange(cols // b)
@@ -109,7 +110,7 @@ def clip_search(w: np.ndarray, grid: Grid, st: InputStats, max_shrink: float, po
         d, m = grid.scale_candidates(w, float(ratio))
         enc = Encoded(grid.encode(w, d, m), d, m)
         delta = grid.blocks(grid.decode(enc) - w)
-        err = np.einsum("rki,kij,rkj->rk", delta, h_blocks, delta, optimize=True)
+        err = grid.span_total(np.einsum("rki,kij,rkj->rk", delta, h_blocks, delta, optimize=True))
         if best is None:
             best, best_err = enc, err
             continue

@@ -9,7 +9,9 @@ upper Cholesky factor U of H^-1 gives each column's error weight; updates are ap
 Groups are contiguous blocks of the original column order on every grid (GGUF has no g_idx), so
 ``act_order`` changes the order columns are processed in (descending H diagonal) but not which columns
 share a scale. A group's scale is taken from the current, error-updated weights when its first column is
-reached, or from the original weights up front with ``static_groups``. Float32 throughout.
+reached, or from the original weights up front with ``static_groups``. On a K-quant grid the unit is the
+super-block: its sub-block scales are integers of one shared scale, so all of them are set, from the
+current weights, when the super-block's first column is reached. Float32 throughout.
 """
 
 from __future__ import annotations
@@ -87,10 +89,11 @@ def gptq(w: np.ndarray, h: np.ndarray, grid: Grid, damp_percent: float, block_si
     W, H = W[:, perm], H[perm][:, perm]
     U = inverse_cholesky(H, damp_percent, name)
 
-    n_groups = cols // group
-    d = np.zeros((rows, n_groups), np.float32)
-    m = None if grid.symmetric else np.zeros((rows, n_groups), np.float32)  # asymmetric grids store a min or zero
-    done = np.zeros(n_groups, bool)
+    span = grid.span  # columns whose scales are set together: a group, or a K-quant super-block of groups
+    per = span // group
+    d = np.zeros((rows, cols // group), np.float32)
+    m = None if grid.symmetric else np.zeros((rows, cols // group), np.float32)  # asymmetric grids store a min or zero
+    done = np.zeros(cols // span, bool)
     if static_groups:
         d0, m0 = grid.scale_candidates(w.astype(np.float32), 1.0)
         d[:] = d0
@@ -106,17 +109,17 @@ def gptq(w: np.ndarray, h: np.ndarray, grid: Grid, damp_percent: float, block_si
         U1 = U[i1:i2, i1:i2]
         for i in range(i2 - i1):
             col = int(perm[i1 + i])
-            g = col // group
-            if not done[g]:
-                members = inv_perm[g * group:(g + 1) * group]  # positions of the group's columns in W
+            g, s = col // group, col // span
+            if not done[s]:
+                members = inv_perm[s * span:(s + 1) * span]  # positions of the span's columns in W
                 current = W[:, members].copy()
                 inside = (members >= i1) & (members < i2)
                 current[:, inside] = W1[:, members[inside] - i1]
-                dg, mg = grid.scale_candidates(current, 1.0)  # columns in original order
-                d[:, g] = dg[:, 0]
-                if m is not None and mg is not None:
-                    m[:, g] = mg[:, 0]
-                done[g] = True
+                ds, ms = grid.scale_candidates(current, 1.0)  # columns in original order
+                d[:, s * per:(s + 1) * per] = ds
+                if m is not None and ms is not None:
+                    m[:, s * per:(s + 1) * per] = ms
+                done[s] = True
             x = W1[:, i]
             mg_col = None if m is None else m[:, g]
             q = grid.encode_values(x, d[:, g], mg_col)

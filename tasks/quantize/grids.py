@@ -1,145 +1,23 @@
-"""Quantization grids: the contract between methods and formats.
+"""Quantization grids, one small class per type with a NumPy reference (in the manner of gguf-py's
+``quants.py``); ``GRIDS`` is the registry of the fixed GGUF grids, ``grid_named`` also builds the
+parametric ones (INT{bits}_G{group}_{SYM|ASYM}, INT{bits}_CH_..., NF4_B{block}[_DQ]).
 
-A grid says how a row of weights is cut into blocks, which integer codes a block may hold, how its
-scale (and min) are stored, and how codes decode back to floats. A method picks codes on a grid; a
-format stores those codes unchanged. Each grid is one small class with a NumPy reference, in the
-manner of gguf-py's ``quants.py``; ``GRIDS`` is the registry keyed by name.
-
-Codes are int8 arrays shaped like the weight; scales ``d`` and mins ``m`` are float32 arrays of shape
-(rows, blocks) that hold values exactly representable in the grid's scale dtype.
+The contract they share (``Encoded``, ``Grid``) is in ``grid_base``; llama.cpp's K-quants in ``kquants``.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
 from functools import lru_cache
 
 import numpy as np
 import torch
 
+from quantfab.tasks.quantize.grid_base import (AsymmetricGrid, Encoded, Grid, GridRequest, SymmetricGrid,
+                                               inverse_or_zero)
+from quantfab.tasks.quantize.kquants import K_GRIDS
 
-@dataclass(frozen=True)
-class Encoded:
-    """Integer codes on a grid plus the per-block scale, and the min or zero point where the grid has one.
-
-    ``extra`` holds grid-specific stored state a format needs beyond d and m (NF4's nested absmax codes).
-    """
-
-    codes: np.ndarray  # int8, (rows, cols)
-    d: np.ndarray  # float32, (rows, cols // block)
-    m: np.ndarray | None  # float32, (rows, cols // block): a float min (Q4_1) or an integer zero point (INT*_ASYM)
-    extra: dict[str, np.ndarray] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class GridRequest:
-    """What a recipe asks of a format's grid; None fields mean "the output type's own"."""
-
-    bits: int | None = None
-    group_size: int | None = None
-    symmetric: bool | None = None
-    nf4: bool = False  # the NormalFloat-4 codebook instead of evenly spaced integers
-    double_quant: bool = False  # NF4 only: quantize the absmax values too
-
-
-class Grid:
-    """Base class: a grid of ``bits``-bit codes in blocks of ``block`` along the input dimension.
-
-    Subclasses define the elementwise rules ``encode_values``/``decode_values`` (broadcasting codes
-    against per-element scales) and the scale rule ``scale_candidates``; whole-tensor ``encode``/``decode``
-    and the column-at-a-time use GPTQ makes of a grid both go through those rules.
-    """
-
-    name: str
-    bits: int
-    block: int
-    symmetric: bool
-    qmin: int
-    qmax: int
-    scale_dtype = np.float16
-
-    def blocks(self, w: np.ndarray) -> np.ndarray:
-        """View (rows, cols) as (rows, cols // block, block); cols must divide by the block."""
-        rows, cols = w.shape
-        return w.reshape(rows, cols // self.block, self.block)
-
-    def reference(self, w: np.ndarray) -> Encoded:
-        """Round-to-nearest codes with the reference scale rule of this grid's home ecosystem."""
-        d, m = self.scale_candidates(w, 1.0)
-        return self.finalize(Encoded(self.encode(w, d, m), d, m))
-
-    def scale_candidates(self, w: np.ndarray, ratio: float) -> tuple[np.ndarray, np.ndarray | None]:
-        """Stored scale (and min/zero) of every block when its range is shrunk by ``ratio``."""
-        raise NotImplementedError
-
-    def encode_values(self, x: np.ndarray, d: np.ndarray, m: np.ndarray | None) -> np.ndarray:
-        """Codes for values ``x`` given broadcastable stored scales and mins."""
-        raise NotImplementedError
-
-    def decode_values(self, q: np.ndarray, d: np.ndarray, m: np.ndarray | None) -> np.ndarray:
-        """Float32 values of codes ``q``, computed exactly as the format's own reader computes them."""
-        raise NotImplementedError
-
-    def encode(self, w: np.ndarray, d: np.ndarray, m: np.ndarray | None) -> np.ndarray:
-        """Codes for ``w`` given stored (already dtype-rounded) scales and mins, one per block."""
-        mm = None if m is None else m[..., None]
-        return self.encode_values(self.blocks(w), d[..., None], mm).astype(np.int8).reshape(w.shape)
-
-    def decode(self, enc: Encoded) -> np.ndarray:
-        """Float32 reconstruction of a whole tensor."""
-        mm = None if enc.m is None else enc.m[..., None]
-        return self.decode_values(self.blocks(enc.codes), enc.d[..., None], mm).reshape(enc.codes.shape)
-
-    def finalize(self, enc: Encoded) -> Encoded:
-        """Post-process once every block's codes are chosen (NF4's double quantization of absmax)."""
-        return enc
-
-    def store_scale(self, x: np.ndarray) -> np.ndarray:
-        """Round a float32 scale to the stored dtype and back, so codes see what the file holds."""
-        return x.astype(self.scale_dtype).astype(np.float32)
-
-    def for_row(self, cols: int) -> "Grid":
-        """The grid a tensor with rows of ``cols`` elements gets (a per-channel grid becomes one block per row)."""
-        return self
-
-
-def _inverse(d: np.ndarray) -> np.ndarray:
-    with np.errstate(divide="ignore"):
-        return np.where(d == 0, 0, 1 / d).astype(np.float32)
-
-
-class SymmetricGrid(Grid):
-    """value = d * q with signed codes q in [qmin, qmax]; q = roundf(x / d)."""
-
-    symmetric = True
-
-    def encode_values(self, x: np.ndarray, d: np.ndarray, m: np.ndarray | None) -> np.ndarray:
-        return np.clip(_round_half_away(x * _inverse(d)), self.qmin, self.qmax).astype(np.int8)
-
-    def decode_values(self, q: np.ndarray, d: np.ndarray, m: np.ndarray | None) -> np.ndarray:
-        return (d * q.astype(np.float32)).astype(np.float32)
-
-
-class AsymmetricGrid(Grid):
-    """value = d * q + m with unsigned codes q in [0, 2**bits - 1] and a float min per block."""
-
-    symmetric = False
-    qmin = 0
-
-    def scale_candidates(self, w: np.ndarray, ratio: float) -> tuple[np.ndarray, np.ndarray | None]:
-        b = self.blocks(w)
-        hi, lo = b.max(axis=-1) * ratio, b.min(axis=-1) * ratio
-        return self.store_scale((hi - lo) / self.qmax), self.store_scale(lo)
-
-    def encode_values(self, x: np.ndarray, d: np.ndarray, m: np.ndarray | None) -> np.ndarray:
-        assert m is not None
-        q = np.floor((x - m) * _inverse(d) + np.float32(0.5))
-        return np.clip(q, 0, self.qmax).astype(np.int8)
-
-    def decode_values(self, q: np.ndarray, d: np.ndarray, m: np.ndarray | None) -> np.ndarray:
-        assert m is not None
-        return ((d * q.astype(np.float32)) + m).astype(np.float32)
+__all__ = ["GRIDS", "Encoded", "Grid", "GridRequest", "grid_named"]
 
 
 class Q8_0(SymmetricGrid):
@@ -156,10 +34,10 @@ class Q8_0(SymmetricGrid):
         return Encoded(self.encode(w, d, None), self.store_scale(d), None)
 
 
-class Q4_0(SymmetricGrid):
-    """llama.cpp Q4_0: blocks of 32, d = max / -8 (the signed extreme maps to -8), q in [-8, 7]."""
+class SignedMaxGrid(SymmetricGrid):
+    """llama.cpp Q4_0 / Q5_0: blocks of 32, d = max / qmin (the signed extreme maps to qmin), fp16 d."""
 
-    name, bits, block, qmin, qmax = "Q4_0", 4, 32, -8, 7
+    block = 32
 
     def _signed_max(self, w: np.ndarray) -> np.ndarray:
         b = self.blocks(w)
@@ -167,29 +45,45 @@ class Q4_0(SymmetricGrid):
         return np.take_along_axis(b, idx, axis=-1)[..., 0]
 
     def scale_candidates(self, w: np.ndarray, ratio: float) -> tuple[np.ndarray, np.ndarray | None]:
-        return self.store_scale(self._signed_max(w) * np.float32(ratio) / np.float32(-8)), None
+        return self.store_scale(self._signed_max(w) * np.float32(ratio) / np.float32(self.qmin)), None
 
     def encode_values(self, x: np.ndarray, d: np.ndarray, m: np.ndarray | None) -> np.ndarray:
-        # llama.cpp: q = min(15, (int8)(x * id + 8.5)) - 8; floor equals the C cast once clipped to >= 0.
-        q = np.floor(x * _inverse(d) + np.float32(8.5))
-        return (np.clip(q, 0, 15) - 8).astype(np.int8)
+        # llama.cpp: q = min(qmax - qmin, (int8)(x * id - qmin + 0.5)) + qmin; floor equals the C cast once >= 0.
+        q = np.floor(x * inverse_or_zero(d) + np.float32(0.5 - self.qmin))
+        return (np.clip(q, 0, self.qmax - self.qmin) + self.qmin).astype(np.int8)
 
     def reference(self, w: np.ndarray) -> Encoded:
-        d = (self._signed_max(w) / np.float32(-8)).astype(np.float32)
+        d = (self._signed_max(w) / np.float32(self.qmin)).astype(np.float32)
         return Encoded(self.encode(w, d, None), self.store_scale(d), None)
 
 
-class Q4_1(AsymmetricGrid):
-    """llama.cpp Q4_1: blocks of 32, d = (max - min) / 15 and m = min (both fp16), q in [0, 15]."""
+class Q4_0(SignedMaxGrid):
+    name, bits, qmin, qmax = "Q4_0", 4, -8, 7
 
-    name, bits, block, qmax = "Q4_1", 4, 32, 15
+
+class Q5_0(SignedMaxGrid):
+    name, bits, qmin, qmax = "Q5_0", 5, -16, 15
+
+
+class MinMaxGrid(AsymmetricGrid):
+    """llama.cpp Q4_1 / Q5_1: blocks of 32, d = (max - min) / qmax and m = min (both fp16), q in [0, qmax]."""
+
+    block = 32
 
     def reference(self, w: np.ndarray) -> Encoded:
         b = self.blocks(w)
         lo = b.min(axis=-1)
-        d = ((b.max(axis=-1) - lo) / np.float32(15)).astype(np.float32)
+        d = ((b.max(axis=-1) - lo) / np.float32(self.qmax)).astype(np.float32)
         # llama.cpp encodes with fp32 d and min, then stores both as fp16.
         return Encoded(self.encode(w, d, lo), self.store_scale(d), self.store_scale(lo))
+
+
+class Q4_1(MinMaxGrid):
+    name, bits, qmax = "Q4_1", 4, 15
+
+
+class Q5_1(MinMaxGrid):
+    name, bits, qmax = "Q5_1", 5, 31
 
 
 class IntGrid(Grid):
@@ -214,11 +108,11 @@ class IntGrid(Grid):
             return self.store_scale(np.maximum(np.abs(hi), np.abs(lo)) / (levels / 2)), None
         hi, lo = np.maximum(hi, 0), np.minimum(lo, 0)
         d = self.store_scale((hi - lo) / levels)
-        z = np.clip(np.rint(self.qmin - lo * _inverse(d)), self.qmin, self.qmax).astype(np.float32)
+        z = np.clip(np.rint(self.qmin - lo * inverse_or_zero(d)), self.qmin, self.qmax).astype(np.float32)
         return d, z
 
     def encode_values(self, x: np.ndarray, d: np.ndarray, m: np.ndarray | None) -> np.ndarray:
-        q = np.rint(x * _inverse(d)) + (0 if m is None else m)
+        q = np.rint(x * inverse_or_zero(d)) + (0 if m is None else m)
         return np.clip(q, self.qmin, self.qmax).astype(np.int8)
 
     def decode_values(self, q: np.ndarray, d: np.ndarray, m: np.ndarray | None) -> np.ndarray:
@@ -318,18 +212,7 @@ def blockwise_8bit_decode(codes: np.ndarray, absmax: np.ndarray, block: int) -> 
     return (vb * absmax[:, None]).astype(np.float32).reshape(-1)[:n]
 
 
-def _round_half_away(x: np.ndarray) -> np.ndarray:
-    """C's roundf: halves round away from zero (NumPy's rint rounds them to even).
-
-    Computed as floor(a) + (a - floor(a) >= 0.5), which is exact; floor(a + 0.5) is not, because the
-    sum itself can round up just below a half.
-    """
-    a = np.abs(x)
-    f = np.floor(a)
-    return np.sign(x) * (f + (a - f >= np.float32(0.5)))
-
-
-GRIDS: dict[str, Grid] = {g.name: g for g in (Q8_0(), Q4_0(), Q4_1())}
+GRIDS: dict[str, Grid] = {g.name: g for g in (Q8_0(), Q4_0(), Q4_1(), Q5_0(), Q5_1(), *K_GRIDS)}
 DYNAMIC_MAP = dynamic_map()
 _PARAMETRIC = re.compile(r"^(?:INT(?P<bits>[2-8])_(?:G(?P<group>\d+)|(?P<ch>CH))_(?P<sym>SYM|ASYM)"
                          r"|NF4_B(?P<nf4>\d+)(?P<dq>_DQ)?)$")

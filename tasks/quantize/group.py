@@ -1,8 +1,8 @@
 """group: group-wise quantization with a per-group clipping search weighted by activation energy.
 
-For every block the scale is shrunk by 20 ratios from 1.0 down to 0.5; the ratio kept is the one with
-the least output-weighted squared error sum_j E[x_j^2] (w_j - w'_j)^2, where E[x_j^2] is the diagonal
-of the calibration Hessian. Without statistics every input channel weighs the same.
+For every block (every super-block of a K-quant) the scale is shrunk by 20 ratios from 1.0 down to 0.5;
+the ratio kept is the one with the least output-weighted squared error sum_j E[x_j^2] (w_j - w'_j)^2,
+where E[x_j^2] is the diagonal of the calibration Hessian. Without statistics every input channel weighs the same.
 """
 
 from __future__ import annotations
@@ -23,17 +23,17 @@ class GroupClipSearch(PerModule):
         importance = np.ones(w.shape[1], np.float32) if stats is None else stats.channel_energy()
         weight = grid.blocks(importance[None, :])  # (1, blocks, block)
         best: Encoded | None = None
-        best_err = np.full(w.shape[0] * (w.shape[1] // grid.block), np.inf, np.float32)
+        best_err = np.full((w.shape[0], w.shape[1] // grid.block), np.inf, np.float32)
         for ratio in RATIOS:
             d, m = grid.scale_candidates(w, float(ratio))
             enc = Encoded(grid.encode(w, d, m), d, m)
-            err = (grid.blocks(grid.decode(enc) - w) ** 2 * weight).sum(axis=-1).reshape(-1)
+            err = grid.span_total((grid.blocks(grid.decode(enc) - w) ** 2 * weight).sum(axis=-1))
             if best is None:
                 best, best_err = enc, err
                 continue
             better = err < best_err
             best_err = np.where(better, err, best_err)
-            best = take_better(best, enc, better.reshape(d.shape), grid)
+            best = take_better(best, enc, better, grid)
         assert best is not None
         return best
 

@@ -49,8 +49,10 @@ def quantize(model: ModelManifest, calibration: CalibrationManifest, quant: Any,
         fmt = FORMATS[o.format]
         if not fmt.stores_codes(o):
             continue
+        presets = fmt.presets(o, config, weights.tensors)
         plans = [{lin: assign(f"{layer_prefix(i)}{lin}", weights.tensors[f"{layer_prefix(i)}{lin}.weight"].shape[1],
-                              quant, fmt, o) for lin in LINEARS} for i in range(int(config.num_hidden_layers))]
+                              quant, fmt, o, presets.get(f"{layer_prefix(i)}{lin}")) for lin in LINEARS}
+                 for i in range(int(config.num_hidden_layers))]
         out[o.key] = quantize_model(model, model_dir, calibration, quant, plans, o.key, pick_device(device), store)
     return QuantizeManifest(method=quant.method, outputs=out)
 

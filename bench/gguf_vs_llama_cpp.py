@@ -1,0 +1,83 @@
+"""Our GGUF files beside llama.cpp's own llama-quantize output of the same F16 model, measured side by side.
+
+For each file type: llama_model_quantize on our F16 file (llama.cpp's RTN, one thread), and quantfab's
+quantize + convert stages from the fp32 weights (one thread) with rtn, gptq and awq. Every file is
+decoded by gguf-py and scored by the same forward on the recipe's validation windows (PPL, KL against
+fp32, top-1); llama.cpp's own perplexity of each file is printed beside ours. Needs llama-cpp-python.
+
+    python bench/gguf_vs_llama_cpp.py [--model synthetic://llama?...] [--types Q8_0,Q4_0,Q4_K_M]
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from quantfab.pipelines.recipe_loading import load_recipe
+from quantfab.tasks import calibrate as calibrate_mod
+from quantfab.tasks import download as download_mod
+from quantfab.tasks import validate as validate_mod
+from quantfab.tasks.convert.gguf import GGUFTensors
+from quantfab.tasks.convert.stage import convert
+from quantfab.tasks.download import materialize
+from quantfab.tasks.llama_cpp import llama_cpp_perplexity, llama_quantize
+from quantfab.tasks.quantize.stage import quantize
+from quantfab.tasks.store import Store
+
+RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "tinystories-656k-q4_0.yaml"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", help="a model source instead of the recipe's (e.g. a synthetic:// Llama)")
+    ap.add_argument("--types", default="Q8_0,Q4_0,Q4_K_M")
+    ap.add_argument("--methods", default="rtn,gptq,awq")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    types = args.types.split(",")
+    overrides = [f"model.source={args.model}", "calibration.source=synthetic://tokens",
+                 "validate.source=synthetic://tokens"] if args.model else []
+    with tempfile.TemporaryDirectory() as tmp:
+        store = Store(tmp)
+        r = load_recipe(RECIPE, [*overrides, "outputs=[{gguf: F16}]"])
+        model = download_mod.download(r.model.source, None, r.model.include, False, store)
+        cal = calibrate_mod.calibrate(model, r.calibration.source, r.calibration.samples, r.calibration.seq_len,
+                                      r.calibration.seed, r.calibration.text_field, "cpu", store)
+        f16 = convert(model, quantize(model, cal, r.quantize, r.outputs, "cpu", store), r.outputs, r.name, store)
+        f16_path = materialize(store, f16.files["gguf-F16"].files).path / f16.files["gguf-F16"].path
+        folder = materialize(store, model.files)
+        config, weights = folder.config(), folder.weights()
+        files: dict[tuple[str, str], tuple[Path, float]] = {}
+        for t in types:
+            path = Path(tmp) / f"llama-cpp-{t}.gguf"
+            files[(t, "llama.cpp rtn")] = (path, llama_quantize(f16_path, path, t))
+        for method in args.methods.split(","):
+            for t in types:
+                rt = load_recipe(RECIPE, [*overrides, f"quantize.method={method}", f"outputs=[{{gguf: {t}}}]"])
+                start = time.perf_counter()
+                q = quantize(model, cal, rt.quantize, rt.outputs, "cpu", store)
+                c = convert(model, q, rt.outputs, rt.name, store)
+                seconds = time.perf_counter() - start
+                f = c.files[f"gguf-{t}"]
+                files[(t, f"quantfab {method}")] = (materialize(store, f.files).path / f.path, seconds)
+        ids = validate_mod.eval_windows(model, r.validate_, store)
+        sources = {"fp32": weights, **{f"{t}|{who}": GGUFTensors(p, config) for (t, who), (p, _) in files.items()}}
+        metrics = validate_mod.compare(config, sources, ids, "cpu")
+        print(f"model {r.model.source}: {model.parameters:,} parameters; FP32 PPL {metrics['baseline_perplexity']:.2f} "
+              f"on {metrics['tokens']} tokens")
+        print("\n| type | built by | bits/weight | PPL (ours) | PPL (llama.cpp) | KL (nats/token) | top-1 | quantize s | ours / llama.cpp time |")
+        print("|---|---|---|---|---|---|---|---|---|")
+        for (t, who), (path, seconds) in files.items():
+            m = metrics["outputs"][f"{t}|{who}"]
+            bpw = path.stat().st_size * 8 / model.parameters
+            ratio = seconds / files[(t, "llama.cpp rtn")][1]
+            print(f"| {t} | {who} | {bpw:.3f} | {m['perplexity']:.2f} | {llama_cpp_perplexity(path, ids):.2f} | "
+                  f"{m['kl_divergence']:.5f} | {m['top1_agreement'] * 100:.2f} % | {seconds:.2f} | {ratio:.1f}x |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

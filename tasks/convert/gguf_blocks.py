@@ -1,0 +1,148 @@
+"""GGUF block layouts: codes on a grid -> the bytes ggml stores, one packer per type (``PACKERS``).
+
+Each packer takes a tensor's ``Encoded`` (codes shaped like the weight) and returns (rows, row bytes)
+uint8 in ggml's block structs (ggml-common.h); gguf-py's ``quants.dequantize`` reads them back. K-quant
+packers get the stored super-block fields from the grid's ``split``.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+
+from quantfab.tasks.quantize.grids import GRIDS, Encoded
+
+QK_K = 256
+
+
+def _fp16_bytes(x: np.ndarray) -> np.ndarray:
+    """(..., ) float32 holding fp16 values -> (..., 2) little-endian bytes."""
+    return np.asarray(x, np.float32).astype("<f2").view(np.uint8).reshape(*np.shape(x), 2)
+
+
+def _nibbles(codes: np.ndarray) -> np.ndarray:
+    """(..., 32) codes -> (..., 16) bytes: element j in the low nibble, element j + 16 in the high one."""
+    return ((codes[..., :16] & 0xF) | ((codes[..., 16:] & 0xF) << 4)).astype(np.uint8)
+
+
+def _fifth_bits(codes: np.ndarray) -> np.ndarray:
+    """(..., 32) 5-bit codes -> (..., 4) bytes of the little-endian uint32 whose bit j is element j's bit 4."""
+    bits = ((codes.astype(np.uint32) >> 4) & 1) << np.arange(32, dtype=np.uint32)
+    return bits.sum(axis=-1, dtype=np.uint32).astype("<u4").view(np.uint8).reshape(*codes.shape[:-1], 4)
+
+
+def _blocks(enc: Encoded, size: int) -> tuple[int, np.ndarray]:
+    rows, cols = enc.codes.shape
+    return rows, enc.codes.reshape(rows, cols // size, size)
+
+
+def pack_q8_0(enc: Encoded) -> np.ndarray:
+    rows, q = _blocks(enc, 32)
+    return np.concatenate([_fp16_bytes(enc.d), q.view(np.uint8)], axis=-1).reshape(rows, -1)
+
+
+def pack_q4_0(enc: Encoded) -> np.ndarray:
+    rows, q = _blocks(enc, 32)
+    return np.concatenate([_fp16_bytes(enc.d), _nibbles((q.astype(np.int16) + 8).astype(np.uint8))], axis=-1).reshape(rows, -1)
+
+
+def pack_q4_1(enc: Encoded) -> np.ndarray:
+    assert enc.m is not None
+    rows, q = _blocks(enc, 32)
+    return np.concatenate([_fp16_bytes(enc.d), _fp16_bytes(enc.m), _nibbles(q.astype(np.uint8))], axis=-1).reshape(rows, -1)
+
+
+def pack_q5_0(enc: Encoded) -> np.ndarray:
+    rows, q = _blocks(enc, 32)
+    u = (q.astype(np.int16) + 16).astype(np.uint8)
+    return np.concatenate([_fp16_bytes(enc.d), _fifth_bits(u), _nibbles(u)], axis=-1).reshape(rows, -1)
+
+
+def pack_q5_1(enc: Encoded) -> np.ndarray:
+    assert enc.m is not None
+    rows, q = _blocks(enc, 32)
+    u = q.astype(np.uint8)
+    return np.concatenate([_fp16_bytes(enc.d), _fp16_bytes(enc.m), _fifth_bits(u), _nibbles(u)], axis=-1).reshape(rows, -1)
+
+
+def _super_blocks(enc: Encoded, offset: int) -> tuple[int, np.ndarray]:
+    """(rows, cols) codes + offset -> (rows * cols / 256, 256) unsigned codes."""
+    rows = enc.codes.shape[0]
+    return rows, (enc.codes.astype(np.int16) + offset).astype(np.uint8).reshape(-1, QK_K)
+
+
+def _crumbs(u: np.ndarray) -> np.ndarray:
+    """(n, 256) 2-bit values -> (n, 64) bytes: per half of 128, byte l holds elements l, l+32, l+64, l+96."""
+    q = u.reshape(-1, 2, 4, 32) & 3
+    return (q[:, :, 0] | (q[:, :, 1] << 2) | (q[:, :, 2] << 4) | (q[:, :, 3] << 6)).astype(np.uint8).reshape(-1, 64)
+
+
+def _k4_scales(sc: np.ndarray, mn: np.ndarray) -> np.ndarray:
+    """Eight 6-bit scales and mins -> Q4_K/Q5_K's 12 bytes (get_scale_min_k4's layout)."""
+    sc, mn = sc.astype(np.uint8), mn.astype(np.uint8)
+    low = sc[:, :4] | ((sc[:, 4:] >> 4) << 6)
+    mid = mn[:, :4] | ((mn[:, 4:] >> 4) << 6)
+    high = (sc[:, 4:] & 0xF) | ((mn[:, 4:] & 0xF) << 4)
+    return np.concatenate([low, mid, high], axis=1).astype(np.uint8)
+
+
+def _split(name: str, enc: Encoded) -> dict[str, np.ndarray]:
+    return GRIDS[name].split(enc.d.reshape(-1), None if enc.m is None else enc.m.reshape(-1))  # type: ignore[attr-defined]
+
+
+def pack_q2_k(enc: Encoded) -> np.ndarray:
+    rows, u = _super_blocks(enc, 0)
+    s = _split("Q2_K", enc)
+    scales = (s["scales"] | (s["mins"] << 4)).astype(np.uint8)
+    out = np.concatenate([scales, _crumbs(u), _fp16_bytes(s["d"]), _fp16_bytes(s["dmin"])], axis=1)
+    return out.reshape(rows, -1)
+
+
+def pack_q3_k(enc: Encoded) -> np.ndarray:
+    rows, u = _super_blocks(enc, 4)
+    s = _split("Q3_K", enc)
+    hmask = (((u.reshape(-1, 8, 32) >> 2) & 1) << np.arange(8, dtype=np.uint8)[None, :, None]).sum(axis=1, dtype=np.uint8)
+    sc = (s["scales"].astype(np.int16) + 32).astype(np.uint8)  # (n, 16) 6-bit
+    low = (sc[:, :8] & 0xF) | ((sc[:, 8:] & 0xF) << 4)
+    high = sc.reshape(-1, 4, 4) >> 4  # [j // 4, j % 4]
+    high = (high[:, 0] | (high[:, 1] << 2) | (high[:, 2] << 4) | (high[:, 3] << 6)).astype(np.uint8)
+    out = np.concatenate([hmask, _crumbs(u), low, high, _fp16_bytes(s["d"])], axis=1)
+    return out.reshape(rows, -1)
+
+
+def _pack_k4(name: str, enc: Encoded, fifth_bit: bool) -> np.ndarray:
+    rows, u = _super_blocks(enc, 0)
+    s = _split(name, enc)
+    pairs = u.reshape(-1, 4, 2, 32)
+    ql = ((pairs[:, :, 0] & 0xF) | ((pairs[:, :, 1] & 0xF) << 4)).astype(np.uint8).reshape(-1, 128)
+    parts = [_fp16_bytes(s["d"]), _fp16_bytes(s["dmin"]), _k4_scales(s["scales"], s["mins"])]
+    if fifth_bit:
+        shifts = np.arange(8, dtype=np.uint8).reshape(1, 4, 2, 1)
+        parts.append((((pairs >> 4) & 1) << shifts).reshape(-1, 8, 32).sum(axis=1, dtype=np.uint8))
+    return np.concatenate(parts + [ql], axis=1).reshape(rows, -1)
+
+
+def pack_q4_k(enc: Encoded) -> np.ndarray:
+    return _pack_k4("Q4_K", enc, fifth_bit=False)
+
+
+def pack_q5_k(enc: Encoded) -> np.ndarray:
+    return _pack_k4("Q5_K", enc, fifth_bit=True)
+
+
+def pack_q6_k(enc: Encoded) -> np.ndarray:
+    rows, u = _super_blocks(enc, 32)
+    s = _split("Q6_K", enc)
+    q = u.reshape(-1, 2, 4, 32)
+    lo, hi = q & 0xF, q >> 4
+    ql = np.concatenate([lo[:, :, 0] | (lo[:, :, 2] << 4), lo[:, :, 1] | (lo[:, :, 3] << 4)], axis=2).reshape(-1, 128)
+    qh = (hi[:, :, 0] | (hi[:, :, 1] << 2) | (hi[:, :, 2] << 4) | (hi[:, :, 3] << 6)).reshape(-1, 64)
+    out = np.concatenate([ql.astype(np.uint8), qh.astype(np.uint8), s["scales"].view(np.uint8), _fp16_bytes(s["d"])], axis=1)
+    return out.reshape(rows, -1)
+
+
+PACKERS: dict[str, Callable[[Encoded], np.ndarray]] = {
+    "Q8_0": pack_q8_0, "Q4_0": pack_q4_0, "Q4_1": pack_q4_1, "Q5_0": pack_q5_0, "Q5_1": pack_q5_1,
+    "Q2_K": pack_q2_k, "Q3_K": pack_q3_k, "Q4_K": pack_q4_k, "Q5_K": pack_q5_k, "Q6_K": pack_q6_k,
+}

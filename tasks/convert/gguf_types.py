@@ -1,0 +1,130 @@
+"""Which GGML type each tensor of a GGUF gets: llama-quantize's rules (llama_tensor_get_type in llama.cpp's
+src/llama-quant.cpp) for the file types quantfab writes, on a dense Llama without an importance matrix.
+
+A file type names a default type and a mix: Q4_K_M raises attn_v and ffn_down to Q6_K in the layers
+``use_more_bits`` picks, the output head (or a tied embedding) goes to Q6_K, and so on. Counters run in
+file order, as llama.cpp's do. A tensor whose rows do not divide by its type's block falls back as
+llama.cpp falls back (Q4_K -> Q5_0, Q6_K -> Q8_0, ...), and to the float type if even that does not fit.
+``pure`` keeps the default type everywhere (llama-quantize --pure), fallbacks aside.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import gguf
+
+DEFAULT_TYPE = {
+    "Q8_0": "Q8_0", "Q4_0": "Q4_0", "Q4_1": "Q4_1", "Q5_0": "Q5_0", "Q5_1": "Q5_1",
+    "Q2_K": "Q2_K", "Q3_K_S": "Q3_K", "Q3_K_M": "Q3_K", "Q3_K_L": "Q3_K",
+    "Q4_K_S": "Q4_K", "Q4_K_M": "Q4_K", "Q5_K_S": "Q5_K", "Q5_K_M": "Q5_K", "Q6_K": "Q6_K",
+}
+FALLBACK = {"Q2_K": "Q4_0", "Q3_K": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
+
+
+def block_of(type_name: str) -> int:
+    return gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[type_name]][0]
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """What llama.cpp's rules read from the model besides tensor names and shapes."""
+
+    n_layers: int
+    n_head: int
+    n_head_kv: int
+
+    @classmethod
+    def of(cls, config) -> "ModelFacts":
+        heads = int(config.num_attention_heads)
+        return cls(int(config.num_hidden_layers), heads, int(config.num_key_value_heads or heads))
+
+    @property
+    def n_gqa(self) -> int:
+        return self.n_head // self.n_head_kv
+
+    @property
+    def is_70b(self) -> bool:
+        """llama.cpp's LLM_TYPE_70B for a Llama: 80 layers with grouped-query attention."""
+        return self.n_layers == 80 and self.n_head != self.n_head_kv
+
+
+def quantizable(name: str, shape: tuple[int, ...]) -> bool:
+    """tensor_allows_quantization for a Llama: 2-D weights that are not norms."""
+    return len(shape) >= 2 and name.endswith("weight") and "_norm.weight" not in name
+
+
+def use_more_bits(i_layer: int, n_layers: int) -> bool:
+    return i_layer < n_layers // 8 or i_layer >= 7 * n_layers // 8 or (i_layer - n_layers // 8) % 3 == 2
+
+
+def choose_types(file_type: str, tensors: list[tuple[str, tuple[int, ...]]], facts: ModelFacts,
+                 pure: bool) -> dict[str, str | None]:
+    """GGUF name -> GGML type name for every tensor, None for those llama-quantize leaves in float.
+
+    ``tensors`` are (GGUF name, HF shape (rows, cols)) in file order.
+    """
+    default = DEFAULT_TYPE[file_type]
+    tied = not any(name == "output.weight" for name, _ in tensors)
+    n_attn_v = sum(1 for name, _ in tensors if "attn_v.weight" in name)
+    i_attn_v = i_ffn_down = 0
+    out: dict[str, str | None] = {}
+    for name, shape in tensors:
+        if not quantizable(name, shape):
+            out[name] = None
+            continue
+        cols = shape[-1]
+        new = default
+        if not pure:
+            if name == "output.weight" or (tied and name == "token_embd.weight"):
+                if cols % block_of(new):
+                    new = "Q8_0"
+                elif new != "Q8_0":
+                    new = "Q6_K"
+            elif "attn_v.weight" in name:
+                new = _attn_v(file_type, new, i_attn_v, n_attn_v, facts)
+                i_attn_v += 1
+            elif "ffn_down" in name:
+                new = _ffn_down(file_type, new, i_ffn_down, facts.n_layers)
+                i_ffn_down += 1
+            elif "attn_output.weight" in name:
+                new = {"Q2_K": "Q3_K", "Q3_K_M": "Q4_K", "Q3_K_L": "Q5_K"}.get(file_type, new)
+        out[name] = _fallback(new, cols)
+    return out
+
+
+def _attn_v(file_type: str, new: str, i: int, n: int, facts: ModelFacts) -> str:
+    if file_type == "Q2_K":
+        new = "Q4_K" if facts.n_gqa >= 4 else "Q3_K"
+    elif file_type == "Q3_K_M":
+        new = "Q5_K" if i < 2 else "Q4_K"
+    elif file_type == "Q3_K_L":
+        new = "Q5_K"
+    elif file_type in ("Q4_K_M", "Q5_K_M") and use_more_bits(i, n):
+        new = "Q6_K"
+    elif file_type == "Q4_K_S" and i < 4:
+        new = "Q5_K"
+    if facts.is_70b and new in ("Q3_K", "Q4_K"):
+        new = "Q5_K"  # attn_v is 8x smaller than attn_q there, so more bits cost little
+    return new
+
+
+def _ffn_down(file_type: str, new: str, i: int, n: int) -> str:
+    if file_type == "Q2_K":
+        return "Q3_K"
+    if file_type == "Q3_K_M":
+        return "Q5_K" if i < n // 16 else "Q4_K"
+    if file_type == "Q3_K_L":
+        return "Q5_K"
+    if file_type in ("Q4_K_M", "Q5_K_M") and use_more_bits(i, n):
+        return "Q6_K"
+    if file_type == "Q4_K_S" and i < n // 8:
+        return "Q5_K"
+    return new
+
+
+def _fallback(new: str, cols: int) -> str | None:
+    """tensor_type_fallback: a type whose block does not divide the row, then the float type."""
+    if cols % block_of(new):
+        new = FALLBACK.get(new, new)
+    return None if cols % block_of(new) else new

@@ -1,0 +1,336 @@
+"""llama.cpp's K-quants: super-blocks of 256 whose sub-block scales (and mins) are small integers times one
+fp16 scale (and min) per super-block.
+
+A K grid's ``block`` is its sub-block (16 or 32) and its ``span`` the super-block: ``Encoded.d`` holds each
+sub-block's effective scale, fp16(d) * sc, and ``Encoded.m`` minus its effective min, -(fp16(dmin) * m), so
+decoding is the d * q + m every grid shares and equals gguf-py's dequantize bit for bit. ``split`` recovers
+the stored integers: the sub-block with the largest scale always holds the extreme integer.
+
+``reference`` is llama.cpp's quantize_row_q*_K_ref ported op for op in float32: sums accumulate in
+element order, nearest_int rounds half to even, and it divides where llama.cpp divides, so rtn writes
+the bytes llama-quantize writes. ``scale_candidates`` (what GPTQ, AWQ and the clip searches use) starts
+from each sub-block's range instead, then quantizes the sub-block scales to the super-block exactly as
+the reference does.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from quantfab.tasks.quantize.grid_base import AsymmetricGrid, Encoded, Grid, SymmetricGrid
+
+F = np.float32
+GROUP_MAX_EPS = F(1e-15)
+SUPER = 256
+
+
+def nearest_int(x: np.ndarray) -> np.ndarray:
+    """llama.cpp's nearest_int (the 1.5 * 2**23 trick): round half to even."""
+    return np.rint(x).astype(np.int32)
+
+
+def _fp16(x: np.ndarray) -> np.ndarray:
+    return np.asarray(x, F).astype(np.float16).astype(F)
+
+
+def _safe(x: np.ndarray) -> np.ndarray:
+    return np.where(x == 0, F(1), x).astype(F)
+
+
+def search_min_scale(x: np.ndarray, weights: np.ndarray, nmax: int, rmin: float, rdelta: float, nstep: int,
+                     use_mad: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """make_qkx2_quants for every row of ``x`` (one sub-block each): (scale, min as a positive offset, codes)."""
+    n = x.shape[1]
+    lo, hi = x.min(axis=1), x.max(axis=1)
+    sum_w = weights[:, 0].copy()
+    sum_x = sum_w * x[:, 0]
+    for i in range(1, n):
+        sum_w = sum_w + weights[:, i]
+        sum_x = sum_x + weights[:, i] * x[:, i]
+    lo = np.minimum(lo, F(0))
+    flat = hi == lo
+    iscale = F(nmax) / _safe(hi - lo)
+    scale = F(1) / iscale
+    codes = np.clip(nearest_int(iscale[:, None] * (x - lo[:, None])), 0, nmax)
+
+    def error(s: np.ndarray, m: np.ndarray, q: np.ndarray) -> np.ndarray:
+        total = np.zeros(len(x), F)
+        for i in range(n):
+            diff = s * q[:, i].astype(F) + m - x[:, i]
+            total = total + weights[:, i] * (np.abs(diff) if use_mad else diff * diff)
+        return total
+
+    best = error(scale, lo, codes)
+    for step in range(nstep + 1):
+        iscale = (F(rmin) + F(rdelta) * F(step) + F(nmax)) / _safe(hi - lo)  # lo moves with the best fit
+        aux = np.clip(nearest_int(iscale[:, None] * (x - lo[:, None])), 0, nmax)
+        sum_l = np.zeros(len(x), F)
+        sum_l2 = np.zeros(len(x), F)
+        sum_xl = np.zeros(len(x), F)
+        for i in range(n):
+            w, q = weights[:, i], aux[:, i].astype(F)
+            sum_l = sum_l + w * q
+            sum_l2 = sum_l2 + w * q * q
+            sum_xl = sum_xl + w * q * x[:, i]
+        det = sum_w * sum_l2 - sum_l * sum_l
+        ok = det > 0
+        this_scale = (sum_w * sum_xl - sum_x * sum_l) / _safe(det)
+        this_min = (sum_l2 * sum_x - sum_l * sum_xl) / _safe(det)
+        positive = this_min > 0
+        this_scale = np.where(positive, sum_xl / _safe(sum_l2), this_scale).astype(F)
+        this_min = np.where(positive, F(0), this_min).astype(F)
+        current = error(this_scale, this_min, aux)
+        better = ok & (current < best)
+        codes = np.where(better[:, None], aux, codes)
+        best = np.where(better, current, best)
+        scale = np.where(better, this_scale, scale).astype(F)
+        lo = np.where(better, this_min, lo).astype(F)
+    codes = np.where(flat[:, None], 0, codes)
+    scale = np.where(flat, F(0), scale).astype(F)
+    return scale, (-lo).astype(F), codes
+
+
+def _signed_extreme(x: np.ndarray) -> np.ndarray:
+    """The element of largest magnitude per row, the first one on ties (llama.cpp's strict >)."""
+    return np.take_along_axis(x, np.abs(x).argmax(axis=1)[:, None], axis=1)[:, 0]
+
+
+def _weighted_sums(x: np.ndarray, q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """sum w*x*l and sum w*l*l with w = x*x, in element order."""
+    sumlx = np.zeros(len(x), F)
+    suml2 = np.zeros(len(x), F)
+    for i in range(x.shape[1]):
+        w, l = x[:, i] * x[:, i], q[:, i].astype(F)
+        sumlx = sumlx + w * x[:, i] * l
+        suml2 = suml2 + w * l * l
+    return sumlx, suml2
+
+
+def search_signed_scale(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
+    """make_qx_quants(n, nmax, x, L, rmse_type=1, NULL) per row: (scale, codes in [0, 2 nmax))."""
+    extreme = _signed_extreme(x)
+    zero = np.abs(extreme) < GROUP_MAX_EPS
+    extreme = _safe(extreme)
+
+    def trial(iscale: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        q = np.clip(nearest_int(iscale[:, None] * x), -nmax, nmax - 1)
+        sumlx, suml2 = _weighted_sums(x, q)
+        return q, sumlx, suml2
+
+    q, sumlx, suml2 = trial(-F(nmax) / extreme)
+    scale = np.where(suml2 != 0, sumlx / _safe(suml2), F(0)).astype(F)
+    best = scale * sumlx
+    codes = q + nmax
+    for step in range(-9, 10):
+        if step == 0:
+            continue
+        q, sumlx, suml2 = trial(-(F(nmax) + F(0.1) * F(step)) / extreme)
+        better = (suml2 > 0) & (sumlx * sumlx > best * suml2)
+        codes = np.where(better[:, None], q + nmax, codes)
+        scale = np.where(better, sumlx / _safe(suml2), scale).astype(F)
+        best = np.where(better, scale * sumlx, best).astype(F)
+    return np.where(zero, F(0), scale).astype(F), np.where(zero[:, None], 0, codes)
+
+
+def search_q3_scale(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
+    """make_q3_quants(n, nmax, x, L, do_rmse=true) per row: (scale, codes in [0, 2 nmax))."""
+    n = x.shape[1]
+    extreme = _signed_extreme(x)
+    zero = np.abs(extreme) < GROUP_MAX_EPS
+    q = np.clip(nearest_int((F(-nmax) / _safe(extreme))[:, None] * x), -nmax, nmax - 1)
+    sumlx, suml2 = _weighted_sums(x, q)
+    active = np.ones(len(x), bool)
+    for _ in range(5):
+        changed = np.zeros(len(x), bool)
+        for i in range(n):
+            xi, li = x[:, i], q[:, i].astype(F)
+            w = xi * xi
+            slx = sumlx - w * xi * li
+            sl2 = suml2 - w * li * li
+            new = np.clip(nearest_int(xi * sl2 / _safe(slx)), -nmax, nmax - 1)
+            nf = new.astype(F)
+            slx_new = slx + w * xi * nf
+            sl2_new = sl2 + w * nf * nf
+            take = (active & (slx > 0) & (new != q[:, i]) & (sl2_new > 0)
+                    & (slx_new * slx_new * suml2 > sumlx * sumlx * sl2_new))
+            q[:, i] = np.where(take, new, q[:, i])
+            sumlx = np.where(take, slx_new, sumlx).astype(F)
+            suml2 = np.where(take, sl2_new, suml2).astype(F)
+            changed |= take
+        active &= changed
+    scale = np.where(suml2 > 0, sumlx / _safe(suml2), F(0)).astype(F)
+    return np.where(zero, F(0), scale).astype(F), np.where(zero[:, None], 0, q + nmax)
+
+
+class KGrid(Grid):
+    """Base of the K grids: sub-blocks of ``block`` inside super-blocks of 256."""
+
+    scale_dtype = np.float32  # effective scales are fp16 x integer products, exact in float32
+
+    @property
+    def span(self) -> int:
+        return SUPER
+
+    def subblocks(self, w: np.ndarray) -> np.ndarray:
+        """(rows * cols / block, block): one row per sub-block, in memory order."""
+        return w.reshape(-1, self.block).astype(F)
+
+    def per_super(self, x: np.ndarray) -> np.ndarray:
+        """(sub-blocks,) -> (super-blocks, sub-blocks per super-block)."""
+        return x.reshape(-1, SUPER // self.block)
+
+    def codes_for(self, x: np.ndarray, d: np.ndarray, m: np.ndarray | None, fallback: np.ndarray) -> np.ndarray:
+        """llama.cpp's final pass: codes against the stored scales; a zero scale keeps the search's codes."""
+        q = self.encode_values(x, d[:, None], None if m is None else m[:, None])
+        return np.where(d[:, None] == 0, fallback, q)
+
+    def finish(self, w: np.ndarray, codes: np.ndarray, d: np.ndarray, m: np.ndarray | None) -> Encoded:
+        rows, cols = w.shape
+        shape = (rows, cols // self.block)
+        return Encoded(codes.reshape(w.shape).astype(np.int8), d.reshape(shape), None if m is None else m.reshape(shape))
+
+    def split(self, d: np.ndarray, m: np.ndarray | None) -> dict[str, np.ndarray]:
+        """The stored fields of every super-block (rows * super-blocks first) from effective scales and mins."""
+        raise NotImplementedError
+
+
+class MinKGrid(KGrid, AsymmetricGrid):
+    """Q2_K, Q4_K, Q5_K: value = fp16(d) * sc * q - fp16(dmin) * m with unsigned q, sc and m."""
+
+    levels: int  # the largest sub-block scale / min integer
+    search: tuple[float, float, int, bool]  # make_qkx2_quants' rmin, rdelta, nstep, use_mad
+
+    def weights(self, x: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def quantize_scales(self, scales: np.ndarray, mins: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Sub-block float scales and (positive) mins -> effective stored scales and minus the stored mins."""
+        s, mn = self.per_super(scales), self.per_super(mins)
+        max_scale = np.maximum(s.max(axis=1), F(0))
+        max_min = np.maximum(mn.max(axis=1), F(0))
+        inv_scale = np.where(max_scale > 0, F(self.levels) / _safe(max_scale), F(0)).astype(F)
+        inv_min = np.where(max_min > 0, F(self.levels) / _safe(max_min), F(0)).astype(F)
+        sc = np.clip(nearest_int(inv_scale[:, None] * s), 0, self.levels)
+        mi = np.clip(nearest_int(inv_min[:, None] * mn), 0, self.levels)
+        d = _fp16(max_scale / F(self.levels))
+        dmin = _fp16(max_min / F(self.levels))
+        return (d[:, None] * sc.astype(F)).reshape(-1), (-(dmin[:, None] * mi.astype(F))).reshape(-1)
+
+    def reference(self, w: np.ndarray) -> Encoded:
+        x = self.subblocks(w)
+        rmin, rdelta, nstep, use_mad = self.search
+        scales, mins, codes = search_min_scale(x, self.weights(x), self.qmax, rmin, rdelta, nstep, use_mad)
+        d, m = self.quantize_scales(scales, mins)
+        return self.finish(w, self.codes_for(x, d, m, codes), d, m)
+
+    def scale_candidates(self, w: np.ndarray, ratio: float) -> tuple[np.ndarray, np.ndarray | None]:
+        x = self.subblocks(w)
+        hi, lo = x.max(axis=1) * F(ratio), np.minimum(x.min(axis=1), F(0)) * F(ratio)
+        d, m = self.quantize_scales(((hi - lo) / F(self.qmax)).astype(F), (-lo).astype(F))
+        shape = (w.shape[0], w.shape[1] // self.block)
+        return d.reshape(shape), m.reshape(shape)
+
+    def encode_values(self, x: np.ndarray, d: np.ndarray, m: np.ndarray | None) -> np.ndarray:
+        assert m is not None
+        q = nearest_int((x - m) / _safe(d))  # llama.cpp: (x + dmin * m) / d
+        return np.where(d == 0, 0, np.clip(q, 0, self.qmax)).astype(np.int8)
+
+    def split(self, d: np.ndarray, m: np.ndarray | None) -> dict[str, np.ndarray]:
+        assert m is not None
+        s, mn = self.per_super(d), self.per_super(-m)
+        top, top_min = s.max(axis=1), mn.max(axis=1)
+        sc = np.rint(s / _safe(top / F(self.levels))[:, None]).astype(np.uint8)
+        mi = np.rint(mn / _safe(top_min / F(self.levels))[:, None]).astype(np.uint8)
+        return {"d": top / F(self.levels), "dmin": top_min / F(self.levels), "scales": sc, "mins": mi}
+
+
+class Q2_K(MinKGrid):
+    name, bits, block, qmax, levels = "Q2_K", 2, 16, 3, 15
+    search = (-0.5, 0.1, 15, True)
+
+    def weights(self, x: np.ndarray) -> np.ndarray:
+        return np.abs(x)
+
+
+class Q4_K(MinKGrid):
+    name, bits, block, qmax, levels = "Q4_K", 4, 32, 15, 63
+    search = (-1.0, 0.1, 20, False)
+
+    def weights(self, x: np.ndarray) -> np.ndarray:
+        sum_x2 = np.zeros(len(x), F)
+        for i in range(x.shape[1]):
+            sum_x2 = sum_x2 + x[:, i] * x[:, i]
+        return (np.sqrt(sum_x2 / F(x.shape[1]))[:, None] + np.abs(x)).astype(F)
+
+
+class Q5_K(Q4_K):
+    name, bits, qmax = "Q5_K", 5, 31
+    search = (-0.5, 0.1, 15, False)
+
+
+class SignedKGrid(KGrid, SymmetricGrid):
+    """Q3_K, Q6_K: value = fp16(d) * sc * q with signed sc and q; the largest |scale| maps to sc = qmin_scale."""
+
+    scale_min: int  # the integer the sub-block with the largest |scale| gets (-32 or -128)
+    scale_max: int
+    zero_scale: int  # the integer llama.cpp stores when a whole super-block is zero
+
+    def search_scales(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        raise NotImplementedError
+
+    def quantize_scales(self, scales: np.ndarray) -> np.ndarray:
+        s = self.per_super(scales)
+        top = _signed_extreme(s)
+        iscale = F(self.scale_min) / _safe(top)
+        sc = np.clip(nearest_int(iscale[:, None] * s), self.scale_min, self.scale_max)
+        zero = self.zero_super(top)
+        sc = np.where(zero[:, None], self.zero_scale, sc)  # what llama.cpp stores, so 0 * sc keeps its sign of zero
+        d = np.where(zero, F(0), _fp16(F(1) / iscale)).astype(F)
+        return (d[:, None] * sc.astype(F)).reshape(-1)
+
+    def zero_super(self, top: np.ndarray) -> np.ndarray:
+        return top == 0
+
+    def reference(self, w: np.ndarray) -> Encoded:
+        x = self.subblocks(w)
+        scales, codes = self.search_scales(x)
+        d = self.quantize_scales(scales)
+        return self.finish(w, self.codes_for(x, d, None, codes + self.qmin), d, None)
+
+    def scale_candidates(self, w: np.ndarray, ratio: float) -> tuple[np.ndarray, np.ndarray | None]:
+        x = self.subblocks(w)
+        d = self.quantize_scales((_signed_extreme(x) * F(ratio) / F(self.qmin)).astype(F))
+        return d.reshape(w.shape[0], w.shape[1] // self.block), None
+
+    def encode_values(self, x: np.ndarray, d: np.ndarray, m: np.ndarray | None) -> np.ndarray:
+        q = nearest_int(x / _safe(d))
+        return np.where(d == 0, 0, np.clip(q, self.qmin, self.qmax)).astype(np.int8)
+
+    def split(self, d: np.ndarray, m: np.ndarray | None) -> dict[str, np.ndarray]:
+        s = self.per_super(d)
+        top = _signed_extreme(s) / F(self.scale_min)
+        top = np.where(top == 0, F(0), top).astype(F)  # +0 as llama.cpp stores it, not the -0 that 0 / -128 gives
+        sc = np.where(top[:, None] == 0, self.zero_scale, np.rint(s / _safe(top)[:, None]))
+        return {"d": top, "scales": sc.astype(np.int8)}
+
+
+class Q3_K(SignedKGrid):
+    name, bits, block, qmin, qmax = "Q3_K", 3, 16, -4, 3
+    scale_min, scale_max, zero_scale = -32, 31, -32
+
+    def search_scales(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return search_q3_scale(x, 4)
+
+
+class Q6_K(SignedKGrid):
+    name, bits, block, qmin, qmax = "Q6_K", 6, 16, -32, 31
+    scale_min, scale_max, zero_scale = -128, 127, 0
+
+    def search_scales(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return search_signed_scale(x, 32)
+
+    def zero_super(self, top: np.ndarray) -> np.ndarray:
+        return np.abs(top) < GROUP_MAX_EPS
+
+
+K_GRIDS: tuple[Grid, ...] = (Q2_K(), Q3_K(), Q4_K(), Q5_K(), Q6_K())

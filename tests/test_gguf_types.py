@@ -1,0 +1,87 @@
+"""GGUF file types choose per-tensor types the way llama-quantize does (src/llama-quant.cpp).
+
+The expected layer sets are written out by hand from llama.cpp's rules (use_more_bits: the first and
+last eighth of the layers, and every third one between); tests/test_llama_cpp.py checks the same
+choices against llama.cpp itself where llama-cpp-python is installed.
+"""
+
+from __future__ import annotations
+
+from quantfab.tasks.convert.gguf_types import ModelFacts, choose_types
+
+LINEARS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
+
+
+def llama(n_layers: int, hidden: int, ffn: int, tied: bool = False) -> list[tuple[str, tuple[int, ...]]]:
+    """GGUF names and HF shapes in file order (embedding, layers in order, then the head)."""
+    out: list[tuple[str, tuple[int, ...]]] = [("token_embd.weight", (32000, hidden))]
+    for i in range(n_layers):
+        out.append((f"blk.{i}.attn_norm.weight", (hidden,)))
+        for lin in LINEARS:
+            out.append((f"blk.{i}.{lin}.weight", (hidden, ffn) if lin == "ffn_down" else (hidden, hidden)))
+    out.append(("output_norm.weight", (hidden,)))
+    if not tied:
+        out.append(("output.weight", (32000, hidden)))
+    return out
+
+
+def layers_of(types: dict[str, str | None], linear: str, wanted: str) -> set[int]:
+    return {int(n.split(".")[1]) for n, t in types.items() if n.endswith(f".{linear}.weight") and t == wanted}
+
+
+MORE_BITS_32 = {0, 1, 2, 3, 6, 9, 12, 15, 18, 21, 24, 27, 28, 29, 30, 31}
+
+
+def test_q4_k_m_raises_attn_v_and_ffn_down_in_the_use_more_bits_layers() -> None:
+    types = choose_types("Q4_K_M", llama(32, 4096, 11008), ModelFacts(32, 32, 8), pure=False)
+    assert layers_of(types, "attn_v", "Q6_K") == MORE_BITS_32
+    assert layers_of(types, "attn_v", "Q4_K") == set(range(32)) - MORE_BITS_32
+    assert layers_of(types, "ffn_down", "Q6_K") == MORE_BITS_32
+    for lin in ("attn_q", "attn_k", "attn_output", "ffn_gate", "ffn_up"):
+        assert layers_of(types, lin, "Q4_K") == set(range(32))
+    assert types["output.weight"] == "Q6_K" and types["token_embd.weight"] == "Q4_K"
+    assert types["blk.0.attn_norm.weight"] is None and types["output_norm.weight"] is None
+
+
+def test_q3_k_m_q5_k_m_and_q4_k_s_mixes() -> None:
+    shapes, facts = llama(32, 4096, 11008), ModelFacts(32, 32, 8)
+    q3 = choose_types("Q3_K_M", shapes, facts, pure=False)
+    assert layers_of(q3, "attn_v", "Q5_K") == {0, 1} and layers_of(q3, "attn_v", "Q4_K") == set(range(2, 32))
+    assert layers_of(q3, "ffn_down", "Q5_K") == {0, 1} and layers_of(q3, "ffn_down", "Q4_K") == set(range(2, 32))
+    assert layers_of(q3, "attn_output", "Q4_K") == set(range(32)) and layers_of(q3, "attn_q", "Q3_K") == set(range(32))
+    q5 = choose_types("Q5_K_M", shapes, facts, pure=False)
+    assert layers_of(q5, "attn_v", "Q6_K") == MORE_BITS_32 and layers_of(q5, "ffn_down", "Q6_K") == MORE_BITS_32
+    assert layers_of(q5, "attn_q", "Q5_K") == set(range(32))
+    q4s = choose_types("Q4_K_S", shapes, facts, pure=False)
+    assert layers_of(q4s, "attn_v", "Q5_K") == {0, 1, 2, 3} and layers_of(q4s, "ffn_down", "Q5_K") == {0, 1, 2, 3}
+    assert layers_of(q4s, "ffn_down", "Q4_K") == set(range(4, 32))
+    q2 = choose_types("Q2_K", shapes, facts, pure=False)
+    assert layers_of(q2, "attn_v", "Q4_K") == set(range(32))  # 4 query heads per KV head
+    assert layers_of(q2, "ffn_down", "Q3_K") == set(range(32)) and layers_of(q2, "attn_output", "Q3_K") == set(range(32))
+
+
+def test_70b_gives_attn_v_q5_k_and_q2_k_without_gqa_gives_q3_k() -> None:
+    seventy = choose_types("Q4_K_S", llama(80, 8192, 28672), ModelFacts(80, 64, 8), pure=False)
+    assert layers_of(seventy, "attn_v", "Q5_K") == set(range(80))
+    no_gqa = choose_types("Q2_K", llama(16, 2048, 5632), ModelFacts(16, 16, 16), pure=False)
+    assert layers_of(no_gqa, "attn_v", "Q3_K") == set(range(16))
+
+
+def test_rows_that_do_not_divide_fall_back_as_llama_cpp_does() -> None:
+    """TinyStories-656K: rows of 128 (and 384 for ffn_down) fit no 256-block; a tied embedding is the head."""
+    shapes, facts = llama(2, 128, 384, tied=True), ModelFacts(2, 8, 4)
+    q4km = choose_types("Q4_K_M", shapes, facts, pure=False)
+    assert q4km["token_embd.weight"] == "Q8_0"  # the head's rule: 128 % 256 != 0 -> Q8_0
+    assert q4km["blk.0.attn_q.weight"] == "Q5_0" and q4km["blk.0.attn_v.weight"] == "Q5_0"
+    assert q4km["blk.1.attn_v.weight"] == "Q8_0" and q4km["blk.1.ffn_down.weight"] == "Q8_0"  # Q6_K -> Q8_0
+    assert choose_types("Q5_K_S", shapes, facts, pure=True)["blk.0.ffn_up.weight"] == "Q5_1"
+    assert choose_types("Q3_K_S", shapes, facts, pure=True)["blk.0.ffn_up.weight"] == "Q4_0"
+    assert choose_types("Q4_0", shapes, facts, pure=False)["token_embd.weight"] == "Q8_0"
+    odd = choose_types("Q4_0", llama(1, 48, 96), ModelFacts(1, 4, 4), pure=False)
+    assert odd["blk.0.attn_q.weight"] is None  # 48 % 32 != 0: F16, as llama.cpp
+    assert odd["blk.0.ffn_down.weight"] == "Q4_0"
+
+
+def test_pure_keeps_the_default_type_everywhere() -> None:
+    types = choose_types("Q4_K_M", llama(8, 512, 1024), ModelFacts(8, 8, 2), pure=True)
+    assert {t for t in types.values() if t} == {"Q4_K"}
