@@ -31,10 +31,7 @@ def llama_quantize(src: Path, dst: Path, file_type: str, threads: int = 1) -> fl
 def llama_cpp_perplexity(path: Path, ids: np.ndarray, threads: int = 1) -> float:
     """Perplexity llama.cpp computes on token windows (BOS first), every position scored but the last,
     as validate scores them."""
-    import llama_cpp
-
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=ids.shape[1], n_batch=ids.shape[1], logits_all=True,
-                          n_threads=threads, verbose=False)
+    llm = _load(path, ids.shape[1], threads)
     nll, n = 0.0, 0
     try:
         for window in ids:
@@ -48,3 +45,27 @@ def llama_cpp_perplexity(path: Path, ids: np.ndarray, threads: int = 1) -> float
     finally:
         llm.close()
     return math.exp(nll / n)
+
+
+def _load(path: Path, n_ctx: int, threads: int):
+    """A llama_cpp.Llama without llama.cpp's extra CPU buffer types (weight repacking, AMX).
+
+    A native build on a CPU that reports AMX crashes in decode on quantized weights when the OS does not
+    grant the AMX tile state (this 2-core VM); plain CPU buffers compute the same model.
+    """
+    import llama_cpp
+    import llama_cpp.llama as high_level
+
+    default = high_level.llama_cpp.llama_model_default_params
+
+    def plain_buffers():
+        params = default()
+        params.use_extra_bufts = False
+        return params
+
+    high_level.llama_cpp.llama_model_default_params = plain_buffers
+    try:
+        return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, logits_all=True, n_threads=threads,
+                               verbose=False)
+    finally:
+        high_level.llama_cpp.llama_model_default_params = default
