@@ -25,8 +25,8 @@ from quantfab.tasks.convert import FORMATS
 from quantfab.tasks.download import redact
 from quantfab.tasks.errors import UserError
 from quantfab.tasks.manifests import Manifest
-from quantfab.tasks.modelio import LINEARS, ModelDir, TensorInfo, alias_tied_embeddings, read_safetensors_header
-from quantfab.tasks.quantize.assign import assign
+from quantfab.tasks.modelio import ModelDir, TensorInfo, alias_tied_embeddings, read_safetensors_header
+from quantfab.tasks.quantize.assign import assign_layers
 from quantfab.tasks.store import Store
 
 
@@ -76,12 +76,7 @@ def plan(recipe: Recipe, store_url: str | None) -> Plan:
     params = sum(t.numel for n, t in tensors.items() if n == t.name)
     for o in recipe.outputs:
         fmt = FORMATS[o.format]
-        grids = {}
-        presets = fmt.presets(o, config, tensors)
-        for i in range(int(config.num_hidden_layers)):
-            for lin in LINEARS:
-                name = f"model.layers.{i}.{lin}"
-                grids[name] = assign(name, tensors[f"{name}.weight"].shape[1], recipe.quantize, fmt, o, presets.get(name)).grid
+        grids = {a.module: a.grid for layer in assign_layers(config, tensors, recipe.quantize, fmt, o) for a in layer.values()}
         size = sum(t.nbytes for t in fmt.plan(o, config, tensors, grids))
         out.sizes[o.key] = (size, size * 8 / params)
     return out

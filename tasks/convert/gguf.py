@@ -72,7 +72,7 @@ class GGUFFormat:
     options = GGUFOptions
 
     def output_name(self, options: GGUFOptions, name: str) -> str:
-        return f"{name}-{options.type}" + ("-pure" if options.pure else "") + ".gguf"
+        return f"{name}-{options.key.removeprefix('gguf-')}.gguf"
 
     def presets(self, options: GGUFOptions, config, tensors: dict[str, TensorInfo]) -> dict[str, str | None]:
         """Module -> the GGML type llama-quantize gives its weight (``float_type`` if it stays float), per 2-D weight."""

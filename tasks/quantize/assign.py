@@ -9,6 +9,7 @@ import fnmatch
 from dataclasses import dataclass
 from typing import Any
 
+from quantfab.tasks.modelio import LINEARS, TensorInfo, layer_prefix
 from quantfab.tasks.quantize.grids import GridRequest
 
 
@@ -54,3 +55,11 @@ def assign(module: str, cols: int, quant: Any, fmt: Any, options: Any, preset: s
         return Assignment(module, method, None, f"row length {cols} is not a multiple of the {grid.name} block "
                           f"{grid.span}: kept as {getattr(options, 'float_type', 'float')}")
     return Assignment(module, method, grid.name)
+
+
+def assign_layers(config, tensors: dict[str, TensorInfo], quant: Any, fmt: Any, options: Any) -> list[dict[str, Assignment]]:
+    """Per decoder layer, every Linear's assignment for one output (what plan shows and quantize does)."""
+    presets = fmt.presets(options, config, tensors)
+    return [{lin: assign(f"{layer_prefix(i)}{lin}", tensors[f"{layer_prefix(i)}{lin}.weight"].shape[1], quant, fmt,
+                         options, presets.get(f"{layer_prefix(i)}{lin}")) for lin in LINEARS}
+            for i in range(int(config.num_hidden_layers))]

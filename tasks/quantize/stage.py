@@ -27,9 +27,9 @@ from quantfab.tasks.calibrate import InputRecorder
 from quantfab.tasks.convert import FORMATS
 from quantfab.tasks.download import materialize
 from quantfab.tasks.manifests import CalibrationManifest, ModelManifest, ModuleReport, QuantizedOutput, QuantizeManifest
-from quantfab.tasks.modelio import INPUT_OF, LINEARS, DecoderStack, ModelDir, layer_prefix, pick_device, relative
+from quantfab.tasks.modelio import INPUT_OF, DecoderStack, ModelDir, layer_prefix, pick_device, relative
 from quantfab.tasks.quantize import METHODS
-from quantfab.tasks.quantize.assign import Assignment, assign
+from quantfab.tasks.quantize.assign import Assignment, assign_layers
 from quantfab.tasks.quantize.grids import grid_named
 from quantfab.tasks.quantize.layer import LayerInput, LayerResult
 from quantfab.tasks.quantize.layer_file import LayerFile, write_layer_file
@@ -49,10 +49,7 @@ def quantize(model: ModelManifest, calibration: CalibrationManifest, quant: Any,
         fmt = FORMATS[o.format]
         if not fmt.stores_codes(o):
             continue
-        presets = fmt.presets(o, config, weights.tensors)
-        plans = [{lin: assign(f"{layer_prefix(i)}{lin}", weights.tensors[f"{layer_prefix(i)}{lin}.weight"].shape[1],
-                              quant, fmt, o, presets.get(f"{layer_prefix(i)}{lin}")) for lin in LINEARS}
-                 for i in range(int(config.num_hidden_layers))]
+        plans = assign_layers(config, weights.tensors, quant, fmt, o)
         out[o.key] = quantize_model(model, model_dir, calibration, quant, plans, o.key, pick_device(device), store)
     return QuantizeManifest(method=quant.method, outputs=out)
 
