@@ -26,8 +26,8 @@ from quantfab.tasks.store import Store
 
 RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "tinystories-656k-q4_0.yaml"
 BUILDS = {  # method (and options) -> outputs
-    ("gptq",): "[{compressed-tensors: int4}, {gptq: int4}, {gguf: Q4_0}]",
-    ("awq",): "[{awq: int4}, {compressed-tensors: int4}, {gguf: Q4_0}]",
+    ("gptq",): "[{compressed-tensors: int4}, {gptq: int4}, {gguf: Q4_0}, {gguf: Q4_K_M}]",
+    ("awq",): "[{awq: int4}, {compressed-tensors: int4}, {gguf: Q4_0}, {gguf: Q4_K_M}]",
     ("rtn",): "[{compressed-tensors: int8}, {compressed-tensors: int4}, {gguf: Q8_0}, {gguf: Q4_0}]",
     ("nf4",): "[{bnb-nf4: nf4}]",
     ("nf4", "quantize.nf4.double_quant=true"): "[{bnb-nf4: nf4}]",
@@ -35,7 +35,7 @@ BUILDS = {  # method (and options) -> outputs
 CONSUMERS = {"compressed-tensors": "transformers + compressed-tensors 0.20 (asymmetric: compressed-tensors' decompressor)",
              "gptq": "transformers + gptqmodel 7.6 (bench/consumers); v1 layout decoder (tests)",
              "awq": "transformers + gptqmodel 7.6 (bench/consumers); GEMM layout decoder (tests)",
-             "bnb-nf4": "transformers + bitsandbytes (CPU)", "gguf": "gguf-py GGUFReader + quants.dequantize"}
+             "bnb-nf4": "transformers + bitsandbytes (CPU)", "gguf": "gguf-py GGUFReader + quants.dequantize; llama.cpp 0.3.36 (pytest -m llama_cpp)"}
 
 
 def main() -> None:

@@ -36,11 +36,13 @@ def main() -> None:
     ap.add_argument("--model", help="a model source instead of the recipe's (e.g. a synthetic:// Llama)")
     ap.add_argument("--types", default="Q8_0,Q4_0,Q4_K_M")
     ap.add_argument("--methods", default="rtn,gptq,awq")
+    ap.add_argument("--tokens", type=int, help="validation tokens instead of the recipe's")
     args = ap.parse_args()
     torch.set_num_threads(1)
     types = args.types.split(",")
     overrides = [f"model.source={args.model}", "calibration.source=synthetic://tokens",
                  "validate.source=synthetic://tokens"] if args.model else []
+    overrides += [f"validate.tokens={args.tokens}"] if args.tokens else []
     with tempfile.TemporaryDirectory() as tmp:
         store = Store(tmp)
         r = load_recipe(RECIPE, [*overrides, "outputs=[{gguf: F16}]"])
@@ -55,6 +57,7 @@ def main() -> None:
         for t in types:
             path = Path(tmp) / f"llama-cpp-{t}.gguf"
             files[(t, "llama.cpp rtn")] = (path, llama_quantize(f16_path, path, t))
+            print(f"llama.cpp rtn {t}: {files[(t, 'llama.cpp rtn')][1]:.2f} s", flush=True)
         for method in args.methods.split(","):
             for t in types:
                 rt = load_recipe(RECIPE, [*overrides, f"quantize.method={method}", f"outputs=[{{gguf: {t}}}]"])
@@ -64,6 +67,7 @@ def main() -> None:
                 seconds = time.perf_counter() - start
                 f = c.files[f"gguf-{t}"]
                 files[(t, f"quantfab {method}")] = (materialize(store, f.files).path / f.path, seconds)
+                print(f"quantfab {method} {t}: {seconds:.2f} s", flush=True)
         ids = validate_mod.eval_windows(model, r.validate_, store)
         sources = {"fp32": weights, **{f"{t}|{who}": GGUFTensors(p, config) for (t, who), (p, _) in files.items()}}
         metrics = validate_mod.compare(config, sources, ids, "cpu")

@@ -37,41 +37,49 @@ def _safe(x: np.ndarray) -> np.ndarray:
     return np.where(x == 0, F(1), x).astype(F)
 
 
+def _columns(x: np.ndarray, dtype: type = F) -> np.ndarray:
+    """(rows, n) -> contiguous (n, rows): the element-order loops below walk columns, which is fast this way."""
+    return np.ascontiguousarray(x.T, dtype=dtype)
+
+
 def search_min_scale(x: np.ndarray, weights: np.ndarray, nmax: int, rmin: float, rdelta: float, nstep: int,
                      use_mad: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """make_qkx2_quants for every row of ``x`` (one sub-block each): (scale, min as a positive offset, codes)."""
     n = x.shape[1]
+    xc, wc = _columns(x), _columns(weights)
     lo, hi = x.min(axis=1), x.max(axis=1)
-    sum_w = weights[:, 0].copy()
-    sum_x = sum_w * x[:, 0]
+    sum_w = wc[0].copy()
+    sum_x = sum_w * xc[0]
     for i in range(1, n):
-        sum_w = sum_w + weights[:, i]
-        sum_x = sum_x + weights[:, i] * x[:, i]
+        sum_w = sum_w + wc[i]
+        sum_x = sum_x + wc[i] * xc[i]
     lo = np.minimum(lo, F(0))
     flat = hi == lo
     iscale = F(nmax) / _safe(hi - lo)
     scale = F(1) / iscale
-    codes = np.clip(nearest_int(iscale[:, None] * (x - lo[:, None])), 0, nmax)
+    codes = np.clip(nearest_int(iscale * (xc - lo)), 0, nmax)  # (n, rows), as every array here
 
     def error(s: np.ndarray, m: np.ndarray, q: np.ndarray) -> np.ndarray:
         total = np.zeros(len(x), F)
+        qc = q.astype(F)
         for i in range(n):
-            diff = s * q[:, i].astype(F) + m - x[:, i]
-            total = total + weights[:, i] * (np.abs(diff) if use_mad else diff * diff)
+            diff = s * qc[i] + m - xc[i]
+            total = total + wc[i] * (np.abs(diff) if use_mad else diff * diff)
         return total
 
     best = error(scale, lo, codes)
     for step in range(nstep + 1):
         iscale = (F(rmin) + F(rdelta) * F(step) + F(nmax)) / _safe(hi - lo)  # lo moves with the best fit
-        aux = np.clip(nearest_int(iscale[:, None] * (x - lo[:, None])), 0, nmax)
+        aux = np.clip(nearest_int(iscale * (xc - lo)), 0, nmax)
         sum_l = np.zeros(len(x), F)
         sum_l2 = np.zeros(len(x), F)
         sum_xl = np.zeros(len(x), F)
+        auxc = aux.astype(F)
         for i in range(n):
-            w, q = weights[:, i], aux[:, i].astype(F)
+            w, q = wc[i], auxc[i]
             sum_l = sum_l + w * q
             sum_l2 = sum_l2 + w * q * q
-            sum_xl = sum_xl + w * q * x[:, i]
+            sum_xl = sum_xl + w * q * xc[i]
         det = sum_w * sum_l2 - sum_l * sum_l
         ok = det > 0
         this_scale = (sum_w * sum_xl - sum_x * sum_l) / _safe(det)
@@ -81,13 +89,13 @@ def search_min_scale(x: np.ndarray, weights: np.ndarray, nmax: int, rmin: float,
         this_min = np.where(positive, F(0), this_min).astype(F)
         current = error(this_scale, this_min, aux)
         better = ok & (current < best)
-        codes = np.where(better[:, None], aux, codes)
+        codes = np.where(better, aux, codes)
         best = np.where(better, current, best)
         scale = np.where(better, this_scale, scale).astype(F)
         lo = np.where(better, this_min, lo).astype(F)
-    codes = np.where(flat[:, None], 0, codes)
+    codes = np.where(flat, 0, codes)
     scale = np.where(flat, F(0), scale).astype(F)
-    return scale, (-lo).astype(F), codes
+    return scale, (-lo).astype(F), codes.T
 
 
 def _signed_extreme(x: np.ndarray) -> np.ndarray:
@@ -95,13 +103,13 @@ def _signed_extreme(x: np.ndarray) -> np.ndarray:
     return np.take_along_axis(x, np.abs(x).argmax(axis=1)[:, None], axis=1)[:, 0]
 
 
-def _weighted_sums(x: np.ndarray, q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """sum w*x*l and sum w*l*l with w = x*x, in element order."""
-    sumlx = np.zeros(len(x), F)
-    suml2 = np.zeros(len(x), F)
-    for i in range(x.shape[1]):
-        w, l = x[:, i] * x[:, i], q[:, i].astype(F)
-        sumlx = sumlx + w * x[:, i] * l
+def _weighted_sums(xc: np.ndarray, qc: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """sum w*x*l and sum w*l*l with w = x*x, in element order, over columns (n, rows)."""
+    sumlx = np.zeros(xc.shape[1], F)
+    suml2 = np.zeros(xc.shape[1], F)
+    for i in range(len(xc)):
+        w, l = xc[i] * xc[i], qc[i].astype(F)
+        sumlx = sumlx + w * xc[i] * l
         suml2 = suml2 + w * l * l
     return sumlx, suml2
 
@@ -111,10 +119,11 @@ def search_signed_scale(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarra
     extreme = _signed_extreme(x)
     zero = np.abs(extreme) < GROUP_MAX_EPS
     extreme = _safe(extreme)
+    xc = _columns(x)
 
     def trial(iscale: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        q = np.clip(nearest_int(iscale[:, None] * x), -nmax, nmax - 1)
-        sumlx, suml2 = _weighted_sums(x, q)
+        q = np.clip(nearest_int(iscale * xc), -nmax, nmax - 1)
+        sumlx, suml2 = _weighted_sums(xc, q)
         return q, sumlx, suml2
 
     q, sumlx, suml2 = trial(-F(nmax) / extreme)
@@ -126,10 +135,10 @@ def search_signed_scale(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarra
             continue
         q, sumlx, suml2 = trial(-(F(nmax) + F(0.1) * F(step)) / extreme)
         better = (suml2 > 0) & (sumlx * sumlx > best * suml2)
-        codes = np.where(better[:, None], q + nmax, codes)
+        codes = np.where(better, q + nmax, codes)
         scale = np.where(better, sumlx / _safe(suml2), scale).astype(F)
         best = np.where(better, scale * sumlx, best).astype(F)
-    return np.where(zero, F(0), scale).astype(F), np.where(zero[:, None], 0, codes)
+    return np.where(zero, F(0), scale).astype(F), np.where(zero, 0, codes).T
 
 
 def search_q3_scale(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
@@ -137,13 +146,14 @@ def search_q3_scale(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
     n = x.shape[1]
     extreme = _signed_extreme(x)
     zero = np.abs(extreme) < GROUP_MAX_EPS
-    q = np.clip(nearest_int((F(-nmax) / _safe(extreme))[:, None] * x), -nmax, nmax - 1)
-    sumlx, suml2 = _weighted_sums(x, q)
+    xc = _columns(x)
+    qc = np.clip(nearest_int(F(-nmax) / _safe(extreme) * xc), -nmax, nmax - 1)
+    sumlx, suml2 = _weighted_sums(xc, qc)
     active = np.ones(len(x), bool)
     for _ in range(5):
         changed = np.zeros(len(x), bool)
         for i in range(n):
-            xi, li = x[:, i], q[:, i].astype(F)
+            xi, li = xc[i], qc[i].astype(F)
             w = xi * xi
             slx = sumlx - w * xi * li
             sl2 = suml2 - w * li * li
@@ -151,13 +161,14 @@ def search_q3_scale(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
             nf = new.astype(F)
             slx_new = slx + w * xi * nf
             sl2_new = sl2 + w * nf * nf
-            take = (active & (slx > 0) & (new != q[:, i]) & (sl2_new > 0)
+            take = (active & (slx > 0) & (new != qc[i]) & (sl2_new > 0)
                     & (slx_new * slx_new * suml2 > sumlx * sumlx * sl2_new))
-            q[:, i] = np.where(take, new, q[:, i])
+            qc[i] = np.where(take, new, qc[i])
             sumlx = np.where(take, slx_new, sumlx).astype(F)
             suml2 = np.where(take, sl2_new, suml2).astype(F)
             changed |= take
         active &= changed
+    q = qc.T
     scale = np.where(suml2 > 0, sumlx / _safe(suml2), F(0)).astype(F)
     return np.where(zero, F(0), scale).astype(F), np.where(zero[:, None], 0, q + nmax)
 
@@ -258,8 +269,8 @@ class Q4_K(MinKGrid):
 
     def weights(self, x: np.ndarray) -> np.ndarray:
         sum_x2 = np.zeros(len(x), F)
-        for i in range(x.shape[1]):
-            sum_x2 = sum_x2 + x[:, i] * x[:, i]
+        for column in _columns(x):
+            sum_x2 = sum_x2 + column * column
         return (np.sqrt(sum_x2 / F(x.shape[1]))[:, None] + np.abs(x)).astype(F)
 
 
