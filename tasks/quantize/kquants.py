@@ -37,9 +37,9 @@ def _safe(x: np.ndarray) -> np.ndarray:
     return np.where(x == 0, F(1), x).astype(F)
 
 
-def _columns(x: np.ndarray, dtype: type = F) -> np.ndarray:
+def _columns(x: np.ndarray) -> np.ndarray:
     """(rows, n) -> contiguous (n, rows): the element-order loops below walk columns, which is fast this way."""
-    return np.ascontiguousarray(x.T, dtype=dtype)
+    return np.ascontiguousarray(x.T, dtype=F)
 
 
 def search_min_scale(x: np.ndarray, weights: np.ndarray, nmax: int, rmin: float, rdelta: float, nstep: int,
@@ -168,9 +168,8 @@ def search_q3_scale(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
             suml2 = np.where(take, sl2_new, suml2).astype(F)
             changed |= take
         active &= changed
-    q = qc.T
     scale = np.where(suml2 > 0, sumlx / _safe(suml2), F(0)).astype(F)
-    return np.where(zero, F(0), scale).astype(F), np.where(zero[:, None], 0, q + nmax)
+    return np.where(zero, F(0), scale).astype(F), np.where(zero, 0, qc + nmax).T
 
 
 class KGrid(Grid):
