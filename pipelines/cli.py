@@ -57,7 +57,7 @@ def _quiet_prefect(verbose: bool) -> None:
 def _run(args: argparse.Namespace) -> int:
     from quantfab.pipelines.quantize import LISTENERS, ORDER, quantize
     from quantfab.pipelines.recipe_loading import load_recipe
-    from quantfab.tasks.errors import QualityGateFailed
+    from quantfab.tasks.errors import QualityGateFailed, VerificationFailed
 
     recipe = load_recipe(args.recipe, args.overrides)  # fail fast, before Prefect starts
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
@@ -74,6 +74,10 @@ def _run(args: argparse.Namespace) -> int:
         except QualityGateFailed as exc:
             print(exc.table)
             console.print(f"[bold red]quality gate failed:[/] {'; '.join(exc.failures)}; nothing was published", highlight=False)
+            return 1
+        except VerificationFailed as exc:
+            console.print(f"[bold red]verification failed:[/] {'; '.join(exc.failures)}; nothing was published",
+                          highlight=False)
             return 1
         finally:
             LISTENERS.remove(on_stage)

@@ -26,25 +26,27 @@ from quantfab.tasks.quantize import stage as quantize_mod
 from quantfab.tasks.store import Store
 
 CACHE_POLICY = INPUTS + TASK_SOURCE
-TASKS_DIR = Path(__file__).resolve().parent.parent / "tasks"
-COMMON = ["errors.py", "store.py", "manifests.py", "modelio.py", "download.py"]
+ROOT = Path(__file__).resolve().parent.parent  # where tasks/ and kernels/ live (the repo, or site-packages)
+COMMON = ["tasks/errors.py", "tasks/store.py", "tasks/manifests.py", "tasks/modelio.py", "tasks/download.py"]
 STAGE_SOURCES = {
-    "download": ["synthetic.py"],
-    "calibrate": ["calibrate.py", "texts.py"],
-    "quantize": ["quantize", "calibrate.py"],
-    "convert": ["convert", "quantize/grids.py", "quantize/layer_file.py"],
-    "validate": ["validate.py", "texts.py", "convert"],
-    "package": ["package.py"],
+    "download": ["tasks/synthetic.py"],
+    "calibrate": ["tasks/calibrate.py", "tasks/texts.py"],
+    "quantize": ["tasks/quantize", "tasks/calibrate.py"],
+    "convert": ["tasks/convert", "tasks/quantize/grids.py", "tasks/quantize/layer_file.py", "kernels"],
+    "validate": ["tasks/validate.py", "tasks/texts.py", "tasks/convert", "kernels"],
+    "package": ["tasks/package.py"],
 }
+SOURCE_SUFFIXES = (".py", ".cu", ".h")
 
 
 def code_digest(stage: str) -> str:
     """sha256 of the stage's source files (and the shared ones), so editing them invalidates its cache."""
     h = hashlib.sha256()
     for rel in COMMON + STAGE_SOURCES[stage]:
-        path = TASKS_DIR / rel
-        for f in sorted(path.rglob("*.py")) if path.is_dir() else [path]:
-            h.update(f.relative_to(TASKS_DIR).as_posix().encode() + b"\0" + f.read_bytes())
+        path = ROOT / rel
+        files = sorted(f for f in path.rglob("*") if f.suffix in SOURCE_SUFFIXES) if path.is_dir() else [path]
+        for f in files:
+            h.update(f.relative_to(ROOT).as_posix().encode() + b"\0" + f.read_bytes())
     return h.hexdigest()[:16]
 
 

@@ -12,3 +12,11 @@ class QualityGateFailed(Exception):
         super().__init__("quality gate failed: " + "; ".join(failures))
         self.table = table
         self.failures = failures
+
+
+class VerificationFailed(Exception):
+    """Packed bytes do not decode to what the method produced: the build is refused, nothing published (CLI exit 1)."""
+
+    def __init__(self, failures: list[str]):
+        super().__init__("packed tensors do not decode to their codes: " + "; ".join(failures))
+        self.failures = failures

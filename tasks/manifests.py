@@ -75,6 +75,27 @@ def weight_bytes(files: dict[str, Blob]) -> int:
     return sum(b.size for name, b in files.items() if name.endswith(WEIGHT_FILES))
 
 
+class Mismatch(BaseModel):
+    """A packed tensor whose stored bytes do not decode to the method's reconstruction."""
+
+    model_config = ConfigDict(ser_json_inf_nan="constants")
+    tensor: str
+    count: int  # mismatching elements
+    first_index: int  # flat (row-major) index of the first, in the HF weight's shape
+    max_abs_error: float
+
+
+class Verification(BaseModel):
+    """Every packed tensor of one output decoded from the written file and compared with what was packed."""
+
+    model_config = ConfigDict(ser_json_inf_nan="constants")
+    backend: str  # where the kernels ran: cupy, cpu or numpy
+    tensors: int
+    elements: int
+    max_abs_error: float
+    mismatches: list[Mismatch]
+
+
 class FormatFile(BaseModel):
     """One output as published: a single file (GGUF) or a folder of files (an HF checkpoint)."""
 
@@ -84,6 +105,7 @@ class FormatFile(BaseModel):
     tensor_types: dict[str, int]  # type name -> tensor count
     fallbacks: list[str]  # "tensor: why"
     bits_per_weight: float  # weight files' bytes x 8 / parameters
+    verification: Verification
 
     @property
     def weight_bytes(self) -> int:

@@ -2,7 +2,8 @@
 
 Everything is first written under a staging prefix inside the destination, then moved into place;
 manifest.json (sha256 and size of every file) is written last, and an older manifest is removed first,
-so a reader that trusts manifest.json never sees a half-published package.
+so a reader that trusts manifest.json never sees a half-published package. An output whose packed
+tensors failed convert's verification is refused before anything is written.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import uuid
 import fsspec
 
 from quantfab.tasks.download import redact
+from quantfab.tasks.errors import VerificationFailed
 from quantfab.tasks.manifests import ConvertManifest, ModelManifest, PackageManifest, QualityManifest
 from quantfab.tasks.store import Blob, Store
 
@@ -22,6 +24,10 @@ MODEL_FILES = ("config.json", "generation_config.json", "tokenizer.json", "token
 
 def package(name: str, model: ModelManifest, converted: ConvertManifest, quality: QualityManifest, recipe_yaml: str,
             recipe_digest: str, destination: str, version: str, store: Store) -> PackageManifest:
+    failures = [f"{f.path}: {m.tensor}: {m.count} element(s) differ, first at flat index {m.first_index} "
+                f"(max abs error {m.max_abs_error:g})" for f in converted.files.values() for m in f.verification.mismatches]
+    if failures:
+        raise VerificationFailed(failures)
     files: dict[str, bytes | Blob] = {p: b for f in converted.files.values() for p, b in f.files.items()}
     files.update({n: b for n, b in model.files.items() if n in MODEL_FILES})
     files["quality.json"] = quality.report

@@ -2,12 +2,17 @@
 
 The builds run the stage functions (the same code the flow's tasks call) on the real TinyStories-656K
 model, calibrated on 16 x 128 TinyStories tokens; logits are compared on 8 windows of 128 TinyStories tokens.
+Packing and verification run on the g++ build of kernels/ (QUANTFAB_KERNELS=cpu), so the consumers read
+what the .cu sources packed.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pytest
@@ -69,7 +74,18 @@ class Build:
 
 
 @pytest.fixture(scope="module")
-def builds(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Build]:
+def kernels_built_for_the_cpu() -> Iterator[None]:
+    old = os.environ.get("QUANTFAB_KERNELS")
+    os.environ["QUANTFAB_KERNELS"] = "cpu"
+    yield
+    if old is None:
+        del os.environ["QUANTFAB_KERNELS"]
+    else:
+        os.environ["QUANTFAB_KERNELS"] = old
+
+
+@pytest.fixture(scope="module")
+def builds(data_dir: Path, tmp_path_factory: pytest.TempPathFactory, kernels_built_for_the_cpu: None) -> dict[str, Build]:
     store = Store(str(tmp_path_factory.mktemp("formats-store")))
     return {name: Build(overrides, store) for name, overrides in BUILDS.items()}
 
@@ -288,3 +304,68 @@ def test_bnb_nf4_loads_in_transformers_with_bitsandbytes_and_reproduces_our_logi
     print(f"{build} bnb-nf4 via transformers+bitsandbytes: max |logit difference| {diff:.3g} over {eval_ids.size} "
           f"tokens on bitsandbytes' float32 path, {(served - ours).abs().max().item():.3g} as served in eval mode")
     assert diff <= LOGIT_ATOL
+
+
+@pytest.mark.slow
+def test_every_packed_linear_is_verified_against_its_codes(builds: dict[str, Build]) -> None:
+    """convert reads each packed Linear back from the written files and decodes it with kernels/."""
+    for b in builds.values():
+        for key, f in b.converted.files.items():
+            expected = b.reconstruction(key)
+            v = f.verification
+            assert (v.mismatches, v.max_abs_error, v.backend) == ([], 0.0, "cpu")
+            assert (v.tensors, v.elements) == (len(expected), sum(a.size for a in expected.values()))
+
+
+CORRUPTED = [("gptq-asym", "gptq-int4-g32-asym", "qweight"), ("awq", "awq-int4-g128", "qweight"),
+             ("gptq-mixed", "compressed-tensors-int4-g32-asym", "weight_packed"),
+             ("gptq-mixed", "compressed-tensors-int4-g32-asym", "weight_zero_point"), ("nf4-dq", "bnb-nf4", "weight")]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("build,key,stored", CORRUPTED)
+def test_verify_finds_the_element_a_flipped_bit_broke_where_the_consumer_decoder_does(
+        builds: dict[str, Build], tmp_path: Path, build: str, key: str, stored: str) -> None:
+    from safetensors.numpy import load_file, save_file
+
+    b = builds[build]
+    folder = tmp_path / "corrupted"
+    shutil.copytree(b.written(key), folder)
+    module = "model.layers.1.self_attn.v_proj"
+    tensors = load_file(folder / "model.safetensors")
+    flat = tensors[f"{module}.{stored}"].reshape(-1).view(np.uint8)
+    flat[5] ^= 0x01
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+
+    output = next(o for o in b.recipe.outputs if o.key == key)
+    fmt = FORMATS[output.format]
+    config = b.folder.config()
+    reader = fmt.reader(folder, config)
+    planned = next(t for t in fmt.plan(output, config, b.folder.weights().tensors,
+                                       {m.name: m.grid for m in b.quantized.outputs[key].modules})
+                   if t.hf_name == f"{module}.weight")
+    expected = b.reconstruction(key)[f"{module}.weight"]
+    verdict = fmt.verify(reader, planned, expected)
+    decoded = reader.load([f"{module}.weight"])[f"{module}.weight"].numpy()  # the format's own reader
+    broken = np.flatnonzero(decoded.reshape(-1) != expected.reshape(-1))
+    assert 0 < verdict.mismatches == broken.size and verdict.first == broken[0]
+
+
+@pytest.mark.slow
+def test_package_refuses_an_output_whose_verification_found_a_mismatch(builds: dict[str, Build], tmp_path: Path) -> None:
+    from quantfab.tasks.errors import VerificationFailed
+    from quantfab.tasks.manifests import Mismatch, QualityManifest
+    from quantfab.tasks.package import package
+
+    b = builds["awq"]
+    key = "awq-int4-g128"
+    f = b.converted.files[key]
+    broken = f.model_copy(update={"verification": f.verification.model_copy(update={"mismatches": [
+        Mismatch(tensor="model.layers.0.mlp.up_proj.weight", count=3, first_index=4242, max_abs_error=0.5)]})})
+    converted = b.converted.model_copy(update={"files": {**b.converted.files, key: broken}})
+    quality = QualityManifest(report=b.store.put_bytes(b"{}"), passed=True, table="", failures=[])
+    destination = tmp_path / "published"
+    with pytest.raises(VerificationFailed, match=r"model.layers.0.mlp.up_proj.weight: 3 element\(s\) differ, "
+                                                 r"first at flat index 4242"):
+        package("tiny", b.model, converted, quality, "", "digest", str(destination), "0", b.store)
+    assert not destination.exists() or not any(destination.iterdir())

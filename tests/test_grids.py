@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from quantfab.tasks.convert.gguf import permute_rows, unpermute_rows
-from quantfab.tasks.convert.gguf_blocks import PACKERS
+from quantfab.kernels.gguf_blocks import PACKERS
 from quantfab.tasks.quantize import METHODS
 from quantfab.tasks.quantize.gptq import gptq
 from quantfab.tasks.quantize.grids import GRIDS, grid_named

@@ -5,6 +5,9 @@ weights are loaded into the HF model and scored by protocol.evaluate, exactly as
 the peer's. Prints ours beside theirs (results-tinystories.json, from run_llmcompressor.py) with ratios.
 
     python bench/peer/run_ours.py [--data ../shared/data] [--peer bench/peer/results-tinystories.json]
+    python bench/peer/run_ours.py --synthetic      # quantize-stage time on the 8 x 1024 synthetic Llama
+
+For the timing comparison, pin both sides to one core the same way, e.g. `taskset -c 0 ... --threads 1`.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import protocol  # noqa: E402
 
 from quantfab.pipelines.recipe import QuantizeSpec  # noqa: E402
+from quantfab.tasks.calibrate import calibrate_on  # noqa: E402
 from quantfab.tasks.store import Store  # noqa: E402
 from quantfab.tasks.trial import Trial  # noqa: E402
 
@@ -38,13 +42,60 @@ SCHEMES = {  # peer scheme name -> (our method, our grid)
 }
 
 
+SYN_DIR = Path(os.environ.get("BENCH_CACHE", "/work/bench-cache")) / "synthetic-8x1024"
+
+
+def synthetic(peer_path: Path, schemes: list[str]) -> dict:
+    """Quantize-stage wall time (calibration + method) on the model and rows run_llmcompressor.py saved.
+
+    The peer's oneshot time holds its own calibration passes and its method, so ours is the same sum:
+    calibrate_on (the unquantized statistics) plus the method over every layer, the download excluded.
+    """
+    from safetensors.numpy import load_file
+
+    rows = load_file(str(SYN_DIR / "calib.safetensors"))["input_ids"]
+    peer = json.loads(peer_path.read_text())["results"] if peer_path.is_file() else {}
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        trial = Trial(SYN_DIR, Store(tmp), rows, eval_ids=rows[:1])
+        t = time.perf_counter()
+        calibrate_on(trial.model, rows, "cpu", trial.store)
+        calibrate_s = time.perf_counter() - t
+        print(f"synthetic 8 x 1024, calibration {rows.shape[0]} x {rows.shape[1]}: calibrate {calibrate_s:.1f} s; "
+              f"torch threads {torch.get_num_threads()}")
+        print(f"{'scheme':<15} {'method s':>9} {'ours s':>8} {'peer s':>8} {'ours/peer':>10}")
+        for scheme in schemes:
+            method, grid = SCHEMES[scheme]
+            t = time.perf_counter()
+            trial.layer_files(QuantizeSpec(method=method), grid)
+            method_s = time.perf_counter() - t
+            ours = calibrate_s + method_s
+            theirs = (peer.get(scheme) or {}).get("seconds")
+            results[scheme] = {"calibrate_s": calibrate_s, "method_s": method_s, "seconds": ours, "peer_seconds": theirs,
+                               "ratio": ours / theirs if theirs else None}
+            print(f"{scheme:<15} {method_s:9.1f} {ours:8.1f} {theirs or float('nan'):8.1f} "
+                  f"{ours / theirs if theirs else float('nan'):10.3f}", flush=True)
+    return {"calib_shape": list(rows.shape), "torch_threads": torch.get_num_threads(), "schemes": results}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", type=Path, default=Path(os.environ.get("QUANTFAB_DATA", "../shared/data")))
     ap.add_argument("--peer", type=Path, default=Path(__file__).resolve().parent / "results-tinystories.json")
     ap.add_argument("--out", type=Path, help="also write our figures here as JSON")
-    ap.add_argument("--schemes", nargs="*", default=list(SCHEMES), choices=list(SCHEMES), metavar="SCHEME")
+    ap.add_argument("--schemes", nargs="*", default=None, choices=list(SCHEMES), metavar="SCHEME")
+    ap.add_argument("--synthetic", action="store_true", help="time the quantize stage on the synthetic 8 x 1024 Llama")
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.synthetic:
+        out = synthetic(Path(__file__).resolve().parent / "results-synthetic.json",
+                        args.schemes or ["gptq-g128-sym", "awq-g128-asym"])
+        if args.out:
+            args.out.write_text(json.dumps(out, indent=2) + "\n")
+        return
+    args.schemes = args.schemes or list(SCHEMES)
     model_dir, text = args.data / "tinystories-656k", args.data / "tinystories-valid-head.txt"
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     chunks = protocol.eval_chunks(tokenizer, text)

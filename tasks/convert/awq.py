@@ -16,12 +16,14 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from quantfab.tasks.convert.hf_folder import (FolderWeights, HFFolderFormat, PlannedTensor, pack_words, unpack_words,
-                                              write_folder)
+from quantfab.kernels.verdict import Verdict
+from quantfab.kernels.words import PackedInts, WordLayout, decode_reference, pack_words, verify_words
+from quantfab.tasks.convert.hf_folder import FolderWeights, HFFolderFormat, PlannedTensor, write_folder
 from quantfab.tasks.modelio import ModelDir
 from quantfab.tasks.quantize.grids import Encoded, Grid, GridRequest, grid_named
 
-ORDER = np.array([0, 2, 4, 6, 1, 3, 5, 7])  # AutoAWQ's AWQ_ORDER: word slot k holds column ORDER[k] of 8
+ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # AutoAWQ's AWQ_ORDER: word slot k holds column ORDER[k] of 8
+LAYOUT = WordLayout(4, 0, True, 8, ORDER)  # codes and zero points alike: along the output dim, one line per input
 
 
 class AWQOptions(BaseModel):
@@ -70,20 +72,25 @@ class AWQFormat(HFFolderFormat):
 
     def pack(self, t: PlannedTensor, enc: Encoded) -> dict[str, torch.Tensor]:
         module = t.hf_name.removesuffix(".weight")
-        u = (enc.codes.astype(np.int32) + 8).T  # (in, out)
-        zero = np.full(enc.d.shape, 8, np.int32) if enc.m is None else enc.m.astype(np.int32) + 8  # (out, groups)
-        return {f"{module}.qweight": torch.from_numpy(pack_words(u, 4, ORDER)),
-                f"{module}.qzeros": torch.from_numpy(pack_words(zero.T, 4, ORDER)),
+        zero = np.zeros(enc.d.shape, np.int8) if enc.m is None else enc.m.astype(np.int8)  # signed, (out, groups)
+        return {f"{module}.qweight": torch.from_numpy(pack_words(enc.codes, LAYOUT)),
+                f"{module}.qzeros": torch.from_numpy(pack_words(zero, LAYOUT)),
                 f"{module}.scales": torch.from_numpy(enc.d.T.astype(np.float16).copy())}
 
     def reader(self, path: Path, config) -> FolderWeights:
         return FolderWeights(path, "qweight", decode_awq_gemm)
 
+    def verify(self, folder: FolderWeights, t: PlannedTensor, expected: np.ndarray) -> Verdict:
+        return verify_words(stored_ints(t.hf_name.removesuffix(".weight"), folder), expected)
+
+
+def stored_ints(module: str, folder: FolderWeights) -> PackedInts:
+    return PackedInts(folder.raw(f"{module}.qweight").numpy(), LAYOUT, folder.raw(f"{module}.scales").numpy(),
+                      int(folder.config["quantization_config"]["group_size"]), scales_transposed=True,
+                      zeros=folder.raw(f"{module}.qzeros").numpy(), zero_layout=LAYOUT)
+
 
 def decode_awq_gemm(module: str, folder: FolderWeights) -> torch.Tensor:
     """(out, in) float32 weights: scales * (u - zeros), each repeated over its group of input rows."""
-    group = int(folder.config["quantization_config"]["group_size"])
-    u = unpack_words(folder.raw(f"{module}.qweight").numpy(), 4, ORDER)  # (in, out)
-    zeros = np.repeat(unpack_words(folder.raw(f"{module}.qzeros").numpy(), 4, ORDER), group, axis=0)
-    scales = np.repeat(folder.raw(f"{module}.scales").numpy().astype(np.float32), group, axis=0)
-    return torch.from_numpy((scales * (u - zeros).astype(np.float32)).T.copy())
+    p = stored_ints(module, folder)
+    return torch.from_numpy(decode_reference(p, (p.words.shape[1] * 8, p.words.shape[0])))

@@ -18,6 +18,8 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from quantfab.kernels.nf4 import pack_nf4, verify_nf4
+from quantfab.kernels.verdict import Verdict
 from quantfab.tasks.convert.hf_folder import FolderWeights, HFFolderFormat, PlannedTensor, write_folder
 from quantfab.tasks.modelio import ModelDir
 from quantfab.tasks.quantize.grids import DYNAMIC_MAP, Encoded, Grid, GridRequest, NF4Grid, grid_named
@@ -80,11 +82,10 @@ class BnbNF4Format(HFFolderFormat):
     def pack(self, t: PlannedTensor, enc: Encoded) -> dict[str, torch.Tensor]:
         grid = grid_named(t.grid or "")
         assert isinstance(grid, NF4Grid)
-        codes = enc.codes.reshape(-1).astype(np.uint8)
         w = t.hf_name
         state: dict = {"quant_type": "nf4", "blocksize": grid.block, "dtype": str(t.dtype).removeprefix("torch."),
                        "shape": list(t.shape)}
-        out = {w: torch.from_numpy(((codes[0::2] << 4) | codes[1::2]).reshape(-1, 1)),
+        out = {w: torch.from_numpy(pack_nf4(enc.codes).reshape(-1, 1)),
                f"{w}.quant_map": torch.from_numpy(NF4Grid.CODEBOOK.copy())}
         if grid.double_quant:
             out[f"{w}.absmax"] = torch.from_numpy(enc.extra["nested_codes"].astype(np.uint8))
@@ -99,6 +100,16 @@ class BnbNF4Format(HFFolderFormat):
 
     def reader(self, path: Path, config) -> FolderWeights:
         return FolderWeights(path, "weight.quant_map", decode_bnb_nf4)
+
+    def verify(self, folder: FolderWeights, t: PlannedTensor, expected: np.ndarray) -> Verdict:
+        w = t.hf_name
+        state = json.loads(bytes(folder.raw(f"{w}.quant_state.bitsandbytes__nf4").numpy().tolist()).decode())
+        nested = None
+        if "nested_offset" in state:
+            nested = (folder.raw(f"{w}.nested_absmax").numpy(), folder.raw(f"{w}.nested_quant_map").numpy(),
+                      int(state["nested_blocksize"]), float(state["nested_offset"]))
+        return verify_nf4(folder.raw(w).numpy(), folder.raw(f"{w}.absmax").numpy(), folder.raw(f"{w}.quant_map").numpy(),
+                          int(state["blocksize"]), expected, nested)
 
 
 def decode_bnb_nf4(module: str, folder: FolderWeights) -> torch.Tensor:

@@ -2,9 +2,9 @@
 
 A folder like the one llm-compressor saves: config.json with the ``quantization_config`` built by the
 ``compressed-tensors`` package's own classes, model safetensors (sharded past ``SHARD_BYTES``), and the
-tokenizer files. Each quantized Linear stores ``weight_packed`` (the method's signed codes packed by the
-package's ``pack_to_int32``, never re-rounded), ``weight_scale``, ``weight_zero_point`` when asymmetric
-(packed along the output dim), and ``weight_shape``. Scales are written in float32 for a float32 model,
+tokenizer files. Each quantized Linear stores ``weight_packed`` (the method's signed codes, never re-rounded,
+packed by kernels/words exactly as the package's ``pack_to_int32`` packs them), ``weight_scale``,
+``weight_zero_point`` when asymmetric (packed along the output dim), and ``weight_shape``. Scales are written in float32 for a float32 model,
 else float16: both hold the grid's fp16 scales exactly. The reader decodes with the package's own
 ``PackedQuantizationCompressor``, so validate measures what vLLM would load.
 """
@@ -19,6 +19,8 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from quantfab.kernels.verdict import Verdict
+from quantfab.kernels.words import PackedInts, WordLayout, pack_words, verify_words
 from quantfab.tasks.convert.hf_folder import FolderWeights, HFFolderFormat, PlannedTensor, write_folder
 from quantfab.tasks.errors import UserError
 from quantfab.tasks.modelio import ModelDir
@@ -76,22 +78,35 @@ class CompressedTensorsFormat(HFFolderFormat):
         write_folder(path, model, quantization_config(planned), planned, tensor_data)
 
     def pack(self, t: PlannedTensor, enc: Encoded) -> dict[str, torch.Tensor]:
-        from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
-
         grid = grid_named(t.grid or "")
         module = t.hf_name.removesuffix(".weight")
         scale_dtype = torch.float32 if t.dtype == torch.float32 else torch.float16
-        out = {f"{module}.weight_packed": pack_to_int32(torch.from_numpy(enc.codes), grid.bits),
+        code_layout, zero_layout = layouts(grid.bits)
+        out = {f"{module}.weight_packed": torch.from_numpy(pack_words(enc.codes, code_layout)),
                f"{module}.weight_scale": torch.from_numpy(enc.d).to(scale_dtype),
                f"{module}.weight_shape": torch.tensor(t.shape, dtype=torch.int64)}
         if not grid.symmetric:
             assert enc.m is not None
-            zero = torch.from_numpy(enc.m.astype(np.int8))
-            out[f"{module}.weight_zero_point"] = pack_to_int32(zero, grid.bits, packed_dim=0)
+            out[f"{module}.weight_zero_point"] = torch.from_numpy(pack_words(enc.m.astype(np.int8), zero_layout))
         return out
 
     def reader(self, path: Path, config) -> FolderWeights:
         return compressed_tensors_weights(path)
+
+    def verify(self, folder: FolderWeights, t: PlannedTensor, expected: np.ndarray) -> Verdict:
+        grid = grid_named(t.grid or "")
+        module = t.hf_name.removesuffix(".weight")
+        code_layout, zero_layout = layouts(grid.bits)
+        zeros = folder.raw(f"{module}.weight_zero_point").numpy() if not grid.symmetric else None
+        return verify_words(PackedInts(folder.raw(f"{module}.weight_packed").numpy(), code_layout,
+                                       folder.raw(f"{module}.weight_scale").numpy(), grid.block, zeros=zeros,
+                                       zero_layout=zero_layout), expected)
+
+
+def layouts(bits: int) -> tuple[WordLayout, WordLayout]:
+    """pack_to_int32's: codes along the input dim (packed_dim 1), zero points along the output dim (packed_dim 0)."""
+    offset = 1 << (bits - 1)
+    return WordLayout(bits, 1, True, offset), WordLayout(bits, 0, False, offset)
 
 
 def quantization_config(weights: list[PlannedTensor]) -> dict:

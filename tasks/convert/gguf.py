@@ -12,14 +12,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Literal
+from typing import Any, Callable, Iterator, Literal
 
 import gguf
 import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict
 
-from quantfab.tasks.convert.gguf_blocks import PACKERS
+from quantfab.kernels.gguf_blocks import pack_gguf, verify_gguf
+from quantfab.kernels.verdict import Verdict
 from quantfab.tasks.convert.gguf_types import DEFAULT_TYPE, ModelFacts, choose_types
 from quantfab.tasks.errors import UserError
 from quantfab.tasks.modelio import ModelDir, TensorInfo
@@ -160,14 +161,21 @@ class GGUFFormat:
     def reader(self, path: Path, config) -> "GGUFTensors":
         return GGUFTensors(path, config)
 
+    def float_codes(self, t: PlannedTensor, load: Callable[[], np.ndarray]) -> tuple[Grid, Encoded] | None:
+        """llama.cpp's round-to-nearest codes of a tensor no method quantized, where its type is quantized."""
+        if not t.quantized:
+            return None
+        grid = GRIDS[t.type_name]
+        return grid, grid.reference(load().astype(np.float32))
+
     def float_tensor(self, t: PlannedTensor, w: np.ndarray) -> np.ndarray:
-        """A tensor no method quantized: floats, or llama.cpp's round-to-nearest where its type is quantized."""
-        if t.quantized:
-            return self.pack(t, GRIDS[t.type_name].reference(w.astype(np.float32)))
         return w.astype(np.float32 if t.qtype == QTYPE.F32 else np.float16)
 
     def pack(self, t: PlannedTensor, enc: Encoded) -> np.ndarray:
-        return PACKERS[t.type_name](enc)
+        return pack_gguf(t.type_name, enc)
+
+    def verify(self, tensors: "GGUFTensors", t: PlannedTensor, expected: np.ndarray) -> Verdict:
+        return verify_gguf(t.type_name, tensors.raw(t.hf_name), expected)
 
 
 def _file_tensors(config, tensors: dict[str, TensorInfo]) -> Iterator[tuple[str, str]]:
@@ -275,20 +283,31 @@ class GGUFTensors:
         for t in self.reader.tensors:
             yield t.name, t.tensor_type.name
 
-    def array(self, hf_name: str) -> np.ndarray:
+    def _tensor(self, hf_name: str) -> tuple[str, Any]:
         if hf_name == "lm_head.weight" and "output.weight" not in self.by_name:
             hf_name = "model.embed_tokens.weight"  # tied embeddings
-        gname = self.tmap.get_name(hf_name, try_suffixes=(".weight", ".bias"))
-        t = self.by_name[gname]
-        data = gguf.quants.dequantize(np.asarray(t.data), t.tensor_type)
-        shape = tuple(int(x) for x in reversed(t.shape))
-        data = np.asarray(data, dtype=np.float32).reshape(shape)
+        return hf_name, self.by_name[self.tmap.get_name(hf_name, try_suffixes=(".weight", ".bias"))]
+
+    def _hf_rows(self, hf_name: str, data: np.ndarray) -> np.ndarray:
+        """Rows back in HF order: llama.cpp's q/k rows are permuted for its rotary layout."""
         heads = int(self.config.num_attention_heads)
         if hf_name.endswith("self_attn.q_proj.weight"):
-            data = unpermute_rows(data, heads)
-        elif hf_name.endswith("self_attn.k_proj.weight"):
-            data = unpermute_rows(data, int(self.config.num_key_value_heads or heads))
+            return unpermute_rows(data, heads)
+        if hf_name.endswith("self_attn.k_proj.weight"):
+            return unpermute_rows(data, int(self.config.num_key_value_heads or heads))
         return data
+
+    def array(self, hf_name: str) -> np.ndarray:
+        hf_name, t = self._tensor(hf_name)
+        data = gguf.quants.dequantize(np.asarray(t.data), t.tensor_type)
+        shape = tuple(int(x) for x in reversed(t.shape))
+        return self._hf_rows(hf_name, np.asarray(data, dtype=np.float32).reshape(shape))
+
+    def raw(self, hf_name: str) -> np.ndarray:
+        """A quantized tensor's stored blocks, (rows, row bytes) uint8, rows in HF order."""
+        hf_name, t = self._tensor(hf_name)
+        data = np.asarray(t.data)
+        return self._hf_rows(hf_name, data.reshape(data.shape[0], -1))
 
     def load(self, names: list[str]) -> dict[str, torch.Tensor]:
         return {n: torch.from_numpy(self.array(n).copy()) for n in names}

@@ -18,8 +18,9 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from quantfab.tasks.convert.hf_folder import (FolderWeights, HFFolderFormat, PlannedTensor, pack_words, unpack_words,
-                                              write_folder)
+from quantfab.kernels.verdict import Verdict
+from quantfab.kernels.words import PackedInts, WordLayout, pack_words, unpack_words_reference, verify_words
+from quantfab.tasks.convert.hf_folder import FolderWeights, HFFolderFormat, PlannedTensor, write_folder
 from quantfab.tasks.errors import UserError
 from quantfab.tasks.modelio import ModelDir
 from quantfab.tasks.quantize.grids import Encoded, Grid, GridRequest, grid_named
@@ -79,28 +80,46 @@ class GPTQFormat(HFFolderFormat):
     def pack(self, t: PlannedTensor, enc: Encoded) -> dict[str, torch.Tensor]:
         grid = grid_named(t.grid or "")
         module = t.hf_name.removesuffix(".weight")
-        offset = 1 << (grid.bits - 1)
-        u = enc.codes.astype(np.int32) + offset  # (out, in)
-        zero = np.full(enc.d.shape, offset, np.int32) if enc.m is None else enc.m.astype(np.int32) + offset
-        if (zero < 1).any():
-            row, group = np.argwhere(zero < 1)[0]
+        code_layout, zero_layout = layouts(grid.bits)
+        zero = np.zeros(enc.d.shape, np.int8) if enc.m is None else enc.m.astype(np.int8)  # signed, (out, groups)
+        unsigned = zero.astype(np.int32) + zero_layout.offset
+        if (unsigned < 1).any():
+            row, group = np.argwhere(unsigned < 1)[0]
             raise UserError(f"{module}: gptq v1 cannot store zero point 0 (row {row}, group {group}): it writes zero - 1 "
                             "in unsigned bits. Use symmetric: true, or output compressed-tensors for asymmetric codes")
         cols = enc.codes.shape[1]
-        return {f"{module}.qweight": torch.from_numpy(pack_words(u, grid.bits).T.copy()),  # packed along in
-                f"{module}.qzeros": torch.from_numpy(pack_words((zero - 1).T, grid.bits)),  # along out
+        stored_zero = WordLayout(grid.bits, 0, True, zero_layout.offset - 1)  # v1 stores zero - 1
+        return {f"{module}.qweight": torch.from_numpy(pack_words(enc.codes, code_layout)),
+                f"{module}.qzeros": torch.from_numpy(pack_words(zero, stored_zero)),
                 f"{module}.scales": torch.from_numpy(enc.d.T.astype(np.float16).copy()),
                 f"{module}.g_idx": torch.from_numpy((np.arange(cols) // grid.block).astype(np.int32))}
 
     def reader(self, path: Path, config) -> FolderWeights:
         return FolderWeights(path, "qweight", decode_gptq_v1)
 
+    def verify(self, folder: FolderWeights, t: PlannedTensor, expected: np.ndarray) -> Verdict:
+        return verify_words(stored_ints(t.hf_name.removesuffix(".weight"), folder, grid_named(t.grid or "").block),
+                            expected)
+
+
+def layouts(bits: int) -> tuple[WordLayout, WordLayout]:
+    """qweight: codes packed along the input dim, stored (in words, out); qzeros: along out, (groups, out words)."""
+    offset = 1 << (bits - 1)
+    return WordLayout(bits, 1, False, offset), WordLayout(bits, 0, True, offset)
+
+
+def stored_ints(module: str, folder: FolderWeights, group: int) -> PackedInts:
+    code_layout, zero_layout = layouts(int(folder.config["quantization_config"]["bits"]))
+    return PackedInts(folder.raw(f"{module}.qweight").numpy(), code_layout, folder.raw(f"{module}.scales").numpy(),
+                      group, scales_transposed=True, zeros=folder.raw(f"{module}.qzeros").numpy(),
+                      zero_layout=zero_layout, zero_adjust=1)
+
 
 def decode_gptq_v1(module: str, folder: FolderWeights) -> torch.Tensor:
-    """(out, in) float32 weights: scales[g_idx] * (u - (qzeros + 1)), as v1 kernels compute them."""
-    bits = int(folder.config["quantization_config"]["bits"])
-    u = unpack_words(folder.raw(f"{module}.qweight").numpy().T, bits).T  # (in, out)
-    zeros = unpack_words(folder.raw(f"{module}.qzeros").numpy(), bits) + 1  # (groups, out)
-    scales = folder.raw(f"{module}.scales").numpy().astype(np.float32)
+    """(out, in) float32 weights: scales[g_idx] * (q - zero), as v1 kernels compute them (zero = qzeros + 1)."""
+    code_layout, zero_layout = layouts(int(folder.config["quantization_config"]["bits"]))
+    scales = folder.raw(f"{module}.scales").numpy().astype(np.float32)  # (groups, out)
     g = folder.raw(f"{module}.g_idx").numpy().astype(np.int64)
-    return torch.from_numpy((scales[g] * (u - zeros[g]).astype(np.float32)).T.copy())
+    q = unpack_words_reference(folder.raw(f"{module}.qweight").numpy(), code_layout, (scales.shape[1], g.size))
+    zeros = unpack_words_reference(folder.raw(f"{module}.qzeros").numpy(), zero_layout, scales.T.shape) + 1
+    return torch.from_numpy((scales.T[:, g] * (q - zeros[:, g]).astype(np.float32)).copy())

@@ -58,28 +58,9 @@ def plan_tensors(config, tensors: dict[str, TensorInfo], grids: dict[str, str | 
     return out
 
 
-def pack_words(u: np.ndarray, bits: int, order: np.ndarray | None = None) -> np.ndarray:
-    """Unsigned codes (..., n) -> int32 words (..., n * bits / 32) along the last axis: within each run of
-    32 / bits codes, code ``order[k]`` (k by default) goes to bits ``bits * k`` and up."""
-    per = 32 // bits
-    runs = u.astype(np.uint32).reshape(*u.shape[:-1], u.shape[-1] // per, per)
-    if order is not None:
-        runs = runs[..., order]
-    shifts = np.arange(per, dtype=np.uint32) * bits
-    return np.ascontiguousarray(np.bitwise_or.reduce(runs << shifts, axis=-1)).view(np.int32)
-
-
-def unpack_words(words: np.ndarray, bits: int, order: np.ndarray | None = None) -> np.ndarray:
-    """The inverse of ``pack_words``: int32 codes (..., n) from words (..., n * bits / 32)."""
-    per = 32 // bits
-    codes = (words.view(np.uint32)[..., None] >> (np.arange(per, dtype=np.uint32) * bits)) & np.uint32((1 << bits) - 1)
-    if order is not None:
-        codes = codes[..., np.argsort(order)]
-    return codes.reshape(*words.shape[:-1], words.shape[-1] * per).astype(np.int32)
-
-
 class HFFolderFormat:
-    """What the HF-checkpoint formats share; each sets ``packed_bytes`` and defines grid_for, write, pack, reader."""
+    """What the HF-checkpoint formats share; each sets ``packed_bytes`` and defines grid_for, write, pack, reader
+    and verify (decode a packed Linear from the written folder and compare it with the reconstruction)."""
 
     packed_bytes: Callable[[tuple[int, ...], str, torch.dtype], int]
 
@@ -95,6 +76,10 @@ class HFFolderFormat:
 
     def plan(self, options: Any, config, tensors: dict[str, TensorInfo], grids: dict[str, str | None]) -> list[PlannedTensor]:
         return plan_tensors(config, tensors, grids, type(self).packed_bytes)
+
+    def float_codes(self, t: PlannedTensor, load: Callable[[], np.ndarray]) -> None:
+        """Floats a method left alone stay floats here (GGUF quantizes some itself)."""
+        return None
 
     def float_tensor(self, t: PlannedTensor, w: np.ndarray) -> dict[str, torch.Tensor]:
         return {t.hf_name: torch.from_numpy(np.ascontiguousarray(w, dtype=np.float32)).to(t.dtype)}

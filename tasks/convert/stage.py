@@ -1,4 +1,9 @@
-"""convert: write each output format from the quantize stage's codes and the model's float tensors."""
+"""convert: write each output format from the quantize stage's codes and the model's float tensors.
+
+Every packed tensor is then read back from the written file, decoded by kernels/ and compared with the
+reconstruction of the codes it was packed from; the result goes into the manifest, and package refuses
+to publish an output with any mismatch.
+"""
 
 from __future__ import annotations
 
@@ -6,9 +11,16 @@ import shutil
 import uuid
 from pathlib import Path
 
+from typing import Any, Callable
+
+import numpy as np
+
+from quantfab.kernels.backends import current
 from quantfab.tasks.convert import FORMATS
 from quantfab.tasks.download import materialize
-from quantfab.tasks.manifests import ConvertManifest, FormatFile, ModelManifest, QuantizeManifest, weight_bytes
+from quantfab.tasks.manifests import (ConvertManifest, FormatFile, Mismatch, ModelManifest, QuantizeManifest,
+                                      Verification, weight_bytes)
+from quantfab.tasks.quantize.grids import Encoded, Grid, grid_named
 from quantfab.tasks.quantize.layer_file import LayerFile
 from quantfab.tasks.store import Blob, Store
 
@@ -26,19 +38,28 @@ def convert(model: ModelManifest, quantized: QuantizeManifest, outputs: list, na
         layer_files = [LayerFile(store.local_path(b)) for b in q.layers] if q else []
         replaced = {k: i for i, lf in enumerate(layer_files) for k in lf.float_names()}
 
-        def tensor_data(t, grids=grids, fmt=fmt, layer_files=layer_files, replaced=replaced):
+        def float_weight(t, layer_files=layer_files, replaced=replaced) -> np.ndarray:
+            if t.hf_name in replaced:  # a float the method changed, e.g. an AWQ-scaled norm
+                return layer_files[replaced[t.hf_name]].float(t.hf_name)
+            return weights.load([t.hf_name])[t.hf_name].numpy()
+
+        def codes(t, grids=grids, fmt=fmt, layer_files=layer_files) -> tuple[Grid, Encoded] | None:
+            """The codes a tensor is packed from: the method's, or the format's own (GGUF's llama.cpp rtn)."""
             module = t.hf_name.removesuffix(".weight")
             if grids.get(module):
-                return fmt.pack(t, layer_files[int(module.split(".")[2])].encoded(module))
-            if t.hf_name in replaced:  # a float the method changed, e.g. an AWQ-scaled norm
-                return fmt.float_tensor(t, layer_files[replaced[t.hf_name]].float(t.hf_name))
-            return fmt.float_tensor(t, weights.load([t.hf_name])[t.hf_name].numpy())
+                return grid_named(grids[module]), layer_files[int(module.split(".")[2])].encoded(module)
+            return fmt.float_codes(t, lambda: float_weight(t))
+
+        def tensor_data(t, fmt=fmt, codes=codes):
+            found = codes(t)
+            return fmt.pack(t, found[1]) if found else fmt.float_tensor(t, float_weight(t))
 
         out_name = fmt.output_name(o, name)
         work = Path(store.scratch()) / f"convert-{uuid.uuid4().hex}"
         work.mkdir()
         try:
             fmt.write(work / out_name, o, model_dir, planned, tensor_data, name)
+            verification = verify_output(fmt, fmt.reader(work / out_name, config), planned, codes)
             blobs = _put_tree(work, work / out_name, store)
         finally:
             shutil.rmtree(work, ignore_errors=True)
@@ -47,8 +68,28 @@ def convert(model: ModelManifest, quantized: QuantizeManifest, outputs: list, na
             types[t.type_name] = types.get(t.type_name, 0) + 1
         fallbacks = [f"{m.name}: {m.note}" for m in (q.modules if q else []) if m.grid is None and "row length" in m.note]
         files[o.key] = FormatFile(output=o.key, path=out_name, files=blobs, tensor_types=types, fallbacks=fallbacks,
-                                  bits_per_weight=round(weight_bytes(blobs) * 8 / model.parameters, 4))
+                                  bits_per_weight=round(weight_bytes(blobs) * 8 / model.parameters, 4),
+                                  verification=verification)
     return ConvertManifest(files=files)
+
+
+def verify_output(fmt: Any, written: Any, planned: list, codes: Callable[[Any], tuple[Grid, Encoded] | None]) -> Verification:
+    """Decode every packed tensor from the written output and compare it with its codes' reconstruction."""
+    tensors = elements = 0
+    worst = 0.0
+    mismatches = []
+    for t in planned:
+        found = codes(t)
+        if found is None:
+            continue
+        grid, enc = found
+        verdict = fmt.verify(written, t, grid.decode(enc))
+        tensors, elements, worst = tensors + 1, elements + verdict.elements, max(worst, verdict.max_abs_error)
+        if not verdict.ok:
+            mismatches.append(Mismatch(tensor=t.hf_name, count=verdict.mismatches, first_index=verdict.first,
+                                       max_abs_error=verdict.max_abs_error))
+    return Verification(backend=current().name, tensors=tensors, elements=elements, max_abs_error=worst,
+                        mismatches=mismatches)
 
 
 def _put_tree(root: Path, written: Path, store: Store) -> dict[str, Blob]:

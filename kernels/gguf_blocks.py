@@ -1,8 +1,11 @@
-"""GGUF block layouts: codes on a grid -> the bytes ggml stores, one packer per type (``PACKERS``).
+"""GGUF block layouts: codes on a grid -> the bytes ggml stores, one NumPy packer per type (``PACKERS``).
 
 Each packer takes a tensor's ``Encoded`` (codes shaped like the weight) and returns (rows, row bytes)
 uint8 in ggml's block structs (ggml-common.h); gguf-py's ``quants.dequantize`` reads them back. K-quant
-packers get the stored super-block fields from the grid's ``split``.
+packers get the stored super-block fields from the grid's ``split``. The 32-element types also have a
+kernel (gguf_blocks.cu) that ``pack_gguf`` and ``verify_gguf`` launch; these packers are its
+specification. K-quant blocks are packed and verified in NumPy only: their 6-bit scale fields are
+chosen per super-block by the grid's ``split`` on the host, and their byte shuffles are not yet kernels.
 """
 
 from __future__ import annotations
@@ -11,14 +14,20 @@ from typing import Callable
 
 import numpy as np
 
+from quantfab.kernels.backends import current
+from quantfab.kernels.verdict import Verdict, compare, new_verdict, read_verdict
 from quantfab.tasks.quantize.grids import GRIDS, Encoded
+
+SOURCE = "gguf_blocks.cu"
+LEGACY = {"Q8_0": (0, 34), "Q4_0": (1, 18), "Q4_1": (2, 20), "Q5_0": (3, 22), "Q5_1": (4, 24)}  # kernel id, bytes
 
 QK_K = 256
 
 
 def _fp16_bytes(x: np.ndarray) -> np.ndarray:
-    """(..., ) float32 holding fp16 values -> (..., 2) little-endian bytes."""
-    return np.asarray(x, np.float32).astype("<f2").view(np.uint8).reshape(*np.shape(x), 2)
+    """(..., ) float32 holding fp16 values -> (..., 2) little-endian bytes (past fp16's range: Inf)."""
+    with np.errstate(over="ignore"):
+        return np.asarray(x, np.float32).astype("<f2").view(np.uint8).reshape(*np.shape(x), 2)
 
 
 def _nibbles(codes: np.ndarray) -> np.ndarray:
@@ -146,3 +155,60 @@ PACKERS: dict[str, Callable[[Encoded], np.ndarray]] = {
     "Q8_0": pack_q8_0, "Q4_0": pack_q4_0, "Q4_1": pack_q4_1, "Q5_0": pack_q5_0, "Q5_1": pack_q5_1,
     "Q2_K": pack_q2_k, "Q3_K": pack_q3_k, "Q4_K": pack_q4_k, "Q5_K": pack_q5_k, "Q6_K": pack_q6_k,
 }
+
+
+def pack_gguf(type_name: str, enc: Encoded) -> np.ndarray:
+    """(rows, row bytes) uint8 of one tensor, on the current backend where a kernel exists for the type."""
+    be = current()
+    if be.name == "numpy" or type_name not in LEGACY:
+        return PACKERS[type_name](enc)
+    kind, size = LEGACY[type_name]
+    rows, cols = enc.codes.shape
+    blocks = rows * cols // 32
+    out = be.xp.empty((rows, cols // 32 * size), be.xp.uint8)
+    m = enc.m if enc.m is not None else np.zeros(1, np.float32)
+    be.launch(SOURCE, "pack_gguf_legacy", blocks, be.to_device(enc.codes.astype(np.int8, copy=False)),
+              be.to_device(enc.d.astype(np.float32, copy=False)), be.to_device(m.astype(np.float32, copy=False)), out,
+              blocks, kind)
+    return be.result(out, enc.codes)
+
+
+def decode_legacy_reference(type_name: str, data: np.ndarray, n: int) -> np.ndarray:
+    """Float32 values of ``n`` elements stored in 32-element blocks, as ggml's dequantize_row_* computes them."""
+    size = LEGACY[type_name][1]
+    b = data.reshape(-1)[: n // 32 * size].reshape(-1, size)
+    d = b[:, :2].copy().view("<f2").astype(np.float32)
+    if type_name == "Q8_0":
+        return (d * b[:, 2:].view(np.int8).astype(np.float32)).reshape(-1)
+    has_min = type_name in ("Q4_1", "Q5_1")
+    m = b[:, 2:4].copy().view("<f2").astype(np.float32) if has_min else None
+    pos = 4 if has_min else 2
+    high = np.zeros((b.shape[0], 32), np.int32)
+    if type_name in ("Q5_0", "Q5_1"):
+        qh = b[:, pos:pos + 4].copy().view("<u4").astype(np.uint32)
+        high = (((qh >> np.arange(32, dtype=np.uint32)) & 1) << 4).astype(np.int32)
+        pos += 4
+    nib = b[:, pos:pos + 16].astype(np.int32)
+    u = np.concatenate([nib & 15, nib >> 4], axis=1) | high
+    if has_min:
+        return (d * u.astype(np.float32) + m).astype(np.float32).reshape(-1)
+    return (d * (u - {"Q4_0": 8, "Q5_0": 16}[type_name]).astype(np.float32)).reshape(-1)
+
+
+def verify_gguf(type_name: str, data: np.ndarray, expected: np.ndarray, atol: float = 0.0) -> Verdict:
+    """Decode one tensor's stored blocks and compare them with ``expected`` (float32, the tensor's shape)."""
+    be = current()
+    n = expected.size
+    if type_name not in LEGACY:
+        from gguf import GGMLQuantizationType
+        from gguf.quants import dequantize
+
+        decoded = dequantize(data.reshape(expected.shape[0], -1), GGMLQuantizationType[type_name])
+        return compare(decoded.astype(np.float32), expected, atol)
+    if be.name == "numpy":
+        return compare(decode_legacy_reference(type_name, data, n), expected, atol)
+    verdict = new_verdict(be)
+    be.launch(SOURCE, "verify_gguf_legacy", n, be.to_device(data).reshape(-1),
+              LEGACY[type_name][0], be.to_device(expected.reshape(-1).astype(np.float32, copy=False)), n,
+              float(atol), verdict)
+    return read_verdict(be, verdict, n)
