@@ -2,10 +2,11 @@
 
 Each packer takes a tensor's ``Encoded`` (codes shaped like the weight) and returns (rows, row bytes)
 uint8 in ggml's block structs (ggml-common.h); gguf-py's ``quants.dequantize`` reads them back. K-quant
-packers get the stored super-block fields from the grid's ``split``. The 32-element types also have a
-kernel (gguf_blocks.cu) that ``pack_gguf`` and ``verify_gguf`` launch; these packers are its
-specification. K-quant blocks are packed and verified in NumPy only: their 6-bit scale fields are
-chosen per super-block by the grid's ``split`` on the host, and their byte shuffles are not yet kernels.
+packers get the stored super-block fields from the grid's ``split``. ``pack_gguf`` and ``verify_gguf``
+launch a kernel for the 32-element types (gguf_blocks.cu) and for Q4_K, Q5_K and Q6_K (kquant_blocks.cu:
+the host's ``split`` chooses the super-block fields, one per 256 codes; the kernel lays out the bytes);
+these packers, and gguf-py's dequantize for the decode, are their specification. Q2_K and Q3_K stay
+NumPy: they only appear in the smallest llama.cpp mixes.
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ from quantfab.kernels.backends import current
 from quantfab.kernels.verdict import Verdict, compare, new_verdict, read_verdict
 from quantfab.tasks.quantize.grids import GRIDS, Encoded
 
-SOURCE = "gguf_blocks.cu"
+SOURCE, K_SOURCE = "gguf_blocks.cu", "kquant_blocks.cu"
 LEGACY = {"Q8_0": (0, 34), "Q4_0": (1, 18), "Q4_1": (2, 20), "Q5_0": (3, 22), "Q5_1": (4, 24)}  # kernel id, bytes
+KQUANT = {"Q4_K": (0, 144), "Q5_K": (1, 176), "Q6_K": (2, 210)}
 
 QK_K = 256
 
@@ -160,8 +162,10 @@ PACKERS: dict[str, Callable[[Encoded], np.ndarray]] = {
 def pack_gguf(type_name: str, enc: Encoded) -> np.ndarray:
     """(rows, row bytes) uint8 of one tensor, on the current backend where a kernel exists for the type."""
     be = current()
-    if be.name == "numpy" or type_name not in LEGACY:
+    if be.name == "numpy" or type_name not in LEGACY | KQUANT:
         return PACKERS[type_name](enc)
+    if type_name in KQUANT:
+        return _pack_kquant(be, type_name, enc)
     kind, size = LEGACY[type_name]
     rows, cols = enc.codes.shape
     blocks = rows * cols // 32
@@ -170,6 +174,21 @@ def pack_gguf(type_name: str, enc: Encoded) -> np.ndarray:
     be.launch(SOURCE, "pack_gguf_legacy", blocks, be.to_device(enc.codes.astype(np.int8, copy=False)),
               be.to_device(enc.d.astype(np.float32, copy=False)), be.to_device(m.astype(np.float32, copy=False)), out,
               blocks, kind)
+    return be.result(out, enc.codes)
+
+
+def _pack_kquant(be, type_name: str, enc: Encoded) -> np.ndarray:
+    kind, size = KQUANT[type_name]
+    rows, cols = enc.codes.shape
+    blocks = rows * cols // QK_K
+    s = _split(type_name, enc)
+    none = np.zeros(1, np.uint8)
+    fields = [s["d"], s.get("dmin", np.zeros(1, np.float32))]
+    small = [np.ascontiguousarray(s["scales"]).view(np.uint8), s.get("mins", none)]
+    out = be.xp.empty((rows, cols // QK_K * size), be.xp.uint8)
+    be.launch(K_SOURCE, "pack_kquant", blocks, be.to_device(enc.codes.astype(np.int8, copy=False)),
+              *(be.to_device(np.asarray(f, np.float32)) for f in fields),
+              *(be.to_device(np.ascontiguousarray(f, np.uint8)) for f in small), out, blocks, kind)
     return be.result(out, enc.codes)
 
 
@@ -199,16 +218,17 @@ def verify_gguf(type_name: str, data: np.ndarray, expected: np.ndarray, atol: fl
     """Decode one tensor's stored blocks and compare them with ``expected`` (float32, the tensor's shape)."""
     be = current()
     n = expected.size
-    if type_name not in LEGACY:
+    if be.name == "numpy" or type_name not in LEGACY | KQUANT:
+        if type_name in LEGACY:
+            return compare(decode_legacy_reference(type_name, data, n), expected, atol)
         from gguf import GGMLQuantizationType
         from gguf.quants import dequantize
 
-        decoded = dequantize(data.reshape(expected.shape[0], -1), GGMLQuantizationType[type_name])
+        decoded = dequantize(np.asarray(data).reshape(expected.shape[0], -1), GGMLQuantizationType[type_name])
         return compare(decoded.astype(np.float32), expected, atol)
-    if be.name == "numpy":
-        return compare(decode_legacy_reference(type_name, data, n), expected, atol)
+    source, kernel, kind = (SOURCE, "verify_gguf_legacy", LEGACY[type_name][0]) if type_name in LEGACY else \
+        (K_SOURCE, "verify_kquant", KQUANT[type_name][0])
     verdict = new_verdict(be)
-    be.launch(SOURCE, "verify_gguf_legacy", n, be.to_device(data).reshape(-1),
-              LEGACY[type_name][0], be.to_device(expected.reshape(-1).astype(np.float32, copy=False)), n,
-              float(atol), verdict)
+    be.launch(source, kernel, n, be.to_device(data).reshape(-1), kind,
+              be.to_device(expected.reshape(-1).astype(np.float32, copy=False)), n, float(atol), verdict)
     return read_verdict(be, verdict, n)

@@ -15,12 +15,14 @@ QF_DEVICE i64 qf_word_index(const i64* lay, i64 line, i64 w) {
     return lay[L_LINE_MAJOR] ? line * lay[L_WPL] + w : w * lay[L_LINES] + line;
 }
 
-// One thread per output word: OR in every element whose bits fall in it.
+// One thread per output word, in the output's memory order (so writes coalesce): OR in every element
+// whose bits fall in it.
 QF_KERNEL void pack_words(const i8* codes, i32* out, const i64* lay, const i32* order, i64 cols) {
-    const i64 bits = lay[L_BITS], per = lay[L_PER], length = lay[L_LENGTH], wpl = lay[L_WPL];
+    const i64 bits = lay[L_BITS], per = lay[L_PER], length = lay[L_LENGTH], wpl = lay[L_WPL], lines = lay[L_LINES];
     const u32 mask = (1u << bits) - 1u;
-    QF_FOR(t, lay[L_LINES] * wpl) {
-        const i64 line = t / wpl, w = t % wpl;
+    QF_FOR(t, lines * wpl) {
+        const i64 line = lay[L_LINE_MAJOR] ? t / wpl : t % lines;
+        const i64 w = lay[L_LINE_MAJOR] ? t % wpl : t / lines;
         const i64 first = (32 * w) / bits;
         i64 last = (32 * w + 31) / bits;
         if (last > length - 1) last = length - 1;
@@ -32,7 +34,7 @@ QF_KERNEL void pack_words(const i8* codes, i32* out, const i64* lay, const i32* 
             const i64 p = slot * bits - 32 * w;
             word |= p >= 0 ? u << p : u >> (-p);
         }
-        out[qf_word_index(lay, line, w)] = (i32)word;
+        out[t] = (i32)word;
     }
 }
 

@@ -1,4 +1,4 @@
-"""The `quantfab` command: run, plan and schema.
+"""The `quantfab` command: run, plan, schema and deployments.
 
 Exit codes: 0 built, 1 a quality gate failed (nothing published), 2 bad input (message, no traceback).
 """
@@ -28,12 +28,19 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--store", default=None, help="content-addressed store URL (default: $QUANTFAB_STORE or ~/.cache/quantfab/store)")
         p.add_argument("-v", "--verbose", action="store_true", help="show Prefect's own logs")
     sub.add_parser("schema", help="print the recipe JSON Schema")
+    dep = sub.add_parser("deployments", help="prefect.yaml's deployments, one per recipe")
+    dep_sub = dep.add_subparsers(dest="action", required=True)
+    sync = dep_sub.add_parser("sync", help="rewrite prefect.yaml's recipe deployments from recipes/")
+    sync.add_argument("--project", default=".", help="the folder holding prefect.yaml and recipes/ (default: .)")
+    sync.add_argument("--check", action="store_true", help="only check; exit 1 if prefect.yaml disagrees")
     args = parser.parse_args(argv)
     if args.command == "schema":
         from quantfab.pipelines.recipe import Recipe
 
         print(json.dumps(Recipe.model_json_schema(by_alias=True), indent=2))
         return 0
+    if args.command == "deployments":
+        return _deployments(args)
     _quiet_prefect(args.verbose)
     from quantfab.tasks.errors import UserError
 
@@ -83,6 +90,32 @@ def _run(args: argparse.Namespace) -> int:
             LISTENERS.remove(on_stage)
     print(result["table"])
     console.print(f"[green]published[/] {result['destination']}", highlight=False)
+    return 0
+
+
+def _deployments(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from quantfab.pipelines.deployments import sync
+    from quantfab.tasks.errors import UserError
+
+    prefect_yaml = Path(args.project) / "prefect.yaml"
+    if not prefect_yaml.is_file():
+        console.print(f"[bold red]error:[/] {prefect_yaml}: no such file", highlight=False)
+        return 2
+    try:
+        agrees = sync(prefect_yaml, args.check)
+    except UserError as exc:
+        console.print(f"[bold red]error:[/] {exc}", highlight=False)
+        return 2
+    if agrees:
+        console.print(f"{prefect_yaml}: deployments agree with recipes/", highlight=False)
+        return 0
+    if args.check:
+        console.print(f"[bold red]{prefect_yaml} disagrees with recipes/:[/] run `quantfab deployments sync`",
+                      highlight=False)
+        return 1
+    console.print(f"{prefect_yaml}: recipe deployments rewritten", highlight=False)
     return 0
 
 

@@ -85,7 +85,19 @@ def _run_stage(stage: str, inputs: dict[str, Any], store: Store, destination: st
     return result, cached
 
 
-@flow(name="quantize", flow_run_name="{recipe_path}", validate_parameters=False)
+def run_name() -> str:
+    """`<recipe name>@<model revision>` in the Prefect UI (the path when the recipe does not load)."""
+    from prefect.runtime import flow_run
+
+    params = flow_run.parameters
+    try:
+        recipe = load_recipe(params["recipe_path"], params.get("overrides"))
+    except Exception:  # the flow itself reports a bad recipe; a name must not fail first
+        return str(params.get("recipe_path"))
+    return f"{recipe.name}@{recipe.model.revision or 'latest'}"
+
+
+@flow(name="quantize", flow_run_name=run_name, validate_parameters=False)
 def quantize(recipe_path: str, overrides: list[str] | None = None, store: str | None = None) -> dict[str, Any]:
     """Build every output of one recipe; fail (and publish nothing) if a quality gate fails."""
     recipe = load_recipe(recipe_path, overrides)

@@ -30,6 +30,9 @@ class ModelSpec(Section):
                  "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model"],
         description="Glob patterns of the files to fetch.")
     allow_pickle: bool = Field(False, description="Permit .bin/.pt checkpoints (they run code when loaded).")
+    track: Literal["latest"] | None = Field(None, description="latest: the watch flow rebuilds this recipe when the "
+                                            "source publishes a new revision (hf:// commit; elsewhere a digest of the "
+                                            "config, index and weight files' sizes and etags or mtimes).")
 
 
 class CalibrationSpec(Section):
@@ -56,6 +59,13 @@ class GPTQSpec(Section):
                             "TinyStories INT4 g32 asymmetric it measured KL 0.0305 against 0.0336 without.")
     static_groups: bool = Field(False, description="Take every group's scale from the original weights up front "
                                 "instead of when the group's first column is reached.")
+    clip: bool = Field(True, description="Choose each group's scale by a range-shrink search (the group's squared "
+                       "error weighted by H's diagonal) instead of its min/max, when the group is reached. On by "
+                       "default: on TinyStories INT4 it measured KL 0.0379 against 0.0428 without at g32 symmetric, "
+                       "0.0515 against 0.0615 at g128 symmetric, 0.0451 against 0.0465 at g128 asymmetric, and "
+                       "0.0309 against 0.0300 at g32 asymmetric, the one scheme it costs.")
+    max_shrink: float = Field(0.2, ge=0, lt=1, description="Largest fraction the clipping search shrinks a group's range by.")
+    clip_points: int = Field(20, ge=1, le=1000, description="Shrink ratios tried between 1 and 1 - max_shrink.")
 
 
 class AWQSpec(Section):

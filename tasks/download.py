@@ -125,6 +125,36 @@ def _hf_revision(fs, root: str) -> str | None:
         return None
 
 
+def upstream_revision(source: str, revision: str | None = None) -> str:
+    """The source's current revision, found without downloading its weights (the watch flow compares it).
+
+    hf://: the commit sha the hub resolves ``revision`` (or main) to. Elsewhere: a digest of config.json
+    and any *.index.json (their bytes) and of each weight file's name, size and etag (or mtime).
+    """
+    if source.startswith("synthetic://"):
+        return "synthetic-" + hashlib.sha256(source.encode()).hexdigest()[:16]
+    if source.startswith("hf://"):
+        from huggingface_hub import HfApi
+
+        repo = "/".join(source.removeprefix("hf://").split("/")[:2])
+        return str(HfApi().model_info(repo, revision=revision).sha)
+    try:
+        fs, root = fsspec.core.url_to_fs(source)
+        listing = sorted((info for info in fs.ls(root, detail=True) if info.get("type") == "file"),
+                         key=lambda info: info["name"])
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{redact(source)}: cannot list the model folder: {exc}") from None
+    h = hashlib.sha256()
+    for info in listing:
+        name = Path(info["name"]).name
+        if name == "config.json" or name.endswith(".index.json"):
+            h.update(name.encode() + b"\0" + fs.cat_file(info["name"]) + b"\0")
+        elif name.endswith(".safetensors"):
+            stamp = info.get("ETag") or info.get("etag") or info.get("mtime") or info.get("LastModified")
+            h.update(f"{name}:{info.get('size')}:{stamp}\n".encode())
+    return "upstream-" + h.hexdigest()[:16]
+
+
 def _content_revision(files: dict[str, Blob], store: Store) -> str:
     """For sources with no commit ids: a digest of config and the weight files' digests."""
     h = hashlib.sha256()

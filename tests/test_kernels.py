@@ -197,6 +197,27 @@ def test_gguf_verify_equals_reference_and_gguf_py(name: str, both: Both) -> None
     assert ref == got and got.mismatches == 1 and got.first is not None and got.first // 160 == 2
 
 
+@pytest.mark.parametrize("name", list(gguf_blocks.KQUANT))
+def test_kquant_super_blocks_pack_and_verify_equal_reference(name: str, both: Both) -> None:
+    """Random rows, a row of zeros (zero scales), a row of huge values and a row of tiny ones."""
+    rng = np.random.default_rng(11 + len(name))
+    w = rng.standard_normal((6, 512)).astype(np.float32)
+    w[1] = 0
+    w[2] *= 3e4
+    w[3] *= 1e-6
+    grid = GRIDS[name]
+    enc = grid.reference(w)
+    ref, got = both(gguf_blocks.pack_gguf, name, enc)
+    assert_same_array(ref, got)
+    expected = grid.decode(enc)
+    ref, got = both(gguf_blocks.verify_gguf, name, ref, expected)
+    assert ref == got == Verdict(expected.size, 0.0, 0, None)
+    flipped = gguf_blocks.PACKERS[name](enc)
+    flipped[4, gguf_blocks.KQUANT[name][1] + 100] ^= 0x04  # a code byte in the second super-block of row 4
+    ref, got = both(gguf_blocks.verify_gguf, name, flipped, expected)
+    assert ref == got and got.mismatches >= 1 and got.first is not None and got.first // 512 == 4
+
+
 def test_gguf_verify_counts_nan_and_inf_by_policy(both: Both) -> None:
     grid = GRIDS["Q8_0"]
     enc = Encoded(np.ones((1, 64), np.int8), np.array([[np.inf, np.nan]], np.float32), None)

@@ -22,6 +22,7 @@ import torch
 from quantfab.tasks.errors import UserError
 from quantfab.tasks.modelio import INPUT_OF
 from quantfab.tasks.quantize.grids import Encoded, Grid
+from quantfab.tasks.quantize.group import clip_search
 from quantfab.tasks.quantize.layer import LayerInput, LayerResult, PerModule
 from quantfab.tasks.quantize.stats import InputStats
 
@@ -54,8 +55,9 @@ class GPTQ(PerModule):
 
     def quantize(self, w: np.ndarray, grid: Grid, stats: InputStats, name: str = "tensor") -> Encoded:
         opts = self.spec.gptq
+        ratios = np.linspace(1.0, 1.0 - opts.max_shrink, opts.clip_points, dtype=np.float32) if opts.clip else None
         return gptq(w, stats.hessian * np.float32(2 / max(stats.count, 1)), grid, opts.damp_percent, opts.block_size,
-                    opts.act_order, opts.static_groups, name)
+                    opts.act_order, opts.static_groups, name, ratios)
 
 
 def inverse_cholesky(h: np.ndarray, damp_percent: float, name: str) -> np.ndarray:
@@ -76,7 +78,7 @@ def inverse_cholesky(h: np.ndarray, damp_percent: float, name: str) -> np.ndarra
 
 
 def gptq(w: np.ndarray, h: np.ndarray, grid: Grid, damp_percent: float, block_size: int, act_order: bool,
-         static_groups: bool, name: str) -> Encoded:
+         static_groups: bool, name: str, clip_ratios: np.ndarray | None = None) -> Encoded:
     rows, cols = w.shape
     group = grid.block
     W = w.astype(np.float32, copy=True)
@@ -94,8 +96,16 @@ def gptq(w: np.ndarray, h: np.ndarray, grid: Grid, damp_percent: float, block_si
     d = np.zeros((rows, cols // group), np.float32)
     m = None if grid.symmetric else np.zeros((rows, cols // group), np.float32)  # asymmetric grids store a min or zero
     done = np.zeros(cols // span, bool)
+    energy = np.diag(H)  # per permuted column: what a clipping search weighs each column's error by
+
+    def span_scales(current: np.ndarray, columns: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        if clip_ratios is None:
+            return grid.scale_candidates(current, 1.0)
+        best = clip_search(current, grid, energy[columns], clip_ratios)
+        return best.d, best.m
+
     if static_groups:
-        d0, m0 = grid.scale_candidates(w.astype(np.float32), 1.0)
+        d0, m0 = span_scales(w.astype(np.float32), inv_perm)
         d[:] = d0
         if m is not None and m0 is not None:
             m[:] = m0
@@ -115,7 +125,7 @@ def gptq(w: np.ndarray, h: np.ndarray, grid: Grid, damp_percent: float, block_si
                 current = W[:, members].copy()
                 inside = (members >= i1) & (members < i2)
                 current[:, inside] = W1[:, members[inside] - i1]
-                ds, ms = grid.scale_candidates(current, 1.0)  # columns in original order
+                ds, ms = span_scales(current, members)  # columns in original order
                 d[:, s * per:(s + 1) * per] = ds
                 if m is not None and ms is not None:
                     m[:, s * per:(s + 1) * per] = ms

@@ -21,21 +21,26 @@ class GroupClipSearch(PerModule):
 
     def quantize(self, w: np.ndarray, grid: Grid, stats: InputStats | None) -> Encoded:
         importance = np.ones(w.shape[1], np.float32) if stats is None else stats.channel_energy()
-        weight = grid.blocks(importance[None, :])  # (1, blocks, block)
-        best: Encoded | None = None
-        best_err = np.full((w.shape[0], w.shape[1] // grid.block), np.inf, np.float32)
-        for ratio in RATIOS:
-            d, m = grid.scale_candidates(w, float(ratio))
-            enc = Encoded(grid.encode(w, d, m), d, m)
-            err = grid.span_total((grid.blocks(grid.decode(enc) - w) ** 2 * weight).sum(axis=-1))
-            if best is None:
-                best, best_err = enc, err
-                continue
-            better = err < best_err
-            best_err = np.where(better, err, best_err)
-            best = take_better(best, enc, better, grid)
-        assert best is not None
-        return best
+        return clip_search(w, grid, importance, RATIOS)
+
+
+def clip_search(w: np.ndarray, grid: Grid, importance: np.ndarray, ratios: np.ndarray) -> Encoded:
+    """Per block (per span), the codes of the range shrink ratio with the least importance-weighted error."""
+    weight = grid.blocks(importance[None, :])  # (1, blocks, block)
+    best: Encoded | None = None
+    best_err = np.full((w.shape[0], w.shape[1] // grid.block), np.inf, np.float32)
+    for ratio in ratios:
+        d, m = grid.scale_candidates(w, float(ratio))
+        enc = Encoded(grid.encode(w, d, m), d, m)
+        err = grid.span_total((grid.blocks(grid.decode(enc) - w) ** 2 * weight).sum(axis=-1))
+        if best is None:
+            best, best_err = enc, err
+            continue
+        better = err < best_err
+        best_err = np.where(better, err, best_err)
+        best = take_better(best, enc, better, grid)
+    assert best is not None
+    return best
 
 
 def take_better(old: Encoded, new: Encoded, better: np.ndarray, grid: Grid) -> Encoded:
