@@ -8,14 +8,6 @@ QF_DEVICE i64 qf_block_bytes(i64 type) { return type == Q8_0 ? 34 : type == Q4_0
 QF_DEVICE bool qf_has_min(i64 type) { return type == Q4_1 || type == Q5_1; }
 QF_DEVICE i32 qf_code_offset(i64 type) { return type == Q4_0 ? 8 : type == Q5_0 ? 16 : 0; }
 
-QF_DEVICE void qf_put_f16(u8* o, float x) {
-    const u16 h = qf_f32_to_f16(x);
-    o[0] = (u8)(h & 0xFFu);
-    o[1] = (u8)(h >> 8);
-}
-
-QF_DEVICE float qf_get_f16(const u8* o) { return qf_f16_to_f32((u16)(o[0] | (o[1] << 8))); }
-
 // One thread per block: codes[32 b .. 32 b + 31] with scale d[b] (and min m[b]) -> out[b * block_bytes ..].
 QF_KERNEL void pack_gguf_legacy(const i8* codes, const float* d, const float* m, u8* out, i64 blocks, i64 type) {
     QF_FOR(b, blocks) {

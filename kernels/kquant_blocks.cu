@@ -7,14 +7,6 @@
 enum { Q4_K, Q5_K, Q6_K };
 QF_DEVICE i64 qf_kblock_bytes(i64 type) { return type == Q4_K ? 144 : type == Q5_K ? 176 : 210; }
 
-QF_DEVICE void qf_put_half(u8* o, float x) {
-    const u16 h = qf_f32_to_f16(x);
-    o[0] = (u8)(h & 0xFFu);
-    o[1] = (u8)(h >> 8);
-}
-
-QF_DEVICE float qf_get_half(const u8* o) { return qf_f16_to_f32((u16)(o[0] | (o[1] << 8))); }
-
 // One thread per super-block b. codes: 256 signed codes (Q6_K's are -32..31); d, dmin: its fp32 scales
 // (holding fp16 values); sc, mn: Q4_K/Q5_K's eight 6-bit scales and mins, or Q6_K's sixteen int8 scales in sc.
 QF_KERNEL void pack_kquant(const i8* codes, const float* d, const float* dmin, const u8* sc, const u8* mn, u8* out,
@@ -37,13 +29,13 @@ QF_KERNEL void pack_kquant(const i8* codes, const float* d, const float* dmin, c
                 }
             }
             for (int j = 0; j < 16; ++j) o[192 + j] = s[j];
-            qf_put_half(o + 208, d[b]);
+            qf_put_f16(o + 208, d[b]);
             continue;
         }
         const u8* s = sc + 8 * b;
         const u8* m = mn + 8 * b;
-        qf_put_half(o, d[b]);
-        qf_put_half(o + 2, dmin[b]);
+        qf_put_f16(o, d[b]);
+        qf_put_f16(o + 2, dmin[b]);
         u8* scales = o + 4;  // get_scale_min_k4's layout
         for (int j = 0; j < 4; ++j) {
             scales[j] = (u8)((s[j] & 63u) | ((s[j + 4] >> 4) << 6));
@@ -89,7 +81,7 @@ QF_KERNEL void verify_kquant(const u8* data, i64 type, const float* expected, i6
             const u32 high = ((u32)o[128 + 32 * half + l] >> (2 * g)) & 3u;
             const i32 q = (i32)(nib | (high << 4)) - 32;
             const i8 scale = (i8)o[192 + 8 * half + l / 16 + 2 * g];
-            decoded = qf_get_half(o + 208) * (float)scale * (float)q;
+            decoded = qf_get_f16(o + 208) * (float)scale * (float)q;
         } else {
             const int j = k / 64, h = (k % 64) / 32, l = k % 32;
             u32 sc, m;
@@ -97,7 +89,7 @@ QF_KERNEL void verify_kquant(const u8* data, i64 type, const float* expected, i6
             const u8 byte = o[(type == Q5_K ? 48 : 16) + 32 * j + l];
             u32 u = h ? (u32)(byte >> 4) : (byte & 15u);
             if (type == Q5_K) u |= (((u32)o[16 + l] >> (2 * j + h)) & 1u) << 4;
-            const float d1 = qf_get_half(o) * (float)sc, m1 = qf_get_half(o + 2) * (float)m;
+            const float d1 = qf_get_f16(o) * (float)sc, m1 = qf_get_f16(o + 2) * (float)m;
             decoded = d1 * (float)u - m1;
         }
         qf_check(verdict, (u64)i, decoded, expected[i], atol);

@@ -95,6 +95,15 @@ QF_DEVICE float qf_f16_to_f32(u16 h) {
     return qf_bits_float(sign | ((e + 112u) << 23) | (m << 13));
 }
 
+// A little-endian fp16 in two bytes, as ggml's block structs store their scales.
+QF_DEVICE void qf_put_f16(u8* o, float x) {
+    const u16 h = qf_f32_to_f16(x);
+    o[0] = (u8)(h & 0xFFu);
+    o[1] = (u8)(h >> 8);
+}
+
+QF_DEVICE float qf_get_f16(const u8* o) { return qf_f16_to_f32((u16)(o[0] | (o[1] << 8))); }
+
 // Verification result, one per call: the largest |decoded - expected| as float bits (non-negative floats
 // order like their bits; NaN or Inf on either side counts as +Inf), how many elements differ by more than
 // atol, and the first such flat index (UINT64_MAX when none).

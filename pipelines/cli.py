@@ -22,7 +22,14 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     for name, text in (("run", "run a recipe's flow on a local Prefect"), ("plan", "show what a run would do, without running it")):
         p = sub.add_parser(name, help=text)
-        p.add_argument("recipe", help="path to the recipe YAML")
+        if name == "run":
+            p.add_argument("recipe", help="path to the recipe YAML")
+        else:
+            p.add_argument("recipe", nargs="*", help="path to the recipe YAML (with --base: names or paths to limit the report to)")
+            p.add_argument("--base", metavar="GIT_REF", help="report every recipe changed since this git ref "
+                           "(field diff, stages invalidated, then each plan)")
+            p.add_argument("--format", choices=("text", "markdown", "json"), default="text", help="with --base")
+            p.add_argument("--project", default=".", help="with --base: the git checkout holding recipes/ (default: .)")
         p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override a recipe field, e.g. --set validate.gates.max_kl=0.05 (repeatable)")
         p.add_argument("--store", default=None, help="content-addressed store URL (default: $QUANTFAB_STORE or ~/.cache/quantfab/store)")
@@ -123,7 +130,19 @@ def _plan(args: argparse.Namespace) -> int:
     from quantfab.pipelines.plan import plan, render
     from quantfab.pipelines.recipe_loading import load_recipe
 
-    recipe = load_recipe(args.recipe, args.overrides)
+    if args.base:
+        from pathlib import Path
+
+        from quantfab.pipelines import review
+
+        changes = review.review(Path(args.project).resolve(), args.base, args.recipe, args.store)
+        render_as = {"text": review.render_text, "markdown": review.render_markdown, "json": review.render_json}
+        print(render_as[args.format](changes, args.base))
+        return 0
+    if len(args.recipe) != 1:
+        console.print("[bold red]error:[/] quantfab plan takes one recipe (or --base GIT_REF)", highlight=False)
+        return 2
+    recipe = load_recipe(args.recipe[0], args.overrides)
     print(render(plan(recipe, args.store)))
     return 0
 

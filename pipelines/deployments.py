@@ -15,6 +15,7 @@ from typing import Any
 
 import yaml
 
+from quantfab.pipelines.quantize import recipe_tags
 from quantfab.pipelines.recipe_loading import load_recipe
 
 ENTRYPOINT = "quantfab.pipelines.quantize:quantize"
@@ -25,14 +26,13 @@ MARK = "quantfab-recipe"  # tag of the entries sync owns
 def recipe_deployment(path: Path, root: Path) -> dict[str, Any]:
     """The prefect.yaml entry of one recipe (its path relative to the project root, as the worker sees it)."""
     recipe = load_recipe(path, [])
-    formats = sorted({o.format for o in recipe.outputs})
     return {
         "name": recipe.name,
         "description": recipe.description or f"Build {recipe.name}",
         "entrypoint": ENTRYPOINT,
         "parameters": {"recipe_path": path.resolve().relative_to(root.resolve()).as_posix()},
         "work_pool": {"name": WORK_POOL},
-        "tags": [MARK, f"method:{recipe.quantize.method}", *(f"format:{f}" for f in formats)],
+        "tags": [MARK, *recipe_tags(recipe)],
     }
 
 

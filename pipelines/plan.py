@@ -1,8 +1,8 @@
 """`quantfab plan`: what a run would do, before any GPU time is spent.
 
 For each stage: whether Prefect's cache already holds it (the same key the run will compute), or why it
-must run or cannot run yet; for each output format: its estimated size and bits per weight, from the
-safetensors headers alone (no weights are read).
+must run or cannot run yet, and its estimated peak working memory; for each output format: its
+estimated size and bits per weight. All from the safetensors headers alone (no weights are read).
 """
 
 from __future__ import annotations
@@ -42,6 +42,34 @@ class Plan:
     recipe: Recipe
     stages: list[StagePlan]
     sizes: dict[str, tuple[int, float] | str] = field(default_factory=dict)  # output -> (bytes, bits/weight) or why unknown
+    memory: dict[str, int] = field(default_factory=dict)  # stage -> estimated peak working bytes
+
+
+def peak_memory(recipe: Recipe, config: Any, tensors: dict[str, TensorInfo]) -> dict[str, int]:
+    """Peak working memory per stage from the tensor shapes, for the stages' one-layer-at-a-time design.
+
+    On the host, or on the GPU for the stages that run there (calibrate, quantize, validate) when
+    execution.device is cuda: one decoder layer in fp32, the hidden states in and out, XᵀX of each
+    distinct Linear input (float32), and each stage's own largest buffer. An estimate, not a bound.
+    """
+    hidden, vocab = int(config.hidden_size), int(config.vocab_size)
+    layer0 = {n: t for n, t in tensors.items() if n.startswith("model.layers.0.")}
+    layer = 4 * sum(t.numel for t in layer0.values())
+    inputs = {t.shape[1] for n, t in layer0.items() if len(t.shape) == 2}  # distinct Linear input widths
+    hessians = 4 * sum(i * i for i in inputs)
+    largest = 4 * max((t.numel for t in tensors.values()), default=0)
+    cal = recipe.calibration
+    states = 2 * 4 * cal.samples * cal.seq_len * hidden
+    val = recipe.validate_
+    windows = val.tokens // max(val.window - 1, 1)
+    return {
+        "download": 0,  # streams files into the store
+        "calibrate": 4 * vocab * hidden + layer + states + hessians,
+        "quantize": layer + states + hessians + 3 * 4 * max(t.numel for t in layer0.values()),
+        "convert": 3 * largest,  # a float tensor, its codes' reconstruction and the decoded file for verify
+        "validate": layer + 2 * 4 * val.tokens * hidden + 4 * windows * val.window * vocab,
+        "package": 0,  # copies files
+    }
 
 
 def plan(recipe: Recipe, store_url: str | None) -> Plan:
@@ -74,6 +102,7 @@ def plan(recipe: Recipe, store_url: str | None) -> Plan:
         out.sizes = {o.key: f"unknown: cannot read the model's headers ({exc})" for o in recipe.outputs}
         return out
     params = sum(t.numel for n, t in tensors.items() if n == t.name)
+    out.memory = peak_memory(recipe, config, tensors)
     for o in recipe.outputs:
         fmt = FORMATS[o.format]
         grids = {a.module: a.grid for layer in assign_layers(config, tensors, recipe.quantize, fmt, o) for a in layer.values()}
@@ -117,7 +146,8 @@ def render(p: Plan) -> str:
              f"method {r.quantize.method}; calibration {r.calibration.samples} x {r.calibration.seq_len} tokens; "
              f"validate {r.validate_.tokens} tokens, window {r.validate_.window}", "", "stages:"]
     for s in p.stages:
-        lines.append(f"  {s.stage:<10} {s.status:<8} {s.why}")
+        mem = f"~{p.memory[s.stage] / 2**20:,.0f} MiB peak" if p.memory.get(s.stage) else ""
+        lines.append(f"  {s.stage:<10} {s.status:<8} {mem:<18} {s.why}")
     lines += ["", "outputs (estimated from safetensors headers):"]
     width = max(map(len, p.sizes), default=0)
     for key, size in p.sizes.items():

@@ -11,11 +11,12 @@ import hashlib
 import json
 import re
 import time
+from contextlib import nullcontext
 from importlib.metadata import version as dist_version
 from typing import Any, Callable
 
 import yaml
-from prefect import flow
+from prefect import flow, tags
 from prefect.artifacts import create_markdown_artifact
 
 from quantfab.pipelines.recipe import Recipe
@@ -37,6 +38,11 @@ def recipe_yaml(recipe: Recipe) -> str:
     for section, key in (("model", "source"), ("calibration", "source"), ("validate", "source"), ("package", "destination")):
         data[section][key] = redact(data[section][key])
     return yaml.safe_dump(data, sort_keys=False)
+
+
+def recipe_tags(recipe: Recipe) -> list[str]:
+    """Tags of a build's task runs (and of its deployment): its method and formats."""
+    return [f"method:{recipe.quantize.method}", *(f"format:{f}" for f in sorted({o.format for o in recipe.outputs}))]
 
 
 def recipe_digest(recipe: Recipe) -> str:
@@ -71,14 +77,35 @@ def _still_valid(result: Any, store: Store, destination: str) -> bool:
     return not isinstance(result, Manifest) or result.present_in(store)
 
 
-def _run_stage(stage: str, inputs: dict[str, Any], store: Store, destination: str) -> tuple[Any, bool]:
+def _call(task: Any, inputs: dict[str, Any], runner: Any) -> Any:
+    """Run a stage task here, or on the Dask cluster; its final state either way."""
+    if runner is None:
+        return task(**inputs, return_state=True)
+    future = runner.submit(task, parameters=inputs)
+    future.wait()
+    return future.state
+
+
+def _runner(execution: Any) -> Any:
+    """prefect-dask's DaskTaskRunner for ``execution.runner: dask``, else None (stages run in the flow's process)."""
+    if execution.runner != "dask":
+        return None
+    from prefect_dask import DaskTaskRunner
+
+    if execution.dask_address:
+        return DaskTaskRunner(address=execution.dask_address)
+    return DaskTaskRunner(cluster_kwargs={"n_workers": execution.dask_workers, "threads_per_worker": 1,
+                                          "processes": True, "dashboard_address": None})
+
+
+def _run_stage(stage: str, inputs: dict[str, Any], store: Store, destination: str, runner: Any = None) -> tuple[Any, bool]:
     task = STAGES[stage].with_options(result_storage=store.results_dir())
     start = time.perf_counter()
-    state = task(**inputs, return_state=True)
+    state = _call(task, inputs, runner)
     result = state.result()
     cached = state.name == "Cached"
     if cached and not _still_valid(result, store, destination):
-        state = task.with_options(refresh_cache=True)(**inputs, return_state=True)
+        state = _call(task.with_options(refresh_cache=True), inputs, runner)
         result, cached = state.result(), False
     for listener in LISTENERS:
         listener(stage, "cached" if cached else "ran", time.perf_counter() - start)
@@ -102,17 +129,23 @@ def quantize(recipe_path: str, overrides: list[str] | None = None, store: str | 
     """Build every output of one recipe; fail (and publish nothing) if a quality gate fails."""
     recipe = load_recipe(recipe_path, overrides)
     store_obj = Store(store)
+    from quantfab.pipelines.plan import plan, render  # plan imports this module
+
+    create_markdown_artifact(key=_artifact_key(f"plan-{recipe.name}"), markdown=f"```\n{render(plan(recipe, store_obj.url))}\n```",
+                             description=f"What this run of {recipe.name} will do")
     up: dict[str, Any] = {}
     stages: dict[str, str] = {}
-    for stage in ORDER:
-        if stage == "package" and not up["validate"].passed:
-            raise QualityGateFailed(up["validate"].table, up["validate"].failures)
-        up[stage], cached = _run_stage(stage, stage_inputs(stage, recipe, store_obj.url, up), store_obj,
-                                       recipe.package.destination)
-        stages[stage] = "cached" if cached else "ran"
-        if stage == "validate":
-            create_markdown_artifact(key=_artifact_key(f"quality-{recipe.name}"), markdown=up[stage].table,
-                                     description=f"Quality of {recipe.name}")
+    runner = _runner(recipe.execution)
+    with runner or nullcontext(), tags(*recipe_tags(recipe)):
+        for stage in ORDER:
+            if stage == "package" and not up["validate"].passed:
+                raise QualityGateFailed(up["validate"].table, up["validate"].failures)
+            up[stage], cached = _run_stage(stage, stage_inputs(stage, recipe, store_obj.url, up), store_obj,
+                                           recipe.package.destination, runner)
+            stages[stage] = "cached" if cached else "ran"
+            if stage == "validate":
+                create_markdown_artifact(key=_artifact_key(f"quality-{recipe.name}"), markdown=up[stage].table,
+                                         description=f"Quality of {recipe.name}")
     return {"recipe": recipe.name, "stages": stages, "destination": redact(recipe.package.destination),
             "quality": json.loads(store_obj.read_bytes(up["validate"].report)), "table": up["validate"].table}
 

@@ -141,6 +141,14 @@ class PackageSpec(Section):
 
 class ExecutionSpec(Section):
     device: Literal["auto", "cuda", "cpu"] = Field("auto", description="auto takes CUDA when present.")
+    runner: Literal["local", "dask"] = Field("local", description="dask: every stage runs on prefect-dask's "
+                                             "DaskTaskRunner and spreads its independent work over the cluster "
+                                             "(per-file download, per-layer quantize of non-sequential methods, "
+                                             "per-output convert); the results are the same bytes as local's.")
+    dask_address: str | None = Field(None, description="Address of a running Dask scheduler (tcp://host:8786); "
+                                     "empty: a LocalCluster of dask_workers processes. The store must be reachable "
+                                     "from every worker (a shared path or an fsspec URL).")
+    dask_workers: int = Field(2, ge=1, le=1024, description="Worker processes of the LocalCluster (one thread each).")
 
 
 class Recipe(Section):

@@ -38,9 +38,12 @@ class RecipeError(UserError):
     """A recipe that cannot be read or does not validate; the message names where and what."""
 
 
-def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
-    """Load, merge, override and validate one recipe file."""
-    data, marks = _load_with_extends(Path(path), chain=())
+def load_recipe(path: str | Path, overrides: list[str] | None = None, as_written: bool = False) -> Recipe:
+    """Load, merge, override and validate one recipe file.
+
+    ``as_written`` leaves ${VAR} and relative sources as the file spells them (what a review compares).
+    """
+    data, marks = _load_with_extends(Path(path), chain=(), as_written=as_written)
     for item in overrides or []:
         _apply_override(data, marks, item)
     try:
@@ -50,14 +53,15 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     return recipe
 
 
-def _load_with_extends(path: Path, chain: tuple[Path, ...]) -> tuple[dict[str, Any], dict[Loc, Mark]]:
+def _load_with_extends(path: Path, chain: tuple[Path, ...], as_written: bool = False) -> tuple[dict[str, Any], dict[Loc, Mark]]:
     path = path.resolve()
     if path in chain:
         cycle = " -> ".join(str(p) for p in (*chain, path))
         raise RecipeError(f"{path}: extends forms a cycle: {cycle}")
     data, marks = _read_yaml(path)
     base_ref = data.pop("extends", None)
-    _resolve_strings(data, path.parent)
+    if not as_written:
+        _resolve_strings(data, path.parent)
     if base_ref is None:
         return data, marks
     mark = marks.get(("extends",), Mark(str(path), 1, 1))
@@ -66,7 +70,7 @@ def _load_with_extends(path: Path, chain: tuple[Path, ...]) -> tuple[dict[str, A
     base_path = (path.parent / base_ref).resolve()
     if not base_path.is_file():
         raise RecipeError(f"{mark}: extends: no such file {base_ref!r} (looked for {base_path})")
-    base, base_marks = _load_with_extends(base_path, (*chain, path))
+    base, base_marks = _load_with_extends(base_path, (*chain, path), as_written)
     return _merge(base, data), {**base_marks, **marks}
 
 

@@ -14,6 +14,7 @@ import os
 import shutil
 import time
 import uuid
+from functools import partial
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
@@ -23,6 +24,7 @@ from quantfab.tasks import synthetic
 from quantfab.tasks.errors import UserError
 from quantfab.tasks.manifests import ModelManifest
 from quantfab.tasks.modelio import ModelDir, read_safetensors_header
+from quantfab.tasks.parallel import pmap
 from quantfab.tasks.store import Blob, Store, sha256_file
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -81,10 +83,8 @@ def _fetch(source: str, revision: str | None, include: list[str], allow_pickle: 
         raise UserError(f"{redact(source)}: no .safetensors files match model.include {include}")
     if "config.json" not in chosen:
         raise UserError(f"{redact(source)}: no config.json in the model folder")
-    files: dict[str, Blob] = {}
-    for name in chosen:
-        info = listing[name]
-        files[name] = _fetch_one(fs, info, store, work, redact(source))
+    fetch = partial(_fetch_one, fs, store=store, work=work, shown=redact(source))  # shards are independent
+    files = dict(zip(chosen, pmap(fetch, [listing[name] for name in chosen])))
     rev = revision or _hf_revision(fs, root) or _content_revision(files, store)
     return files, rev
 

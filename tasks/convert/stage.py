@@ -11,6 +11,7 @@ import shutil
 import uuid
 from pathlib import Path
 
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
@@ -18,59 +19,72 @@ import numpy as np
 from quantfab.kernels.backends import current
 from quantfab.tasks.convert import FORMATS
 from quantfab.tasks.download import materialize
-from quantfab.tasks.manifests import (ConvertManifest, FormatFile, Mismatch, ModelManifest, QuantizeManifest,
-                                      Verification, weight_bytes)
+from quantfab.tasks.manifests import (ConvertManifest, FormatFile, Mismatch, ModelManifest, QuantizedOutput,
+                                      QuantizeManifest, Verification, weight_bytes)
+from quantfab.tasks.parallel import pmap
 from quantfab.tasks.quantize.grids import Encoded, Grid, grid_named
 from quantfab.tasks.quantize.layer_file import LayerFile
 from quantfab.tasks.store import Blob, Store
 
 
 def convert(model: ModelManifest, quantized: QuantizeManifest, outputs: list, name: str, store: Store) -> ConvertManifest:
-    model_dir = materialize(store, model.files)
+    """Every output; they are independent, so ``pmap`` spreads them over a Dask cluster when there is one."""
+    jobs = [OutputJob(model, quantized.outputs.get(o.key), o, name, store.url) for o in outputs]
+    return ConvertManifest(files={o.key: f for o, f in zip(outputs, pmap(convert_output, jobs))})
+
+
+@dataclass(frozen=True)
+class OutputJob:
+    model: ModelManifest
+    quantized: QuantizedOutput | None  # None: the format stores no method's codes (e.g. an F16 GGUF)
+    output: Any  # the output's options
+    name: str
+    store_url: str
+
+
+def convert_output(job: OutputJob) -> FormatFile:
+    """Write one output from the quantize stage's codes and the model's floats, then verify what was written."""
+    o, q, store = job.output, job.quantized, Store(job.store_url)
+    model_dir = materialize(store, job.model.files)
     config, weights = model_dir.config(), model_dir.weights()
-    files: dict[str, FormatFile] = {}
-    for o in outputs:
-        fmt = FORMATS[o.format]
-        q = quantized.outputs.get(o.key)
-        grids = {m.name: m.grid for m in q.modules} if q else {}
-        planned = fmt.plan(o, config, weights.tensors, grids)
+    fmt = FORMATS[o.format]
+    grids = {m.name: m.grid for m in q.modules} if q else {}
+    planned = fmt.plan(o, config, weights.tensors, grids)
+    layer_files = [LayerFile(store.local_path(b)) for b in q.layers] if q else []
+    replaced = {k: i for i, lf in enumerate(layer_files) for k in lf.float_names()}
 
-        layer_files = [LayerFile(store.local_path(b)) for b in q.layers] if q else []
-        replaced = {k: i for i, lf in enumerate(layer_files) for k in lf.float_names()}
+    def float_weight(t) -> np.ndarray:
+        if t.hf_name in replaced:  # a float the method changed, e.g. an AWQ-scaled norm
+            return layer_files[replaced[t.hf_name]].float(t.hf_name)
+        return weights.load([t.hf_name])[t.hf_name].numpy()
 
-        def float_weight(t, layer_files=layer_files, replaced=replaced) -> np.ndarray:
-            if t.hf_name in replaced:  # a float the method changed, e.g. an AWQ-scaled norm
-                return layer_files[replaced[t.hf_name]].float(t.hf_name)
-            return weights.load([t.hf_name])[t.hf_name].numpy()
+    def codes(t) -> tuple[Grid, Encoded] | None:
+        """The codes a tensor is packed from: the method's, or the format's own (GGUF's llama.cpp rtn)."""
+        module = t.hf_name.removesuffix(".weight")
+        if grids.get(module):
+            return grid_named(grids[module]), layer_files[int(module.split(".")[2])].encoded(module)
+        return fmt.float_codes(t, lambda: float_weight(t))
 
-        def codes(t, grids=grids, fmt=fmt, layer_files=layer_files) -> tuple[Grid, Encoded] | None:
-            """The codes a tensor is packed from: the method's, or the format's own (GGUF's llama.cpp rtn)."""
-            module = t.hf_name.removesuffix(".weight")
-            if grids.get(module):
-                return grid_named(grids[module]), layer_files[int(module.split(".")[2])].encoded(module)
-            return fmt.float_codes(t, lambda: float_weight(t))
+    def tensor_data(t):
+        found = codes(t)
+        return fmt.pack(t, found[1]) if found else fmt.float_tensor(t, float_weight(t))
 
-        def tensor_data(t, fmt=fmt, codes=codes):
-            found = codes(t)
-            return fmt.pack(t, found[1]) if found else fmt.float_tensor(t, float_weight(t))
-
-        out_name = fmt.output_name(o, name)
-        work = Path(store.scratch()) / f"convert-{uuid.uuid4().hex}"
-        work.mkdir()
-        try:
-            fmt.write(work / out_name, o, model_dir, planned, tensor_data, name)
-            verification = verify_output(fmt, fmt.reader(work / out_name, config), planned, codes)
-            blobs = _put_tree(work, work / out_name, store)
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
-        types: dict[str, int] = {}
-        for t in planned:
-            types[t.type_name] = types.get(t.type_name, 0) + 1
-        fallbacks = [f"{m.name}: {m.note}" for m in (q.modules if q else []) if m.grid is None and "row length" in m.note]
-        files[o.key] = FormatFile(output=o.key, path=out_name, files=blobs, tensor_types=types, fallbacks=fallbacks,
-                                  bits_per_weight=round(weight_bytes(blobs) * 8 / model.parameters, 4),
-                                  verification=verification)
-    return ConvertManifest(files=files)
+    out_name = fmt.output_name(o, job.name)
+    work = Path(store.scratch()) / f"convert-{uuid.uuid4().hex}"
+    work.mkdir()
+    try:
+        fmt.write(work / out_name, o, model_dir, planned, tensor_data, job.name)
+        verification = verify_output(fmt, fmt.reader(work / out_name, config), planned, codes)
+        blobs = _put_tree(work, work / out_name, store)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    types: dict[str, int] = {}
+    for t in planned:
+        types[t.type_name] = types.get(t.type_name, 0) + 1
+    fallbacks = [f"{m.name}: {m.note}" for m in (q.modules if q else []) if m.grid is None and "row length" in m.note]
+    return FormatFile(output=o.key, path=out_name, files=blobs, tensor_types=types, fallbacks=fallbacks,
+                      bits_per_weight=round(weight_bytes(blobs) * 8 / job.model.parameters, 4),
+                      verification=verification)
 
 
 def verify_output(fmt: Any, written: Any, planned: list, codes: Callable[[Any], tuple[Grid, Encoded] | None]) -> Verification:

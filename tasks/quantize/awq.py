@@ -19,7 +19,7 @@ import numpy as np
 
 from quantfab.tasks.modelio import INPUT_OF
 from quantfab.tasks.quantize.grids import Encoded, Grid
-from quantfab.tasks.quantize.group import take_better
+from quantfab.tasks.quantize.group import clip_search
 from quantfab.tasks.quantize.layer import LayerInput, LayerResult, PerModule
 from quantfab.tasks.quantize.stats import InputStats
 
@@ -62,7 +62,7 @@ class AWQ(PerModule):
             w = weights[f"{module}.weight"]
             st = stats[INPUT_OF[module]]
             if opts.clip and module not in NO_CLIP:
-                enc = clip_search(w, grid, st, opts.max_shrink, opts.clip_points)
+                enc = clip(w, grid, st, opts.max_shrink, opts.clip_points)
             else:
                 enc = grid.reference(w)
             result.encoded[module] = grid.finalize(enc)
@@ -97,25 +97,11 @@ def scaled_stats(st: InputStats, s: np.ndarray) -> InputStats:
                       st.count)
 
 
-def clip_search(w: np.ndarray, grid: Grid, st: InputStats, max_shrink: float, points: int) -> Encoded:
+def clip(w: np.ndarray, grid: Grid, st: InputStats, max_shrink: float, points: int) -> Encoded:
     """Per block (per super-block of a K-quant), the range shrink ratio in [1 - max_shrink, 1] with the least
     output error there (the diagonal blocks of H, so errors of different blocks are not coupled)."""
-    rows, cols = w.shape
-    b = grid.block
+    cols, b = w.shape[1], grid.block
     idx = np.arange(cols // b)
     h_blocks = st.hessian.reshape(cols // b, b, cols // b, b)[idx, :, idx, :]  # (blocks, b, b): diagonal blocks
-    best: Encoded | None = None
-    best_err = np.full((rows, cols // b), np.inf)
-    for ratio in np.linspace(1.0, 1.0 - max_shrink, points, dtype=np.float32):
-        d, m = grid.scale_candidates(w, float(ratio))
-        enc = Encoded(grid.encode(w, d, m), d, m)
-        delta = grid.blocks(grid.decode(enc) - w)
-        err = grid.span_total(np.einsum("rki,kij,rkj->rk", delta, h_blocks, delta, optimize=True))
-        if best is None:
-            best, best_err = enc, err
-            continue
-        better = err < best_err
-        best_err = np.where(better, err, best_err)
-        best = take_better(best, enc, better, grid)
-    assert best is not None
-    return best
+    return clip_search(w, grid, np.linspace(1.0, 1.0 - max_shrink, points, dtype=np.float32),
+                       lambda delta: np.einsum("rki,kij,rkj->rk", delta, h_blocks, delta, optimize=True))

@@ -22,7 +22,7 @@ import torch
 from quantfab.tasks.errors import UserError
 from quantfab.tasks.modelio import INPUT_OF
 from quantfab.tasks.quantize.grids import Encoded, Grid
-from quantfab.tasks.quantize.group import clip_search
+from quantfab.tasks.quantize.group import clip_search, weighted_squares
 from quantfab.tasks.quantize.layer import LayerInput, LayerResult, PerModule
 from quantfab.tasks.quantize.stats import InputStats
 
@@ -101,7 +101,7 @@ def gptq(w: np.ndarray, h: np.ndarray, grid: Grid, damp_percent: float, block_si
     def span_scales(current: np.ndarray, columns: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         if clip_ratios is None:
             return grid.scale_candidates(current, 1.0)
-        best = clip_search(current, grid, energy[columns], clip_ratios)
+        best = clip_search(current, grid, clip_ratios, weighted_squares(grid, energy[columns]))
         return best.d, best.m
 
     if static_groups:

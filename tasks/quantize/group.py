@@ -7,6 +7,8 @@ where E[x_j^2] is the diagonal of the calibration Hessian. Without statistics ev
 
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
 
 from quantfab.tasks.quantize.grids import Encoded, Grid
@@ -21,18 +23,26 @@ class GroupClipSearch(PerModule):
 
     def quantize(self, w: np.ndarray, grid: Grid, stats: InputStats | None) -> Encoded:
         importance = np.ones(w.shape[1], np.float32) if stats is None else stats.channel_energy()
-        return clip_search(w, grid, importance, RATIOS)
+        return clip_search(w, grid, RATIOS, weighted_squares(grid, importance))
 
 
-def clip_search(w: np.ndarray, grid: Grid, importance: np.ndarray, ratios: np.ndarray) -> Encoded:
-    """Per block (per span), the codes of the range shrink ratio with the least importance-weighted error."""
+BlockError = Callable[[np.ndarray], np.ndarray]  # (rows, blocks, block) differences -> (rows, blocks) errors
+
+
+def weighted_squares(grid: Grid, importance: np.ndarray) -> BlockError:
+    """sum_j importance_j * delta_j^2 over each block."""
     weight = grid.blocks(importance[None, :])  # (1, blocks, block)
+    return lambda delta: (delta ** 2 * weight).sum(axis=-1)
+
+
+def clip_search(w: np.ndarray, grid: Grid, ratios: np.ndarray, block_error: BlockError) -> Encoded:
+    """Per block (per span), the codes of the range shrink ratio whose reconstruction error is least."""
     best: Encoded | None = None
     best_err = np.full((w.shape[0], w.shape[1] // grid.block), np.inf, np.float32)
     for ratio in ratios:
         d, m = grid.scale_candidates(w, float(ratio))
         enc = Encoded(grid.encode(w, d, m), d, m)
-        err = grid.span_total((grid.blocks(grid.decode(enc) - w) ** 2 * weight).sum(axis=-1))
+        err = grid.span_total(block_error(grid.blocks(grid.decode(enc) - w)))
         if best is None:
             best, best_err = enc, err
             continue

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ from quantfab.tasks.convert import FORMATS
 from quantfab.tasks.download import materialize
 from quantfab.tasks.manifests import CalibrationManifest, ModelManifest, ModuleReport, QuantizedOutput, QuantizeManifest
 from quantfab.tasks.modelio import INPUT_OF, DecoderStack, ModelDir, layer_prefix, pick_device, relative
+from quantfab.tasks.parallel import pmap
 from quantfab.tasks.quantize import METHODS
 from quantfab.tasks.quantize.assign import Assignment, assign_layers
 from quantfab.tasks.quantize.grids import grid_named
@@ -56,29 +58,64 @@ def quantize(model: ModelManifest, calibration: CalibrationManifest, quant: Any,
 
 def quantize_model(model: ModelManifest, model_dir: ModelDir, calibration: CalibrationManifest, quant: Any,
                    plans: list[dict[str, Assignment]], key: str, device: torch.device, store: Store) -> QuantizedOutput:
-    """Quantize every layer by ``plans`` (per layer: Linear -> method and grid) as output ``key``."""
-    weights = model_dir.weights()
+    """Quantize every layer by ``plans`` (per layer: Linear -> method and grid) as output ``key``.
+
+    Layers of non-sequential methods do not depend on each other: they go through ``pmap``, which spreads
+    them over the Dask cluster when the stage runs on one.
+    """
     methods = {name: cls(quant) for name, cls in METHODS.items()}
     sequential = any(methods[a.method].sequential for plan in plans for a in plan.values() if a.grid)
-    inputs = HiddenStates(model, model_dir, calibration, device, store) if sequential else CalibrationStats(calibration, store)
     settings = _settings(quant, device)
-    layers: list[Blob] = []
-    reports: list[ModuleReport] = []
-    for i, plan in enumerate(plans):
-        prefix = layer_prefix(i)
-        checkpoint = _digest({"weights": _layer_weights_digest(model, weights, i), "inputs": inputs.digest(i),
-                              "plan": {lin: [a.method, a.grid, a.note] for lin, a in plan.items()}, "settings": settings})
-        blob = store.get_ref(CHECKPOINTS, checkpoint)
-        if blob is None:
-            tensors = {k: v.numpy() for k, v in relative(weights.load(weights.layer_names(i)), prefix).items()}
-            result = _quantize_layer(tensors, inputs.stats(i, tensors), plan, methods, f"{prefix.rstrip('.')}")
-            blob = _commit(result, plan, tensors, prefix, store)
-            store.put_ref(CHECKPOINTS, checkpoint, blob)
-        layers.append(blob)
-        layer = LayerFile(store.local_path(blob))
-        reports += layer.reports()
-        inputs.advance(i, checkpoint, layer)
+    if sequential:
+        inputs = HiddenStates(model, model_dir, calibration, device, store)
+        layers: list[Blob] = []
+        for i, plan in enumerate(plans):
+            checkpoint, blob = _layer(model, model_dir, inputs, plan, i, methods, settings, store)
+            layers.append(blob)
+            inputs.advance(i, checkpoint, LayerFile(store.local_path(blob)))
+    else:
+        jobs = [IndependentLayer(model, model_dir.path, calibration, quant, plan, i, settings, store.url)
+                for i, plan in enumerate(plans)]
+        layers = pmap(quantize_independent_layer, jobs)
+    reports = [r for blob in layers for r in LayerFile(store.local_path(blob)).reports()]
     return QuantizedOutput(output=key, layers=layers, modules=reports)
+
+
+def _layer(model: ModelManifest, model_dir: ModelDir, inputs: Any, plan: dict[str, Assignment], i: int,
+           methods: dict[str, Any], settings: dict[str, Any], store: Store) -> tuple[str, Blob]:
+    """Layer i's checkpoint key and committed result, computed only when the store does not hold it yet."""
+    weights = model_dir.weights()
+    prefix = layer_prefix(i)
+    checkpoint = _digest({"weights": _layer_weights_digest(model, weights, i), "inputs": inputs.digest(i),
+                          "plan": {lin: [a.method, a.grid, a.note] for lin, a in plan.items()}, "settings": settings})
+    blob = store.get_ref(CHECKPOINTS, checkpoint)
+    if blob is None:
+        tensors = {k: v.numpy() for k, v in relative(weights.load(weights.layer_names(i)), prefix).items()}
+        result = _quantize_layer(tensors, inputs.stats(i, tensors), plan, methods, f"{prefix.rstrip('.')}")
+        blob = _commit(result, plan, tensors, prefix, store)
+        store.put_ref(CHECKPOINTS, checkpoint, blob)
+    return checkpoint, blob
+
+
+@dataclass(frozen=True)
+class IndependentLayer:
+    """What one layer of a non-sequential method needs, small enough to ship to a Dask worker."""
+
+    model: ModelManifest
+    model_path: Path
+    calibration: CalibrationManifest
+    quant: Any
+    plan: dict[str, Assignment]
+    index: int
+    settings: dict[str, Any]
+    store_url: str
+
+
+def quantize_independent_layer(job: IndependentLayer) -> Blob:
+    store = Store(job.store_url)
+    methods = {name: cls(job.quant) for name, cls in METHODS.items()}
+    return _layer(job.model, ModelDir(job.model_path), CalibrationStats(job.calibration, store), job.plan, job.index,
+                  methods, job.settings, store)[1]
 
 
 def _quantize_layer(tensors: dict[str, np.ndarray], stats: dict[str, InputStats], plan: dict[str, Assignment],
