@@ -1,6 +1,7 @@
 """The `quantfab` command: run, plan, schema and deployments.
 
-Exit codes: 0 built, 1 a quality gate failed (nothing published), 2 bad input (message, no traceback).
+Exit codes: 0 built, 1 a quality gate or the verification of packed tensors failed (nothing published), 2 bad
+input (message, no traceback).
 """
 
 from __future__ import annotations

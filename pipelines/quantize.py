@@ -24,7 +24,7 @@ from quantfab.pipelines.recipe_loading import load_recipe
 from quantfab.pipelines.stages import STAGES, code_digest
 from quantfab.tasks.download import redact
 from quantfab.tasks.errors import QualityGateFailed
-from quantfab.tasks.manifests import Manifest, PackageManifest
+from quantfab.tasks.manifests import Manifest, ModelManifest, PackageManifest
 from quantfab.tasks.package import published
 from quantfab.tasks.store import Store
 
@@ -49,22 +49,32 @@ def recipe_digest(recipe: Recipe) -> str:
     return hashlib.sha256(recipe_yaml(recipe).encode()).hexdigest()
 
 
+def weights_only(model: ModelManifest) -> ModelManifest:
+    """The download manifest without its source and revision labels.
+
+    The stages between download and package read only the files, so they key on their content: a new
+    revision label over the same bytes (a watch run, a moved mirror) reruns download and package only.
+    """
+    return model.model_copy(update={"source": "", "revision": ""})
+
+
 def stage_inputs(stage: str, recipe: Recipe, store_url: str, up: dict[str, Any]) -> dict[str, Any]:
     """Every argument of a stage's task, by keyword, from the recipe and the upstream manifests."""
     common = {"store_url": store_url, "code": code_digest(stage)}
     device = recipe.execution.device
     if stage == "download":
         return {"model": recipe.model, **common}
+    files = weights_only(up["download"])
     if stage == "calibrate":
-        return {"model": up["download"], "calibration": recipe.calibration, "device": device, **common}
+        return {"model": files, "calibration": recipe.calibration, "device": device, **common}
     if stage == "quantize":
-        return {"model": up["download"], "calibration": up["calibrate"], "quantize": recipe.quantize,
+        return {"model": files, "calibration": up["calibrate"], "quantize": recipe.quantize,
                 "outputs": list(recipe.outputs), "device": device, **common}
     if stage == "convert":
-        return {"model": up["download"], "quantized": up["quantize"], "outputs": list(recipe.outputs),
+        return {"model": files, "quantized": up["quantize"], "outputs": list(recipe.outputs),
                 "name": recipe.name, **common}
     if stage == "validate":
-        return {"model": up["download"], "converted": up["convert"], "quantized": up["quantize"],
+        return {"model": files, "converted": up["convert"], "quantized": up["quantize"],
                 "outputs": list(recipe.outputs), "validate": recipe.validate_, "device": device, **common}
     return {"name": recipe.name, "model": up["download"], "converted": up["convert"], "quality": up["validate"],
             "recipe_yaml": recipe_yaml(recipe), "recipe_digest": recipe_digest(recipe),

@@ -184,6 +184,15 @@ def test_changing_only_a_gate_reruns_only_validate_and_package(built: dict) -> N
                       "validate": "ran", "package": "ran"}
 
 
+def test_a_new_revision_label_over_the_same_bytes_reruns_only_download_and_package(built: dict) -> None:
+    """What a watch run does when an upstream's listing changed but its weights did not."""
+    b = built["group"]
+    result, stages = run([*b["overrides"], "model.revision=relabelled"], built["store"])
+    assert stages == {"download": "ran", "calibrate": "cached", "quantize": "cached", "convert": "cached",
+                      "validate": "cached", "package": "ran"}
+    assert json.loads((b["dest"] / "manifest.json").read_text())["source_revision"] == "relabelled"
+
+
 def test_impossible_gate_fails_the_run_and_publishes_nothing(built: dict, tmp_path: Path) -> None:
     dest = tmp_path / "never"
     overrides = [*built["group"]["overrides"], f"package.destination={dest}", "validate.gates.max_kl=0"]
