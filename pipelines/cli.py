@@ -24,7 +24,10 @@ def main(argv: list[str] | None = None) -> int:
     for name, text in (("run", "run a recipe's flow on a local Prefect"), ("plan", "show what a run would do, without running it")):
         p = sub.add_parser(name, help=text)
         if name == "run":
-            p.add_argument("recipe", help="path to the recipe YAML")
+            p.add_argument("recipe", nargs="+", help="path to the recipe YAML; several run at once on a Dask cluster")
+            p.add_argument("--dask-address", default=None, help="with several recipes: a running Dask scheduler "
+                           "(default: a LocalCluster of --dask-workers processes)")
+            p.add_argument("--dask-workers", type=int, default=2, help="LocalCluster size with several recipes")
         else:
             p.add_argument("recipe", nargs="*", help="path to the recipe YAML (with --base: names or paths to limit the report to)")
             p.add_argument("--base", metavar="GIT_REF", help="report every recipe changed since this git ref "
@@ -74,7 +77,9 @@ def _run(args: argparse.Namespace) -> int:
     from quantfab.pipelines.recipe_loading import load_recipe
     from quantfab.tasks.errors import QualityGateFailed, VerificationFailed
 
-    recipe = load_recipe(args.recipe, args.overrides)  # fail fast, before Prefect starts
+    if len(args.recipe) > 1:
+        return _run_many(args)
+    recipe = load_recipe(args.recipe[0], args.overrides)  # fail fast, before Prefect starts
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                   TimeElapsedColumn(), console=console, transient=True) as progress:
         bar = progress.add_task(f"{recipe.name}: starting Prefect", total=len(ORDER))
@@ -85,7 +90,7 @@ def _run(args: argparse.Namespace) -> int:
 
         LISTENERS.append(on_stage)
         try:
-            result = quantize(args.recipe, args.overrides, args.store)
+            result = quantize(args.recipe[0], args.overrides, args.store)
         except QualityGateFailed as exc:
             print(exc.table)
             console.print(f"[bold red]quality gate failed:[/] {'; '.join(exc.failures)}; nothing was published", highlight=False)
@@ -98,6 +103,24 @@ def _run(args: argparse.Namespace) -> int:
             LISTENERS.remove(on_stage)
     print(result["table"])
     console.print(f"[green]published[/] {result['destination']}", highlight=False)
+    return 0
+
+
+def _run_many(args: argparse.Namespace) -> int:
+    from quantfab.pipelines.quantize import check_recipes, quantize_many
+    from quantfab.tasks.errors import QualityGateFailed, VerificationFailed
+
+    check_recipes(args.recipe, args.overrides)  # fail fast, before Prefect starts
+    console.print(f"{len(args.recipe)} recipes on Dask ({args.dask_address or f'LocalCluster of {args.dask_workers}'})",
+                  highlight=False)
+    try:
+        results = quantize_many(args.recipe, args.overrides, args.store, args.dask_address, args.dask_workers)
+    except (QualityGateFailed, VerificationFailed) as exc:
+        console.print(f"[bold red]failed:[/] {exc}; that recipe published nothing", highlight=False)
+        return 1
+    for result in results:
+        print(f"## {result['recipe']}\n{result['table']}")
+        console.print(f"[green]published[/] {result['destination']}", highlight=False)
     return 0
 
 

@@ -16,14 +16,14 @@ from importlib.metadata import version as dist_version
 from typing import Any, Callable
 
 import yaml
-from prefect import flow, tags
+from prefect import flow, tags, task
 from prefect.artifacts import create_markdown_artifact
 
-from quantfab.pipelines.recipe import Recipe
+from quantfab.pipelines.recipe import ExecutionSpec, Recipe
 from quantfab.pipelines.recipe_loading import load_recipe
 from quantfab.pipelines.stages import STAGES, code_digest
 from quantfab.tasks.download import redact
-from quantfab.tasks.errors import QualityGateFailed
+from quantfab.tasks.errors import QualityGateFailed, UserError
 from quantfab.tasks.manifests import Manifest, ModelManifest, PackageManifest
 from quantfab.tasks.package import published
 from quantfab.tasks.store import Store
@@ -158,6 +158,36 @@ def quantize(recipe_path: str, overrides: list[str] | None = None, store: str | 
                                          description=f"Quality of {recipe.name}")
     return {"recipe": recipe.name, "stages": stages, "destination": redact(recipe.package.destination),
             "quality": json.loads(store_obj.read_bytes(up["validate"].report)), "table": up["validate"].table}
+
+
+def check_recipes(recipe_paths: list[str], overrides: list[str] | None) -> None:
+    """Every recipe loads, and no two publish to one destination (checked before any starts)."""
+    destinations: dict[str, str] = {}
+    for path in recipe_paths:
+        recipe = load_recipe(path, overrides)
+        if recipe.package.destination in destinations:
+            raise UserError(f"{path} and {destinations[recipe.package.destination]} would both publish to "
+                            f"{redact(recipe.package.destination)}: give each recipe its own package.destination")
+        destinations[recipe.package.destination] = str(path)
+
+
+@task(name="build-recipe")
+def build_recipe(recipe_path: str, overrides: list[str], store: str | None) -> dict[str, Any]:
+    """One recipe's whole flow, as a task a Dask worker can run (its stages then run on that worker)."""
+    return quantize(recipe_path, [*overrides, "execution.runner=local"], store)
+
+
+@flow(name="quantize-many", validate_parameters=False)
+def quantize_many(recipe_paths: list[str], overrides: list[str] | None = None, store: str | None = None,
+                  dask_address: str | None = None, dask_workers: int = 2) -> list[dict[str, Any]]:
+    """Several recipes at once on one Dask cluster: each recipe's flow runs on a worker, and its stages'
+    independent items spread over the whole cluster (tasks/parallel.py), in the recipes' order."""
+    check_recipes(recipe_paths, overrides)
+    runner = _runner(ExecutionSpec(runner="dask", dask_address=dask_address, dask_workers=dask_workers))
+    with runner:
+        futures = [runner.submit(build_recipe, parameters={"recipe_path": p, "overrides": list(overrides or []),
+                                                            "store": store}) for p in recipe_paths]
+        return [f.result() for f in futures]
 
 
 def _artifact_key(text: str) -> str:

@@ -10,6 +10,7 @@ that those items ran in more than one worker process.
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -70,3 +71,36 @@ def test_dask_runner_ships_the_same_bytes_as_the_local_runner(tmp_path: Path, mo
     assert any(m.startswith("quantize_independent_layer: 4 items over 2 Dask workers") for m in logs), logs
     assert any(m.startswith("convert_output: 3 items over 2 Dask workers") for m in logs), logs
     print(f"demo: local runner {local_s:.1f} s, Dask LocalCluster (2 workers) {dask_s:.1f} s")
+
+
+VARIANT = """\
+extends: {demo}
+name: demo-rtn
+quantize: {{method: rtn}}
+outputs: [{{gguf: Q8_0}}]
+package: {{destination: "${{QUANTFAB_OUT}}/{dest}"}}
+"""
+
+
+@pytest.mark.slow
+def test_several_recipes_at_once_on_one_cluster(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`quantfab run a.yaml b.yaml`: each recipe's flow on a worker; the demo's files as the local runner's."""
+    pytest.importorskip("prefect_dask")
+    from quantfab.pipelines.cli import main
+
+    monkeypatch.setenv("QUANTFAB_OUT", str(tmp_path / "many"))  # read by each recipe's destination
+    variant = tmp_path / "recipes" / "demo-rtn.yaml"
+    variant.parent.mkdir()
+    variant.write_text(VARIANT.format(demo=os.path.relpath(DEMO, variant.parent), dest="demo"))
+    assert main(["run", str(DEMO), str(variant)]) == 2  # one destination for two recipes: refused up front
+    variant.write_text(VARIANT.format(demo=os.path.relpath(DEMO, variant.parent), dest="demo-rtn"))
+    local, _, _ = build(tmp_path, "local", [])
+    t0 = time.perf_counter()
+    assert main(["run", str(DEMO), str(variant), "--store", str(tmp_path / "many-store"), "--dask-workers", "2"]) == 0
+    seconds = time.perf_counter() - t0
+    manifests = {name: json.loads((tmp_path / "many" / name / "manifest.json").read_text()) for name in ("demo", "demo-rtn")}
+    demo = {f["path"]: f["sha256"] for f in manifests["demo"]["files"]}
+    reports = ("README.md", "quality.json")
+    assert {k: v for k, v in demo.items() if k not in reports} == {k: v for k, v in local.items() if k not in reports}
+    assert sorted(manifests["demo-rtn"]["formats"]) == ["gguf-Q8_0"] and manifests["demo-rtn"]["passed"]
+    print(f"two recipes on a 2-worker LocalCluster: {seconds:.1f} s")
