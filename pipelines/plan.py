@@ -22,7 +22,7 @@ from quantfab.pipelines.recipe import Recipe
 from quantfab.pipelines.stages import cache_key
 from quantfab.tasks import synthetic
 from quantfab.tasks.convert import FORMATS
-from quantfab.tasks.download import redact
+from quantfab.tasks.redact import redact
 from quantfab.tasks.errors import UserError
 from quantfab.tasks.manifests import Manifest
 from quantfab.tasks.modelio import ModelDir, TensorInfo, alias_tied_embeddings, read_safetensors_header

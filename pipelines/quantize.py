@@ -22,7 +22,7 @@ from prefect.artifacts import create_markdown_artifact
 from quantfab.pipelines.recipe import ExecutionSpec, Recipe
 from quantfab.pipelines.recipe_loading import load_recipe
 from quantfab.pipelines.stages import STAGES, code_digest
-from quantfab.tasks.download import redact
+from quantfab.tasks.redact import redact
 from quantfab.tasks.errors import QualityGateFailed, UserError
 from quantfab.tasks.manifests import Manifest, ModelManifest, PackageManifest
 from quantfab.tasks.package import published

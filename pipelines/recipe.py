@@ -30,6 +30,9 @@ class ModelSpec(Section):
                  "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model"],
         description="Glob patterns of the files to fetch.")
     allow_pickle: bool = Field(False, description="Permit .bin/.pt checkpoints (they run code when loaded).")
+    sha256: dict[str, Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]] = Field(default_factory=dict, description="Expected sha256 of source files, by file "
+                                   "name: a file whose bytes differ is fetched again, then refused (hf:// sources "
+                                   "are checked against the hub's LFS digests anyway).")
     track: Literal["latest"] | None = Field(None, description="latest: the watch flow rebuilds this recipe when the "
                                             "source publishes a new revision (hf:// commit; elsewhere a digest of the "
                                             "config, index and weight files' sizes and etags or mtimes).")

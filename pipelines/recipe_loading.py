@@ -17,6 +17,7 @@ import yaml
 from pydantic import ValidationError
 
 from quantfab.tasks.errors import UserError
+from quantfab.tasks.redact import redact
 from quantfab.pipelines.recipe import Recipe
 from quantfab.tasks.convert import FORMATS
 
@@ -139,6 +140,9 @@ def _apply_override(data: dict[str, Any], marks: dict[Loc, Mark], item: str) -> 
     key, sep, raw = item.partition("=")
     if not sep or not key:
         raise RecipeError(f"--set {item!r}: expected dotted.key=value")
+    if redact(raw) != raw:
+        raise RecipeError(f"--set {key}: the value carries credentials, which Prefect would store with the run's "
+                          "parameters; put them in an environment variable and write ${VAR} in the recipe instead")
     try:
         value = yaml.safe_load(raw) if raw else ""
     except yaml.YAMLError:

@@ -57,7 +57,8 @@ def _stage(name: str, retries: int = 0):
 
 @_stage("download", retries=2)
 def download(model: ModelSpec, store_url: str, code: str) -> ModelManifest:
-    return download_mod.download(model.source, model.revision, model.include, model.allow_pickle, Store(store_url))
+    return download_mod.download(model.source, model.revision, model.include, model.allow_pickle, Store(store_url),
+                                 model.sha256)
 
 
 @_stage("calibrate")

@@ -16,7 +16,8 @@ import time
 import uuid
 from functools import partial
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
+from typing import Any
+from urllib.parse import urlsplit
 
 import fsspec
 
@@ -25,25 +26,16 @@ from quantfab.tasks.errors import UserError
 from quantfab.tasks.manifests import ModelManifest
 from quantfab.tasks.modelio import ModelDir, read_safetensors_header
 from quantfab.tasks.parallel import pmap
+from quantfab.tasks.redact import redact
 from quantfab.tasks.store import Blob, Store, sha256_file
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 ATTEMPTS = 4
+CHUNK = 1 << 22
 
 
-def redact(url: str) -> str:
-    """The URL without credentials, fit for logs and manifests."""
-    parts = urlsplit(url)
-    if parts.username or parts.password:
-        netloc = parts.hostname or ""
-        if parts.port:
-            netloc += f":{parts.port}"
-        parts = parts._replace(netloc=netloc)
-    query = "&".join(q for q in parts.query.split("&") if q and not q.lower().startswith(("token", "sig", "x-amz")))
-    return urlunsplit(parts._replace(query=query))
-
-
-def download(source: str, revision: str | None, include: list[str], allow_pickle: bool, store: Store) -> ModelManifest:
+def download(source: str, revision: str | None, include: list[str], allow_pickle: bool, store: Store,
+             pinned: dict[str, str] | None = None) -> ModelManifest:
     work = Path(store.scratch()) / f"download-{uuid.uuid4().hex}"
     work.mkdir(parents=True)
     try:
@@ -53,7 +45,7 @@ def download(source: str, revision: str | None, include: list[str], allow_pickle
             rev = synthetic.write_llama(source, work)
             files = {p.name: store.put_file(p) for p in sorted(work.iterdir())}
         else:
-            files, rev = _fetch(source, revision, include, allow_pickle, store, work)
+            files, rev = _fetch(source, revision, include, allow_pickle, store, work, pinned or {})
     finally:
         for p in work.glob("*"):
             p.unlink()
@@ -62,15 +54,16 @@ def download(source: str, revision: str | None, include: list[str], allow_pickle
 
 
 def _fetch(source: str, revision: str | None, include: list[str], allow_pickle: bool, store: Store,
-           work: Path) -> tuple[dict[str, Blob], str]:
+           work: Path, pinned: dict[str, str]) -> tuple[dict[str, Blob], str]:
     storage_options = {"revision": revision} if source.startswith("hf://") and revision else {}
     try:
         fs, root = fsspec.core.url_to_fs(source, **storage_options)
-        listing = {Path(info["name"]).name: info for info in fs.ls(root, detail=True) if info.get("type") == "file"}
+        infos = _retrying(lambda: fs.ls(root, detail=True), f"{redact(source)}: listing the model folder")
     except FileNotFoundError:
         raise UserError(f"{redact(source)}: no such model folder") from None
-    except (OSError, ValueError) as exc:
+    except ValueError as exc:
         raise UserError(f"{redact(source)}: cannot list the model folder: {exc}") from None
+    listing = {Path(info["name"]).name: info for info in infos if info.get("type") == "file"}
     chosen = sorted(n for n in listing if any(fnmatch.fnmatch(n, pat) for pat in include))
     pickles = sorted(n for n in listing if n.endswith(PICKLE_SUFFIXES))
     if not any(n.endswith(".safetensors") for n in chosen):
@@ -83,36 +76,83 @@ def _fetch(source: str, revision: str | None, include: list[str], allow_pickle: 
         raise UserError(f"{redact(source)}: no .safetensors files match model.include {include}")
     if "config.json" not in chosen:
         raise UserError(f"{redact(source)}: no config.json in the model folder")
-    fetch = partial(_fetch_one, fs, store=store, work=work, shown=redact(source))  # shards are independent
+    unknown = sorted(set(pinned) - set(chosen))
+    if unknown:
+        raise UserError(f"{redact(source)}: model.sha256 pins {', '.join(unknown)}, which the source does not "
+                        f"list among the files fetched ({', '.join(chosen)})")
+    fetch = partial(_fetch_one, fs, store=store, work=work, shown=redact(source).rstrip("/"), pinned=pinned)
     files = dict(zip(chosen, pmap(fetch, [listing[name] for name in chosen])))
     rev = revision or _hf_revision(fs, root) or _content_revision(files, store)
     return files, rev
 
 
-def _fetch_one(fs, info: dict, store: Store, work: Path, shown: str) -> Blob:
-    """Copy one file with retries and backoff; verify size and stated sha256 before it enters the store."""
-    name = Path(info["name"]).name
-    expected_size = info.get("size")
-    lfs = info.get("lfs") or {}
-    expected_sha = lfs.get("sha256") if isinstance(lfs, dict) else None
-    tmp = work / f"{name}.part"
-    last: Exception | None = None
+def _transient() -> tuple[type[BaseException], ...]:
+    """Errors worth another attempt: the network's (fsspec's HTTP raises aiohttp's), not a missing file."""
+    kinds: list[type[BaseException]] = [OSError, TimeoutError]
+    try:
+        import aiohttp
+
+        kinds.append(aiohttp.ClientError)
+    except ImportError:
+        pass
+    return tuple(kinds)
+
+
+def _pause(attempt: int) -> None:
+    """Exponential backoff: 1, 2, 4, 8 s (times QUANTFAB_RETRY_SECONDS, 1 by default)."""
+    time.sleep(min(2 ** attempt, 8) * float(os.environ.get("QUANTFAB_RETRY_SECONDS", "1")))
+
+
+def _retrying(call: Any, what: str) -> Any:
+    last: BaseException | None = None
     for attempt in range(ATTEMPTS):
         try:
-            fs.get_file(info["name"], str(tmp))
+            return call()
+        except FileNotFoundError:
+            raise
+        except _transient() as exc:
+            last = exc
+            _pause(attempt)
+    raise UserError(f"{what} failed after {ATTEMPTS} attempts: {redact(str(last))}")
+
+
+def _fetch_one(fs, info: dict, store: Store, work: Path, shown: str, pinned: dict[str, str]) -> Blob:
+    """Copy one file; after a dropped connection, resume where it stopped with a ranged read (fsspec seeks
+    with Range requests). Size and sha256 (the recipe's pin, or the hub's LFS digest) are checked before
+    it enters the store; bytes that do not match are thrown away and fetched again."""
+    name = Path(info["name"]).name
+    expected_size = info.get("size")
+    if expected_size is None:  # an HTTP index lists names only; the size comes from a HEAD request
+        expected_size = _retrying(lambda: fs.size(info["name"]), f"{shown}/{name}: reading its size")
+    lfs = info.get("lfs") or {}
+    expected_sha = pinned.get(name) or (lfs.get("sha256") if isinstance(lfs, dict) else None)
+    tmp = work / f"{name}.part"
+    tmp.unlink(missing_ok=True)
+    last: BaseException | None = None
+    for attempt in range(ATTEMPTS):
+        try:
+            have = tmp.stat().st_size if tmp.exists() else 0
+            with fs.open(info["name"], "rb", block_size=CHUNK) as src, tmp.open("ab") as dst:
+                if have:
+                    src.seek(have)
+                while chunk := src.read(CHUNK):
+                    dst.write(chunk)
             size = tmp.stat().st_size
             if expected_size is not None and size != expected_size:
                 raise OSError(f"got {size} bytes, the source states {expected_size}")
             if expected_sha and sha256_file(tmp) != expected_sha:
-                raise OSError("sha256 differs from the one the source states")
+                tmp.unlink()
+                raise OSError(f"sha256 differs from {'model.sha256' if name in pinned else 'the source'}'s {expected_sha}")
             blob = store.put_file(tmp)
             tmp.unlink()
             return blob
-        except OSError as exc:
+        except _transient() as exc:
             last = exc
-            tmp.unlink(missing_ok=True)
-            time.sleep(min(2 ** attempt, 8))
-    raise UserError(f"{shown}/{name}: download failed after {ATTEMPTS} attempts: {last}")
+            if tmp.exists() and expected_size is not None and tmp.stat().st_size >= expected_size:
+                tmp.unlink()  # a whole (or overlong) copy that failed its checks: nothing to resume
+            _pause(attempt)
+    tmp.unlink(missing_ok=True)
+    raise UserError(f"{shown}/{name}: download failed after {ATTEMPTS} attempts: {redact(str(last))}")
 
 
 def _hf_revision(fs, root: str) -> str | None:

@@ -13,7 +13,7 @@ import json
 import uuid
 import fsspec
 
-from quantfab.tasks.download import redact
+from quantfab.tasks.redact import redact
 from quantfab.tasks.errors import VerificationFailed
 from quantfab.tasks.manifests import ConvertManifest, ModelManifest, PackageManifest, QualityManifest
 from quantfab.tasks.store import Blob, Store
