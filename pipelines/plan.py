@@ -25,7 +25,8 @@ from quantfab.tasks.convert import FORMATS
 from quantfab.tasks.redact import redact
 from quantfab.tasks.errors import UserError
 from quantfab.tasks.manifests import Manifest
-from quantfab.tasks.modelio import ModelDir, TensorInfo, alias_tied_embeddings, read_safetensors_header
+from quantfab.tasks.modelio import (ModelDir, TensorInfo, alias_tied_embeddings, check_against_config,
+                                    read_safetensors_header)
 from quantfab.tasks.quantize.assign import assign_layers
 from quantfab.tasks.store import Store
 
@@ -98,6 +99,7 @@ def plan(recipe: Recipe, store_url: str | None) -> Plan:
     out = Plan(recipe, stages)
     try:
         config, tensors = _headers(recipe, store, up.get("download"))
+        check_against_config(config, tensors)
     except (UserError, OSError, ValueError) as exc:
         out.sizes = {o.key: f"unknown: cannot read the model's headers ({exc})" for o in recipe.outputs}
         return out

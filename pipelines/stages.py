@@ -20,6 +20,7 @@ from quantfab.tasks import download as download_mod
 from quantfab.tasks import package as package_mod
 from quantfab.tasks import validate as validate_mod
 from quantfab.tasks.convert import stage as convert_mod
+from quantfab.tasks.errors import UserError
 from quantfab.tasks.manifests import (CalibrationManifest, ConvertManifest, ModelManifest, PackageManifest,
                                       QualityManifest, QuantizeManifest)
 from quantfab.tasks.quantize import stage as quantize_mod
@@ -50,9 +51,20 @@ def code_digest(stage: str) -> str:
     return h.hexdigest()[:16]
 
 
+def _worth_retrying(task: Task, task_run: Any, state: Any) -> bool:
+    """A user's mistake (a UserError: bad file, bad tensor) fails at once; other failures are retried."""
+    try:
+        state.result()
+    except UserError:
+        return False
+    except Exception:  # noqa: BLE001 - anything else (network, a killed worker) may pass on a retry
+        return True
+    return True
+
+
 def _stage(name: str, retries: int = 0):
     return task(name=name, cache_policy=CACHE_POLICY, persist_result=True, result_serializer="json",
-                retries=retries, retry_delay_seconds=[2, 8, 30][:retries] or 0)
+                retries=retries, retry_delay_seconds=[2, 8, 30][:retries] or 0, retry_condition_fn=_worth_retrying)
 
 
 @_stage("download", retries=2)

@@ -24,7 +24,7 @@ import fsspec
 from quantfab.tasks import synthetic
 from quantfab.tasks.errors import UserError
 from quantfab.tasks.manifests import ModelManifest
-from quantfab.tasks.modelio import ModelDir, read_safetensors_header
+from quantfab.tasks.modelio import ModelDir, check_against_config, read_safetensors_header
 from quantfab.tasks.parallel import pmap
 from quantfab.tasks.redact import redact
 from quantfab.tasks.store import Blob, Store, sha256_file
@@ -225,6 +225,7 @@ def materialize(store: Store, files: dict[str, Blob]) -> ModelDir:
 def _manifest(source: str, revision: str, files: dict[str, Blob], store: Store) -> ModelManifest:
     model = materialize(store, files)
     config = model.config()
+    check_against_config(config, model.weights().tensors)
     params = 0
     for name in files:
         if name.endswith(".safetensors"):

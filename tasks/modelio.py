@@ -25,6 +25,7 @@ INPUT_OF = {"self_attn.q_proj": "attn_in", "self_attn.k_proj": "attn_in", "self_
             "self_attn.o_proj": "o_in", "mlp.gate_proj": "mlp_in", "mlp.up_proj": "mlp_in", "mlp.down_proj": "down_in"}
 ST_DTYPES = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 MAX_HEADER = 100 << 20
+FLOAT_DTYPES = ("F32", "F16", "BF16")
 
 
 @dataclass(frozen=True)
@@ -62,7 +63,11 @@ def read_safetensors_header(path: Path, header_only: bool = False) -> dict[str, 
     for name, meta in header.items():
         if name == "__metadata__":
             continue
-        dtype, shape, (start, end) = meta["dtype"], tuple(meta["shape"]), meta["data_offsets"]
+        try:
+            dtype, shape, (start, end) = meta["dtype"], tuple(int(d) for d in meta["shape"]), meta["data_offsets"]
+            start, end = int(start), int(end)
+        except (KeyError, TypeError, ValueError):
+            raise UserError(f"{path.name}: tensor {name}: malformed safetensors header entry {meta!r:.120}") from None
         width = ST_DTYPES.get(dtype)
         if width is None:
             raise UserError(f"{path.name}: tensor {name} has unsupported dtype {dtype}")
@@ -72,6 +77,27 @@ def read_safetensors_header(path: Path, header_only: bool = False) -> dict[str, 
                             f"shape {list(shape)} inside {data_len} data bytes; the file is truncated or corrupt")
         out[name] = TensorInfo(name, dtype, shape, path)
     return out
+
+
+def check_against_config(config, tensors: dict[str, TensorInfo]) -> None:
+    """Every parameter the config implies is present, floating point and of the shape the config implies."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in AutoModelForCausalLM.from_config(config).state_dict().items()}
+    if config.tie_word_embeddings:
+        expected.pop("lm_head.weight", None)
+    missing = sorted(set(expected) - set(tensors))
+    if missing:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise UserError(f"the safetensors files lack {', '.join(missing[:3])}{more}, which config.json implies")
+    for name, shape in expected.items():
+        t = tensors[name]
+        if t.dtype not in FLOAT_DTYPES:
+            raise UserError(f"{t.file.name}: tensor {name} is {t.dtype}; weights must be F32, F16 or BF16")
+        if t.shape != shape:
+            raise UserError(f"{t.file.name}: tensor {name} has shape {list(t.shape)}, but config.json implies "
+                            f"{list(shape)}")
 
 
 def alias_tied_embeddings(tensors: dict[str, TensorInfo]) -> None:
@@ -101,7 +127,12 @@ class WeightIndex:
         for path, group in by_file.items():
             with safe_open(str(path), framework="pt") as f:
                 for name in group:
-                    out[name] = f.get_tensor(self.tensors[name].name).to(torch.float32)
+                    tensor = f.get_tensor(self.tensors[name].name).to(torch.float32)
+                    bad = int((~torch.isfinite(tensor)).sum())
+                    if bad:
+                        raise UserError(f"{path.name}: tensor {self.tensors[name].name} holds {bad} NaN or Inf "
+                                        "value(s); a model with non-finite weights cannot be quantized")
+                    out[name] = tensor
         return out
 
     def layer_names(self, i: int) -> list[str]:
