@@ -1,0 +1,57 @@
+"""Concurrent runs on one store: real `quantfab run` processes started together.
+
+Two runs of the same recipe (one destination) and two different recipes must all finish; every store
+write is a temporary file renamed into place, so neither run ever sees a partial blob, and the package
+left at the destination is whole: its manifest lists exactly the files there, with their sha256.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+VARIANT = """\
+extends: {demo}
+name: demo-rtn
+quantize: {{method: rtn}}
+outputs: [{{gguf: Q8_0}}]
+package: {{destination: {out}}}
+"""
+
+
+def start(recipe: Path, store: Path, home: Path, out: Path) -> subprocess.Popen:
+    env = {**os.environ, "PREFECT_HOME": str(home), "QUANTFAB_OUT": str(out)}
+    return subprocess.Popen([str(Path(sys.executable).parent / "quantfab"), "run", str(recipe), "--store", str(store)],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def whole(package: Path) -> bool:
+    manifest = json.loads((package / "manifest.json").read_text())
+    listed = {f["path"]: f["sha256"] for f in manifest["files"]}
+    present = {p.relative_to(package).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+               for p in package.rglob("*") if p.is_file() and p.name != "manifest.json"}
+    return listed == present
+
+
+@pytest.mark.slow
+def test_concurrent_runs_on_one_store_all_finish_whole(tmp_path: Path) -> None:
+    store, out = tmp_path / "store", tmp_path / "out"
+    demo = REPO / "recipes" / "demo.yaml"
+    variant = tmp_path / "demo-rtn.yaml"
+    variant.write_text(VARIANT.format(demo=os.path.relpath(demo, tmp_path), out=out / "demo-rtn"))
+    runs = [start(demo, store, tmp_path / f"home-{i}", out) for i in range(2)]  # the same recipe twice
+    runs.append(start(variant, store, tmp_path / "home-2", out))  # and another recipe, same store
+    for proc in runs:
+        stdout, stderr = proc.communicate(timeout=600)
+        assert proc.returncode == 0, stdout + stderr
+    assert whole(out / "demo") and whole(out / "demo-rtn")
+    assert not list(out.rglob(".quantfab-staging-*"))
+    leftovers = [p for p in store.rglob("*") if p.is_file() and (".tmp" in p.name or p.name.endswith(".part"))]
+    assert leftovers == []
