@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import re
+import socket
 import uuid
 import fsspec
 
@@ -18,6 +21,8 @@ from quantfab.tasks.errors import VerificationFailed
 from quantfab.tasks.manifests import ConvertManifest, ModelManifest, PackageManifest, QualityManifest
 from quantfab.tasks.store import Blob, Store
 
+STAGING = ".quantfab-staging"
+STAGING_NAME = re.compile(r"^\.quantfab-staging-(?P<host>.+)-(?P<pid>\d+)-[0-9a-f]{32}$")
 MODEL_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
                "special_tokens_map.json", "tokenizer.model")
 
@@ -33,7 +38,8 @@ def package(name: str, model: ModelManifest, converted: ConvertManifest, quality
     files["quality.json"] = quality.report
     files["README.md"] = model_card(model, converted, quality, recipe_yaml).encode()
     fs, root = fsspec.core.url_to_fs(destination)
-    staging = f"{root}/.quantfab-staging-{uuid.uuid4().hex}"
+    _remove_dead_staging(fs, root)
+    staging = f"{root}/{STAGING}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex}"
     fs.makedirs(staging, exist_ok=True)
     entries = []
     try:
@@ -67,6 +73,29 @@ def package(name: str, model: ModelManifest, converted: ConvertManifest, quality
             fs.rm(staging, recursive=True)
     return PackageManifest(destination=redact(destination), manifest_sha256=hashlib.sha256(manifest).hexdigest(),
                            files=[e["path"] for e in entries])
+
+
+def _remove_dead_staging(fs, root: str) -> None:
+    """Staging folders left by a killed package run of this host (its pid is gone) are removed; a live
+    run's, or another host's, are left alone."""
+    try:
+        entries = fs.ls(root, detail=False)
+    except FileNotFoundError:
+        return
+    for entry in entries:
+        found = STAGING_NAME.match(entry.rstrip("/").rsplit("/", 1)[-1])
+        if found and found["host"] == socket.gethostname() and not _alive(int(found["pid"])):
+            fs.rm(entry, recursive=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def published(destination: str, expected: PackageManifest) -> bool:
