@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from quantfab.tasks.convert import FORMATS
 from quantfab.tasks.quantize import METHODS
@@ -13,6 +14,21 @@ from quantfab.tasks.validate import GATES
 
 MethodName = Literal[tuple(METHODS)]  # type: ignore[valid-type]
 NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,63}$"
+GLOB_CHARS = re.compile(r"^[A-Za-z0-9_.*?\[\]!-]{1,256}$")
+
+
+def _glob(kind: str, example: str) -> Any:
+    """A glob over names (dotted module names, or file names in the model folder): no path, no '..'."""
+    def check(value: str) -> str:
+        if not GLOB_CHARS.match(value) or ".." in value:
+            raise ValueError(f"{value!r} is not a {kind} glob: use letters, digits, '_', '.', '-' and the wildcards "
+                             f"'*', '?', '[...]', without '/' or '..' (e.g. {example!r})")
+        return value
+    return Annotated[str, AfterValidator(check)]
+
+
+ModuleGlob = _glob("module-name", "*.mlp.down_proj")
+FileGlob = _glob("file-name", "*.safetensors")
 
 
 class Section(BaseModel):
@@ -25,7 +41,7 @@ class ModelSpec(Section):
     source: str = Field(description="fsspec URL of the model: a local path, file://, memory://, http(s)://, "
                         "s3://, hf://org/name, or synthetic://llama?layers=2&hidden=256 for a generated Llama.")
     revision: str | None = Field(None, description="Branch, tag or commit (hf://); recorded in the manifest.")
-    include: list[str] = Field(
+    include: list[FileGlob] = Field(
         default=["*.safetensors", "*.safetensors.index.json", "config.json", "generation_config.json",
                  "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model"],
         description="Glob patterns of the files to fetch.")
@@ -93,10 +109,10 @@ class QuantizeSpec(Section):
     group_size: int | None = Field(None, ge=1, description="Elements per scale along the input dimension; "
                                    "empty means the output type's block.")
     symmetric: bool | None = Field(None, description="Symmetric codes (no zero/min); empty means the output type's.")
-    ignore: list[str] = Field(default_factory=list, description="Globs of decoder-layer Linear names kept in float. "
+    ignore: list[ModuleGlob] = Field(default_factory=list, description="Globs of decoder-layer Linear names kept in float. "
                               "No method quantizes the embedding or the output head; HF formats keep them in "
                               "float and GGUF file types round them to nearest as llama-quantize does.")
-    overrides: dict[str, ModuleOverride] = Field(default_factory=dict,
+    overrides: dict[ModuleGlob, ModuleOverride] = Field(default_factory=dict,
                                                  description="Per-module settings by glob, e.g. '*.mlp.down_proj': {bits: 8}.")
     gptq: GPTQSpec = Field(default_factory=GPTQSpec, description="Options of method gptq.")
     awq: AWQSpec = Field(default_factory=AWQSpec, description="Options of method awq.")
@@ -157,7 +173,9 @@ class ExecutionSpec(Section):
 class Recipe(Section):
     """A quantized build: which model, how to calibrate and quantize it, what to ship and how to gate it."""
 
-    extends: str | None = Field(None, description="A base recipe (path relative to this file) whose fields this one overrides.")
+    extends: str | None = Field(None, description="A base recipe (path relative to this file) whose fields this one "
+                                "overrides; it must lie inside the project (the nearest folder above holding .git, "
+                                "prefect.yaml or pyproject.toml).")
     name: str = Field(pattern=NAME_PATTERN, description="Lower-case name; used in deployment and package names.")
     description: str = ""
     model: ModelSpec

@@ -1,6 +1,7 @@
 """Read recipe YAML into a validated ``Recipe``, with errors that point at file, line, column and field.
 
-``extends:`` is resolved first (child keys override the base's, lists replace lists), then ``--set``
+``extends:`` is resolved first (child keys override the base's, lists replace lists; a base must lie
+inside the recipe's project, so a reviewed recipe cannot pull in files from elsewhere), then ``--set``
 overrides, then pydantic validation. Every error becomes a ``RecipeError`` carrying the location of
 the offending value, in whichever file it came from.
 """
@@ -22,6 +23,7 @@ from quantfab.pipelines.recipe import Recipe
 from quantfab.tasks.convert import FORMATS
 
 Loc = tuple[str | int, ...]
+ROOT_MARKERS = (".git", "prefect.yaml", "pyproject.toml")
 ENV_PATTERN = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
@@ -39,12 +41,15 @@ class RecipeError(UserError):
     """A recipe that cannot be read or does not validate; the message names where and what."""
 
 
-def load_recipe(path: str | Path, overrides: list[str] | None = None, as_written: bool = False) -> Recipe:
+def load_recipe(path: str | Path, overrides: list[str] | None = None, as_written: bool = False,
+                root: Path | None = None) -> Recipe:
     """Load, merge, override and validate one recipe file.
 
     ``as_written`` leaves ${VAR} and relative sources as the file spells them (what a review compares).
+    ``root`` is the folder ``extends:`` may not leave; by default the recipe's project (``project_root``).
     """
-    data, marks = _load_with_extends(Path(path), chain=(), as_written=as_written)
+    root = (root or project_root(Path(path))).resolve()
+    data, marks = _load_with_extends(Path(path), chain=(), as_written=as_written, root=root)
     for item in overrides or []:
         _apply_override(data, marks, item)
     try:
@@ -54,7 +59,13 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None, as_written
     return recipe
 
 
-def _load_with_extends(path: Path, chain: tuple[Path, ...], as_written: bool = False) -> tuple[dict[str, Any], dict[Loc, Mark]]:
+def project_root(recipe: Path) -> Path:
+    """The nearest folder above the recipe holding .git, prefect.yaml or pyproject.toml; else the recipe's own."""
+    recipe = recipe.resolve()
+    return next((d for d in recipe.parents if any((d / m).exists() for m in ROOT_MARKERS)), recipe.parent)
+
+
+def _load_with_extends(path: Path, chain: tuple[Path, ...], as_written: bool, root: Path) -> tuple[dict[str, Any], dict[Loc, Mark]]:
     path = path.resolve()
     if path in chain:
         cycle = " -> ".join(str(p) for p in (*chain, path))
@@ -68,10 +79,16 @@ def _load_with_extends(path: Path, chain: tuple[Path, ...], as_written: bool = F
     mark = marks.get(("extends",), Mark(str(path), 1, 1))
     if not isinstance(base_ref, str) or not base_ref:
         raise RecipeError(f"{mark}: extends: expected a relative path to a base recipe, got {base_ref!r}")
-    base_path = (path.parent / base_ref).resolve()
+    base_path = (path.parent / base_ref).resolve()  # symlinks followed: a link cannot lead out either
+    if not base_path.is_relative_to(root):
+        raise RecipeError(f"{mark}: extends: {base_ref!r} leads to {base_path}, outside the project {root}; a recipe "
+                          f"may extend only recipes inside its project (the nearest folder above it holding "
+                          f"{', '.join(ROOT_MARKERS)})")
+    if base_path.suffix not in (".yaml", ".yml"):
+        raise RecipeError(f"{mark}: extends: expected a .yaml recipe, got {base_ref!r}")
     if not base_path.is_file():
         raise RecipeError(f"{mark}: extends: no such file {base_ref!r} (looked for {base_path})")
-    base, base_marks = _load_with_extends(base_path, (*chain, path), as_written)
+    base, base_marks = _load_with_extends(base_path, (*chain, path), as_written, root)
     return _merge(base, data), {**base_marks, **marks}
 
 
@@ -175,8 +192,11 @@ def _format_validation(exc: ValidationError, marks: dict[Loc, Mark], path: Path)
         loc = tuple(p for p in loc if isinstance(p, int) or not str(p).startswith(("function-", "tagged-")))
         if len(loc) > 2 and loc[0] == "outputs" and loc[2] in FORMATS:  # the format tag of a discriminated output
             loc = loc[:2] + loc[3:]
+        is_key = bool(loc) and loc[-1] == "[key]"  # a dict key (an override's glob) was refused
+        loc = loc[:-1] if is_key else loc
         field = ".".join(str(p) for p in loc) or "(top level)"
-        mark = _nearest_mark(loc, marks, err["type"])
+        mark = marks.get((*loc, "__key__")) if is_key else None
+        mark = mark or _nearest_mark(loc, marks, err["type"])
         msg = err["msg"]
         if err["type"] == "extra_forbidden":
             msg = "unknown field (check the spelling; `quantfab schema` lists the fields)"
@@ -187,6 +207,8 @@ def _format_validation(exc: ValidationError, marks: dict[Loc, Mark], path: Path)
             msg = f"say which format, e.g. {{gguf: Q4_0}} or format: {next(iter(FORMATS))} (formats: {', '.join(FORMATS)})"
         elif err["type"] == "missing":
             msg = "required field is missing"
+        elif err["type"] == "value_error":  # our validators' messages already quote the value
+            msg = msg.removeprefix("Value error, ")
         elif "input" in err and err["type"] not in ("missing",):
             msg = f"{msg} (got {err['input']!r})" if not isinstance(err["input"], (dict, list)) else msg
         lines.append(f"  {mark or path}: {field}: {msg}")

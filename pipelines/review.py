@@ -93,8 +93,8 @@ def review(root: Path, ref: str, only: list[str], store_url: str | None) -> list
         for rel in sorted(set(head) | set(base)):
             if only and rel not in only and Path(rel).name not in only:
                 continue
-            before = load_recipe(base[rel], as_written=True) if rel in base else None
-            after = load_recipe(head[rel], as_written=True) if rel in head else None
+            before = load_recipe(base[rel], as_written=True, root=Path(tmp)) if rel in base else None
+            after = load_recipe(head[rel], as_written=True, root=root) if rel in head else None
             old, new = _fields(before), _fields(after)
             fields = {k: (old.get(k), new.get(k)) for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)}
             if not fields:
@@ -102,7 +102,7 @@ def review(root: Path, ref: str, only: list[str], store_url: str | None) -> list
             status = "added" if before is None else "removed" if after is None else "changed"
             stages = invalidated(fields) if status == "changed" else {s: status for s in ORDER} if after else {}
             changes.append(RecipeChange(rel, status, fields, stages,
-                                        plan(load_recipe(head[rel]), store_url) if after else None))
+                                        plan(load_recipe(head[rel], root=root), store_url) if after else None))
     return changes
 
 

@@ -29,7 +29,7 @@ from quantfab.tasks.parallel import pmap
 from quantfab.tasks.redact import redact
 from quantfab.tasks.store import Blob, Store, sha256_file
 
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle", ".joblib")
 ATTEMPTS = 4
 CHUNK = 1 << 22
 
@@ -74,6 +74,10 @@ def _fetch(source: str, revision: str | None, include: list[str], allow_pickle: 
             raise UserError(f"{redact(source)}: model.allow_pickle is set, but loading pickle checkpoints is not "
                             "implemented yet; convert them to safetensors first")
         raise UserError(f"{redact(source)}: no .safetensors files match model.include {include}")
+    chosen_pickles = [n for n in chosen if n.endswith(PICKLE_SUFFIXES)]
+    if chosen_pickles:
+        raise UserError(f"{redact(source)}: model.include picks pickle file(s) {', '.join(chosen_pickles)}, which can "
+                        "run code when loaded; narrow model.include to safetensors, JSON and tokenizer files")
     if "config.json" not in chosen:
         raise UserError(f"{redact(source)}: no config.json in the model folder")
     unknown = sorted(set(pinned) - set(chosen))

@@ -150,7 +150,7 @@ class ModelDir:
         from transformers import AutoConfig
 
         try:
-            config = AutoConfig.from_pretrained(self.path, local_files_only=True)
+            config = AutoConfig.from_pretrained(self.path, local_files_only=True, trust_remote_code=False)
         except (OSError, ValueError) as exc:
             raise UserError(f"{self.path / 'config.json'}: cannot read the model config: {exc}") from None
         if config.model_type not in SUPPORTED_MODEL_TYPES:
@@ -164,7 +164,10 @@ class ModelDir:
 
         if not (self.path / "tokenizer.json").is_file():
             raise UserError(f"{self.path}: the model has no tokenizer.json (a fast tokenizer is required)")
-        return AutoTokenizer.from_pretrained(self.path, local_files_only=True)
+        try:  # no remote code, and only the fast tokenizer's JSON: nothing here unpickles
+            return AutoTokenizer.from_pretrained(self.path, local_files_only=True, trust_remote_code=False, use_fast=True)
+        except (OSError, ValueError) as exc:
+            raise UserError(f"{self.path / 'tokenizer_config.json'}: cannot load the tokenizer: {exc}") from None
 
     def weights(self) -> WeightIndex:
         files = sorted(self.path.glob("*.safetensors"))

@@ -1,28 +1,36 @@
 """package: publish format files, config, tokenizer, quality report and a model card to the destination.
 
-Everything is first written under a staging prefix inside the destination, then moved into place;
-manifest.json (sha256 and size of every file) is written last, and an older manifest is removed first,
-so a reader that trusts manifest.json never sees a half-published package. An output whose packed
-tensors failed convert's verification is refused before anything is written.
+The whole package, manifest.json (sha256 and size of every file) included, is written into a staging
+folder beside the destination, then put in place with one rename (an exchange with the previous
+package where there is one), so a reader never sees a package without its manifest, or a mix of two.
+Object stores have no folder rename: there the old manifest is removed first, files move, and the new
+manifest comes last. Publishing replaces the folder, so one holding files that neither its manifest
+lists nor this package replaces is refused.
+An output whose packed tensors failed convert's verification is refused before anything is written.
 """
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import hashlib
 import json
 import os
 import re
+import shutil
 import socket
 import uuid
 import fsspec
 
 from quantfab.tasks.redact import redact
-from quantfab.tasks.errors import VerificationFailed
+from quantfab.tasks.errors import UserError, VerificationFailed
 from quantfab.tasks.manifests import ConvertManifest, ModelManifest, PackageManifest, QualityManifest
 from quantfab.tasks.store import Blob, Store
 
 STAGING = ".quantfab-staging"
-STAGING_NAME = re.compile(r"^\.quantfab-staging-(?P<host>.+)-(?P<pid>\d+)-[0-9a-f]{32}$")
+STAGING_NAME = re.compile(r"^\.(?P<dest>.+)\.quantfab-staging-(?P<host>.+)-(?P<pid>\d+)-[0-9a-f]{32}(-old)?$")
+AT_FDCWD, RENAME_EXCHANGE = -100, 2
+_LIBC = ctypes.CDLL(None, use_errno=True)
 MODEL_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
                "special_tokens_map.json", "tokenizer.model")
 
@@ -38,8 +46,14 @@ def package(name: str, model: ModelManifest, converted: ConvertManifest, quality
     files["quality.json"] = quality.report
     files["README.md"] = model_card(model, converted, quality, recipe_yaml).encode()
     fs, root = fsspec.core.url_to_fs(destination)
-    _remove_dead_staging(fs, root)
-    staging = f"{root}/{STAGING}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex}"
+    root = root.rstrip("/")
+    for path in files:
+        _check_relative(path)
+    _refuse_foreign(fs, root, destination, set(files))
+    parent, base = root.rsplit("/", 1) if "/" in root else ("", root)
+    fs.makedirs(parent or ".", exist_ok=True)
+    _remove_dead_staging(fs, parent, base)
+    staging = f"{parent}/.{base}{STAGING}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex}"
     fs.makedirs(staging, exist_ok=True)
     entries = []
     try:
@@ -60,14 +74,11 @@ def package(name: str, model: ModelManifest, converted: ConvertManifest, quality
             "formats": {k: {"path": f.path, "weight_bytes": f.weight_bytes, "bits_per_weight": f.bits_per_weight}
                         for k, f in converted.files.items()},
             "files": entries}, indent=2, sort_keys=True).encode()
-        if fs.exists(f"{root}/manifest.json"):
-            fs.rm(f"{root}/manifest.json")
-        for e in entries:
-            if "/" in e["path"]:
-                fs.makedirs(f"{root}/{e['path'].rsplit('/', 1)[0]}", exist_ok=True)
-            fs.mv(f"{staging}/{e['path']}", f"{root}/{e['path']}")
         fs.pipe_file(f"{staging}/manifest.json", manifest)
-        fs.mv(f"{staging}/manifest.json", f"{root}/manifest.json")
+        if _is_local(fs):
+            _swap_into_place(staging, root)  # staging now holds the previous package, if there was one
+        else:
+            _move_files(fs, staging, root, [e["path"] for e in entries])
     finally:
         if fs.exists(staging):
             fs.rm(staging, recursive=True)
@@ -75,16 +86,113 @@ def package(name: str, model: ModelManifest, converted: ConvertManifest, quality
                            files=[e["path"] for e in entries])
 
 
-def _remove_dead_staging(fs, root: str) -> None:
-    """Staging folders left by a killed package run of this host (its pid is gone) are removed; a live
-    run's, or another host's, are left alone."""
+def _check_relative(path: str) -> None:
+    """A published path stays inside the destination: relative, no '..', no empty or dot parts."""
+    parts = path.split("/")
+    if path.startswith("/") or "\\" in path or any(p in ("", ".", "..") for p in parts):
+        raise UserError(f"package: refusing to publish {path!r}: a file's path must stay inside the destination "
+                        "(relative, without '..')")
+
+
+def _refuse_foreign(fs, root: str, destination: str, publishing: set[str]) -> None:
+    """Publishing replaces the destination folder, so it may hold only an earlier package (what its
+    manifest lists) or files this package replaces anyway; anything else is someone's and is refused."""
     try:
-        entries = fs.ls(root, detail=False)
+        present = {p[len(root) + 1:] for p in fs.find(root)}
+    except FileNotFoundError:
+        return
+    present = {p for p in present if p and not p.startswith(STAGING)}  # an older layout's staging folders
+    if not present:
+        return
+    listed = {"manifest.json", *publishing}
+    if "manifest.json" in present:
+        try:
+            listed |= {f["path"] for f in json.loads(fs.cat_file(f"{root}/manifest.json"))["files"]}
+        except (ValueError, KeyError, TypeError):
+            pass  # an unreadable manifest vouches for nothing
+    foreign = sorted(present - listed)
+    if foreign:
+        raise UserError(f"{redact(destination)}: holds {len(foreign)} file(s) that no quantfab manifest there lists "
+                        f"({', '.join(foreign[:5])}{', ...' if len(foreign) > 5 else ''}); publishing replaces the "
+                        "whole folder, so choose an empty folder or remove them")
+
+
+def _is_local(fs) -> bool:
+    protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
+    return bool({"file", "local"} & set(protocols))
+
+
+def _swap_into_place(staging: str, root: str) -> None:
+    """Put the finished folder at ``root`` in one rename: readers see the old package or the new one.
+
+    A new destination is a plain rename; an existing one is exchanged with renameat2(RENAME_EXCHANGE)
+    where the kernel has it, else moved aside first (then, for an instant, there is no folder at all).
+    """
+    for _ in range(100):  # another run may publish between our attempts
+        try:
+            os.rename(staging, root)
+            return
+        except OSError as exc:
+            if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise
+        exchanged = _exchange(staging, root)
+        if exchanged:
+            return
+        if exchanged is None:  # no RENAME_EXCHANGE here: move the old package aside
+            aside = f"{staging}-old"
+            try:
+                os.rename(root, aside)
+            except FileNotFoundError:
+                continue
+            try:
+                os.rename(staging, root)
+            except OSError as exc:
+                if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                    raise
+                continue  # another run published meanwhile: exchange with theirs next
+            finally:
+                shutil.rmtree(aside, ignore_errors=True)
+            return
+    raise OSError(f"{root}: could not publish: the folder kept changing under concurrent runs")
+
+
+def _exchange(a: str, b: str) -> bool | None:
+    """renameat2(a, b, RENAME_EXCHANGE): True when swapped, False when ``b`` vanished, None when unsupported."""
+    renameat2 = getattr(_LIBC, "renameat2", None)
+    if renameat2 is None:
+        return None
+    if renameat2(AT_FDCWD, os.fsencode(a), AT_FDCWD, os.fsencode(b), RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err == errno.ENOENT:
+        return False
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return None
+    raise OSError(err, os.strerror(err), b)
+
+
+def _move_files(fs, staging: str, root: str, paths: list[str]) -> None:
+    """Object stores have no folder rename: the old manifest goes first, files move, the new manifest last."""
+    if fs.exists(f"{root}/manifest.json"):
+        fs.rm(f"{root}/manifest.json")
+    for path in paths:
+        if "/" in path:
+            fs.makedirs(f"{root}/{path.rsplit('/', 1)[0]}", exist_ok=True)
+        fs.mv(f"{staging}/{path}", f"{root}/{path}")
+    fs.mv(f"{staging}/manifest.json", f"{root}/manifest.json")
+
+
+def _remove_dead_staging(fs, parent: str, base: str) -> None:
+    """Staging folders beside the destination left by a killed package run of this host (its pid is
+    gone) are removed; a live run's, or another host's, are left alone."""
+    try:
+        entries = fs.ls(parent or ".", detail=False)
     except FileNotFoundError:
         return
     for entry in entries:
         found = STAGING_NAME.match(entry.rstrip("/").rsplit("/", 1)[-1])
-        if found and found["host"] == socket.gethostname() and not _alive(int(found["pid"])):
+        if (found and found["dest"] == base and found["host"] == socket.gethostname()
+                and not _alive(int(found["pid"]))):
             fs.rm(entry, recursive=True)
 
 

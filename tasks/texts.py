@@ -11,6 +11,8 @@ from quantfab.tasks import synthetic
 from quantfab.tasks.errors import UserError
 
 CHARS_PER_TOKEN_GUESS = 8  # generous: read this many characters per token needed, then stop
+BINARY_MAGIC = {b"\x80\x02": "a pickle", b"\x80\x03": "a pickle", b"\x80\x04": "a pickle", b"\x80\x05": "a pickle",
+                b"PK\x03\x04": "a zip archive (torch.save writes these)", b"\x93NUMPY": "a NumPy array"}
 
 
 def read_tokens(url: str, tokenizer, vocab_size: int, needed: int, text_field: str = "text") -> np.ndarray:
@@ -24,11 +26,20 @@ def read_tokens(url: str, tokenizer, vocab_size: int, needed: int, text_field: s
         raise UserError(f"{url}: no such text file") from None
     except OSError as exc:
         raise UserError(f"{url}: cannot read the text: {exc}") from None
+    _refuse_binary(url, raw)
     text = raw.decode("utf-8", errors="ignore").replace("\r\n", "\n")
     if url.endswith(".jsonl"):
         text = _jsonl_text(url, text, text_field, complete=len(raw) < needed * CHARS_PER_TOKEN_GUESS)
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     return np.asarray(ids, dtype=np.int64)
+
+
+def _refuse_binary(url: str, raw: bytes) -> None:
+    """Text sources are read as text, never deserialised; a pickled or array dataset is named, not decoded."""
+    for magic, what in BINARY_MAGIC.items():
+        if raw.startswith(magic):
+            raise UserError(f"{url}: is {what}, not text; calibration and evaluation read .txt or .jsonl text only "
+                            "(pickled datasets are never loaded)")
 
 
 def _jsonl_text(url: str, text: str, field: str, complete: bool) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -45,13 +46,14 @@ def test_concurrent_runs_on_one_store_all_finish_whole(tmp_path: Path) -> None:
     store, out = tmp_path / "store", tmp_path / "out"
     demo = REPO / "recipes" / "demo.yaml"
     variant = tmp_path / "demo-rtn.yaml"
-    variant.write_text(VARIANT.format(demo=os.path.relpath(demo, tmp_path), out=out / "demo-rtn"))
+    shutil.copy(demo, tmp_path / "demo.yaml")  # extends: stays inside the recipe's project
+    variant.write_text(VARIANT.format(demo="demo.yaml", out=out / "demo-rtn"))
     runs = [start(demo, store, tmp_path / f"home-{i}", out) for i in range(2)]  # the same recipe twice
     runs.append(start(variant, store, tmp_path / "home-2", out))  # and another recipe, same store
     for proc in runs:
         stdout, stderr = proc.communicate(timeout=600)
         assert proc.returncode == 0, stdout + stderr
     assert whole(out / "demo") and whole(out / "demo-rtn")
-    assert not list(out.rglob(".quantfab-staging-*"))
+    assert sorted(p.name for p in out.iterdir()) == ["demo", "demo-rtn"]  # no staging folder or old package left
     leftovers = [p for p in store.rglob("*") if p.is_file() and (".tmp" in p.name or p.name.endswith(".part"))]
     assert leftovers == []

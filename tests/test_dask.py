@@ -10,7 +10,7 @@ that those items ran in more than one worker process.
 from __future__ import annotations
 
 import json
-import os
+import shutil
 import time
 from pathlib import Path
 
@@ -91,9 +91,10 @@ def test_several_recipes_at_once_on_one_cluster(tmp_path: Path, monkeypatch: pyt
     monkeypatch.setenv("QUANTFAB_OUT", str(tmp_path / "many"))  # read by each recipe's destination
     variant = tmp_path / "recipes" / "demo-rtn.yaml"
     variant.parent.mkdir()
-    variant.write_text(VARIANT.format(demo=os.path.relpath(DEMO, variant.parent), dest="demo"))
+    shutil.copy(DEMO, variant.parent / "demo.yaml")  # extends: stays inside the recipe's project
+    variant.write_text(VARIANT.format(demo="demo.yaml", dest="demo"))
     assert main(["run", str(DEMO), str(variant)]) == 2  # one destination for two recipes: refused up front
-    variant.write_text(VARIANT.format(demo=os.path.relpath(DEMO, variant.parent), dest="demo-rtn"))
+    variant.write_text(VARIANT.format(demo="demo.yaml", dest="demo-rtn"))
     local, _, _ = build(tmp_path, "local", [])
     t0 = time.perf_counter()
     assert main(["run", str(DEMO), str(variant), "--store", str(tmp_path / "many-store"), "--dask-workers", "2"]) == 0

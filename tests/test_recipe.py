@@ -344,6 +344,7 @@ def test_extends_merges_child_over_base(tmp_path):
 
 def test_extends_chain_and_relative_paths_per_file(tmp_path):
     """Each file's relative `extends`, `source` and `destination` are relative to that file's folder."""
+    (tmp_path / "prefect.yaml").touch()  # the project: extends may reach across its folders
     write_recipe(tmp_path / "bases", lambda d: d["calibration"].update(source="data/cal.txt"), name="root.yaml")
     write_recipe(tmp_path / "bases", name="mid.yaml", data={"extends": "root.yaml", "quantize": {"method": "rtn"}})
     leaf = write_recipe(tmp_path / "recipes", name="leaf.yaml",
@@ -525,7 +526,8 @@ def test_relative_paths_resolve_against_the_recipe_folder(tmp_path, monkeypatch)
         d["validate"]["source"] = "/abs/eval.jsonl"
         d["package"]["destination"] = "s3://bucket/tiny"
         d["description"] = "models/tiny"  # not a path field: left alone
-        d["quantize"]["ignore"] = ["models/*"]
+        # not a path field either, and stays as written (globs are names: tests/test_path_traversal.py)
+        d["quantize"]["ignore"] = ["models.*"]
     path = write_recipe(folder, mutate)
     monkeypatch.chdir(elsewhere)
     recipe = load_recipe(path)
@@ -534,7 +536,7 @@ def test_relative_paths_resolve_against_the_recipe_folder(tmp_path, monkeypatch)
     assert recipe.validate_.source == "/abs/eval.jsonl"
     assert recipe.package.destination == "s3://bucket/tiny"
     assert recipe.description == "models/tiny"
-    assert recipe.quantize.ignore == ["models/*"]
+    assert recipe.quantize.ignore == ["models.*"]
     # and a relative path to the recipe itself works the same
     assert load_recipe(os.path.relpath(path, elsewhere)) == recipe
 
