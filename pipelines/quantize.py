@@ -26,6 +26,7 @@ from quantfab.tasks.redact import redact
 from quantfab.tasks.errors import QualityGateFailed, UserError
 from quantfab.tasks.manifests import Manifest, ModelManifest, PackageManifest
 from quantfab.tasks.package import published
+from quantfab.tasks.quantize.stage import reads_statistics
 from quantfab.tasks.store import Store
 
 ORDER = ("download", "calibrate", "quantize", "convert", "validate", "package")
@@ -66,7 +67,8 @@ def stage_inputs(stage: str, recipe: Recipe, store_url: str, up: dict[str, Any])
         return {"model": recipe.model, **common}
     files = weights_only(up["download"])
     if stage == "calibrate":
-        return {"model": files, "calibration": recipe.calibration, "device": device, **common}
+        statistics = reads_statistics(files, recipe.quantize, list(recipe.outputs), Store(store_url))
+        return {"model": files, "calibration": recipe.calibration, "statistics": statistics, "device": device, **common}
     if stage == "quantize":
         return {"model": files, "calibration": up["calibrate"], "quantize": recipe.quantize,
                 "outputs": list(recipe.outputs), "device": device, **common}

@@ -74,9 +74,10 @@ def download(model: ModelSpec, store_url: str, code: str) -> ModelManifest:
 
 
 @_stage("calibrate")
-def calibrate(model: ModelManifest, calibration: CalibrationSpec, device: str, store_url: str, code: str) -> CalibrationManifest:
+def calibrate(model: ModelManifest, calibration: CalibrationSpec, statistics: bool, device: str, store_url: str,
+              code: str) -> CalibrationManifest:
     return calibrate_mod.calibrate(model, calibration.source, calibration.samples, calibration.seq_len, calibration.seed,
-                                   calibration.text_field, device, Store(store_url))
+                                   calibration.text_field, device, Store(store_url), statistics)
 
 
 @_stage("quantize")

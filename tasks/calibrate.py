@@ -1,5 +1,7 @@
 """calibrate: run the model layer by layer on calibration text and record per-Linear input statistics.
 
+(Only the token windows when no output will read the statistics: see ``calibrate_on``.)
+
 Holds one decoder layer's weights plus the hidden states of all samples. For each group of Linears that
 share an input (q/k/v, o, gate/up, down) it records the sum of x x^T (the Hessian GPTQ needs) and the
 per-channel mean |x| (what AWQ scales by), one safetensors file per layer in the store.
@@ -36,14 +38,26 @@ def _bos(config) -> int:
 
 
 def calibrate(model: ModelManifest, source: str, samples: int, seq_len: int, seed: int, text_field: str,
-              device: str, store: Store) -> CalibrationManifest:
+              device: str, store: Store, statistics: bool = True) -> CalibrationManifest:
     torch.manual_seed(seed)
     ids = calibration_tokens(model, source, samples, seq_len, seed, text_field, store)
-    return calibrate_on(model, ids, device, store)
+    return calibrate_on(model, ids, device, store, statistics)
 
 
-def calibrate_on(model: ModelManifest, ids: np.ndarray, device: str, store: Store) -> CalibrationManifest:
-    """Statistics of the unquantized model on calibration windows ``ids`` (samples, seq_len)."""
+def calibrate_on(model: ModelManifest, ids: np.ndarray, device: str, store: Store,
+                 statistics: bool = True) -> CalibrationManifest:
+    """Statistics of the unquantized model on calibration windows ``ids`` (samples, seq_len).
+
+    Without ``statistics`` only the windows are stored: a build whose every output runs a sequential
+    method (GPTQ) measures its layers' inputs itself, on the quantized model, and would not read them.
+    """
+    work = Path(store.scratch())
+    tokens_file = work / f"calib-tokens-{uuid.uuid4().hex}.safetensors"
+    save_file({"input_ids": ids}, str(tokens_file))
+    token_blob = store.put_file(tokens_file)
+    tokens_file.unlink()
+    if not statistics:
+        return CalibrationManifest(tokens=token_blob, stats=[], count=int(ids.size))
     model_dir = materialize(store, model.files)
     config, weights = model_dir.config(), model_dir.weights()
     dev = pick_device(device)
@@ -51,11 +65,6 @@ def calibrate_on(model: ModelManifest, ids: np.ndarray, device: str, store: Stor
     embed = weights.load(["model.embed_tokens.weight"])["model.embed_tokens.weight"]
     hidden = torch.nn.functional.embedding(torch.from_numpy(ids), embed)
     del embed
-    work = Path(store.scratch())
-    tokens_file = work / f"calib-tokens-{uuid.uuid4().hex}.safetensors"
-    save_file({"input_ids": ids}, str(tokens_file))
-    token_blob = store.put_file(tokens_file)
-    tokens_file.unlink()
     stats = []
     for i in range(stack.num_layers):
         layer = stack.layer(i, relative(weights.load(weights.layer_names(i)), layer_prefix(i)))
@@ -69,37 +78,60 @@ def calibrate_on(model: ModelManifest, ids: np.ndarray, device: str, store: Stor
     return CalibrationManifest(tokens=token_blob, stats=stats, count=int(ids.size))
 
 
+GRAM_BLOCKS = 4  # x^T x is symmetric: computing the 10 of 16 blocks on or above the diagonal saves a third
+
+
+def add_gram_upper(h: torch.Tensor, x: torch.Tensor) -> None:
+    """h += x^T x on the blocks on and above the diagonal only (mirror the upper triangle when done)."""
+    n = x.shape[1]
+    k = GRAM_BLOCKS if n >= 64 * GRAM_BLOCKS else 1
+    edges = [n * i // k for i in range(k + 1)]
+    for i in range(k):
+        rows = slice(edges[i], edges[i + 1])
+        for j in range(i, k):
+            cols = slice(edges[j], edges[j + 1])
+            h[rows, cols].addmm_(x[:, rows].T, x[:, cols])
+
+
+class Moments:
+    """Running sum of x^T x (its upper blocks) and of |x| over the rows of one Linear's inputs."""
+
+    def __init__(self, width: int, device: torch.device):
+        self.upper = torch.zeros(width, width, dtype=torch.float32, device=device)
+        self.abs_sum = torch.zeros(width, dtype=torch.float32, device=device)
+        self.count = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).to(torch.float32)
+        add_gram_upper(self.upper, x)
+        self.abs_sum += x.abs().sum(dim=0)
+        self.count += x.shape[0]
+
+    def hessian(self) -> np.ndarray:
+        return (torch.triu(self.upper) + torch.triu(self.upper, 1).T).cpu().numpy()
+
+    def mean_abs(self) -> np.ndarray:
+        return (self.abs_sum / max(self.count, 1)).cpu().numpy()
+
+
 class InputRecorder:
-    """Forward pre-hooks that accumulate x^T x and sum |x| for each distinct Linear input."""
+    """Forward pre-hooks that accumulate the Moments of each distinct Linear input."""
 
     def __init__(self, layer: torch.nn.Module, device: torch.device):
-        self.hessian: dict[str, torch.Tensor] = {}
-        self.abs_sum: dict[str, torch.Tensor] = {}
-        self.count: dict[str, int] = {}
+        self.moments: dict[str, Moments] = {}
         self.handles = []
         for name, key in INPUT_OF.items():
-            if key in self.hessian:
+            if key in self.moments:
                 continue
             module = layer.get_submodule(name)
-            n = module.in_features
-            self.hessian[key] = torch.zeros(n, n, dtype=torch.float32, device=device)
-            self.abs_sum[key] = torch.zeros(n, dtype=torch.float32, device=device)
-            self.count[key] = 0
-            self.handles.append(module.register_forward_pre_hook(self._hook(key)))
-
-    def _hook(self, key: str):
-        def hook(_module, args):
-            x = args[0].reshape(-1, args[0].shape[-1]).to(torch.float32)
-            self.hessian[key].addmm_(x.T, x)
-            self.abs_sum[key] += x.abs().sum(dim=0)
-            self.count[key] += x.shape[0]
-        return hook
+            self.moments[key] = Moments(module.in_features, device)
+            self.handles.append(module.register_forward_pre_hook(lambda _m, args, key=key: self.moments[key].add(args[0])))
 
     def finish(self) -> dict[str, np.ndarray]:
         for h in self.handles:
             h.remove()
         out: dict[str, np.ndarray] = {}
-        for key in self.hessian:
-            out[f"{key}.hessian"] = self.hessian[key].cpu().numpy()
-            out[f"{key}.mean_abs"] = (self.abs_sum[key] / max(self.count[key], 1)).cpu().numpy()
+        for key, moments in self.moments.items():
+            out[f"{key}.hessian"] = moments.hessian()
+            out[f"{key}.mean_abs"] = moments.mean_abs()
         return out

@@ -10,6 +10,7 @@ import json
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -219,6 +220,42 @@ class DecoderStack:
             h = hidden[s:s + batch].to(self.device)
             emb = self._rotary(h, pos)
             out[s:s + batch] = layer(h, attention_mask=None, position_ids=pos, position_embeddings=emb).to(out.device)
+        return out
+
+    @torch.no_grad()
+    def run_layer_by_input(self, layer: torch.nn.Module, hidden: torch.Tensor,
+                           before: Callable[[str, list[torch.Tensor]], None], batch: int = 8) -> torch.Tensor:
+        """``run_layer``, one Linear input at a time over every sample: ``before(key, inputs)`` (key as in
+        INPUT_OF) sees that input of every batch before the Linears reading it run, and may replace their
+        weights. The matmuls are one forward pass's, with the same kernels on the same shapes as the
+        decoder layer's own forward, so the result is bitwise its result for the same weights."""
+        pos = torch.arange(hidden.shape[1], device=self.device)[None]
+        starts = range(0, hidden.shape[0], batch)
+        h = [hidden[s:s + batch].to(self.device) for s in starts]
+        attn_in = [layer.input_layernorm(x) for x in h]
+        before("attn_in", attn_in)
+        o_proj, layer.self_attn.o_proj = layer.self_attn.o_proj, torch.nn.Identity()
+        try:  # the attention without its output projection: what o_proj reads
+            o_in = [layer.self_attn(hidden_states=a, attention_mask=None, position_ids=pos,
+                                    position_embeddings=self._rotary(x, pos))[0] for a, x in zip(attn_in, h)]
+        finally:
+            layer.self_attn.o_proj = o_proj
+        del attn_in
+        before("o_in", o_in)
+        h = [x + o_proj(o) for x, o in zip(h, o_in)]
+        del o_in
+        mlp_in = [layer.post_attention_layernorm(x) for x in h]
+        before("mlp_in", mlp_in)
+        down_proj, layer.mlp.down_proj = layer.mlp.down_proj, torch.nn.Identity()
+        try:  # the MLP without its down projection: what down_proj reads
+            down_in = [layer.mlp(m) for m in mlp_in]
+        finally:
+            layer.mlp.down_proj = down_proj
+        del mlp_in
+        before("down_in", down_in)
+        out = torch.empty_like(hidden)
+        for s, x, d in zip(starts, h, down_in):
+            out[s:s + batch] = (x + down_proj(d)).to(out.device)
         return out
 
     def norm(self, weight: torch.Tensor) -> torch.nn.Module:

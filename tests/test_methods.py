@@ -150,3 +150,67 @@ def test_overrides_mix_methods_and_grids_per_module(tiny: Trial) -> None:
     assert got["model.layers.0.self_attn.q_proj"] == ("rtn", "Q4_0")
     assert got["model.layers.1.self_attn.q_proj"] == got["model.layers.0.mlp.up_proj"] == ("gptq", "Q4_0")
     assert all(r.relative_output_error > 0 for r in q.outputs["gguf-Q4_0"].modules)
+
+
+def test_gptq_builds_calibrate_tokens_only_and_fit_the_same_codes(tiny: Trial, data_dir: Path, protocol,
+                                                                  tmp_path: Path) -> None:
+    """GPTQ measures every layer's inputs on the quantized model itself, so the calibrate stage stores only
+    the token windows for an output with a GPTQ module; its codes equal a run's that had the statistics."""
+    from quantfab.pipelines.recipe_loading import load_recipe
+    from quantfab.tasks.calibrate import calibrate_on
+    from quantfab.tasks.quantize.stage import quantize, reads_statistics
+
+    def spec(*sets: str):
+        recipe = load_recipe(REPO / "recipes" / "tinystories-656k-q4_0.yaml", ["outputs=[{gguf: Q4_0}]", *sets])
+        return recipe.quantize, list(recipe.outputs)
+
+    assert not reads_statistics(tiny.model, *spec("quantize.method=gptq"), tiny.store)
+    assert not reads_statistics(tiny.model, *spec("quantize.method=gptq", "quantize.overrides={'*.down_proj': {method: awq}}"), tiny.store)
+    assert reads_statistics(tiny.model, *spec("quantize.method=awq"), tiny.store)
+    assert reads_statistics(tiny.model, *spec("quantize.method=gptq", "quantize.overrides={'*': {method: rtn}}"), tiny.store)
+
+    fresh = Trial(data_dir / "tinystories-656k", Store(str(tmp_path / "store")), *protocol)
+    tokens_only = calibrate_on(fresh.model, protocol[0], "cpu", fresh.store, statistics=False)
+    assert tokens_only.stats == [] and tokens_only.tokens == fresh.calibration.tokens
+    quant, outputs = spec("quantize.method=gptq")
+    without = quantize(fresh.model, tokens_only, quant, outputs, "cpu", fresh.store).outputs["gguf-Q4_0"]
+    with_stats = quantize(tiny.model, tiny.calibration, quant, outputs, "cpu", tiny.store).outputs["gguf-Q4_0"]
+    assert without.layers == with_stats.layers  # the same blobs (digests), fitted in two stores
+
+
+@pytest.mark.parametrize("width", [100, 1000])
+def test_the_gram_matrix_from_its_upper_blocks_is_symmetric_and_exact(width: int) -> None:
+    import torch
+
+    from quantfab.tasks.calibrate import add_gram_upper
+
+    x = torch.from_numpy(np.random.default_rng(width).standard_normal((700, width), dtype=np.float32))
+    h = torch.zeros(width, width)
+    add_gram_upper(h, x[:300])
+    add_gram_upper(h, x[300:])
+    full = (torch.triu(h) + torch.triu(h, 1).T).double()
+    reference = x.double().T @ x.double()
+    assert torch.equal(full, full.T)
+    assert (full - reference).abs().max().item() < 1e-5 * reference.abs().max().item()
+
+
+def test_a_layer_run_input_by_input_is_bitwise_its_forward(tmp_path: Path) -> None:
+    """The pass GPTQ fits a layer in (one Linear input at a time over every sample) computes what the
+    decoder layer's own forward computes, bit for bit; and it shows each input of every batch once."""
+    import torch
+
+    from quantfab.tasks import synthetic
+    from quantfab.tasks.modelio import DecoderStack, ModelDir, layer_prefix, relative
+
+    synthetic.write_llama("synthetic://llama?layers=1&hidden=128&intermediate=344&heads=4&kv_heads=2&vocab=512&seed=3",
+                          tmp_path)
+    model = ModelDir(tmp_path)
+    weights = model.weights()
+    stack = DecoderStack(model.config(), torch.device("cpu"))
+    layer = stack.layer(0, relative(weights.load(weights.layer_names(0)), layer_prefix(0)))
+    hidden = torch.from_numpy(np.random.default_rng(0).standard_normal((19, 32, 128), dtype=np.float32))
+    seen: dict[str, list[tuple[int, ...]]] = {}
+    stepwise = stack.run_layer_by_input(layer, hidden, lambda key, xs: seen.setdefault(key, [tuple(x.shape) for x in xs]))
+    assert torch.equal(stepwise, stack.run_layer(layer, hidden))
+    assert seen == {"attn_in": [(8, 32, 128), (8, 32, 128), (3, 32, 128)], "o_in": [(8, 32, 128), (8, 32, 128), (3, 32, 128)],
+                    "mlp_in": [(8, 32, 128), (8, 32, 128), (3, 32, 128)], "down_in": [(8, 32, 344), (8, 32, 344), (3, 32, 344)]}

@@ -35,6 +35,7 @@ NO_CLIP = ("self_attn.q_proj", "self_attn.k_proj")  # AutoAWQ leaves these uncli
 
 class AWQ(PerModule):
     name = "awq"
+    stepwise = False  # scales move between a group and the norm or Linear before it
 
     def quantize_layer(self, layer: LayerInput) -> LayerResult:
         opts = self.spec.awq

@@ -88,56 +88,57 @@ def gptq(w: np.ndarray, h: np.ndarray, grid: Grid, damp_percent: float, block_si
     W[:, dead] = 0
     perm = np.argsort(-np.diag(H), kind="stable") if act_order else np.arange(cols)
     inv_perm = np.argsort(perm)
-    W, H = W[:, perm], H[perm][:, perm]
+    H = H[perm][:, perm]
     U = inverse_cholesky(H, damp_percent, name)
+    # Work on W transposed, (cols, rows) in processing order: each column GPTQ reads, quantizes and
+    # updates is then a contiguous row, and so are the scales of a group.
+    WT = np.ascontiguousarray(W[:, perm].T)
 
     span = grid.span  # columns whose scales are set together: a group, or a K-quant super-block of groups
     per = span // group
-    d = np.zeros((rows, cols // group), np.float32)
-    m = None if grid.symmetric else np.zeros((rows, cols // group), np.float32)  # asymmetric grids store a min or zero
+    dT = np.zeros((cols // group, rows), np.float32)
+    mT = None if grid.symmetric else np.zeros((cols // group, rows), np.float32)  # asymmetric grids store a min or zero
     done = np.zeros(cols // span, bool)
     energy = np.diag(H)  # per permuted column: what a clipping search weighs each column's error by
 
-    def span_scales(current: np.ndarray, columns: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    def set_span_scales(s: int, current: np.ndarray, columns: np.ndarray) -> None:
+        """Scales of span ``s`` from ``current`` (rows, span columns in original order)."""
         if clip_ratios is None:
-            return grid.scale_candidates(current, 1.0)
-        best = clip_search(current, grid, clip_ratios, weighted_squares(grid, energy[columns]))
-        return best.d, best.m
+            ds, ms = grid.scale_candidates(current, 1.0)
+        else:
+            best = clip_search(current, grid, clip_ratios, weighted_squares(grid, energy[columns]))
+            ds, ms = best.d, best.m
+        dT[s * per:(s + 1) * per] = ds.T
+        if mT is not None and ms is not None:
+            mT[s * per:(s + 1) * per] = ms.T
 
     if static_groups:
-        d0, m0 = span_scales(w.astype(np.float32), inv_perm)
-        d[:] = d0
-        if m is not None and m0 is not None:
-            m[:] = m0
+        for s in range(cols // span):
+            set_span_scales(s, w[:, s * span:(s + 1) * span].astype(np.float32), inv_perm[s * span:(s + 1) * span])
         done[:] = True
-    codes = np.zeros((rows, cols), np.int8)
+    codesT = np.zeros((cols, rows), np.int8)
 
+    WTt, Ut = torch.from_numpy(WT), torch.from_numpy(U)
     for i1 in range(0, cols, block_size):
         i2 = min(i1 + block_size, cols)
-        W1 = W[:, i1:i2].copy()
-        Err1 = np.zeros_like(W1)
-        U1 = U[i1:i2, i1:i2]
+        W1, W1t = WT[i1:i2], WTt[i1:i2]  # views: numpy reads a column, torch updates the rest in place (BLAS ger)
+        Err1 = np.zeros((i2 - i1, rows), np.float32)
         for i in range(i2 - i1):
             col = int(perm[i1 + i])
             g, s = col // group, col // span
             if not done[s]:
-                members = inv_perm[s * span:(s + 1) * span]  # positions of the span's columns in W
-                current = W[:, members].copy()
-                inside = (members >= i1) & (members < i2)
-                current[:, inside] = W1[:, members[inside] - i1]
-                ds, ms = span_scales(current, members)  # columns in original order
-                d[:, s * per:(s + 1) * per] = ds
-                if m is not None and ms is not None:
-                    m[:, s * per:(s + 1) * per] = ms
+                members = inv_perm[s * span:(s + 1) * span]  # positions of the span's columns in WT
+                set_span_scales(s, np.ascontiguousarray(WT[members].T), members)
                 done[s] = True
-            x = W1[:, i]
-            mg_col = None if m is None else m[:, g]
-            q = grid.encode_values(x, d[:, g], mg_col)
-            codes[:, col] = q
-            err = (x - grid.decode_values(q, d[:, g], mg_col)) / U1[i, i]
-            W1[:, i:] -= np.outer(err, U1[i, i:])
-            Err1[:, i] = err
+            x = W1[i]
+            mg = None if mT is None else mT[g]
+            q = grid.encode_values(x, dT[g], mg)
+            codesT[col] = q
+            err = (x - grid.decode_values(q, dT[g], mg)) / U[i1 + i, i1 + i]
+            W1t[i:].addr_(Ut[i1 + i, i1 + i:i2], torch.from_numpy(err), alpha=-1)
+            Err1[i] = err
         if i2 < cols:  # the rest of the matrix takes this block's errors at once (torch: MKL, in place)
-            torch.from_numpy(W)[:, i2:].sub_(torch.from_numpy(Err1) @ torch.from_numpy(U[i1:i2, i2:]))
-    return Encoded(codes, d, m)
+            WTt[i2:].sub_(Ut[i1:i2, i2:].T @ torch.from_numpy(Err1))
+    return Encoded(np.ascontiguousarray(codesT.T), np.ascontiguousarray(dT.T),
+                   None if mT is None else np.ascontiguousarray(mT.T))
 

@@ -11,6 +11,7 @@ Codes are int8 arrays shaped like the weight; scales ``d`` and mins ``m`` are fl
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Iterator
 
 import numpy as np
 
@@ -68,6 +69,11 @@ class Grid:
     def scale_candidates(self, w: np.ndarray, ratio: float) -> tuple[np.ndarray, np.ndarray | None]:
         """Stored scale (and min/zero) of every block when its range is shrunk by ``ratio``."""
         raise NotImplementedError
+
+    def scales_for_ratios(self, w: np.ndarray, ratios: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
+        """``scale_candidates`` for each ratio in turn (a grid may share work between them)."""
+        for ratio in ratios:
+            yield self.scale_candidates(w, float(ratio))
 
     def encode_values(self, x: np.ndarray, d: np.ndarray, m: np.ndarray | None) -> np.ndarray:
         """Codes for values ``x`` given broadcastable stored scales and mins."""
@@ -131,7 +137,7 @@ class SymmetricGrid(Grid):
         return np.clip(round_half_away(x * inverse_or_zero(d)), self.qmin, self.qmax).astype(np.int8)
 
     def decode_values(self, q: np.ndarray, d: np.ndarray, m: np.ndarray | None) -> np.ndarray:
-        return (d * q.astype(np.float32)).astype(np.float32)
+        return np.multiply(d, q, dtype=np.float32)
 
 
 class AsymmetricGrid(Grid):
@@ -152,7 +158,7 @@ class AsymmetricGrid(Grid):
 
     def decode_values(self, q: np.ndarray, d: np.ndarray, m: np.ndarray | None) -> np.ndarray:
         assert m is not None
-        return ((d * q.astype(np.float32)) + m).astype(np.float32)
+        return np.multiply(d, q, dtype=np.float32) + m
 
 
 def round_half_away(x: np.ndarray) -> np.ndarray:

@@ -8,6 +8,7 @@ The contract they share (``Encoded``, ``Grid``) is in ``grid_base``; llama.cpp's
 from __future__ import annotations
 
 import re
+from typing import Iterator
 from functools import lru_cache
 
 import numpy as np
@@ -102,7 +103,16 @@ class IntGrid(Grid):
 
     def scale_candidates(self, w: np.ndarray, ratio: float) -> tuple[np.ndarray, np.ndarray | None]:
         b = self.blocks(w)
-        hi, lo = b.max(axis=-1) * np.float32(ratio), b.min(axis=-1) * np.float32(ratio)
+        return self._scales(b.max(axis=-1), b.min(axis=-1), ratio)
+
+    def scales_for_ratios(self, w: np.ndarray, ratios: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
+        b = self.blocks(w)
+        top, bottom = b.max(axis=-1), b.min(axis=-1)  # once for every ratio
+        for ratio in ratios:
+            yield self._scales(top, bottom, float(ratio))
+
+    def _scales(self, top: np.ndarray, bottom: np.ndarray, ratio: float) -> tuple[np.ndarray, np.ndarray | None]:
+        hi, lo = top * np.float32(ratio), bottom * np.float32(ratio)
         levels = np.float32(self.qmax - self.qmin)
         if self.symmetric:
             return self.store_scale(np.maximum(np.abs(hi), np.abs(lo)) / (levels / 2)), None

@@ -31,30 +31,22 @@ BlockError = Callable[[np.ndarray], np.ndarray]  # (rows, blocks, block) differe
 
 def weighted_squares(grid: Grid, importance: np.ndarray) -> BlockError:
     """sum_j importance_j * delta_j^2 over each block."""
-    weight = grid.blocks(importance[None, :])  # (1, blocks, block)
-    return lambda delta: (delta ** 2 * weight).sum(axis=-1)
+    weight = grid.blocks(importance[None, :])[0]  # (blocks, block)
+    return lambda delta: np.einsum("rbk,rbk,bk->rb", delta, delta, weight)
 
 
 def clip_search(w: np.ndarray, grid: Grid, ratios: np.ndarray, block_error: BlockError) -> Encoded:
     """Per block (per span), the codes of the range shrink ratio whose reconstruction error is least."""
-    best: Encoded | None = None
+    best_d = best_m = None
     best_err = np.full((w.shape[0], w.shape[1] // grid.block), np.inf, np.float32)
-    for ratio in ratios:
-        d, m = grid.scale_candidates(w, float(ratio))
-        enc = Encoded(grid.encode(w, d, m), d, m)
-        err = grid.span_total(block_error(grid.blocks(grid.decode(enc) - w)))
-        if best is None:
-            best, best_err = enc, err
+    for d, m in grid.scales_for_ratios(w, ratios):
+        err = grid.span_total(block_error(grid.blocks(grid.decode(Encoded(grid.encode(w, d, m), d, m)) - w)))
+        if best_d is None:
+            best_d, best_m, best_err = d, m, err
             continue
         better = err < best_err
         best_err = np.where(better, err, best_err)
-        best = take_better(best, enc, better, grid)
-    assert best is not None
-    return best
-
-
-def take_better(old: Encoded, new: Encoded, better: np.ndarray, grid: Grid) -> Encoded:
-    """Per block, keep ``new`` where ``better`` holds and ``old`` elsewhere."""
-    codes = np.where(better[..., None], grid.blocks(new.codes), grid.blocks(old.codes)).reshape(old.codes.shape)
-    m = None if old.m is None or new.m is None else np.where(better, new.m, old.m)
-    return Encoded(codes, np.where(better, new.d, old.d), m)
+        best_d = np.where(better, d, best_d)
+        best_m = None if m is None or best_m is None else np.where(better, m, best_m)
+    assert best_d is not None
+    return Encoded(grid.encode(w, best_d, best_m), best_d, best_m)  # codes follow from the scales kept

@@ -44,6 +44,7 @@ class PerModule:
     """Adapter for methods that quantize each Linear on its own: ``quantize(w, grid, stats) -> Encoded``."""
 
     sequential = False  # True: fit each layer to the outputs of the layers before it as quantized
+    stepwise = True  # its Linears reading one input depend on nothing else: a layer can be fitted input by input
 
     def __init__(self, spec: Any = None):
         self.spec = spec  # the recipe's QuantizeSpec, for methods with options

@@ -18,13 +18,13 @@ import json
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
 from safetensors import safe_open
 
-from quantfab.tasks.calibrate import InputRecorder
+from quantfab.tasks.calibrate import InputRecorder, Moments
 from quantfab.tasks.convert import FORMATS
 from quantfab.tasks.download import materialize
 from quantfab.tasks.manifests import CalibrationManifest, ModelManifest, ModuleReport, QuantizedOutput, QuantizeManifest
@@ -64,9 +64,8 @@ def quantize_model(model: ModelManifest, model_dir: ModelDir, calibration: Calib
     them over the Dask cluster when the stage runs on one.
     """
     methods = {name: cls(quant) for name, cls in METHODS.items()}
-    sequential = any(methods[a.method].sequential for plan in plans for a in plan.values() if a.grid)
     settings = _settings(quant, device)
-    if sequential:
+    if _sequential(plans, methods):
         inputs = HiddenStates(model, model_dir, calibration, device, store)
         layers: list[Blob] = []
         for i, plan in enumerate(plans):
@@ -74,11 +73,31 @@ def quantize_model(model: ModelManifest, model_dir: ModelDir, calibration: Calib
             layers.append(blob)
             inputs.advance(i, checkpoint, LayerFile(store.local_path(blob)))
     else:
+        if len(calibration.stats) != len(plans):
+            raise RuntimeError(f"{key}: the calibration holds no statistics for its layers, but no module runs a "
+                               "sequential method: reads_statistics decided otherwise")
         jobs = [IndependentLayer(model, model_dir.path, calibration, quant, plan, i, settings, store.url)
                 for i, plan in enumerate(plans)]
         layers = pmap(quantize_independent_layer, jobs)
     reports = [r for blob in layers for r in LayerFile(store.local_path(blob)).reports()]
     return QuantizedOutput(output=key, layers=layers, modules=reports)
+
+
+def reads_statistics(model: ModelManifest, quant: Any, outputs: list, store: Store) -> bool:
+    """Whether any output fits its layers to the calibrate stage's statistics of the unquantized model.
+
+    An output with a module on a sequential method carries hidden states through the quantized model
+    and measures every layer's inputs there, for all its methods; only outputs without one read them.
+    """
+    model_dir = materialize(store, model.files)
+    config, weights = model_dir.config(), model_dir.weights()
+    methods = {name: cls(quant) for name, cls in METHODS.items()}
+    return any(not _sequential(assign_layers(config, weights.tensors, quant, FORMATS[o.format], o), methods)
+               for o in outputs if FORMATS[o.format].stores_codes(o))
+
+
+def _sequential(plans: list[dict[str, Assignment]], methods: dict[str, Any]) -> bool:
+    return any(methods[a.method].sequential for plan in plans for a in plan.values() if a.grid)
 
 
 def _layer(model: ModelManifest, model_dir: ModelDir, inputs: Any, plan: dict[str, Assignment], i: int,
@@ -91,7 +110,20 @@ def _layer(model: ModelManifest, model_dir: ModelDir, inputs: Any, plan: dict[st
     blob = store.get_ref(CHECKPOINTS, checkpoint)
     if blob is None:
         tensors = {k: v.numpy() for k, v in relative(weights.load(weights.layer_names(i)), prefix).items()}
-        result = _quantize_layer(tensors, inputs.stats(i, tensors), plan, methods, f"{prefix.rstrip('.')}")
+        name = prefix.rstrip(".")
+        if inputs.stepwise and all(methods[a.method].stepwise for a in plan.values() if a.grid):
+            result = LayerResult()
+
+            def quantize_group(key: str, stats: InputStats) -> dict[str, np.ndarray]:
+                """The Linears reading input ``key``, fitted to it; their decoded weights, for the rest of the pass."""
+                group = {lin: a for lin, a in plan.items() if INPUT_OF[lin] == key}
+                part = _quantize_layer(tensors, {key: stats}, group, methods, name)
+                _merge(result, part)
+                return {lin: grid_named(group[lin].grid).decode(enc) for lin, enc in part.encoded.items()}
+
+            inputs.quantize_through(i, tensors, quantize_group)
+        else:
+            result = _quantize_layer(tensors, inputs.stats(i, tensors), plan, methods, name)
         blob = _commit(result, plan, tensors, prefix, store)
         store.put_ref(CHECKPOINTS, checkpoint, blob)
     return checkpoint, blob
@@ -124,12 +156,15 @@ def _quantize_layer(tensors: dict[str, np.ndarray], stats: dict[str, InputStats]
     merged = LayerResult()
     for method in sorted({a.method for a in plan.values() if a.grid}):
         grids = {lin: grid_named(a.grid) for lin, a in plan.items() if a.grid and a.method == method}
-        r = methods[method].quantize_layer(LayerInput(tensors, stats, grids, name))
-        merged.encoded.update(r.encoded)
-        merged.floats.update(r.floats)
-        merged.stats.update(r.stats)
-        merged.fitted.update(r.fitted)
+        _merge(merged, methods[method].quantize_layer(LayerInput(tensors, stats, grids, name)))
     return merged
+
+
+def _merge(into: LayerResult, part: LayerResult) -> None:
+    into.encoded.update(part.encoded)
+    into.floats.update(part.floats)
+    into.stats.update(part.stats)
+    into.fitted.update(part.fitted)
 
 
 def _commit(result: LayerResult, plan: dict[str, Assignment], tensors: dict[str, np.ndarray], prefix: str,
@@ -159,6 +194,8 @@ def _commit(result: LayerResult, plan: dict[str, Assignment], tensors: dict[str,
 class CalibrationStats:
     """Inputs of non-sequential methods: the unquantized model's statistics from the calibrate stage."""
 
+    stepwise = False
+
     def __init__(self, calibration: CalibrationManifest, store: Store):
         self.calibration, self.store = calibration, store
 
@@ -178,9 +215,16 @@ class CalibrationStats:
 class HiddenStates:
     """Inputs of sequential methods: the calibration hidden states after the layers before, as quantized.
 
-    Forward passes through committed layers are deferred until statistics are needed, so a rerun whose
-    layers are all committed runs none.
+    A layer whose methods all work one input at a time is quantized *through*: one pass over the samples,
+    input by input (q/k/v, o, gate/up, down), each group fitted to what the already quantized Linears
+    before it produce (GPTQ's true-sequential order), so the pass that fits the layer also carries the
+    hidden states on. Otherwise (AWQ moves scales across groups) the layer's inputs are measured with its
+    float weights and, once committed, a second pass carries the states through its quantized weights.
+    Passes through committed layers are deferred until needed, so a rerun whose layers are all committed
+    runs none.
     """
+
+    stepwise = True
 
     def __init__(self, model: ModelManifest, model_dir: ModelDir, calibration: CalibrationManifest,
                  device: torch.device, store: Store):
@@ -190,6 +234,7 @@ class HiddenStates:
         self.weights = model_dir.weights()
         self.hidden: torch.Tensor | None = None
         self.pending: list[tuple[int, LayerFile]] = []
+        self.through: int | None = None  # the layer quantize_through last carried the states through
         embed = self.weights.tensors["model.embed_tokens.weight"]
         self.chain = _digest({"tokens": calibration.tokens.digest, "embedding": [embed.name, model.files[embed.file.name].digest]})
 
@@ -205,9 +250,28 @@ class HiddenStates:
         count = int(self.hidden.shape[0] * self.hidden.shape[1])
         return {k: InputStats(raw[f"{k}.mean_abs"], raw[f"{k}.hessian"], count) for k in set(INPUT_OF.values())}
 
+    def quantize_through(self, i: int, tensors: dict[str, np.ndarray],
+                         quantize_group: Callable[[str, InputStats], dict[str, np.ndarray]]) -> None:
+        """Run layer ``i`` input by input; ``quantize_group(key, stats)`` gives the decoded weights of the
+        Linears reading ``key``, which the pass then uses. The states end as the quantized layer's output."""
+        self._catch_up()
+        layer = self.stack.layer(i, {k: torch.from_numpy(v) for k, v in tensors.items()})
+
+        def before(key: str, inputs: list[torch.Tensor]) -> None:
+            moments = Moments(inputs[0].shape[-1], self.device)
+            for x in inputs:
+                moments.add(x)
+            stats = InputStats(moments.mean_abs(), moments.hessian(), moments.count)
+            for lin, weight in quantize_group(key, stats).items():
+                layer.get_submodule(lin).weight.data = torch.from_numpy(weight).to(self.device)
+
+        self.hidden = self.stack.run_layer_by_input(layer, self.hidden, before)
+        self.through = i
+
     def advance(self, i: int, key: str, layer: LayerFile) -> None:
         self.chain = _digest({"after": key})
-        self.pending.append((i, layer))
+        if self.through != i:  # not carried through yet: a committed layer, or one fitted on float weights
+            self.pending.append((i, layer))
 
     def _catch_up(self) -> None:
         if self.hidden is None:
@@ -219,7 +283,7 @@ class HiddenStates:
             prefix = layer_prefix(i)
             tensors = relative(self.weights.load(self.weights.layer_names(i)), prefix)
             tensors.update(relative(layer_file.weights(), prefix))
-            self.hidden = self.stack.run_layer(self.stack.layer(i, tensors), self.hidden)
+            self.hidden = self.stack.run_layer_by_input(self.stack.layer(i, tensors), self.hidden, lambda key, x: None)
         self.pending = []
 
 

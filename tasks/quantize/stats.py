@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 
 @dataclass(frozen=True)
@@ -25,8 +26,8 @@ class InputStats:
 
     def relative_output_error(self, w: np.ndarray, w_hat: np.ndarray) -> float:
         """||(W - W')X||^2 / ||W X||^2 over the calibration inputs, from the Hessian alone."""
-        delta = (w_hat - w).astype(np.float32)
-        h = self.hessian.astype(np.float32)
-        num = ((delta @ h) * delta).sum(dtype=np.float64)
-        den = ((w @ h) * w).sum(dtype=np.float64)
+        delta = torch.from_numpy((w_hat - w).astype(np.float32))
+        h, w = torch.from_numpy(self.hessian.astype(np.float32)), torch.from_numpy(w.astype(np.float32))
+        num = ((delta @ h) * delta).sum(dtype=torch.float64).item()
+        den = ((w @ h) * w).sum(dtype=torch.float64).item()
         return float(num / den) if den > 0 else 0.0
