@@ -15,6 +15,8 @@ import sys
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
+from quantfab.tasks.redact import redact_text
+
 console = Console(stderr=True, soft_wrap=True)
 
 
@@ -58,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _run(args) if args.command == "run" else _plan(args)
     except UserError as exc:
-        console.print(f"[bold red]error:[/] {exc}", highlight=False)
+        console.print(f"[bold red]error:[/] {redact_text(str(exc))}", highlight=False)
         return 2
 
 
@@ -137,7 +139,7 @@ def _deployments(args: argparse.Namespace) -> int:
     try:
         agrees = sync(prefect_yaml, args.check)
     except UserError as exc:
-        console.print(f"[bold red]error:[/] {exc}", highlight=False)
+        console.print(f"[bold red]error:[/] {redact_text(str(exc))}", highlight=False)
         return 2
     if agrees:
         console.print(f"{prefect_yaml}: deployments agree with recipes/", highlight=False)

@@ -22,7 +22,7 @@ from quantfab.pipelines.recipe import Recipe
 from quantfab.pipelines.stages import cache_key
 from quantfab.tasks import synthetic
 from quantfab.tasks.convert import FORMATS
-from quantfab.tasks.redact import redact
+from quantfab.tasks.redact import redact, redact_text
 from quantfab.tasks.errors import UserError
 from quantfab.tasks.manifests import Manifest
 from quantfab.tasks.modelio import (ModelDir, TensorInfo, alias_tied_embeddings, check_against_config,
@@ -101,7 +101,7 @@ def plan(recipe: Recipe, store_url: str | None) -> Plan:
         config, tensors = _headers(recipe, store, up.get("download"))
         check_against_config(config, tensors)
     except (UserError, OSError, ValueError) as exc:
-        out.sizes = {o.key: f"unknown: cannot read the model's headers ({exc})" for o in recipe.outputs}
+        out.sizes = {o.key: f"unknown: cannot read the model's headers ({redact_text(str(exc))})" for o in recipe.outputs}
         return out
     params = sum(t.numel for n, t in tensors.items() if n == t.name)
     out.memory = peak_memory(recipe, config, tensors)

@@ -22,7 +22,7 @@ from prefect.artifacts import create_markdown_artifact
 from quantfab.pipelines.recipe import ExecutionSpec, Recipe
 from quantfab.pipelines.recipe_loading import load_recipe
 from quantfab.pipelines.stages import STAGES, code_digest
-from quantfab.tasks.redact import redact
+from quantfab.tasks.redact import redact, redact_text
 from quantfab.tasks.errors import QualityGateFailed, UserError
 from quantfab.tasks.manifests import Manifest, ModelManifest, PackageManifest
 from quantfab.tasks.package import published
@@ -143,7 +143,7 @@ def quantize(recipe_path: str, overrides: list[str] | None = None, store: str | 
     store_obj = Store(store)
     from quantfab.pipelines.plan import plan, render  # plan imports this module
 
-    create_markdown_artifact(key=_artifact_key(f"plan-{recipe.name}"), markdown=f"```\n{render(plan(recipe, store_obj.url))}\n```",
+    create_markdown_artifact(key=_artifact_key(f"plan-{recipe.name}"), markdown=f"```\n{redact_text(render(plan(recipe, store_obj.url)))}\n```",
                              description=f"What this run of {recipe.name} will do")
     up: dict[str, Any] = {}
     stages: dict[str, str] = {}

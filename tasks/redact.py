@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import re
 from urllib.parse import urlsplit, urlunsplit
+
+URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"()<>]+")
 
 
 def redact(url: str) -> str:
@@ -15,3 +18,8 @@ def redact(url: str) -> str:
         parts = parts._replace(netloc=netloc)
     query = "&".join(q for q in parts.query.split("&") if q and not q.lower().startswith(("token", "sig", "x-amz")))
     return urlunsplit(parts._replace(query=query))
+
+
+def redact_text(text: str) -> str:
+    """Every URL inside ``text`` redacted: exception messages quote the URL they failed on, whole."""
+    return URL.sub(lambda found: redact(found.group(0)), text)

@@ -100,3 +100,34 @@ def test_credentials_in_a_set_override_are_refused_before_prefect_stores_them(tm
         assert main(["plan", str(recipe), "--set", f"model.source={value}", "--store", str(tmp_path)]) == 2
         err = capsys.readouterr().err
         assert "carries credentials" in err and PASSWORD not in err and TOKEN not in err
+
+
+@pytest.mark.slow
+def test_no_secret_in_plan_output_or_in_the_text_of_a_failure(tmp_path: Path, served_model: int) -> None:
+    """`quantfab plan` prints the source; a run whose source is wrong fails with a message naming it; the
+    Prefect database records that failure. None of them holds either secret."""
+    env = {**os.environ, "QF_TEST_PASSWORD": PASSWORD, "HF_TOKEN": TOKEN, "PREFECT_HOME": str(tmp_path / "home"),
+           "QUANTFAB_STORE": str(tmp_path / "store")}
+    quantfab = str(Path(sys.executable).parent / "quantfab")
+    good, wrong = tmp_path / "good.yaml", tmp_path / "wrong.yaml"
+    good.write_text(RECIPE.format(port=served_model, out=tmp_path / "out"))
+    wrong.write_text(RECIPE.format(port=served_model, out=tmp_path / "out").replace("/model\n", "/no-such-model\n"))
+    planned = subprocess.run([quantfab, "plan", str(good)], cwd=tmp_path, env=env, capture_output=True, text=True,
+                             timeout=300)
+    assert planned.returncode == 0 and "127.0.0.1" in planned.stdout, planned.stdout + planned.stderr
+    failed = subprocess.run([quantfab, "run", str(wrong), "-v"], cwd=tmp_path, env=env, capture_output=True,
+                            text=True, timeout=600)
+    assert failed.returncode == 2 and "no-such-model" in failed.stderr, failed.stdout + failed.stderr
+    for secret in (PASSWORD, TOKEN):
+        assert secret not in planned.stdout + planned.stderr + failed.stdout + failed.stderr
+        for path in tmp_path.rglob("*"):
+            if path.is_file() and not path.is_symlink() and "served" not in path.parts:
+                assert secret.encode() not in path.read_bytes(), f"{secret} leaked into {path}"
+
+
+def test_urls_inside_a_message_lose_their_credentials() -> None:
+    from quantfab.tasks.redact import redact_text
+
+    message = (f"cannot read (http://reader:{PASSWORD}@127.0.0.1:4/m/config.json); "
+               f"'https://host/m?token={TOKEN}&rev=2' and s3://bucket/key stay")
+    assert redact_text(message) == "cannot read (http://127.0.0.1:4/m/config.json); 'https://host/m?rev=2' and s3://bucket/key stay"
