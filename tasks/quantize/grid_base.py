@@ -88,6 +88,10 @@ class Grid:
         mm = None if m is None else m[..., None]
         return self.encode_values(self.blocks(w), d[..., None], mm).astype(np.int8).reshape(w.shape)
 
+    def round_trip(self, w: np.ndarray, d: np.ndarray, m: np.ndarray | None) -> np.ndarray:
+        """decode(encode(w)) with these scales: what a search scores (a grid may skip the int8 codes)."""
+        return self.decode(Encoded(self.encode(w, d, m), d, m))
+
     def decode(self, enc: Encoded) -> np.ndarray:
         """Float32 reconstruction of a whole tensor."""
         mm = None if enc.m is None else enc.m[..., None]

@@ -122,12 +122,25 @@ class IntGrid(Grid):
         return d, z
 
     def encode_values(self, x: np.ndarray, d: np.ndarray, m: np.ndarray | None) -> np.ndarray:
-        q = np.rint(x * inverse_or_zero(d)) + (0 if m is None else m)
-        return np.clip(q, self.qmin, self.qmax).astype(np.int8)
+        return self._codes(x, d, m).astype(np.int8)
 
     def decode_values(self, q: np.ndarray, d: np.ndarray, m: np.ndarray | None) -> np.ndarray:
-        z = np.float32(0) if m is None else m
-        return (d * (q.astype(np.float32) - z)).astype(np.float32)
+        q = q.astype(np.float32)
+        if m is not None:
+            q -= m
+        return np.multiply(d, q, out=q)
+
+    def round_trip(self, w: np.ndarray, d: np.ndarray, m: np.ndarray | None) -> np.ndarray:
+        mm = None if m is None else m[..., None]
+        return self.decode_values(self._codes(self.blocks(w), d[..., None], mm), d[..., None], mm).reshape(w.shape)
+
+    def _codes(self, x: np.ndarray, d: np.ndarray, m: np.ndarray | None) -> np.ndarray:
+        """Integer-valued float32 codes, computed in place."""
+        q = np.multiply(x, inverse_or_zero(d), dtype=np.float32)
+        np.rint(q, out=q)
+        if m is not None:
+            q += m
+        return np.clip(q, self.qmin, self.qmax, out=q)
 
 
 class IntChannelGrid(IntGrid):

@@ -40,7 +40,7 @@ def clip_search(w: np.ndarray, grid: Grid, ratios: np.ndarray, block_error: Bloc
     best_d = best_m = None
     best_err = np.full((w.shape[0], w.shape[1] // grid.block), np.inf, np.float32)
     for d, m in grid.scales_for_ratios(w, ratios):
-        err = grid.span_total(block_error(grid.blocks(grid.decode(Encoded(grid.encode(w, d, m), d, m)) - w)))
+        err = grid.span_total(block_error(grid.blocks(grid.round_trip(w, d, m) - w)))
         if best_d is None:
             best_d, best_m, best_err = d, m, err
             continue
