@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import fsspec
 from prefect.filesystems import LocalFileSystem
 from prefect.results import ResultStore
 from prefect.serializers import JSONSerializer
@@ -28,7 +27,7 @@ from quantfab.tasks.manifests import Manifest
 from quantfab.tasks.modelio import (ModelDir, TensorInfo, alias_tied_embeddings, check_against_config,
                                     read_safetensors_header)
 from quantfab.tasks.quantize.assign import assign_layers
-from quantfab.tasks.store import Store
+from quantfab.tasks.store import Store, filesystem
 
 
 @dataclass
@@ -125,7 +124,7 @@ def _headers(recipe: Recipe, store: Store, model) -> tuple[Any, dict[str, Tensor
         folder = Path(tmp)
         if source.startswith("synthetic://"):
             return synthetic.headers(source, folder)
-        fs, root = fsspec.core.url_to_fs(source)
+        fs, root = filesystem(source, "model.source")
         fs.get_file(f"{root}/config.json", str(folder / "config.json"))
         config = ModelDir(folder).config()
         tensors: dict[str, TensorInfo] = {}

@@ -15,7 +15,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-import fsspec
 from prefect import flow, get_run_logger
 from prefect.client.orchestration import get_client
 from prefect.deployments import run_deployment
@@ -23,13 +22,14 @@ from prefect.variables import Variable
 
 from quantfab.pipelines.recipe_loading import load_recipe
 from quantfab.tasks.download import upstream_revision
+from quantfab.tasks.store import filesystem
 
 RETRY_STATES = {"FAILED", "CRASHED", "CANCELLED", "CANCELLING"}
 
 
 def published_revision(destination: str) -> str | None:
     """``source_revision`` of the package at ``destination``, None when nothing is published there."""
-    fs, root = fsspec.core.url_to_fs(destination)
+    fs, root = filesystem(destination, "package.destination")
     try:
         return json.loads(fs.cat_file(f"{root}/manifest.json")).get("source_revision")
     except FileNotFoundError:

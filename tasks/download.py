@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-import fsspec
 
 from quantfab.tasks import synthetic
 from quantfab.tasks.errors import UserError
@@ -27,7 +26,7 @@ from quantfab.tasks.manifests import ModelManifest
 from quantfab.tasks.modelio import ModelDir, check_against_config, read_safetensors_header
 from quantfab.tasks.parallel import pmap
 from quantfab.tasks.redact import redact
-from quantfab.tasks.store import Blob, Store, sha256_file
+from quantfab.tasks.store import Blob, Store, filesystem, sha256_file
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle", ".joblib")
 ATTEMPTS = 4
@@ -57,7 +56,7 @@ def _fetch(source: str, revision: str | None, include: list[str], allow_pickle: 
            work: Path, pinned: dict[str, str]) -> tuple[dict[str, Blob], str]:
     storage_options = {"revision": revision} if source.startswith("hf://") and revision else {}
     try:
-        fs, root = fsspec.core.url_to_fs(source, **storage_options)
+        fs, root = filesystem(source, "model.source", **storage_options)
         infos = _retrying(lambda: fs.ls(root, detail=True), f"{redact(source)}: listing the model folder")
     except FileNotFoundError:
         raise UserError(f"{redact(source)}: no such model folder") from None
@@ -183,7 +182,7 @@ def upstream_revision(source: str, revision: str | None = None) -> str:
         repo = "/".join(source.removeprefix("hf://").split("/")[:2])
         return str(HfApi().model_info(repo, revision=revision).sha)
     try:
-        fs, root = fsspec.core.url_to_fs(source)
+        fs, root = filesystem(source, "model.source")
         listing = sorted((info for info in fs.ls(root, detail=True) if info.get("type") == "file"),
                          key=lambda info: info["name"])
     except (OSError, ValueError) as exc:

@@ -20,12 +20,11 @@ import re
 import shutil
 import socket
 import uuid
-import fsspec
 
 from quantfab.tasks.redact import redact
 from quantfab.tasks.errors import UserError, VerificationFailed
 from quantfab.tasks.manifests import ConvertManifest, ModelManifest, PackageManifest, QualityManifest
-from quantfab.tasks.store import Blob, Store
+from quantfab.tasks.store import Blob, Store, filesystem
 
 STAGING = ".quantfab-staging"
 STAGING_NAME = re.compile(r"^\.(?P<dest>.+)\.quantfab-staging-(?P<host>.+)-(?P<pid>\d+)-[0-9a-f]{32}(-old)?$")
@@ -45,7 +44,7 @@ def package(name: str, model: ModelManifest, converted: ConvertManifest, quality
     files.update({n: b for n, b in model.files.items() if n in MODEL_FILES})
     files["quality.json"] = quality.report
     files["README.md"] = model_card(model, converted, quality, recipe_yaml).encode()
-    fs, root = fsspec.core.url_to_fs(destination)
+    fs, root = filesystem(destination, "package.destination")
     root = root.rstrip("/")
     for path in files:
         _check_relative(path)
@@ -208,7 +207,7 @@ def _alive(pid: int) -> bool:
 
 def published(destination: str, expected: PackageManifest) -> bool:
     """Whether the destination still holds the package this manifest describes."""
-    fs, root = fsspec.core.url_to_fs(destination)
+    fs, root = filesystem(destination, "package.destination")
     try:
         return hashlib.sha256(fs.cat_file(f"{root}/manifest.json")).hexdigest() == expected.manifest_sha256
     except FileNotFoundError:

@@ -16,8 +16,22 @@ from pathlib import Path
 import fsspec
 from pydantic import BaseModel, ConfigDict
 
+from quantfab.tasks.errors import UserError
+from quantfab.tasks.redact import redact
+
 DEFAULT_STORE = "~/.cache/quantfab/store"
 CHUNK = 8 << 20
+
+
+def filesystem(url: str, what: str, **options: object) -> tuple[fsspec.AbstractFileSystem, str]:
+    """fsspec's filesystem and path for ``url``. An unknown protocol, or one whose package is not
+    installed (s3:// without s3fs), is the user's to fix: a clear error naming ``what``, not a traceback."""
+    try:
+        return fsspec.core.url_to_fs(url, **options)
+    except ImportError as exc:
+        raise UserError(f"{what}: {redact(url)}: {exc} (install it beside quantfab)") from None
+    except ValueError as exc:
+        raise UserError(f"{what}: {redact(url)}: {exc}") from None
 
 
 class Blob(BaseModel):
@@ -42,7 +56,7 @@ class Store:
         if "://" not in url:
             url = str(Path(url).expanduser().resolve())
         self.url = url
-        self.fs, self.root = fsspec.core.url_to_fs(url)
+        self.fs, self.root = filesystem(url, "the store (--store or QUANTFAB_STORE)")
         self.is_local = self.fs.protocol in ("file", "local") or "file" in self.fs.protocol
 
     def _key(self, digest: str) -> str:

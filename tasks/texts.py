@@ -24,7 +24,7 @@ def read_tokens(url: str, tokenizer, vocab_size: int, needed: int, text_field: s
             raw = f.read(needed * CHARS_PER_TOKEN_GUESS)
     except FileNotFoundError:
         raise UserError(f"{url}: no such text file") from None
-    except OSError as exc:
+    except (OSError, ImportError, ValueError) as exc:  # ImportError: s3:// without s3fs; ValueError: unknown protocol
         raise UserError(f"{url}: cannot read the text: {exc}") from None
     _refuse_binary(url, raw)
     text = raw.decode("utf-8", errors="ignore").replace("\r\n", "\n")

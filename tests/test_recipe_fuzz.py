@@ -101,3 +101,30 @@ def test_a_recipe_name_that_could_escape_or_collide_is_refused(tmp_path: Path, c
     path.write_text(yaml.safe_dump({**DEMO, "name": name}))
     assert main(["plan", str(path)]) == 2
     assert "name" in capsys.readouterr().err
+
+
+def missing_protocol() -> str:
+    """A protocol fsspec knows whose package is not installed here (s3:// without s3fs, found by the fuzz)."""
+    import importlib.util
+
+    from fsspec.registry import known_implementations
+
+    for protocol, spec in sorted(known_implementations.items()):
+        module = spec["class"].rsplit(".", 1)[0].split(".")[0]
+        if importlib.util.find_spec(module) is None:
+            return protocol
+    pytest.skip("every fsspec protocol's package is installed")
+
+
+@pytest.mark.slow
+def test_a_source_whose_filesystem_is_not_installed_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    protocol = missing_protocol()
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump({**DEMO, "model": {"source": f"{protocol}://bucket/model"}}))
+    assert main(["plan", str(path), "--store", str(tmp_path / "store")]) == 0  # plan says what it cannot know
+    out = capsys.readouterr().out.replace("\n", "")
+    assert f"cannot read the model's headers (model.source: {protocol}://bucket/model: " in out, out
+    assert main(["run", str(path), "--store", str(tmp_path / "store")]) == 2
+    err = capsys.readouterr().err.replace("\n", "")
+    message = err[err.rindex("error: "):]  # the CLI's own line (Prefect's logs above it are off outside tests)
+    assert message.startswith(f"error: model.source: {protocol}://bucket/model: ") and "Install" in message, message
