@@ -65,7 +65,7 @@ def quantize_model(model: ModelManifest, model_dir: ModelDir, calibration: Calib
     """
     methods = {name: cls(quant) for name, cls in METHODS.items()}
     settings = _settings(quant, device)
-    if _sequential(plans, methods):
+    if _sequential(plans):
         inputs = HiddenStates(model, model_dir, calibration, device, store)
         layers: list[Blob] = []
         for i, plan in enumerate(plans):
@@ -91,13 +91,12 @@ def reads_statistics(model: ModelManifest, quant: Any, outputs: list, store: Sto
     """
     model_dir = materialize(store, model.files)
     config, weights = model_dir.config(), model_dir.weights()
-    methods = {name: cls(quant) for name, cls in METHODS.items()}
-    return any(not _sequential(assign_layers(config, weights.tensors, quant, FORMATS[o.format], o), methods)
+    return any(not _sequential(assign_layers(config, weights.tensors, quant, FORMATS[o.format], o))
                for o in outputs if FORMATS[o.format].stores_codes(o))
 
 
-def _sequential(plans: list[dict[str, Assignment]], methods: dict[str, Any]) -> bool:
-    return any(methods[a.method].sequential for plan in plans for a in plan.values() if a.grid)
+def _sequential(plans: list[dict[str, Assignment]]) -> bool:
+    return any(METHODS[a.method].sequential for plan in plans for a in plan.values() if a.grid)
 
 
 def _layer(model: ModelManifest, model_dir: ModelDir, inputs: Any, plan: dict[str, Assignment], i: int,
