@@ -24,7 +24,7 @@ import uuid
 from quantfab.tasks.redact import redact
 from quantfab.tasks.errors import UserError, VerificationFailed
 from quantfab.tasks.manifests import ConvertManifest, ModelManifest, PackageManifest, QualityManifest
-from quantfab.tasks.store import Blob, Store, filesystem
+from quantfab.tasks.store import Blob, Store, filesystem, is_local
 
 STAGING = ".quantfab-staging"
 STAGING_NAME = re.compile(r"^\.(?P<dest>.+)\.quantfab-staging-(?P<host>.+)-(?P<pid>\d+)-[0-9a-f]{32}(-old)?$")
@@ -74,7 +74,7 @@ def package(name: str, model: ModelManifest, converted: ConvertManifest, quality
                         for k, f in converted.files.items()},
             "files": entries}, indent=2, sort_keys=True).encode()
         fs.pipe_file(f"{staging}/manifest.json", manifest)
-        if _is_local(fs):
+        if is_local(fs):
             _swap_into_place(staging, root)  # staging now holds the previous package, if there was one
         else:
             _move_files(fs, staging, root, [e["path"] for e in entries])
@@ -114,11 +114,6 @@ def _refuse_foreign(fs, root: str, destination: str, publishing: set[str]) -> No
         raise UserError(f"{redact(destination)}: holds {len(foreign)} file(s) that no quantfab manifest there lists "
                         f"({', '.join(foreign[:5])}{', ...' if len(foreign) > 5 else ''}); publishing replaces the "
                         "whole folder, so choose an empty folder or remove them")
-
-
-def _is_local(fs) -> bool:
-    protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
-    return bool({"file", "local"} & set(protocols))
 
 
 def _swap_into_place(staging: str, root: str) -> None:

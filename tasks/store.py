@@ -34,6 +34,12 @@ def filesystem(url: str, what: str, **options: object) -> tuple[fsspec.AbstractF
         raise UserError(f"{what}: {redact(url)}: {exc}") from None
 
 
+def is_local(fs: fsspec.AbstractFileSystem) -> bool:
+    """Whether ``fs`` is the local filesystem (where renames are atomic and paths are real files)."""
+    protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
+    return bool({"file", "local"} & set(protocols))
+
+
 class Blob(BaseModel):
     """A reference to bytes in the store."""
 
@@ -57,7 +63,7 @@ class Store:
             url = str(Path(url).expanduser().resolve())
         self.url = url
         self.fs, self.root = filesystem(url, "the store (--store or QUANTFAB_STORE)")
-        self.is_local = self.fs.protocol in ("file", "local") or "file" in self.fs.protocol
+        self.is_local = is_local(self.fs)
 
     def _key(self, digest: str) -> str:
         return f"{self.root}/blobs/sha256/{digest[:2]}/{digest[2:]}"

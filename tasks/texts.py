@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import json
 
-import fsspec
 import numpy as np
 
 from quantfab.tasks import synthetic
 from quantfab.tasks.errors import UserError
+from quantfab.tasks.store import filesystem
 
 CHARS_PER_TOKEN_GUESS = 8  # generous: read this many characters per token needed, then stop
 BINARY_MAGIC = {b"\x80\x02": "a pickle", b"\x80\x03": "a pickle", b"\x80\x04": "a pickle", b"\x80\x05": "a pickle",
@@ -19,12 +19,13 @@ def read_tokens(url: str, tokenizer, vocab_size: int, needed: int, text_field: s
     """At least ``needed`` token ids from the source if it has them (fewer only when the text runs out)."""
     if url.startswith("synthetic://"):
         return synthetic.token_stream(url, vocab_size, needed)
+    fs, path = filesystem(url, "text source")
     try:
-        with fsspec.open(url, "rb") as f:
+        with fs.open(path, "rb") as f:
             raw = f.read(needed * CHARS_PER_TOKEN_GUESS)
     except FileNotFoundError:
         raise UserError(f"{url}: no such text file") from None
-    except (OSError, ImportError, ValueError) as exc:  # ImportError: s3:// without s3fs; ValueError: unknown protocol
+    except OSError as exc:
         raise UserError(f"{url}: cannot read the text: {exc}") from None
     _refuse_binary(url, raw)
     text = raw.decode("utf-8", errors="ignore").replace("\r\n", "\n")
