@@ -17,6 +17,7 @@ import torch
 from safetensors.numpy import save_file
 
 from quantfab.tasks.download import materialize
+from quantfab.tasks.malloc import keep_freed_memory
 from quantfab.tasks.manifests import CalibrationManifest, ModelManifest
 from quantfab.tasks.modelio import INPUT_OF, DecoderStack, layer_prefix, pick_device, relative
 from quantfab.tasks.store import Store
@@ -58,6 +59,7 @@ def calibrate_on(model: ModelManifest, ids: np.ndarray, device: str, store: Stor
     tokens_file.unlink()
     if not statistics:
         return CalibrationManifest(tokens=token_blob, stats=[], count=int(ids.size))
+    keep_freed_memory()
     model_dir = materialize(store, model.files)
     config, weights = model_dir.config(), model_dir.weights()
     dev = pick_device(device)
@@ -81,16 +83,31 @@ def calibrate_on(model: ModelManifest, ids: np.ndarray, device: str, store: Stor
 GRAM_BLOCKS = 4  # x^T x is symmetric: computing the 10 of 16 blocks on or above the diagonal saves a third
 
 
-def add_gram_upper(h: torch.Tensor, x: torch.Tensor) -> None:
-    """h += x^T x on the blocks on and above the diagonal only (mirror the upper triangle when done)."""
-    n = x.shape[1]
+def _gram_edges(n: int) -> list[int]:
     k = GRAM_BLOCKS if n >= 64 * GRAM_BLOCKS else 1
-    edges = [n * i // k for i in range(k + 1)]
-    for i in range(k):
+    return [n * i // k for i in range(k + 1)]
+
+
+def add_gram_upper(h: torch.Tensor, x: torch.Tensor) -> None:
+    """h += x^T x on the blocks on and above the diagonal only (``mirror_upper`` fills the rest when done)."""
+    edges = _gram_edges(x.shape[1])
+    for i in range(len(edges) - 1):
         rows = slice(edges[i], edges[i + 1])
-        for j in range(i, k):
+        for j in range(i, len(edges) - 1):
             cols = slice(edges[j], edges[j + 1])
             h[rows, cols].addmm_(x[:, rows].T, x[:, cols])
+
+
+def mirror_upper(h: torch.Tensor) -> torch.Tensor:
+    """The symmetric matrix whose upper triangle is h's, made in place from add_gram_upper's blocks."""
+    edges = _gram_edges(h.shape[0])
+    for i in range(len(edges) - 1):
+        rows = slice(edges[i], edges[i + 1])
+        block = h[rows, rows]
+        block.copy_(torch.triu(block) + torch.triu(block, 1).T)
+        for j in range(i + 1, len(edges) - 1):
+            h[edges[j]:edges[j + 1], rows] = h[rows, edges[j]:edges[j + 1]].T
+    return h
 
 
 class Moments:
@@ -108,7 +125,8 @@ class Moments:
         self.count += x.shape[0]
 
     def hessian(self) -> np.ndarray:
-        return (torch.triu(self.upper) + torch.triu(self.upper, 1).T).cpu().numpy()
+        """The full x^T x; call once, when every input is added (the upper blocks are mirrored in place)."""
+        return mirror_upper(self.upper).cpu().numpy()
 
     def mean_abs(self) -> np.ndarray:
         return (self.abs_sum / max(self.count, 1)).cpu().numpy()

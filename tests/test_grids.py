@@ -10,7 +10,7 @@ from quantfab.tasks.convert.gguf import permute_rows, unpermute_rows
 from quantfab.kernels.gguf_blocks import PACKERS
 from quantfab.tasks.quantize import METHODS
 from quantfab.tasks.quantize.gptq import gptq
-from quantfab.tasks.quantize.grids import GRIDS, grid_named
+from quantfab.tasks.quantize.grids import GRIDS, Encoded, grid_named
 from quantfab.tasks.quantize.stats import InputStats
 
 K_TYPES = ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]
@@ -152,3 +152,15 @@ def test_nf4_double_quant_codes_equal_bitsandbytes_and_nested_codes_are_nearest(
     assert differ.mean() < 0.05
     ours_err = np.abs(DYNAMIC_MAP[ours.extra["nested_codes"][differ]] - target[differ])
     assert np.all(ours_err < np.abs(DYNAMIC_MAP[theirs[differ]] - target[differ]))
+
+
+@pytest.mark.parametrize("name", ["INT4_G32_SYM", "INT4_G128_ASYM", "INT8_G64_SYM", "INT4_CH_ASYM"])
+def test_int_round_trip_is_bitwise_decode_of_encode(name: str) -> None:
+    """round_trip (torch, what every clipping search scores) computes exactly what decode(encode) does in NumPy,
+    zero scales and ranges clipped by a shrunk scale included."""
+    rng = np.random.default_rng(11)
+    w = (rng.standard_normal((40, 256)) * rng.uniform(0.01, 3, (40, 1))).astype(np.float32)
+    w[3] = 0
+    grid = grid_named(name).for_row(w.shape[1])
+    d, m = grid.scale_candidates(w, 0.7)
+    assert np.array_equal(grid.round_trip(w, d, m), grid.decode(Encoded(grid.encode(w, d, m), d, m)))

@@ -131,8 +131,19 @@ class IntGrid(Grid):
         return np.multiply(d, q, out=q)
 
     def round_trip(self, w: np.ndarray, d: np.ndarray, m: np.ndarray | None) -> np.ndarray:
-        mm = None if m is None else m[..., None]
-        return self.decode_values(self._codes(self.blocks(w), d[..., None], mm), d[..., None], mm).reshape(w.shape)
+        """_codes then decode_values, the same float32 operations in the same order, in torch: a search runs
+        this for every candidate scale, and torch's kernels for a per-block broadcast are twice NumPy's."""
+        x = torch.from_numpy(self.blocks(w))
+        dt = torch.from_numpy(d)[..., None]
+        q = torch.mul(x, torch.from_numpy(inverse_or_zero(d))[..., None])
+        q.round_()  # half to even, as np.rint
+        if m is not None:
+            mt = torch.from_numpy(m)[..., None]
+            q.add_(mt)
+        q.clamp_(self.qmin, self.qmax)
+        if m is not None:
+            q.sub_(mt)
+        return q.mul_(dt).numpy().reshape(w.shape)
 
     def _codes(self, x: np.ndarray, d: np.ndarray, m: np.ndarray | None) -> np.ndarray:
         """Integer-valued float32 codes, computed in place."""

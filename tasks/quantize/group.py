@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Callable
 
 import numpy as np
+import torch
 
 from quantfab.tasks.quantize.grids import Encoded, Grid
 from quantfab.tasks.quantize.layer import PerModule
@@ -26,13 +27,17 @@ class GroupClipSearch(PerModule):
         return clip_search(w, grid, RATIOS, weighted_squares(grid, importance))
 
 
-BlockError = Callable[[np.ndarray], np.ndarray]  # (rows, blocks, block) differences -> (rows, blocks) errors
+BlockError = Callable[[np.ndarray], np.ndarray]  # (rows, blocks, block) differences, which it may overwrite -> (rows, blocks) errors
 
 
 def weighted_squares(grid: Grid, importance: np.ndarray) -> BlockError:
     """sum_j importance_j * delta_j^2 over each block."""
-    weight = grid.blocks(importance[None, :])[0]  # (blocks, block)
-    return lambda delta: np.einsum("rbk,rbk,bk->rb", delta, delta, weight)
+    weight = torch.from_numpy(np.ascontiguousarray(grid.blocks(importance[None, :].astype(np.float32))[0]))
+
+    def error(delta: np.ndarray) -> np.ndarray:
+        d = torch.from_numpy(delta).square_()
+        return torch.einsum("rbk,bk->rb", d, weight).numpy()  # a batched matmul; NumPy's einsum is 4x slower
+    return error
 
 
 def clip_search(w: np.ndarray, grid: Grid, ratios: np.ndarray, block_error: BlockError) -> Encoded:
@@ -40,7 +45,8 @@ def clip_search(w: np.ndarray, grid: Grid, ratios: np.ndarray, block_error: Bloc
     best_d = best_m = None
     best_err = np.full((w.shape[0], w.shape[1] // grid.block), np.inf, np.float32)
     for d, m in grid.scales_for_ratios(w, ratios):
-        err = grid.span_total(block_error(grid.blocks(grid.round_trip(w, d, m) - w)))
+        delta = grid.round_trip(w, d, m)
+        err = grid.span_total(block_error(grid.blocks(np.subtract(delta, w, out=delta))))
         if best_d is None:
             best_d, best_m, best_err = d, m, err
             continue

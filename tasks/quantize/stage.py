@@ -27,6 +27,7 @@ from safetensors import safe_open
 from quantfab.tasks.calibrate import InputRecorder, Moments
 from quantfab.tasks.convert import FORMATS
 from quantfab.tasks.download import materialize
+from quantfab.tasks.malloc import keep_freed_memory
 from quantfab.tasks.manifests import CalibrationManifest, ModelManifest, ModuleReport, QuantizedOutput, QuantizeManifest
 from quantfab.tasks.modelio import INPUT_OF, DecoderStack, ModelDir, layer_prefix, pick_device, relative
 from quantfab.tasks.parallel import pmap
@@ -63,6 +64,7 @@ def quantize_model(model: ModelManifest, model_dir: ModelDir, calibration: Calib
     Layers of non-sequential methods do not depend on each other: they go through ``pmap``, which spreads
     them over the Dask cluster when the stage runs on one.
     """
+    keep_freed_memory()
     methods = {name: cls(quant) for name, cls in METHODS.items()}
     settings = _settings(quant, device)
     if _sequential(plans):
@@ -143,6 +145,7 @@ class IndependentLayer:
 
 
 def quantize_independent_layer(job: IndependentLayer) -> Blob:
+    keep_freed_memory()
     store = Store(job.store_url)
     methods = {name: cls(job.quant) for name, cls in METHODS.items()}
     return _layer(job.model, ModelDir(job.model_path), CalibrationStats(job.calibration, store), job.plan, job.index,
