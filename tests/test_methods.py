@@ -276,7 +276,7 @@ def test_a_layer_run_input_by_input_is_bitwise_its_forward(tmp_path: Path) -> No
 
 
 def test_the_compute_stages_can_keep_freed_memory_on_glibc() -> None:
-    """The quantize and calibrate stages raise glibc's mmap and trim limits (tasks/malloc.py); elsewhere it is a no-op."""
+    """The quantize and calibrate stages raise glibc's mmap and trim limits (tasks/malloc.py); a no-op elsewhere."""
     import platform
 
     from quantfab.tasks.malloc import keep_freed_memory

@@ -80,7 +80,7 @@ def inverse_cholesky(reversed_h: np.ndarray, damp_percent: float, name: str) -> 
         r, info = torch.linalg.cholesky_ex(h, upper=True)
         if info.item() == 0:
             r_inv = upper_triangular_inverse(r)
-            return np.ascontiguousarray(r_inv.T.numpy()[::-1, ::-1])  # r_inv comes column-major: .T is a plain view
+            return np.ascontiguousarray(r_inv.T.numpy()[::-1, ::-1])  # r_inv is column-major: .T is a view
         damp *= 10
     raise UserError(f"{name}: GPTQ's Hessian is not positive definite even with dampening {damp / 10:.3g} "
                     f"({damp_percent} x 10^{DAMP_RETRIES} of its mean diagonal {mean_diag:.3g}); raise "

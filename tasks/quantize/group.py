@@ -27,7 +27,8 @@ class GroupClipSearch(PerModule):
         return clip_search(w, grid, RATIOS, weighted_squares(grid, importance))
 
 
-BlockError = Callable[[np.ndarray], np.ndarray]  # (rows, blocks, block) differences, which it may overwrite -> (rows, blocks) errors
+# (rows, blocks, block) differences, which it may overwrite -> (rows, blocks) errors
+BlockError = Callable[[np.ndarray], np.ndarray]
 
 
 def weighted_squares(grid: Grid, importance: np.ndarray) -> BlockError:
