@@ -2,9 +2,10 @@
 
 glibc serves blocks above a threshold (dynamic, 32 MiB at most) with mmap and hands them back to the
 kernel when they are freed, and trims the free top of its heap beyond twice that. A layer's activations
-and matmul outputs are such blocks, so every layer page-faulted and zeroed them again: the synthetic
-8 x 1024 Llama's GPTQ spent a tenth of its wall time in the kernel. Raising both limits keeps freed
-memory for the next layer, whose shapes are the same; bench/rss_layers.py measures the peak with it.
+and matmul outputs are such blocks, so every layer page-faulted and zeroed them again (bench/peer/
+run_ours.py --synthetic spent 15 s of its 161 s in the kernel). Raising both limits keeps freed memory
+for the next layer, whose shapes are the same: GPTQ on 2 layers of the synthetic 1024-wide Llama went
+from 16.2 to 14.5 s. The price is a higher peak (bench/rss_layers.py: +140-240 MiB at that width).
 """
 
 from __future__ import annotations
