@@ -114,8 +114,9 @@ def gptq(w: np.ndarray, h: np.ndarray, grid: Grid, damp_percent: float, block_si
     inv_perm = np.argsort(perm)
     # H in processing order, reversed (what inverse_cholesky factorises), in one copy: np.take is 7x
     # faster than fancy indexing on both axes.
-    reversed_h = np.take(np.take(h.astype(np.float32, copy=False), perm[::-1], axis=0), perm[::-1], axis=1)
-    reversed_h[dead[perm[::-1]], dead[perm[::-1]]] = 1
+    backwards = perm[::-1]
+    reversed_h = np.take(np.take(h.astype(np.float32, copy=False), backwards, axis=0), backwards, axis=1)
+    reversed_h[dead[backwards], dead[backwards]] = 1
     U = inverse_cholesky(reversed_h, damp_percent, name)
     # Work on W transposed, (cols, rows) in processing order: each column GPTQ reads, quantizes and
     # updates is then a contiguous row, and so are the scales of a group.
