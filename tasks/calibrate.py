@@ -17,6 +17,7 @@ import torch
 from safetensors.numpy import save_file
 
 from quantfab.tasks.download import materialize
+from quantfab.tasks.gram import add_gram_upper, mirror_upper
 from quantfab.tasks.malloc import keep_freed_memory
 from quantfab.tasks.manifests import CalibrationManifest, ModelManifest
 from quantfab.tasks.modelio import INPUT_OF, DecoderStack, layer_prefix, pick_device, relative
@@ -80,38 +81,8 @@ def calibrate_on(model: ModelManifest, ids: np.ndarray, device: str, store: Stor
     return CalibrationManifest(tokens=token_blob, stats=stats, count=int(ids.size))
 
 
-GRAM_BLOCKS = 4  # x^T x is symmetric: computing the 10 of 16 blocks on or above the diagonal saves a third
-
-
-def _gram_edges(n: int) -> list[int]:
-    k = GRAM_BLOCKS if n >= 64 * GRAM_BLOCKS else 1
-    return [n * i // k for i in range(k + 1)]
-
-
-def add_gram_upper(h: torch.Tensor, x: torch.Tensor) -> None:
-    """h += x^T x on the blocks on and above the diagonal only (``mirror_upper`` fills the rest when done)."""
-    edges = _gram_edges(x.shape[1])
-    for i in range(len(edges) - 1):
-        rows = slice(edges[i], edges[i + 1])
-        for j in range(i, len(edges) - 1):
-            cols = slice(edges[j], edges[j + 1])
-            h[rows, cols].addmm_(x[:, rows].T, x[:, cols])
-
-
-def mirror_upper(h: torch.Tensor) -> torch.Tensor:
-    """The symmetric matrix whose upper triangle is h's, made in place from add_gram_upper's blocks."""
-    edges = _gram_edges(h.shape[0])
-    for i in range(len(edges) - 1):
-        rows = slice(edges[i], edges[i + 1])
-        block = h[rows, rows]
-        block.copy_(torch.triu(block) + torch.triu(block, 1).T)
-        for j in range(i + 1, len(edges) - 1):
-            h[edges[j]:edges[j + 1], rows] = h[rows, edges[j]:edges[j + 1]].T
-    return h
-
-
 class Moments:
-    """Running sum of x^T x (its upper blocks) and of |x| over the rows of one Linear's inputs."""
+    """Running sum of x^T x (its upper panels) and of |x| over the rows of one Linear's inputs."""
 
     def __init__(self, width: int, device: torch.device):
         self.upper = torch.zeros(width, width, dtype=torch.float32, device=device)

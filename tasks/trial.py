@@ -25,12 +25,13 @@ from quantfab.tasks.validate import compare
 
 class Trial:
     def __init__(self, model_path: Path, store: Store, calibration_ids: np.ndarray, eval_ids: np.ndarray,
-                 device: str = "cpu"):
+                 device: str = "cpu", statistics: bool = True):
         self.store, self.eval_ids, self.device = store, eval_ids, device
         self.model = download(str(model_path), None, ["*.safetensors", "*.json"], False, store)
         self.folder = materialize(store, self.model.files)
         self.config, self.weights = self.folder.config(), self.folder.weights()
-        self.calibration = calibrate_on(self.model, calibration_ids, device, store)
+        # statistics=False: only the token windows, for trials of sequential methods alone (they measure their inputs)
+        self.calibration = calibrate_on(self.model, calibration_ids, device, store, statistics)
         self._metrics: dict[tuple, dict[str, Any]] = {}
 
     def quantize(self, quant: Any, grid: str) -> QuantizedOutput:

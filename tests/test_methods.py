@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from quantfab.pipelines.recipe import QuantizeSpec
 from quantfab.tasks.errors import UserError
@@ -74,6 +75,26 @@ def test_awq_beats_rtn(tiny: Trial, group: int, symmetric: bool) -> None:
 def test_nf4_beats_symmetric_int4_at_the_same_block(tiny: Trial) -> None:
     nf4, rtn = kl(tiny, "nf4", "NF4_B64"), kl(tiny, "rtn", int4(64, True))
     assert nf4 <= rtn, f"KL nf4 {nf4:.5f} vs symmetric int4 g64 {rtn:.5f}"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("method", ["gptq", "awq"])
+def test_method_on_cuda_matches_its_cpu_build(tiny: Trial, data_dir: Path, protocol, tmp_path: Path, method: str) -> None:
+    """On a GPU, calibration, GPTQ's factorisation and updates and AWQ's error matmuls run there and the grids'
+    rules on the CPU: float32 sums round differently, so a few codes may differ; the build's quality may not."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    cuda = Trial(data_dir / "tinystories-656k", Store(str(tmp_path / "store")), *protocol, device="cuda")
+    spec, grid = QuantizeSpec(method=method), int4(32, False)
+    equal = total = 0
+    for on_cpu, on_gpu in zip(tiny.layer_files(spec, grid), cuda.layer_files(spec, grid)):
+        for module in (r.name for r in on_cpu.reports() if r.grid):
+            a, b = on_cpu.encoded(module).codes, on_gpu.encoded(module).codes
+            equal, total = equal + int((a == b).sum()), total + a.size
+    print(f"{method} on cuda: {equal / total:.4%} of codes equal the CPU build's; "
+          f"KL {kl(cuda, method, grid):.5f} vs {kl(tiny, method, grid):.5f}")
+    assert equal / total >= 0.95
+    assert kl(cuda, method, grid) == pytest.approx(kl(tiny, method, grid), rel=0.05)
 
 
 def test_gptq_on_llama_cpp_grid_keeps_the_grid(tiny: Trial) -> None:
@@ -174,9 +195,11 @@ def test_inverse_cholesky_is_the_upper_factor_of_the_dampened_inverse() -> None:
     rng = np.random.default_rng(5)
     x = rng.standard_normal((600, 300)).astype(np.float32)
     h = x.T @ x
-    u = inverse_cholesky(np.ascontiguousarray(h[::-1, ::-1]), 0.01, "w")
+    u = inverse_cholesky(torch.from_numpy(np.ascontiguousarray(h[::-1, ::-1])), 0.01, "w")
+    assert u.dtype == torch.float32 and u.is_contiguous()
+    u = u.numpy()
     reference = np.linalg.cholesky(np.linalg.inv(h.astype(np.float64) + 0.01 * np.mean(np.diag(h)) * np.eye(300))).T
-    assert u.dtype == np.float32 and u.flags.c_contiguous and np.array_equal(np.triu(u), u)
+    assert np.array_equal(np.triu(u), u)
     assert np.abs(u - reference).max() < 1e-5 * np.abs(reference).max()
 
 
@@ -239,7 +262,7 @@ def test_gptq_builds_calibrate_tokens_only_and_fit_the_same_codes(tiny: Trial, d
 def test_the_gram_matrix_from_its_upper_blocks_is_symmetric_and_exact(width: int) -> None:
     import torch
 
-    from quantfab.tasks.calibrate import add_gram_upper, mirror_upper
+    from quantfab.tasks.gram import add_gram_upper, mirror_upper
 
     x = torch.from_numpy(np.random.default_rng(width).standard_normal((700, width), dtype=np.float32))
     h = torch.zeros(width, width)
@@ -251,6 +274,18 @@ def test_the_gram_matrix_from_its_upper_blocks_is_symmetric_and_exact(width: int
     reference = x.double().T @ x.double()
     assert torch.equal(full, full.T)
     assert (full - reference).abs().max().item() < 1e-5 * reference.abs().max().item()
+
+
+@pytest.mark.parametrize("rows,width", [(7, 100), (40, 600), (300, 1000)])
+def test_hessian_weighted_is_the_trace_of_delta_h_delta_t(rows: int, width: int) -> None:
+    from quantfab.tasks.gram import hessian_weighted
+
+    rng = np.random.default_rng(width)
+    x = rng.standard_normal((900, width)).astype(np.float32)
+    h = x.T @ x
+    delta = rng.standard_normal((rows, width)).astype(np.float32)
+    reference = float(np.trace(delta.astype(np.float64) @ h.astype(np.float64) @ delta.T.astype(np.float64)))
+    assert hessian_weighted(delta, torch.from_numpy(h)) == pytest.approx(reference, rel=1e-5)
 
 
 def test_a_layer_run_input_by_input_is_bitwise_its_forward(tmp_path: Path) -> None:

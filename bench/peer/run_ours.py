@@ -6,6 +6,7 @@ the peer's. Prints ours beside theirs (results-tinystories.json, from run_llmcom
 
     python bench/peer/run_ours.py [--data ../shared/data] [--peer bench/peer/results-tinystories.json]
     python bench/peer/run_ours.py --synthetic      # quantize-stage time on the 8 x 1024 synthetic Llama
+    python bench/peer/run_ours.py --device cuda    # either, with calibration and the methods on the GPU
 
 For the timing comparison, pin both sides to one core the same way, e.g. `taskset -c 0 ... --threads 1`.
 """
@@ -45,7 +46,7 @@ SCHEMES = {  # peer scheme name -> (our method, our grid)
 SYN_DIR = Path(os.environ.get("BENCH_CACHE", "/work/bench-cache")) / "synthetic-8x1024"
 
 
-def synthetic(peer_path: Path, schemes: list[str]) -> dict:
+def synthetic(peer_path: Path, schemes: list[str], device: str) -> dict:
     """Quantize-stage wall time (calibration + method) on the model and rows run_llmcompressor.py saved.
 
     The peer's oneshot time holds its own calibration passes and its method, so ours is the same sum:
@@ -57,18 +58,24 @@ def synthetic(peer_path: Path, schemes: list[str]) -> dict:
 
     from quantfab.tasks.quantize import METHODS
 
+    if not (SYN_DIR / "calib.safetensors").is_file():  # e.g. on a GPU machine: the peer side's seeded build
+        import run_llmcompressor  # its llm-compressor imports are inside the functions that run oneshot
+
+        run_llmcompressor.build_synthetic(SYN_DIR)
     rows = load_file(str(SYN_DIR / "calib.safetensors"))["input_ids"]
     peer = json.loads(peer_path.read_text())["results"] if peer_path.is_file() else {}
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
-        trial = Trial(SYN_DIR, Store(tmp), rows, eval_ids=rows[:1])
+        needed = sorted({not METHODS[SCHEMES[s][0]].sequential for s in schemes})
+        trial = Trial(SYN_DIR, Store(tmp), rows, eval_ids=rows[:1], device=device, statistics=needed[-1])
         calibrate_s = {}
-        for statistics in (True, False):
+        for statistics in needed:
             t = time.perf_counter()
-            calibrate_on(trial.model, rows, "cpu", trial.store, statistics)
+            calibrate_on(trial.model, rows, device, trial.store, statistics)
             calibrate_s[statistics] = time.perf_counter() - t
-        print(f"synthetic 8 x 1024, calibration {rows.shape[0]} x {rows.shape[1]}: calibrate {calibrate_s[True]:.1f} s "
-              f"with statistics, {calibrate_s[False]:.1f} s token windows only; torch threads {torch.get_num_threads()}")
+        print(f"synthetic 8 x 1024, calibration {rows.shape[0]} x {rows.shape[1]}: calibrate "
+              + ", ".join(f"{v:.1f} s {'with statistics' if k else 'token windows only'}" for k, v in calibrate_s.items())
+              + f"; torch threads {torch.get_num_threads()}; device {device_name(device)}")
         print(f"{'scheme':<15} {'calib s':>8} {'method s':>9} {'ours s':>8} {'peer s':>8} {'ours/peer':>10}")
         for scheme in schemes:
             method, grid = SCHEMES[scheme]
@@ -82,7 +89,12 @@ def synthetic(peer_path: Path, schemes: list[str]) -> dict:
                                "ratio": ours / theirs if theirs else None}
             print(f"{scheme:<15} {calib:8.1f} {method_s:9.1f} {ours:8.1f} {theirs or float('nan'):8.1f} "
                   f"{ours / theirs if theirs else float('nan'):10.3f}", flush=True)
-    return {"calib_shape": list(rows.shape), "torch_threads": torch.get_num_threads(), "schemes": results}
+    return {"calib_shape": list(rows.shape), "torch_threads": torch.get_num_threads(), "device": device_name(device),
+            "schemes": results}
+
+
+def device_name(device: str) -> str:
+    return torch.cuda.get_device_name() if device == "cuda" else "cpu"
 
 
 def main() -> None:
@@ -93,12 +105,13 @@ def main() -> None:
     ap.add_argument("--schemes", nargs="*", default=None, choices=list(SCHEMES), metavar="SCHEME")
     ap.add_argument("--synthetic", action="store_true", help="time the quantize stage on the synthetic 8 x 1024 Llama")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where calibration and the methods run")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.synthetic:
         out = synthetic(Path(__file__).resolve().parent / "results-synthetic.json",
-                        args.schemes or ["gptq-g128-sym", "awq-g128-asym"])
+                        args.schemes or ["gptq-g128-sym", "awq-g128-asym"], args.device)
         if args.out:
             args.out.write_text(json.dumps(out, indent=2) + "\n")
         return
@@ -113,7 +126,7 @@ def main() -> None:
     results: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
         t = time.perf_counter()
-        trial = Trial(model_dir, Store(tmp), rows, eval_ids=rows[:1])  # scored below by protocol.evaluate instead
+        trial = Trial(model_dir, Store(tmp), rows, eval_ids=rows[:1], device=args.device)  # scored by protocol.evaluate
         calibrate_s = time.perf_counter() - t
         print(f"FP32 PPL {protocol.evaluate(hf, chunks)['ppl']:.3f}; calibration {calibrate_s:.1f} s (shared by all)")
         print(f"{'scheme':<15} {'PPL ours':>9} {'PPL peer':>9} {'KL ours':>8} {'KL peer':>8} {'KL o/p':>7} "
@@ -140,7 +153,8 @@ def main() -> None:
                   f"{theirs.get('seconds', float('nan')):7.1f} {ratio(seconds, theirs.get('seconds')):>6}", flush=True)
     if args.out:
         args.out.write_text(json.dumps({"defaults": QuantizeSpec(method="gptq").model_dump(mode="json"),
-                                        "torch_threads": torch.get_num_threads(), "schemes": results}, indent=2) + "\n")
+                                        "torch_threads": torch.get_num_threads(), "device": device_name(args.device),
+                                        "schemes": results}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -16,12 +16,14 @@ Statistics are the unquantized model's, which are the scaled model's: scaling le
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 from quantfab.tasks.modelio import INPUT_OF
 from quantfab.tasks.quantize.grids import Encoded, Grid
 from quantfab.tasks.quantize.group import clip_search
 from quantfab.tasks.quantize.layer import LayerInput, LayerResult, PerModule
-from quantfab.tasks.quantize.stats import InputStats
+from quantfab.tasks.gram import hessian_weighted
+from quantfab.tasks.quantize.stats import CPU, InputStats
 
 # (what the scale is folded into, whether that is a Linear whose rows it divides, the scaled Linears, their input)
 SCALING = (
@@ -49,7 +51,7 @@ class AWQ(PerModule):
                                    or weights[prev].shape[0] != weights[f"{modules[0]}.weight"].shape[1]):
                 continue  # e.g. grouped-query attention: v's outputs do not line up with o's inputs
             s = search_scale([weights[f"{m}.weight"] for m in modules], [layer.grids[m] for m in modules],
-                             stats[key], opts.grid_points)
+                             stats[key], opts.grid_points, self.device)
             if prev_is_linear:
                 weights[prev] = (weights[prev] / s[:, None]).astype(np.float32)
             else:
@@ -73,10 +75,12 @@ class AWQ(PerModule):
         return result
 
 
-def search_scale(ws: list[np.ndarray], grids: list[Grid], st: InputStats, points: int) -> np.ndarray:
-    """The per-input-channel scale with the least output error of the scaled, quantized group."""
+def search_scale(ws: list[np.ndarray], grids: list[Grid], st: InputStats, points: int,
+                 device: torch.device = CPU) -> np.ndarray:
+    """The per-input-channel scale with the least output error of the scaled, quantized group (the error's
+    matmuls on ``device``, the codes on the CPU)."""
     x_mean = np.maximum(st.mean_abs.astype(np.float32), np.float32(0))
-    h = st.hessian.astype(np.float32)
+    h = torch.from_numpy(st.hessian.astype(np.float32, copy=False)).to(device)
     best_s, best_loss = np.ones_like(x_mean), np.inf
     for alpha in np.arange(points, dtype=np.float32) / np.float32(points):
         s = np.maximum(x_mean ** alpha, np.float32(1e-4))
@@ -85,7 +89,7 @@ def search_scale(ws: list[np.ndarray], grids: list[Grid], st: InputStats, points
         for w, grid in zip(ws, grids):
             scaled = (w * s[None, :]).astype(np.float32)
             delta = grid.decode(grid.reference(scaled)) / s[None, :] - w
-            loss += float(((delta @ h) * delta).sum(dtype=np.float64))
+            loss += hessian_weighted(delta, h)
         if loss < best_loss:
             best_s, best_loss = s, loss
     return best_s

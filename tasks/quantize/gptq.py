@@ -31,6 +31,7 @@ from quantfab.tasks.quantize.stats import InputStats
 DAMP_RETRIES = 4  # multiply the dampening by 10 up to this many times before giving up
 TRIANGULAR_BASE = 128  # upper_triangular_inverse solves blocks this small directly
 SUB_BLOCK = 16  # columns whose updates inside a lazy-batch block are applied one by one
+CPU = torch.device("cpu")
 
 
 class GPTQ(PerModule):
@@ -61,26 +62,24 @@ class GPTQ(PerModule):
         opts = self.spec.gptq
         ratios = np.linspace(1.0, 1.0 - opts.max_shrink, opts.clip_points, dtype=np.float32) if opts.clip else None
         return gptq(w, stats.hessian * np.float32(2 / max(stats.count, 1)), grid, opts.damp_percent, opts.block_size,
-                    opts.act_order, opts.static_groups, name, ratios)
+                    opts.act_order, opts.static_groups, name, ratios, self.device)
 
 
-def inverse_cholesky(reversed_h: np.ndarray, damp_percent: float, name: str) -> np.ndarray:
+def inverse_cholesky(reversed_h: torch.Tensor, damp_percent: float, name: str) -> torch.Tensor:
     """Upper Cholesky factor U of (H + damp I)^-1 = U^T U, from J H J (J reverses the order; the caller's
     copy, dampened in place), raising the dampening tenfold on failure.
 
     With J (H + damp I) J = R^T R, U = J R^-T J: one factorisation and one triangular inverse instead
     of the reference code's factorise, invert, factorise again.
     """
-    mean_diag = float(np.mean(np.diag(reversed_h)))
+    diagonal = reversed_h.diagonal().clone()
+    mean_diag = float(diagonal.mean())
     damp = damp_percent * mean_diag
-    h = torch.from_numpy(reversed_h)
-    diagonal = h.diagonal().clone()
     for _ in range(DAMP_RETRIES + 1):
-        h.diagonal().copy_(diagonal + damp)  # in place: a fresh damp * eye costs a third of the factorisation
-        r, info = torch.linalg.cholesky_ex(h, upper=True)
+        reversed_h.diagonal().copy_(diagonal + damp)  # in place: a fresh damp * eye costs a third of the factorisation
+        r, info = torch.linalg.cholesky_ex(reversed_h, upper=True)
         if info.item() == 0:
-            r_inv = upper_triangular_inverse(r)
-            return np.ascontiguousarray(r_inv.T.numpy()[::-1, ::-1])  # r_inv is column-major: .T is a view
+            return upper_triangular_inverse(r).T.flip(0, 1).contiguous()
         damp *= 10
     raise UserError(f"{name}: GPTQ's Hessian is not positive definite even with dampening {damp / 10:.3g} "
                     f"({damp_percent} x 10^{DAMP_RETRIES} of its mean diagonal {mean_diag:.3g}); raise "
@@ -92,7 +91,7 @@ def upper_triangular_inverse(r: torch.Tensor) -> torch.Tensor:
     twice as fast as a triangular solve against the identity on one core."""
     n = r.shape[0]
     if n <= TRIANGULAR_BASE:
-        return torch.linalg.solve_triangular(r, torch.eye(n, dtype=r.dtype), upper=True)
+        return torch.linalg.solve_triangular(r, torch.eye(n, dtype=r.dtype, device=r.device), upper=True)
     k = n // 2
     a, c = upper_triangular_inverse(r[:k, :k]), upper_triangular_inverse(r[k:, k:])
     out = torch.zeros_like(r)
@@ -102,7 +101,11 @@ def upper_triangular_inverse(r: torch.Tensor) -> torch.Tensor:
 
 
 def gptq(w: np.ndarray, h: np.ndarray, grid: Grid, damp_percent: float, block_size: int, act_order: bool,
-         static_groups: bool, name: str, clip_ratios: np.ndarray | None = None) -> Encoded:
+         static_groups: bool, name: str, clip_ratios: np.ndarray | None = None,
+         device: torch.device = CPU) -> Encoded:
+    """Codes of ``w`` on ``grid``. The factorisation and the updates of columns beyond the current lazy batch
+    (nearly all the arithmetic) run on ``device``; each batch's columns are quantized on the CPU, where the
+    grids' NumPy rules live, and only the batch and its errors cross over."""
     rows, cols = w.shape
     group = grid.block
     W = w.astype(np.float32, copy=True)
@@ -117,10 +120,10 @@ def gptq(w: np.ndarray, h: np.ndarray, grid: Grid, damp_percent: float, block_si
     backwards = perm[::-1]
     reversed_h = np.take(np.take(h.astype(np.float32, copy=False), backwards, axis=0), backwards, axis=1)
     reversed_h[dead[backwards], dead[backwards]] = 1
-    U = inverse_cholesky(reversed_h, damp_percent, name)
+    U = inverse_cholesky(torch.from_numpy(reversed_h).to(device), damp_percent, name)
     # Work on W transposed, (cols, rows) in processing order: each column GPTQ reads, quantizes and
     # updates is then a contiguous row, and so are the scales of a group.
-    WT = torch.from_numpy(W).T.contiguous().index_select(0, torch.from_numpy(perm)).numpy()
+    WT = torch.from_numpy(W).to(device).T.contiguous().index_select(0, torch.from_numpy(perm).to(device))
 
     span = grid.span  # columns whose scales are set together: a group, or a K-quant super-block of groups
     per = span // group
@@ -146,13 +149,15 @@ def gptq(w: np.ndarray, h: np.ndarray, grid: Grid, damp_percent: float, block_si
         done[:] = True
     codesT = np.zeros((cols, rows), np.int8)
 
-    WTt, Ut = torch.from_numpy(WT), torch.from_numpy(U)
     for i1 in range(0, cols, block_size):
         i2 = min(i1 + block_size, cols)
+        batch = WT[i1:i2].cpu()  # on the CPU already: a view, updated in place
+        Ub = U[i1:i2, i1:i2].cpu()
+        B = batch.numpy()
         Err1 = np.zeros((i2 - i1, rows), np.float32)  # each column's rounding error over its U diagonal
         Err1t = torch.from_numpy(Err1)
-        # Inside the block, columns update only their sub-block one by one (BLAS ger, in place); the rest
-        # of the block takes a sub-block's errors at once, as the rest of the matrix takes the block's.
+        # Inside the batch, columns update only their sub-block one by one (BLAS ger, in place); the rest
+        # of the batch takes a sub-block's errors at once, as the rest of the matrix takes the batch's.
         for j1 in range(i1, i2, SUB_BLOCK):
             j2 = min(j1 + SUB_BLOCK, i2)
             for i in range(j1, j2):
@@ -160,23 +165,39 @@ def gptq(w: np.ndarray, h: np.ndarray, grid: Grid, damp_percent: float, block_si
                 g, s = col // group, col // span
                 if not done[s]:
                     members = inv_perm[s * span:(s + 1) * span]  # positions of the span's columns in WT
-                    current = WTt[members]  # a copy; below, the updates still pending for them are applied
-                    for pending, first in ((members >= i2, i1), ((members >= j2) & (members < i2), j1)):
-                        if pending.any():
-                            current[pending] -= Ut[first:i, members[pending]].T @ Err1t[first - i1:i - i1]
-                    set_span_scales(s, np.ascontiguousarray(current.numpy().T), members)
+                    set_span_scales(s, _span_columns(WT, U, batch, Ub, Err1t, members, i, i1, i2, j1, j2), members)
                     done[s] = True
-                x = WT[i]
+                x = B[i - i1]
                 mg = None if mT is None else mT[g]
                 q = grid.encode_values(x, dT[g], mg)
                 codesT[col] = q
                 err = Err1[i - i1]
-                np.divide(x - grid.decode_values(q, dT[g], mg), U[i, i], out=err)
-                WTt[i + 1:j2].addr_(Ut[i, i + 1:j2], Err1t[i - i1], alpha=-1)
+                np.divide(x - grid.decode_values(q, dT[g], mg), Ub[i - i1, i - i1].item(), out=err)
+                batch[i + 1 - i1:j2 - i1].addr_(Ub[i - i1, i + 1 - i1:j2 - i1], Err1t[i - i1], alpha=-1)
             if j2 < i2:
-                WTt[j2:i2].addmm_(Ut[j1:j2, j2:i2].T, Err1t[j1 - i1:j2 - i1], alpha=-1)
+                batch[j2 - i1:].addmm_(Ub[j1 - i1:j2 - i1, j2 - i1:].T, Err1t[j1 - i1:j2 - i1], alpha=-1)
         if i2 < cols:
-            WTt[i2:].addmm_(Ut[i1:i2, i2:].T, Err1t, alpha=-1)
+            WT[i2:].addmm_(U[i1:i2, i2:].T, Err1t.to(device), alpha=-1)
     return Encoded(np.ascontiguousarray(codesT.T), np.ascontiguousarray(dT.T),
                    None if mT is None else np.ascontiguousarray(mT.T))
 
+
+def _span_columns(WT: torch.Tensor, U: torch.Tensor, batch: torch.Tensor, Ub: torch.Tensor, Err1: torch.Tensor,
+                  members: np.ndarray, i: int, i1: int, i2: int, j1: int, j2: int) -> np.ndarray:
+    """A span's columns, (rows, span) on the CPU, as fully updated by every column before position ``i``.
+
+    Its members are all at positions >= i. Those in the current sub-block [i, j2) are up to date; those
+    later in the batch still lack the sub-block's pending updates, and those beyond the batch (on the
+    device) the whole batch's so far: both are applied to copies.
+    """
+    current = torch.empty(len(members), batch.shape[1], dtype=batch.dtype)
+    beyond, later = members >= i2, (members >= j2) & (members < i2)
+    here = ~(beyond | later)
+    current[here] = batch[members[here] - i1]
+    if later.any():
+        m = members[later] - i1
+        current[later] = batch[m] - Ub[j1 - i1:i - i1, m].T @ Err1[j1 - i1:i - i1]
+    if beyond.any():
+        m = torch.from_numpy(members[beyond]).to(WT.device)
+        current[beyond] = (WT[m] - U[i1:i, m].T @ Err1[:i - i1].to(WT.device)).cpu()
+    return np.ascontiguousarray(current.numpy().T)

@@ -65,13 +65,13 @@ def quantize_model(model: ModelManifest, model_dir: ModelDir, calibration: Calib
     them over the Dask cluster when the stage runs on one.
     """
     keep_freed_memory()
-    methods = {name: cls(quant) for name, cls in METHODS.items()}
+    methods = {name: cls(quant, device) for name, cls in METHODS.items()}
     settings = _settings(quant, device)
     if _sequential(plans):
         inputs = HiddenStates(model, model_dir, calibration, device, store)
         layers: list[Blob] = []
         for i, plan in enumerate(plans):
-            checkpoint, blob = _layer(model, model_dir, inputs, plan, i, methods, settings, store)
+            checkpoint, blob = _layer(model, model_dir, inputs, plan, i, methods, settings, store, device)
             layers.append(blob)
             inputs.advance(i, checkpoint, LayerFile(store.local_path(blob)))
     else:
@@ -102,7 +102,7 @@ def _sequential(plans: list[dict[str, Assignment]]) -> bool:
 
 
 def _layer(model: ModelManifest, model_dir: ModelDir, inputs: Any, plan: dict[str, Assignment], i: int,
-           methods: dict[str, Any], settings: dict[str, Any], store: Store) -> tuple[str, Blob]:
+           methods: dict[str, Any], settings: dict[str, Any], store: Store, device: torch.device) -> tuple[str, Blob]:
     """Layer i's checkpoint key and committed result, computed only when the store does not hold it yet."""
     weights = model_dir.weights()
     prefix = layer_prefix(i)
@@ -125,7 +125,7 @@ def _layer(model: ModelManifest, model_dir: ModelDir, inputs: Any, plan: dict[st
             inputs.quantize_through(i, tensors, quantize_group)
         else:
             result = _quantize_layer(tensors, inputs.stats(i, tensors), plan, methods, name)
-        blob = _commit(result, plan, tensors, prefix, store)
+        blob = _commit(result, plan, tensors, prefix, store, device)
         store.put_ref(CHECKPOINTS, checkpoint, blob)
     return checkpoint, blob
 
@@ -147,9 +147,10 @@ class IndependentLayer:
 def quantize_independent_layer(job: IndependentLayer) -> Blob:
     keep_freed_memory()
     store = Store(job.store_url)
-    methods = {name: cls(job.quant) for name, cls in METHODS.items()}
+    device = torch.device(job.settings["device"])
+    methods = {name: cls(job.quant, device) for name, cls in METHODS.items()}
     return _layer(job.model, ModelDir(job.model_path), CalibrationStats(job.calibration, store), job.plan, job.index,
-                  methods, job.settings, store)[1]
+                  methods, job.settings, store, device)[1]
 
 
 def _quantize_layer(tensors: dict[str, np.ndarray], stats: dict[str, InputStats], plan: dict[str, Assignment],
@@ -170,7 +171,7 @@ def _merge(into: LayerResult, part: LayerResult) -> None:
 
 
 def _commit(result: LayerResult, plan: dict[str, Assignment], tensors: dict[str, np.ndarray], prefix: str,
-            store: Store) -> Blob:
+            store: Store, device: torch.device) -> Blob:
     reports = []
     for lin, a in plan.items():
         if a.grid is None:
@@ -181,7 +182,7 @@ def _commit(result: LayerResult, plan: dict[str, Assignment], tensors: dict[str,
         # The error against the float weight the codes stand for, on the inputs they were fitted to
         # (AWQ: the scaled weight and the scaled inputs, whose product is the original's).
         fitted = result.fitted.get(lin, tensors[f"{lin}.weight"])
-        error = result.stats[lin].relative_output_error(fitted, grid.decode(enc))
+        error = result.stats[lin].relative_output_error(fitted, grid.decode(enc), device)
         reports.append(ModuleReport(name=prefix + lin, grid=a.grid, method=a.method, note=a.note,
                                     relative_output_error=error))
     path = Path(store.scratch()) / f"quant-{uuid.uuid4().hex}.safetensors"

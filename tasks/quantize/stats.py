@@ -7,6 +7,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from quantfab.tasks.gram import hessian_weighted
+
+CPU = torch.device("cpu")
+
 
 @dataclass(frozen=True)
 class InputStats:
@@ -24,10 +28,8 @@ class InputStats:
         """E[x_j^2] per input channel: the diagonal of the mean Hessian."""
         return (np.diag(self.hessian) / max(self.count, 1)).astype(np.float32)
 
-    def relative_output_error(self, w: np.ndarray, w_hat: np.ndarray) -> float:
-        """||(W - W')X||^2 / ||W X||^2 over the calibration inputs, from the Hessian alone."""
-        delta = torch.from_numpy((w_hat - w).astype(np.float32))
-        h, w = torch.from_numpy(self.hessian.astype(np.float32)), torch.from_numpy(w.astype(np.float32))
-        num = ((delta @ h) * delta).sum(dtype=torch.float64).item()
-        den = ((w @ h) * w).sum(dtype=torch.float64).item()
-        return float(num / den) if den > 0 else 0.0
+    def relative_output_error(self, w: np.ndarray, w_hat: np.ndarray, device: torch.device = CPU) -> float:
+        """||(W - W')X||^2 / ||W X||^2 over the calibration inputs, from the Hessian alone (on ``device``)."""
+        h = torch.from_numpy(self.hessian.astype(np.float32, copy=False)).to(device)
+        den = hessian_weighted(w, h)
+        return hessian_weighted(w_hat - w, h) / den if den > 0 else 0.0
