@@ -159,7 +159,10 @@ class PackageSpec(Section):
 
 
 class ExecutionSpec(Section):
-    device: Literal["auto", "cuda", "cpu"] = Field("auto", description="auto takes CUDA when present.")
+    device: Literal["auto", "cuda", "cpu"] = Field("auto", description=(
+        "Where calibration, the forward passes and the methods' matrix work run (GPTQ's factorisation and "
+        "updates, AWQ's error search, the error report); the grids' rounding stays on the CPU. auto takes CUDA "
+        "when present."))
     runner: Literal["local", "dask"] = Field("local", description="dask: every stage runs on prefect-dask's "
                                              "DaskTaskRunner and spreads its independent work over the cluster "
                                              "(per-file download, per-layer quantize of non-sequential methods, "

@@ -29,15 +29,22 @@ from quantfab.tasks.store import Store
 CACHE_POLICY = INPUTS + TASK_SOURCE
 ROOT = Path(__file__).resolve().parent.parent  # where tasks/ and kernels/ live (the repo, or site-packages)
 COMMON = ["tasks/errors.py", "tasks/store.py", "tasks/manifests.py", "tasks/modelio.py", "tasks/download.py"]
+GRID_SOURCES = ["tasks/quantize/grids.py", "tasks/quantize/grid_base.py", "tasks/quantize/kquants.py"]
 STAGE_SOURCES = {
     "download": ["tasks/synthetic.py"],
-    "calibrate": ["tasks/calibrate.py", "tasks/texts.py"],
-    "quantize": ["tasks/quantize", "tasks/calibrate.py"],
-    "convert": ["tasks/convert", "tasks/quantize/grids.py", "tasks/quantize/layer_file.py", "kernels"],
-    "validate": ["tasks/validate.py", "tasks/texts.py", "tasks/convert", "kernels"],
+    "calibrate": ["tasks/calibrate.py", "tasks/gram.py", "tasks/texts.py"],
+    "quantize": ["tasks/quantize", "tasks/calibrate.py", "tasks/gram.py", "tasks/texts.py",
+                 "tasks/convert", "kernels"],  # formats decide each Linear's grid
+    "convert": ["tasks/convert", *GRID_SOURCES, "tasks/quantize/layer_file.py", "kernels"],
+    "validate": ["tasks/validate.py", "tasks/texts.py", "tasks/convert", *GRID_SOURCES, "tasks/quantize/layer_file.py",
+                 "kernels"],
     "package": ["tasks/package.py"],
 }
 SOURCE_SUFFIXES = (".py", ".cu", ".h")
+
+
+# imported by stages but unable to change what they write: scheduling, the allocator, log redaction
+NO_OUTPUT_EFFECT = ["tasks/__init__.py", "tasks/parallel.py", "tasks/malloc.py", "tasks/redact.py"]
 
 
 def code_digest(stage: str) -> str:

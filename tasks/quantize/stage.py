@@ -293,7 +293,7 @@ class HiddenStates:
 def _settings(quant: Any, device: torch.device) -> dict[str, Any]:
     """What besides weights, inputs and grids decides a layer's codes: method options, the code, the device."""
     code = hashlib.sha256()
-    for f in sorted(SOURCES.glob("*.py")) + [SOURCES.parent / "modelio.py", SOURCES.parent / "calibrate.py"]:
+    for f in sorted(SOURCES.glob("*.py")) + [SOURCES.parent / n for n in ("modelio.py", "calibrate.py", "gram.py")]:
         code.update(f.name.encode() + b"\0" + f.read_bytes())
     return {"quantize": quant.model_dump(mode="json"), "code": code.hexdigest(), "device": device.type}
 
