@@ -81,7 +81,9 @@ def test_nf4_beats_symmetric_int4_at_the_same_block(tiny: Trial) -> None:
 @pytest.mark.parametrize("method", ["gptq", "awq"])
 def test_method_on_cuda_matches_its_cpu_build(tiny: Trial, data_dir: Path, protocol, tmp_path: Path, method: str) -> None:
     """On a GPU, calibration, GPTQ's factorisation and updates and AWQ's error matmuls run there and the grids'
-    rules on the CPU: float32 sums round differently, so a few codes may differ; the build's quality may not."""
+    rules on the CPU: float32 sums round differently, so a few codes may differ; the build's quality may not.
+    (On the CPU, every Hessian entry nudged by up to 2^-21 of itself kept 98.0 % of GPTQ's codes and 100 % of
+    AWQ's, and moved KL by 0.3 % and 0; the bounds below leave room for the activations' rounding too.)"""
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device")
     cuda = Trial(data_dir / "tinystories-656k", Store(str(tmp_path / "store")), *protocol, device="cuda")
