@@ -177,11 +177,14 @@ class ModelDir:
         return WeightIndex(files, tied_embeddings=bool(self.config().tie_word_embeddings))
 
 
+CPU = torch.device("cpu")
+
+
 def pick_device(setting: str) -> torch.device:
     if setting == "cuda" and not torch.cuda.is_available():
         raise UserError("execution.device: cuda was asked for but no CUDA device is present")
     if setting == "cpu" or not torch.cuda.is_available():
-        return torch.device("cpu")
+        return CPU
     return torch.device("cuda")
 
 

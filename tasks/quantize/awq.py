@@ -19,11 +19,11 @@ import numpy as np
 import torch
 
 from quantfab.tasks.gram import hessian_weighted
-from quantfab.tasks.modelio import INPUT_OF
+from quantfab.tasks.modelio import CPU, INPUT_OF
 from quantfab.tasks.quantize.grids import Encoded, Grid
 from quantfab.tasks.quantize.group import clip_search
 from quantfab.tasks.quantize.layer import LayerInput, LayerResult, PerModule
-from quantfab.tasks.quantize.stats import CPU, InputStats
+from quantfab.tasks.quantize.stats import InputStats
 
 # (what the scale is folded into, whether that is a Linear whose rows it divides, the scaled Linears, their input)
 SCALING = (

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from quantfab.tasks.errors import UserError
-from quantfab.tasks.modelio import INPUT_OF
+from quantfab.tasks.modelio import CPU, INPUT_OF
 from quantfab.tasks.quantize.grids import Encoded, Grid
 from quantfab.tasks.quantize.group import clip_search, weighted_squares
 from quantfab.tasks.quantize.layer import LayerInput, LayerResult, PerModule
@@ -31,7 +31,6 @@ from quantfab.tasks.quantize.stats import InputStats
 DAMP_RETRIES = 4  # multiply the dampening by 10 up to this many times before giving up
 TRIANGULAR_BASE = 128  # upper_triangular_inverse solves blocks this small directly
 SUB_BLOCK = 16  # columns whose updates inside a lazy-batch block are applied one by one
-CPU = torch.device("cpu")
 
 
 class GPTQ(PerModule):

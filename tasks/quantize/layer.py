@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from quantfab.tasks.modelio import INPUT_OF
+from quantfab.tasks.modelio import CPU, INPUT_OF
 from quantfab.tasks.quantize.grids import Encoded, Grid
 from quantfab.tasks.quantize.stats import InputStats
 
@@ -47,7 +47,7 @@ class PerModule:
     sequential = False  # True: fit each layer to the outputs of the layers before it as quantized
     stepwise = True  # its Linears reading one input depend on nothing else: a layer can be fitted input by input
 
-    def __init__(self, spec: Any = None, device: torch.device = torch.device("cpu")):
+    def __init__(self, spec: Any = None, device: torch.device = CPU):
         self.spec = spec  # the recipe's QuantizeSpec, for methods with options
         self.device = device  # where a method runs its heavy linear algebra (grids' rules stay NumPy, on the CPU)
 

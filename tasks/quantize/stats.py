@@ -8,8 +8,7 @@ import numpy as np
 import torch
 
 from quantfab.tasks.gram import hessian_weighted
-
-CPU = torch.device("cpu")
+from quantfab.tasks.modelio import CPU
 
 
 @dataclass(frozen=True)
