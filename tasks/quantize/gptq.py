@@ -152,7 +152,7 @@ def gptq(w: np.ndarray, h: np.ndarray, grid: Grid, damp_percent: float, block_si
         i2 = min(i1 + block_size, cols)
         batch = WT[i1:i2].cpu()  # on the CPU already: a view, updated in place
         Ub = U[i1:i2, i1:i2].cpu()
-        B = batch.numpy()
+        B, diagonal = batch.numpy(), Ub.diagonal().numpy()  # NumPy views: no per-column .item() in the loop
         Err1 = np.zeros((i2 - i1, rows), np.float32)  # each column's rounding error over its U diagonal
         Err1t = torch.from_numpy(Err1)
         # Inside the batch, columns update only their sub-block one by one (BLAS ger, in place); the rest
@@ -171,7 +171,7 @@ def gptq(w: np.ndarray, h: np.ndarray, grid: Grid, damp_percent: float, block_si
                 q = grid.encode_values(x, dT[g], mg)
                 codesT[col] = q
                 err = Err1[i - i1]
-                np.divide(x - grid.decode_values(q, dT[g], mg), Ub[i - i1, i - i1].item(), out=err)
+                np.divide(x - grid.decode_values(q, dT[g], mg), diagonal[i - i1], out=err)
                 batch[i + 1 - i1:j2 - i1].addr_(Ub[i - i1, i + 1 - i1:j2 - i1], Err1t[i - i1], alpha=-1)
             if j2 < i2:
                 batch[j2 - i1:].addmm_(Ub[j1 - i1:j2 - i1, j2 - i1:].T, Err1t[j1 - i1:j2 - i1], alpha=-1)
