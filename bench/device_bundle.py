@@ -7,7 +7,8 @@ Python with torch, CuPy and transformers and nothing else of ours. `.device/` ho
 * `site/quantfab/{pipelines,tasks,kernels}`: the package as an install lays it out (a namespace package,
   so no bare `tasks`/`kernels` lands on sys.path);
 * `site/<module>`: the pure dependencies the method and kernel paths import that the machine lacks,
-  copied from this venv (pydantic's core is a CPython 3.11 x86-64 build, like this venv);
+  copied from this venv; pydantic's compiled core is fetched as the wheel for the machine's Python (3.12 on
+  the H200 image, seen 2026-12-04), since the one in this 3.11 venv does not load there;
 * `data/`: the shared TinyStories model and texts (`../shared` does not travel).
 
     python bench/device_bundle.py            # then, with the device tool (carry [".device"]):
@@ -21,15 +22,20 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.metadata
 import os
 import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 PACKAGES = ("pipelines", "tasks", "kernels")
 # imported by quantfab's recipe, grid and kernel modules, or by pytest; not part of a torch + transformers image
-DEPENDENCIES = ("pydantic", "pydantic_core", "annotated_types", "typing_inspection", "gguf", "pytest", "_pytest",
-                "pluggy", "iniconfig", "py")
+DEPENDENCIES = ("pydantic", "annotated_types", "typing_inspection", "gguf", "compressed_tensors", "loguru", "pytest",
+                "_pytest", "pluggy", "iniconfig", "py")
 DATA_FILES = ("tinystories-656k", "tinystories-valid-head.txt", "wikitext2-test.raw", "README.md")
 IGNORE = shutil.ignore_patterns("__pycache__", "*.pyc")
 
@@ -43,9 +49,22 @@ def copy_module(name: str, site: Path) -> None:
         shutil.copy2(source, site / source.name)
 
 
+def unpack_pydantic_core(site: Path, python: str) -> None:
+    """pydantic_core is compiled: fetch the manylinux wheel of our version built for the device's Python."""
+    version = importlib.metadata.version("pydantic_core")
+    with tempfile.TemporaryDirectory() as wheels:
+        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
+                        "--python-version", python, "--implementation", "cp", "--platform", "manylinux_2_28_x86_64",
+                        "--platform", "manylinux_2_17_x86_64", "--platform", "manylinux2014_x86_64", "-d", wheels,
+                        f"pydantic_core=={version}"], check=True)
+        (wheel,) = Path(wheels).glob("pydantic_core-*.whl")
+        zipfile.ZipFile(wheel).extractall(site)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=REPO / ".device")
+    ap.add_argument("--python", default="3.12", help="the device's Python version (X.Y), for compiled wheels")
     ap.add_argument("--data", type=Path, default=Path(os.environ.get("QUANTFAB_DATA", REPO.parent / "shared" / "data")))
     args = ap.parse_args()
     shutil.rmtree(args.out, ignore_errors=True)
@@ -54,6 +73,7 @@ def main() -> None:
         shutil.copytree(REPO / package, site / "quantfab" / package, ignore=IGNORE)
     for name in DEPENDENCIES:
         copy_module(name, site)
+    unpack_pydantic_core(site, args.python)
     for name in DATA_FILES:
         source = args.data / name
         (shutil.copytree if source.is_dir() else shutil.copy2)(source, args.out / "data" / name)

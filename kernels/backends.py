@@ -7,7 +7,7 @@ a GPU). The NumPy backend launches nothing: every kernel's NumPy reference answe
 A launch passes arrays of the backend's array module, Python ints (as 64-bit) and floats (as float32),
 in the order of the kernel's parameters. The host calls in words.py, nf4.py and gguf_blocks.py take
 NumPy arrays and return NumPy arrays; given arrays already on the device (CuPy), they leave the result
-there, which is what a GPU-resident pipeline and bench/kernels.py want.
+there, which is what a GPU-resident pipeline and bench/kernel_throughput.py want.
 """
 
 from __future__ import annotations

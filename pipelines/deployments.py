@@ -4,8 +4,8 @@
 other entry (the watch flow, hand-written ones) as it is; ``--check`` only says whether they agree.
 
 The entrypoint is the installed module ``quantfab.pipelines.quantize:quantize``, not the file
-``pipelines/quantize.py``: Prefect loads a file entrypoint with the repo root on sys.path, which would
-make the bare ``kernels`` package importable and shadow Hugging Face's.
+``pipelines/quantize.py``. Prefect imports either with the flow run's working directory on sys.path; what
+keeps a bare ``kernels`` from meaning our folder there is ``pipelines/bare_names.py``.
 """
 
 from __future__ import annotations

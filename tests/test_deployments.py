@@ -2,7 +2,9 @@
 
 The round trip is what a team does on its server: `prefect server start` on 127.0.0.1 with a fresh
 PREFECT_HOME, a process work pool, `prefect deploy --all` from the project, a worker, then
-`prefect deployment run quantize/demo --watch`; the package must be published. Worker and server are
+`prefect deployment run quantize/demo --watch`; the package must be published. The worker starts in
+the checkout, so its flow runs import the entrypoint with the repo root on sys.path (Prefect inserts the
+working directory), where transformers' `import kernels` must still get Hugging Face's package. Worker and server are
 stopped by PID (the worker ignores its first SIGTERM, so it gets a second, then SIGKILL).
 """
 
@@ -88,8 +90,8 @@ class Server:
         self.logs.mkdir()
         self.procs: list[subprocess.Popen] = []
 
-    def start(self, name: str, *args: str) -> subprocess.Popen:
-        proc = subprocess.Popen([str(BIN / "prefect"), *args], env=self.env, cwd=self.root, start_new_session=True,
+    def start(self, name: str, *args: str, cwd: Path | None = None) -> subprocess.Popen:
+        proc = subprocess.Popen([str(BIN / "prefect"), *args], env=self.env, cwd=cwd or self.root, start_new_session=True,
                                 stdout=(self.logs / f"{name}.log").open("w"), stderr=subprocess.STDOUT)
         self.procs.append(proc)
         return proc
@@ -134,7 +136,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     try:
         srv.wait_healthy(srv.start("server", "server", "start", "--host", "127.0.0.1", "--port", str(srv.port)))
         srv.prefect("work-pool", "create", WORK_POOL, "--type", "process")
-        srv.start("worker", "worker", "start", "--pool", WORK_POOL)
+        srv.start("worker", "worker", "start", "--pool", WORK_POOL, cwd=REPO)  # from the checkout, as the README says
         srv.started_s = time.perf_counter() - t0  # type: ignore[attr-defined]
         yield srv
     finally:

@@ -80,6 +80,38 @@ def test_bare_packages_are_not_importable_from_a_clean_process(tmp_path):
     assert {name for name in from_repo if not name.startswith("quantfab.")} == set()
 
 
+ROOT_ON_PATH_PROBE = r"""
+import importlib, json, sys
+from prefect.utilities.importtools import import_object
+# what a deployment's flow run does: import the module entrypoint with the working directory on sys.path
+flow = import_object("quantfab.pipelines.quantize:quantize")
+from transformers.integrations import hub_kernels  # imports Hugging Face's `kernels` (transformers 5.2x)
+bare = {}
+for name in ("kernels", "tasks", "pipelines"):
+    try:
+        bare[name] = getattr(importlib.import_module(name), "__file__", None) or "namespace"
+    except ModuleNotFoundError:
+        bare[name] = None
+print(json.dumps({"sys_path": sys.path, "flow": flow.name, "bare": bare}))
+"""
+
+
+def test_bare_packages_are_not_the_checkouts_even_with_its_root_on_sys_path():
+    """`python -c`/`-m` from the repo root and Prefect's entrypoint loader put the root on sys.path; the
+    bare names must still resolve to what is installed under them, or to nothing."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONSAFEPATH")}
+    proc = subprocess.run([sys.executable, "-c", ROOT_ON_PATH_PROBE], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert REPO in [Path(p or REPO).resolve() for p in result["sys_path"]]  # the situation under test
+    assert result["flow"] == "quantize"
+    for name, file in result["bare"].items():
+        assert not inside_repo(file if file != "namespace" else None), (name, file)
+    if importlib.util.find_spec("kernels") is not None:  # Hugging Face's, installed beside transformers
+        assert result["bare"]["kernels"] is not None
+
+
 def test_the_repo_root_is_not_on_sys_path_under_pytest():
     entries = [Path(p or os.getcwd()).resolve() for p in sys.path]  # "" means the current folder
     assert REPO not in entries, sys.path

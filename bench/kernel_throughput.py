@@ -7,8 +7,8 @@ the same rows run the NumPy references and the g++ build of the .cu sources (one
 more than a speed one) against torch on the CPU. Bytes counted are what a kernel must read and write
 once: codes in and words out for pack; packed words, scales and the expected float32 in for verify.
 
-    python bench/kernels.py                 # auto: CuPy if a GPU is present
-    python bench/kernels.py --rows 8192 --cols 8192 --repeat 20
+    python bench/kernel_throughput.py                 # auto: CuPy if a GPU is present
+    python bench/kernel_throughput.py --rows 8192 --cols 8192 --repeat 20
 """
 
 from __future__ import annotations
