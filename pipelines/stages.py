@@ -28,7 +28,8 @@ from quantfab.tasks.store import Store
 
 CACHE_POLICY = INPUTS + TASK_SOURCE
 ROOT = Path(__file__).resolve().parent.parent  # where tasks/ and kernels/ live (the repo, or site-packages)
-COMMON = ["tasks/errors.py", "tasks/store.py", "tasks/manifests.py", "tasks/modelio.py", "tasks/download.py"]
+COMMON = ["tasks/errors.py", "tasks/store.py", "tasks/manifests.py", "tasks/modelio.py", "tasks/decoder.py",
+          "tasks/families.py", "tasks/download.py"]
 GRID_SOURCES = ["tasks/quantize/grids.py", "tasks/quantize/grid_base.py", "tasks/quantize/kquants.py"]
 STAGE_SOURCES = {
     "download": ["tasks/synthetic.py"],

@@ -3,12 +3,14 @@
 (Only the token windows when no output will read the statistics: see ``calibrate_on``.)
 
 Holds one decoder layer's weights plus the hidden states of all samples. For each group of Linears that
-share an input (q/k/v, o, gate/up, down) it records the sum of x x^T (the Hessian GPTQ needs) and the
-per-channel mean |x| (what AWQ scales by), one safetensors file per layer in the store.
+read one input (the layer's forward shows which: q/k/v, o, gate/up, down in a Llama) it records the sum of
+x x^T (the Hessian GPTQ needs) and the per-channel mean |x| (what AWQ scales by), one safetensors file per
+layer in the store, whose metadata holds the layer's structure (groups, and the module producing each input).
 """
 
 from __future__ import annotations
 
+import json
 import uuid
 from pathlib import Path
 
@@ -16,11 +18,12 @@ import numpy as np
 import torch
 from safetensors.numpy import save_file
 
+from quantfab.tasks.decoder import Decoder, LayerStructure
 from quantfab.tasks.download import materialize
 from quantfab.tasks.gram import add_gram_upper, mirror_upper
 from quantfab.tasks.malloc import keep_freed_memory
 from quantfab.tasks.manifests import CalibrationManifest, ModelManifest
-from quantfab.tasks.modelio import INPUT_OF, DecoderStack, layer_prefix, pick_device, relative
+from quantfab.tasks.modelio import pick_device, relative
 from quantfab.tasks.store import Store
 from quantfab.tasks.texts import read_tokens, sampled_windows
 
@@ -64,17 +67,17 @@ def calibrate_on(model: ModelManifest, ids: np.ndarray, device: str, store: Stor
     model_dir = materialize(store, model.files)
     config, weights = model_dir.config(), model_dir.weights()
     dev = pick_device(device)
-    stack = DecoderStack(config, dev)
-    embed = weights.load(["model.embed_tokens.weight"])["model.embed_tokens.weight"]
-    hidden = torch.nn.functional.embedding(torch.from_numpy(ids), embed)
-    del embed
+    decoder = Decoder(config, dev)
+    decoder.load_outer(weights.load(decoder.entry_names()))
+    hidden = decoder.embed(torch.from_numpy(ids))
     stats = []
-    for i in range(stack.num_layers):
-        layer = stack.layer(i, relative(weights.load(weights.layer_names(i)), layer_prefix(i)))
-        recorder = InputRecorder(layer, dev)
-        hidden = stack.run_layer(layer, hidden)
+    for i in range(decoder.num_layers):
+        layer = decoder.layer(i, relative(weights.load(weights.layer_names(i)), weights.prefix(i)))
+        structure = decoder.structure(i, layer, hidden)
+        recorder = InputRecorder(layer, structure, dev)
+        hidden = decoder.run_layer(i, layer, hidden)
         path = work / f"calib-layer{i}-{uuid.uuid4().hex}.safetensors"
-        save_file(recorder.finish(), str(path))
+        save_file(recorder.finish(), str(path), metadata=structure_metadata(structure))
         stats.append(store.put_file(path))
         path.unlink()
         del layer
@@ -103,16 +106,23 @@ class Moments:
         return (self.abs_sum / max(self.count, 1)).cpu().numpy()
 
 
-class InputRecorder:
-    """Forward pre-hooks that accumulate the Moments of each distinct Linear input."""
+def structure_metadata(structure: LayerStructure) -> dict[str, str]:
+    return {"groups": json.dumps(structure.groups), "producers": json.dumps(structure.producers)}
 
-    def __init__(self, layer: torch.nn.Module, device: torch.device):
+
+def structure_from_metadata(metadata: dict[str, str]) -> LayerStructure:
+    groups = {k: tuple(v) for k, v in json.loads(metadata["groups"]).items()}
+    return LayerStructure(groups, json.loads(metadata["producers"]))
+
+
+class InputRecorder:
+    """Forward pre-hooks that accumulate the Moments of each distinct Linear input (keyed as ``structure``'s groups)."""
+
+    def __init__(self, layer: torch.nn.Module, structure: LayerStructure, device: torch.device):
         self.moments: dict[str, Moments] = {}
         self.handles = []
-        for name, key in INPUT_OF.items():
-            if key in self.moments:
-                continue
-            module = layer.get_submodule(name)
+        for key in structure.groups:
+            module = layer.get_submodule(key)
             self.moments[key] = Moments(module.in_features, device)
             self.handles.append(module.register_forward_pre_hook(lambda _m, args, key=key: self.moments[key].add(args[0])))
 

@@ -28,23 +28,29 @@ def llama_quantize(src: Path, dst: Path, file_type: str, threads: int = 1) -> fl
     return time.perf_counter() - start
 
 
-def llama_cpp_perplexity(path: Path, ids: np.ndarray, threads: int = 1) -> float:
-    """Perplexity llama.cpp computes on token windows (BOS first), every position scored but the last,
-    as validate scores them."""
+def llama_cpp_logits(path: Path, ids: np.ndarray, threads: int = 1) -> np.ndarray:
+    """llama.cpp's logits (windows, tokens, vocab) for token windows ``ids``, each window evaluated afresh."""
     llm = _load(path, ids.shape[1], threads)
-    nll, n = 0.0, 0
     try:
+        out = []
         for window in ids:
             llm.reset()
             llm.eval(window.tolist())
-            logits = np.asarray(llm.scores[: len(window) - 1], dtype=np.float64)
-            logits -= logits.max(axis=1, keepdims=True)
-            logp = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
-            nll -= logp[np.arange(len(window) - 1), window[1:]].sum()
-            n += len(window) - 1
+            out.append(np.array(llm.scores[: len(window)], dtype=np.float32))  # a copy: the next eval reuses the buffer
+        return np.stack(out)
     finally:
         llm.close()
-    return math.exp(nll / n)
+
+
+def llama_cpp_perplexity(path: Path, ids: np.ndarray, threads: int = 1) -> float:
+    """Perplexity llama.cpp computes on token windows (BOS first), every position scored but the last,
+    as validate scores them."""
+    logits = llama_cpp_logits(path, ids, threads)[:, :-1].astype(np.float64)
+    logits -= logits.max(axis=2, keepdims=True)
+    logp = logits - np.log(np.exp(logits).sum(axis=2, keepdims=True))
+    targets = ids[:, 1:]
+    nll = -np.take_along_axis(logp, targets[..., None], axis=2).sum()
+    return math.exp(nll / targets.size)
 
 
 def _load(path: Path, n_ctx: int, threads: int):

@@ -1,7 +1,8 @@
-"""Streaming access to a safetensors model, and a Llama-family decoder run one layer at a time.
+"""Streaming access to a safetensors model: its config, tokenizer and weights, read per decoder layer.
 
 Names, shapes and dtypes come from the safetensors headers alone; weights are read per decoder layer,
-so peak memory is one layer plus the hidden states, whatever the depth of the model.
+so peak memory is one layer plus the hidden states, whatever the depth of the model. The layers run in
+tasks/decoder.py.
 """
 
 from __future__ import annotations
@@ -10,20 +11,14 @@ import json
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
 from safetensors import safe_open
 
 from quantfab.tasks.errors import UserError
+from quantfab.tasks.families import check_supported
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral")
-LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-           "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
-# Linears that read the same input share one set of calibration statistics.
-INPUT_OF = {"self_attn.q_proj": "attn_in", "self_attn.k_proj": "attn_in", "self_attn.v_proj": "attn_in",
-            "self_attn.o_proj": "o_in", "mlp.gate_proj": "mlp_in", "mlp.up_proj": "mlp_in", "mlp.down_proj": "down_in"}
 ST_DTYPES = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 MAX_HEADER = 100 << 20
 FLOAT_DTYPES = ("F32", "F16", "BF16")
@@ -113,7 +108,8 @@ def alias_tied_embeddings(tensors: dict[str, TensorInfo]) -> None:
 class WeightIndex:
     """Every tensor of a model (across shards), read lazily by name."""
 
-    def __init__(self, files: list[Path], tied_embeddings: bool = False):
+    def __init__(self, files: list[Path], tied_embeddings: bool = False, layers_name: str = "model.layers"):
+        self.layers_name = layers_name
         self.tensors: dict[str, TensorInfo] = {}
         for path in sorted(files):
             self.tensors.update(read_safetensors_header(path))
@@ -136,8 +132,11 @@ class WeightIndex:
                     out[name] = tensor
         return out
 
+    def prefix(self, i: int) -> str:
+        return f"{self.layers_name}.{i}."
+
     def layer_names(self, i: int) -> list[str]:
-        prefix = f"model.layers.{i}."
+        prefix = self.prefix(i)
         return [n for n in self.tensors if n.startswith(prefix)]
 
 
@@ -154,10 +153,9 @@ class ModelDir:
             config = AutoConfig.from_pretrained(self.path, local_files_only=True, trust_remote_code=False)
         except (OSError, ValueError) as exc:
             raise UserError(f"{self.path / 'config.json'}: cannot read the model config: {exc}") from None
-        if config.model_type not in SUPPORTED_MODEL_TYPES:
-            raise UserError(f"{self.path / 'config.json'}: model_type {config.model_type!r} is not supported yet "
-                            f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
-        config._attn_implementation = "sdpa"
+        check_supported(config, str(self.path / "config.json"))
+        # soft-capped attention scores (Gemma 2) exist only in the eager implementation
+        config._attn_implementation = "eager" if getattr(config, "attn_logit_softcapping", None) else "sdpa"
         return config
 
     def tokenizer(self):
@@ -174,7 +172,10 @@ class ModelDir:
         files = sorted(self.path.glob("*.safetensors"))
         if not files:
             raise UserError(f"{self.path}: no .safetensors files")
-        return WeightIndex(files, tied_embeddings=bool(self.config().tie_word_embeddings))
+        from quantfab.tasks.decoder import layout
+
+        config = self.config()
+        return WeightIndex(files, bool(getattr(config, "tie_word_embeddings", False)), layout(config).layers_name)
 
 
 CPU = torch.device("cpu")
@@ -186,89 +187,6 @@ def pick_device(setting: str) -> torch.device:
     if setting == "cpu" or not torch.cuda.is_available():
         return CPU
     return torch.device("cuda")
-
-
-class DecoderStack:
-    """The pieces of a Llama-family model, built one at a time from given weights."""
-
-    def __init__(self, config, device: torch.device):
-        import importlib
-
-        self.config = config
-        self.device = device
-        mod = importlib.import_module(f"transformers.models.{config.model_type}.modeling_{config.model_type}")
-        prefix = {"llama": "Llama", "mistral": "Mistral"}[config.model_type]
-        self._layer_cls = getattr(mod, f"{prefix}DecoderLayer")
-        self._norm_cls = getattr(mod, f"{prefix}RMSNorm")
-        self._rotary = getattr(mod, f"{prefix}RotaryEmbedding")(config).to(device)
-
-    @property
-    def num_layers(self) -> int:
-        return int(self.config.num_hidden_layers)
-
-    def layer(self, i: int, weights: dict[str, torch.Tensor]) -> torch.nn.Module:
-        """Decoder layer ``i`` holding ``weights`` (keys relative to the layer, e.g. mlp.up_proj.weight)."""
-        with torch.device("meta"):
-            layer = self._layer_cls(self.config, i)
-        layer.load_state_dict({k: v.to(self.device) for k, v in weights.items()}, assign=True, strict=True)
-        return layer.eval()
-
-    @torch.no_grad()
-    def run_layer(self, layer: torch.nn.Module, hidden: torch.Tensor, batch: int = 8) -> torch.Tensor:
-        """Apply one layer to (samples, seq, hidden) in batches; causal attention, positions from 0."""
-        seq = hidden.shape[1]
-        pos = torch.arange(seq, device=self.device)[None]
-        out = torch.empty_like(hidden)
-        for s in range(0, hidden.shape[0], batch):
-            h = hidden[s:s + batch].to(self.device)
-            emb = self._rotary(h, pos)
-            out[s:s + batch] = layer(h, attention_mask=None, position_ids=pos, position_embeddings=emb).to(out.device)
-        return out
-
-    @torch.no_grad()
-    def run_layer_by_input(self, layer: torch.nn.Module, hidden: torch.Tensor,
-                           before: Callable[[str, list[torch.Tensor]], None], batch: int = 8) -> torch.Tensor:
-        """``run_layer``, one Linear input at a time over every sample: ``before(key, inputs)`` (key as in
-        INPUT_OF) sees that input of every batch before the Linears reading it run, and may replace their
-        weights. The matmuls are one forward pass's, with the same kernels on the same shapes as the
-        decoder layer's own forward, so the result is bitwise its result for the same weights."""
-        pos = torch.arange(hidden.shape[1], device=self.device)[None]
-        starts = range(0, hidden.shape[0], batch)
-        h = [hidden[s:s + batch].to(self.device) for s in starts]
-        attn_in = [layer.input_layernorm(x) for x in h]
-        before("attn_in", attn_in)
-        o_proj, layer.self_attn.o_proj = layer.self_attn.o_proj, torch.nn.Identity()
-        try:  # the attention without its output projection: what o_proj reads
-            o_in = [layer.self_attn(hidden_states=a, attention_mask=None, position_ids=pos,
-                                    position_embeddings=self._rotary(x, pos))[0] for a, x in zip(attn_in, h)]
-        finally:
-            layer.self_attn.o_proj = o_proj
-        del attn_in
-        before("o_in", o_in)
-        h = [x + o_proj(o) for x, o in zip(h, o_in)]
-        del o_in
-        mlp_in = [layer.post_attention_layernorm(x) for x in h]
-        before("mlp_in", mlp_in)
-        down_proj, layer.mlp.down_proj = layer.mlp.down_proj, torch.nn.Identity()
-        try:  # the MLP without its down projection: what down_proj reads
-            down_in = [layer.mlp(m) for m in mlp_in]
-        finally:
-            layer.mlp.down_proj = down_proj
-        del mlp_in
-        before("down_in", down_in)
-        out = torch.empty_like(hidden)
-        for s, x, d in zip(starts, h, down_in):
-            out[s:s + batch] = (x + down_proj(d)).to(out.device)
-        return out
-
-    def norm(self, weight: torch.Tensor) -> torch.nn.Module:
-        norm = self._norm_cls(weight.shape[0], eps=self.config.rms_norm_eps)
-        norm.weight.data = weight.to(self.device)
-        return norm.to(self.device)
-
-
-def layer_prefix(i: int) -> str:
-    return f"model.layers.{i}."
 
 
 def relative(weights: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:

@@ -103,7 +103,7 @@ def write_llama(url: str, out: Path) -> str:
     p = _checked(url)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(_config(p), indent=2))
-    _write_tokenizer(out, p["vocab"])
+    write_tokenizer(out, p["vocab"])
     shards = _shards(p)
     weight_map: dict[str, str] = {}
     for idx, shard in enumerate(shards):
@@ -115,7 +115,7 @@ def write_llama(url: str, out: Path) -> str:
     return "synthetic-" + "-".join(f"{k}{p[k]}" for k in sorted(p))
 
 
-def _write_tokenizer(out: Path, vocab_size: int) -> None:
+def write_tokenizer(out: Path, vocab_size: int) -> None:
     """A Llama-style BPE with byte fallback: specials, 256 byte tokens, printable chars, then merges."""
     vocab: dict[str, int] = {}
     for tok in SPECIALS + [f"<0x{b:02X}>" for b in range(256)] + ["▁"] + PRINTABLE:

@@ -15,7 +15,7 @@ import torch
 from quantfab.tasks.calibrate import calibrate_on
 from quantfab.tasks.download import download, materialize
 from quantfab.tasks.manifests import QuantizedOutput
-from quantfab.tasks.modelio import LINEARS, layer_prefix
+from quantfab.tasks.decoder import layout
 from quantfab.tasks.quantize.assign import Assignment
 from quantfab.tasks.quantize.layer_file import LayerFile, QuantizedWeights
 from quantfab.tasks.quantize.stage import quantize_model
@@ -36,8 +36,9 @@ class Trial:
 
     def quantize(self, quant: Any, grid: str) -> QuantizedOutput:
         """``quant`` is a QuantizeSpec; every Linear of every layer gets its method on ``grid``."""
-        plans = [{lin: Assignment(f"{layer_prefix(i)}{lin}", quant.method, grid) for lin in LINEARS}
-                 for i in range(int(self.config.num_hidden_layers))]
+        shape = layout(self.config)
+        plans = [{lin: Assignment(f"{shape.prefix(i)}{lin}", quant.method, grid) for lin in linears}
+                 for i, linears in enumerate(shape.linears)]
         dev = torch.device("cuda" if self.device != "cpu" and torch.cuda.is_available() else "cpu")
         return quantize_model(self.model, self.folder, self.calibration, quant, plans, grid, dev, self.store)
 

@@ -17,7 +17,8 @@ import torch
 from quantfab.tasks.convert import FORMATS
 from quantfab.tasks.download import materialize
 from quantfab.tasks.manifests import ConvertManifest, ModelManifest, QuantizeManifest, QualityManifest
-from quantfab.tasks.modelio import DecoderStack, layer_prefix, pick_device, relative
+from quantfab.tasks.decoder import Decoder
+from quantfab.tasks.modelio import pick_device, relative
 from quantfab.tasks.store import Store
 from quantfab.tasks.texts import read_tokens, windows
 
@@ -52,47 +53,47 @@ def measure(model: ModelManifest, converted: ConvertManifest, outputs: list, spe
 def compare(config, sources: dict[str, Any], ids: np.ndarray, device: str) -> dict[str, Any]:
     """Run ``sources`` (name -> anything with ``load(names)``; "fp32" is the baseline) side by side, a layer at a time."""
     dev = pick_device(device)
-    hidden, heads = _forward(config, sources, sources["fp32"], torch.from_numpy(ids), dev)
-    return _metrics(hidden, heads, torch.from_numpy(ids), dev)
+    decoder, hidden = _forward(config, sources, sources["fp32"], torch.from_numpy(ids), dev)
+    return _metrics(decoder, sources, hidden, torch.from_numpy(ids))
 
 
 @torch.no_grad()
 def logits(config, source: Any, fp32: Any, ids: np.ndarray, device: str = "cpu") -> torch.Tensor:
     """float32 logits (windows, tokens, vocab) of ``source`` as ``compare`` computes them; ``fp32`` names the tensors."""
     dev = pick_device(device)
-    hidden, heads = _forward(config, {"q": source}, fp32, torch.from_numpy(ids), dev)
-    norm, lm_head = heads["q"]
-    return (norm(hidden["q"].to(dev)) @ lm_head.T).cpu()
+    decoder, hidden = _forward(config, {"q": source}, fp32, torch.from_numpy(ids), dev)
+    decoder.load_outer(source.load(decoder.outer_names))
+    return decoder.logits(torch.from_numpy(ids), hidden["q"]).cpu()
 
 
-def _forward(config, sources: dict[str, Any], fp32: Any, ids: torch.Tensor, dev: torch.device) -> tuple[dict, dict]:
-    """Final hidden states and (norm, lm_head) of every source; ``fp32.layer_names(i)`` lists layer i's tensors."""
-    stack = DecoderStack(config, dev)
-    hidden = {k: torch.nn.functional.embedding(ids, s.load(["model.embed_tokens.weight"])["model.embed_tokens.weight"])
-              for k, s in sources.items()}
-    for i in range(stack.num_layers):
+def _forward(config, sources: dict[str, Any], fp32: Any, ids: torch.Tensor, dev: torch.device) -> tuple[Decoder, dict]:
+    """The final hidden states of every source; ``fp32.layer_names(i)`` lists layer i's tensors."""
+    decoder = Decoder(config, dev)
+    hidden = {}
+    for key, src in sources.items():  # each source's own embedding (a GGUF may quantize it)
+        decoder.load_outer(src.load(decoder.entry_names()))
+        hidden[key] = decoder.embed(ids)
+    for i in range(decoder.num_layers):
         names = fp32.layer_names(i)
         for key, src in sources.items():
-            layer = stack.layer(i, relative(src.load(names), layer_prefix(i)))
-            hidden[key] = stack.run_layer(layer, hidden[key])
+            layer = decoder.layer(i, relative(src.load(names), decoder.prefix(i)))
+            hidden[key] = decoder.run_layer(i, layer, hidden[key])
             del layer
-    heads = {}
-    for key, src in sources.items():
-        loaded = src.load(["model.norm.weight", "lm_head.weight"])
-        heads[key] = (stack.norm(loaded["model.norm.weight"]), loaded["lm_head.weight"].to(dev))
-    return hidden, heads
+    return decoder, hidden
 
 
-def _metrics(hidden: dict, heads: dict, ids: torch.Tensor, dev: torch.device) -> dict[str, Any]:
-    targets = ids[:, 1:].reshape(-1).to(dev)
+def _metrics(decoder: Decoder, sources: dict[str, Any], hidden: dict, ids: torch.Tensor) -> dict[str, Any]:
+    targets = ids[:, 1:].reshape(-1).to(decoder.device)
     sums = {k: {"nll": 0.0, "kl": 0.0, "top1": 0} for k in hidden}
     n = 0
-    step = max(1, (1 << 25) // (ids.shape[1] * next(iter(heads.values()))[1].shape[0]))  # ~256 MB of float64 logits
+    outer = {key: src.load(decoder.outer_names) for key, src in sources.items()}
+    step = max(1, (1 << 25) // (ids.shape[1] * int(decoder.config.vocab_size)))  # ~256 MB of float64 logits
     for s in range(0, ids.shape[0], step):
         logp = {}
-        for key, (norm, lm_head) in heads.items():
-            h = norm(hidden[key][s:s + step, :-1].to(dev))
-            logp[key] = torch.log_softmax((h @ lm_head.T).reshape(-1, lm_head.shape[0]).double(), dim=-1)
+        for key in hidden:
+            decoder.load_outer(outer[key])
+            lg = decoder.logits(ids[s:s + step, :-1], hidden[key][s:s + step, :-1])  # the last position predicts nothing
+            logp[key] = torch.log_softmax(lg.reshape(-1, lg.shape[-1]).double(), dim=-1)
         t = targets[s * (ids.shape[1] - 1):(s + step) * (ids.shape[1] - 1)]
         base = logp["fp32"]
         top_base = base.argmax(dim=-1)

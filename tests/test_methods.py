@@ -290,26 +290,37 @@ def test_hessian_weighted_is_the_trace_of_delta_h_delta_t(rows: int, width: int)
     assert hessian_weighted(delta, torch.from_numpy(h)) == pytest.approx(reference, rel=1e-5)
 
 
-def test_a_layer_run_input_by_input_is_bitwise_its_forward(tmp_path: Path) -> None:
-    """The pass GPTQ fits a layer in (one Linear input at a time over every sample) computes what the
-    decoder layer's own forward computes, bit for bit; and it shows each input of every batch once."""
+def test_the_decoder_shows_each_input_group_and_stops_at_it(tmp_path: Path) -> None:
+    """GPTQ fits a layer input group by input group; the engine finds the groups (and the norm producing each)
+    from one forward pass and measures a group's input per batch with passes that stop there."""
     import torch
 
     from quantfab.tasks import synthetic
-    from quantfab.tasks.modelio import DecoderStack, ModelDir, layer_prefix, relative
+    from quantfab.tasks.decoder import Decoder
+    from quantfab.tasks.modelio import ModelDir, relative
 
     synthetic.write_llama("synthetic://llama?layers=1&hidden=128&intermediate=344&heads=4&kv_heads=2&vocab=512&seed=3",
                           tmp_path)
     model = ModelDir(tmp_path)
     weights = model.weights()
-    stack = DecoderStack(model.config(), torch.device("cpu"))
-    layer = stack.layer(0, relative(weights.load(weights.layer_names(0)), layer_prefix(0)))
-    hidden = torch.from_numpy(np.random.default_rng(0).standard_normal((19, 32, 128), dtype=np.float32))
-    seen: dict[str, list[tuple[int, ...]]] = {}
-    stepwise = stack.run_layer_by_input(layer, hidden, lambda key, xs: seen.setdefault(key, [tuple(x.shape) for x in xs]))
-    assert torch.equal(stepwise, stack.run_layer(layer, hidden))
-    assert seen == {"attn_in": [(8, 32, 128), (8, 32, 128), (3, 32, 128)], "o_in": [(8, 32, 128), (8, 32, 128), (3, 32, 128)],
-                    "mlp_in": [(8, 32, 128), (8, 32, 128), (3, 32, 128)], "down_in": [(8, 32, 344), (8, 32, 344), (3, 32, 344)]}
+    decoder = Decoder(model.config(), torch.device("cpu"))
+    decoder.load_outer(weights.load(decoder.entry_names()))
+    hidden = decoder.embed(torch.from_numpy(np.random.default_rng(0).integers(0, 512, (19, 32))))
+    layer = decoder.layer(0, relative(weights.load(weights.layer_names(0)), weights.prefix(0)))
+    structure = decoder.structure(0, layer, hidden)
+    assert structure.groups == {"self_attn.q_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+                                "self_attn.o_proj": ("self_attn.o_proj",), "mlp.gate_proj": ("mlp.gate_proj", "mlp.up_proj"),
+                                "mlp.down_proj": ("mlp.down_proj",)}
+    assert structure.producers == {"self_attn.q_proj": "input_layernorm", "mlp.gate_proj": "post_attention_layernorm"}
+    shapes = {key: [tuple(x.shape) for x in decoder.inputs_of(0, layer, hidden, key)] for key in structure.groups}
+    assert shapes == {"self_attn.q_proj": [(8, 32, 128), (8, 32, 128), (3, 32, 128)],
+                      "self_attn.o_proj": [(8, 32, 128), (8, 32, 128), (3, 32, 128)],
+                      "mlp.gate_proj": [(8, 32, 128), (8, 32, 128), (3, 32, 128)],
+                      "mlp.down_proj": [(8, 32, 344), (8, 32, 344), (3, 32, 344)]}
+    seen = decoder.inputs_of(0, layer, hidden, "mlp.down_proj")
+    mlp = layer.mlp
+    assert torch.equal(seen[2], mlp.act_fn(mlp.gate_proj(seen_in := decoder.inputs_of(0, layer, hidden, "mlp.gate_proj")[2]))
+                       * mlp.up_proj(seen_in))
 
 
 def test_the_compute_stages_can_keep_freed_memory_on_glibc() -> None:

@@ -23,6 +23,7 @@ from quantfab.kernels.gguf_blocks import pack_gguf, verify_gguf
 from quantfab.kernels.verdict import Verdict
 from quantfab.tasks.convert.gguf_types import DEFAULT_TYPE, ModelFacts, choose_types
 from quantfab.tasks.errors import UserError
+from quantfab.tasks.families import GGUFArch, family
 from quantfab.tasks.modelio import ModelDir, TensorInfo
 from quantfab.tasks.quantize.grids import GRIDS, Encoded, Grid, GridRequest
 
@@ -76,7 +77,9 @@ class GGUFFormat:
         return f"{name}-{options.key.removeprefix('gguf-')}.gguf"
 
     def presets(self, options: GGUFOptions, config, tensors: dict[str, TensorInfo]) -> dict[str, str | None]:
-        """Module -> the GGML type llama-quantize gives its weight (``float_type`` if it stays float), per 2-D weight."""
+        """Module -> the GGML type llama-quantize gives its weight (``float_type`` if it stays float), per 2-D weight.
+        (Plan and quantize call this first: a family GGUF cannot be written for is refused here.)"""
+        gguf_arch(config)
         if not self.stores_codes(options):
             return {}
         names = [(hf, gname, tensors[hf].shape) for hf, gname in _file_tensors(config, tensors)]
@@ -140,8 +143,9 @@ class GGUFFormat:
               tensor_data: Callable[[PlannedTensor], np.ndarray], name: str) -> None:
         """Stream the file: metadata and tensor infos first, then each tensor's bytes in order."""
         config = model.config()
-        writer = gguf.GGUFWriter(str(path), "llama")
-        _add_metadata(writer, config, options, name)
+        arch = gguf_arch(config)
+        writer = gguf.GGUFWriter(str(path), gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH[arch.arch]])
+        _add_metadata(writer, config, options, name, arch)
         _add_tokenizer(writer, model.path, int(config.vocab_size))
         for t in planned:
             if not t.quantized:
@@ -155,7 +159,7 @@ class GGUFFormat:
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
         for t in planned:
-            writer.write_tensor_data(_permute_for_llama_cpp(t.hf_name, tensor_data(t), config))
+            writer.write_tensor_data(_to_llama_cpp(t.hf_name, tensor_data(t), config, arch))
         writer.close()
 
     def reader(self, path: Path, config) -> "GGUFTensors":
@@ -178,9 +182,24 @@ class GGUFFormat:
         return verify_gguf(t.type_name, tensors.raw(t.hf_name), expected)
 
 
+def gguf_arch(config) -> GGUFArch:
+    """The family's GGUF layout, or a UserError naming what is missing (before any quantization runs)."""
+    arch = family(config.model_type).gguf
+    if arch is None:
+        raise UserError(f"gguf: model_type {config.model_type!r} has no GGUF writer in quantfab yet (llama.cpp's "
+                        "converter knows more families than quantfab writes); compressed-tensors, gptq, awq and "
+                        "bnb-nf4 outputs work for it (`quantfab families` lists what works where)")
+    return arch
+
+
+def _name_map(config, arch: GGUFArch) -> gguf.TensorNameMap:
+    return gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.arch], int(config.num_hidden_layers))
+
+
 def _file_tensors(config, tensors: dict[str, TensorInfo]) -> Iterator[tuple[str, str]]:
     """(HF name, GGUF name) of every tensor the file holds, in file order."""
-    tmap = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, int(config.num_hidden_layers))
+    arch = gguf_arch(config)
+    tmap = _name_map(config, arch)
     for name in sorted(tensors, key=_file_order):
         if name == "lm_head.weight" and config.tie_word_embeddings:
             continue
@@ -188,7 +207,7 @@ def _file_tensors(config, tensors: dict[str, TensorInfo]) -> Iterator[tuple[str,
             continue
         gname = tmap.get_name(name, try_suffixes=(".weight", ".bias"))
         if gname is None:
-            raise UserError(f"tensor {name}: no GGUF name for it in llama.cpp's llama architecture")
+            raise UserError(f"tensor {name}: no GGUF name for it in llama.cpp's {arch.arch.lower()} architecture")
         yield name, gname
 
 
@@ -200,13 +219,15 @@ def _file_order(name: str) -> tuple:
     return (2, 0, name)
 
 
-def _permute_for_llama_cpp(hf_name: str, data: np.ndarray, config) -> np.ndarray:
-    """q/k rows in llama.cpp's rotary order (what convert_hf_to_gguf.py does for Llama)."""
+def _to_llama_cpp(hf_name: str, data: np.ndarray, config, arch: GGUFArch) -> np.ndarray:
+    """What llama.cpp's converter stores: q/k rows in its rotary order (Llama-style families), norms shifted."""
     heads = int(config.num_attention_heads)
-    if hf_name.endswith("self_attn.q_proj.weight"):
+    if arch.permute_qk and hf_name.endswith("self_attn.q_proj.weight"):
         return permute_rows(data, heads)
-    if hf_name.endswith("self_attn.k_proj.weight"):
+    if arch.permute_qk and hf_name.endswith("self_attn.k_proj.weight"):
         return permute_rows(data, int(config.num_key_value_heads or heads))
+    if arch.norm_shift and hf_name.endswith("norm.weight"):
+        return (data + np.float32(arch.norm_shift)).astype(data.dtype)
     return data
 
 
@@ -220,7 +241,7 @@ def unpermute_rows(data: np.ndarray, heads: int) -> np.ndarray:
     return data.reshape(heads, rows // heads // 2, 2, *data.shape[1:]).swapaxes(1, 2).reshape(data.shape)
 
 
-def _add_metadata(writer: gguf.GGUFWriter, config, options: GGUFOptions, name: str) -> None:
+def _add_metadata(writer: gguf.GGUFWriter, config, options: GGUFOptions, name: str, arch: GGUFArch) -> None:
     heads = int(config.num_attention_heads)
     head_dim = getattr(config, "head_dim", None) or int(config.hidden_size) // heads
     writer.add_name(name)
@@ -239,6 +260,12 @@ def _add_metadata(writer: gguf.GGUFWriter, config, options: GGUFOptions, name: s
     file_type = {"F32": "ALL_F32", "F16": "MOSTLY_F16"}.get(options.type, f"MOSTLY_{options.type}")
     writer.add_file_type(int(gguf.LlamaFileType[file_type]))
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    if arch.head_dims and getattr(config, "head_dim", None):
+        writer.add_key_length(int(config.head_dim))
+        writer.add_value_length(int(config.head_dim))
+    for method, attribute in arch.extras:
+        if getattr(config, attribute, None) is not None:
+            getattr(writer, method)(getattr(config, attribute))
 
 
 def _add_tokenizer(writer: gguf.GGUFWriter, folder: Path, vocab_size: int) -> None:
@@ -257,8 +284,12 @@ def _add_tokenizer(writer: gguf.GGUFWriter, folder: Path, vocab_size: int) -> No
         tokens.append(text)
         scores.append(score)
         types.append(toktype)
-    if len(tokens) != vocab_size:
+    if len(tokens) > vocab_size:
         raise UserError(f"{folder}/tokenizer.json: {len(tokens)} tokens but config.json says vocab_size {vocab_size}")
+    for i in range(len(tokens), vocab_size):  # embedding rows no token uses (Qwen pads to a round size), as llama.cpp pads
+        tokens.append(f"[PAD{i}]".encode())
+        scores.append(-1000.0)
+        types.append(gguf.TokenType.UNUSED)
     writer.add_tokenizer_model(model)
     writer.add_tokenizer_pre(pre)
     writer.add_token_list(tokens)
@@ -277,7 +308,8 @@ class GGUFTensors:
         self.reader = gguf.GGUFReader(str(path))
         self.by_name = {t.name: t for t in self.reader.tensors}
         self.config = config
-        self.tmap = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, int(config.num_hidden_layers))
+        self.arch = gguf_arch(config)
+        self.tmap = _name_map(config, self.arch)
 
     def types(self) -> Iterator[tuple[str, str]]:
         for t in self.reader.tensors:
@@ -289,11 +321,11 @@ class GGUFTensors:
         return hf_name, self.by_name[self.tmap.get_name(hf_name, try_suffixes=(".weight", ".bias"))]
 
     def _hf_rows(self, hf_name: str, data: np.ndarray) -> np.ndarray:
-        """Rows back in HF order: llama.cpp's q/k rows are permuted for its rotary layout."""
+        """Rows back in HF order: llama.cpp's q/k rows are permuted for its rotary layout (Llama-style families)."""
         heads = int(self.config.num_attention_heads)
-        if hf_name.endswith("self_attn.q_proj.weight"):
+        if self.arch.permute_qk and hf_name.endswith("self_attn.q_proj.weight"):
             return unpermute_rows(data, heads)
-        if hf_name.endswith("self_attn.k_proj.weight"):
+        if self.arch.permute_qk and hf_name.endswith("self_attn.k_proj.weight"):
             return unpermute_rows(data, int(self.config.num_key_value_heads or heads))
         return data
 
@@ -301,7 +333,10 @@ class GGUFTensors:
         hf_name, t = self._tensor(hf_name)
         data = gguf.quants.dequantize(np.asarray(t.data), t.tensor_type)
         shape = tuple(int(x) for x in reversed(t.shape))
-        return self._hf_rows(hf_name, np.asarray(data, dtype=np.float32).reshape(shape))
+        values = self._hf_rows(hf_name, np.asarray(data, dtype=np.float32).reshape(shape))
+        if self.arch.norm_shift and hf_name.endswith("norm.weight"):  # the model's own weight, as transformers reads it
+            values = values - np.float32(self.arch.norm_shift)
+        return values
 
     def raw(self, hf_name: str) -> np.ndarray:
         """A quantized tensor's stored blocks, (rows, row bytes) uint8, rows in HF order."""

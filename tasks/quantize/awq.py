@@ -1,8 +1,9 @@
 """awq: activation-aware scaling, then a clipping search, then codes on the format's grid.
 
 Lin et al. 2023 (AWQ), as AutoAWQ applies it to Llama. For each group of Linears that read one input
-(q/k/v after input_layernorm, o after v when their shapes match, gate/up after post_attention_layernorm,
-down after up), a per-input-channel scale s = mean|x|^alpha (normalised by sqrt(max s * min s)) is
+made by a norm or a Linear (q/k/v after input_layernorm, gate/up after post_attention_layernorm in a
+Llama: the layer's forward shows which), or that the family's table pairs with a Linear before them (o
+after v when their shapes match, down after up), a per-input-channel scale s = mean|x|^alpha (normalised by sqrt(max s * min s)) is
 searched over ``grid_points`` values of alpha in [0, 1); the one kept minimises the group's output error
 sum ||(Q(W s) / s - W) X||^2, computed exactly from the calibration Hessian X^T X. alpha = 0 is plain
 round-to-nearest, so the search never does worse than it on that error. The scale is folded into the
@@ -19,20 +20,30 @@ import numpy as np
 import torch
 
 from quantfab.tasks.gram import hessian_weighted
-from quantfab.tasks.modelio import CPU, INPUT_OF
+from quantfab.tasks.modelio import CPU
 from quantfab.tasks.quantize.grids import Encoded, Grid
 from quantfab.tasks.quantize.group import clip_search
 from quantfab.tasks.quantize.layer import LayerInput, LayerResult, PerModule
 from quantfab.tasks.quantize.stats import InputStats
 
-# (what the scale is folded into, whether that is a Linear whose rows it divides, the scaled Linears, their input)
-SCALING = (
-    ("input_layernorm.weight", False, ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "attn_in"),
-    ("self_attn.v_proj.weight", True, ("self_attn.o_proj",), "o_in"),
-    ("post_attention_layernorm.weight", False, ("mlp.gate_proj", "mlp.up_proj"), "mlp_in"),
-    ("mlp.up_proj.weight", True, ("mlp.down_proj",), "down_in"),
-)
-NO_CLIP = ("self_attn.q_proj", "self_attn.k_proj")  # AutoAWQ leaves these unclipped: attention scores are sensitive
+NO_CLIP = ("q_proj", "k_proj")  # AutoAWQ leaves these unclipped: attention scores are sensitive
+
+
+def scalings(layer: LayerInput) -> list[tuple[str, bool, tuple[str, ...], str]]:
+    """Per input group, in forward order: (the module the scale is folded into, whether it is a Linear
+    whose rows it divides, the scaled Linears, their input key). Groups with no such module are left out."""
+    out = []
+    for key, members in layer.structure.groups.items():
+        width = layer.weight(key).shape[1]
+        producer = layer.structure.producers.get(key)
+        made = layer.weights.get(f"{producer}.weight")
+        if made is not None and made.ndim == 1 and made.shape[0] == width and "norm" in producer.lower():
+            out.append((producer, False, members, key))
+        elif made is not None and made.ndim == 2 and made.shape[0] == width:  # a Linear feeding this one directly
+            out.append((producer, True, members, key))
+        elif key in layer.family.smooth_pairs and len(members) == 1:
+            out.append((layer.family.smooth_pairs[key], True, members, key))
+    return out
 
 
 class AWQ(PerModule):
@@ -44,27 +55,33 @@ class AWQ(PerModule):
         weights = {k: v.astype(np.float32, copy=True) for k, v in layer.weights.items()}
         stats = dict(layer.stats)
         changed: set[str] = set()
-        for prev, prev_is_linear, modules, key in SCALING:
+        offset = np.float32(layer.family.norm_offset)
+        for prev, prev_is_linear, modules, key in scalings(layer):
             if not all(m in layer.grids for m in modules):
                 continue  # a Linear here is kept in float or quantized by another method: leave the group alone
-            if prev_is_linear and (prev.removesuffix(".weight") not in layer.grids
-                                   or weights[prev].shape[0] != weights[f"{modules[0]}.weight"].shape[1]):
+            if prev_is_linear and (prev not in layer.grids
+                                   or weights[f"{prev}.weight"].shape[0] != weights[f"{modules[0]}.weight"].shape[1]):
                 continue  # e.g. grouped-query attention: v's outputs do not line up with o's inputs
             s = search_scale([weights[f"{m}.weight"] for m in modules], [layer.grids[m] for m in modules],
                              stats[key], opts.grid_points, self.device)
-            if prev_is_linear:
-                weights[prev] = (weights[prev] / s[:, None]).astype(np.float32)
-            else:
-                weights[prev] = (weights[prev] / s).astype(np.float32)
-            changed.add(prev)
+            for tensor in (f"{prev}.weight", f"{prev}.bias"):  # a norm's or Linear's outputs, divided by s
+                if tensor not in weights:
+                    continue
+                if prev_is_linear and tensor.endswith(".weight"):
+                    weights[tensor] = (weights[tensor] / s[:, None]).astype(np.float32)
+                elif tensor.endswith(".weight") and not prev_is_linear:
+                    weights[tensor] = ((weights[tensor] + offset) / s - offset).astype(np.float32)
+                else:
+                    weights[tensor] = (weights[tensor] / s).astype(np.float32)
+                changed.add(tensor)
             for m in modules:
                 weights[f"{m}.weight"] = (weights[f"{m}.weight"] * s[None, :]).astype(np.float32)
             stats[key] = scaled_stats(stats[key], s)
         result = LayerResult()
         for module, grid in layer.grids.items():
             w = weights[f"{module}.weight"]
-            st = stats[INPUT_OF[module]]
-            if opts.clip and module not in NO_CLIP:
+            st = stats[layer.structure.group_of(module)]
+            if opts.clip and module.rsplit(".", 1)[-1] not in NO_CLIP:
                 enc = clip(w, grid, st, opts.max_shrink, opts.clip_points)
             else:
                 enc = grid.reference(w)

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from quantfab.tasks.errors import UserError
-from quantfab.tasks.modelio import CPU, INPUT_OF
+from quantfab.tasks.modelio import CPU
 from quantfab.tasks.quantize.grids import Encoded, Grid
 from quantfab.tasks.quantize.group import clip_search, weighted_squares
 from quantfab.tasks.quantize.layer import LayerInput, LayerResult, PerModule
@@ -42,7 +42,7 @@ class GPTQ(PerModule):
         result = LayerResult()
         batches: dict[tuple[str, str], list[str]] = {}
         for module, grid in layer.grids.items():
-            batches.setdefault((INPUT_OF[module], grid.name), []).append(module)
+            batches.setdefault((layer.structure.group_of(module), grid.name), []).append(module)
         for modules in batches.values():
             grid, st = layer.grids[modules[0]], layer.stats_of(modules[0])
             rows = [layer.weight(m).shape[0] for m in modules]

@@ -13,7 +13,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from quantfab.tasks.modelio import CPU, INPUT_OF
+from quantfab.tasks.decoder import LayerStructure
+from quantfab.tasks.families import DEFAULT, Family
+from quantfab.tasks.modelio import CPU
 from quantfab.tasks.quantize.grids import Encoded, Grid
 from quantfab.tasks.quantize.stats import InputStats
 
@@ -21,15 +23,17 @@ from quantfab.tasks.quantize.stats import InputStats
 @dataclass(frozen=True)
 class LayerInput:
     weights: dict[str, np.ndarray]  # every float32 tensor of the layer, by relative name
-    stats: dict[str, InputStats]  # by input key (attn_in, o_in, mlp_in, down_in)
+    stats: dict[str, InputStats]  # by input key (the structure's group keys)
     grids: dict[str, Grid]  # the modules this method quantizes, with their grids
     name: str  # e.g. model.layers.3, for error messages
+    structure: LayerStructure  # which Linears share an input, and what produced it
+    family: Family = DEFAULT
 
     def weight(self, module: str) -> np.ndarray:
         return self.weights[f"{module}.weight"]
 
     def stats_of(self, module: str) -> InputStats:
-        return self.stats[INPUT_OF[module]]
+        return self.stats[self.structure.group_of(module)]
 
 
 @dataclass

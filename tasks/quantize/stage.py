@@ -24,12 +24,14 @@ import numpy as np
 import torch
 from safetensors import safe_open
 
-from quantfab.tasks.calibrate import InputRecorder, Moments
+from quantfab.tasks.calibrate import InputRecorder, Moments, structure_from_metadata
 from quantfab.tasks.convert import FORMATS
+from quantfab.tasks.decoder import Decoder, LayerStructure
 from quantfab.tasks.download import materialize
 from quantfab.tasks.malloc import keep_freed_memory
 from quantfab.tasks.manifests import CalibrationManifest, ModelManifest, ModuleReport, QuantizedOutput, QuantizeManifest
-from quantfab.tasks.modelio import INPUT_OF, DecoderStack, ModelDir, layer_prefix, pick_device, relative
+from quantfab.tasks.families import family
+from quantfab.tasks.modelio import ModelDir, pick_device, relative
 from quantfab.tasks.parallel import pmap
 from quantfab.tasks.quantize import METHODS
 from quantfab.tasks.quantize.assign import Assignment, assign_layers
@@ -105,26 +107,28 @@ def _layer(model: ModelManifest, model_dir: ModelDir, inputs: Any, plan: dict[st
            methods: dict[str, Any], settings: dict[str, Any], store: Store, device: torch.device) -> tuple[str, Blob]:
     """Layer i's checkpoint key and committed result, computed only when the store does not hold it yet."""
     weights = model_dir.weights()
-    prefix = layer_prefix(i)
+    prefix = weights.prefix(i)
     checkpoint = _digest({"weights": _layer_weights_digest(model, weights, i), "inputs": inputs.digest(i),
                           "plan": {lin: [a.method, a.grid, a.note] for lin, a in plan.items()}, "settings": settings})
     blob = store.get_ref(CHECKPOINTS, checkpoint)
     if blob is None:
         tensors = {k: v.numpy() for k, v in relative(weights.load(weights.layer_names(i)), prefix).items()}
         name = prefix.rstrip(".")
+        kind = family(model_dir.config().model_type)
         if inputs.stepwise and all(methods[a.method].stepwise for a in plan.values() if a.grid):
             result = LayerResult()
 
-            def quantize_group(key: str, stats: InputStats) -> dict[str, np.ndarray]:
+            def quantize_group(structure: LayerStructure, key: str, stats: InputStats) -> dict[str, np.ndarray]:
                 """The Linears reading input ``key``, fitted to it; their decoded weights, for the rest of the pass."""
-                group = {lin: a for lin, a in plan.items() if INPUT_OF[lin] == key}
-                part = _quantize_layer(tensors, {key: stats}, group, methods, name)
+                group = {lin: a for lin, a in plan.items() if lin in structure.groups[key]}
+                part = _quantize_layer(tensors, {key: stats}, group, methods, name, structure, kind)
                 _merge(result, part)
                 return {lin: grid_named(group[lin].grid).decode(enc) for lin, enc in part.encoded.items()}
 
             inputs.quantize_through(i, tensors, quantize_group)
         else:
-            result = _quantize_layer(tensors, inputs.stats(i, tensors), plan, methods, name)
+            stats, structure = inputs.stats(i, tensors)
+            result = _quantize_layer(tensors, stats, plan, methods, name, structure, kind)
         blob = _commit(result, plan, tensors, prefix, store, device)
         store.put_ref(CHECKPOINTS, checkpoint, blob)
     return checkpoint, blob
@@ -154,12 +158,12 @@ def quantize_independent_layer(job: IndependentLayer) -> Blob:
 
 
 def _quantize_layer(tensors: dict[str, np.ndarray], stats: dict[str, InputStats], plan: dict[str, Assignment],
-                    methods: dict[str, Any], name: str) -> LayerResult:
+                    methods: dict[str, Any], name: str, structure: LayerStructure, kind: Any) -> LayerResult:
     """Each method quantizes the Linears assigned to it; their results are merged."""
     merged = LayerResult()
     for method in sorted({a.method for a in plan.values() if a.grid}):
         grids = {lin: grid_named(a.grid) for lin, a in plan.items() if a.grid and a.method == method}
-        _merge(merged, methods[method].quantize_layer(LayerInput(tensors, stats, grids, name)))
+        _merge(merged, methods[method].quantize_layer(LayerInput(tensors, stats, grids, name, structure, kind)))
     return merged
 
 
@@ -205,11 +209,11 @@ class CalibrationStats:
     def digest(self, i: int) -> str:
         return self.calibration.stats[i].digest
 
-    def stats(self, i: int, tensors: dict[str, np.ndarray]) -> dict[str, InputStats]:
+    def stats(self, i: int, tensors: dict[str, np.ndarray]) -> tuple[dict[str, InputStats], LayerStructure]:
         with safe_open(str(self.store.local_path(self.calibration.stats[i])), framework="numpy") as f:
-            keys = {k.split(".")[0] for k in f.keys()}
-            return {k: InputStats(f.get_tensor(f"{k}.mean_abs"), f.get_tensor(f"{k}.hessian"), self.calibration.count)
-                    for k in keys}
+            structure = structure_from_metadata(f.metadata())
+            return ({k: InputStats(f.get_tensor(f"{k}.mean_abs"), f.get_tensor(f"{k}.hessian"), self.calibration.count)
+                     for k in structure.groups}, structure)
 
     def advance(self, i: int, key: str, layer: LayerFile) -> None:
         pass
@@ -218,10 +222,10 @@ class CalibrationStats:
 class HiddenStates:
     """Inputs of sequential methods: the calibration hidden states after the layers before, as quantized.
 
-    A layer whose methods all work one input at a time is quantized *through*: one pass over the samples,
-    input by input (q/k/v, o, gate/up, down), each group fitted to what the already quantized Linears
-    before it produce (GPTQ's true-sequential order), so the pass that fits the layer also carries the
-    hidden states on. Otherwise (AWQ moves scales across groups) the layer's inputs are measured with its
+    A layer whose methods all work one input at a time is quantized *through*: input by input in the order
+    the layer reads them (q/k/v, o, gate/up, down in a Llama), each group fitted to what the already
+    quantized Linears before it produce (GPTQ's true-sequential order; a pass that stops at the group's
+    input measures it), then one pass carries the hidden states through the quantized layer. Otherwise (AWQ moves scales across groups) the layer's inputs are measured with its
     float weights and, once committed, a second pass carries the states through its quantized weights.
     Passes through committed layers are deferred until needed, so a rerun whose layers are all committed
     runs none.
@@ -233,42 +237,43 @@ class HiddenStates:
                  device: torch.device, store: Store):
         self.device, self.store = device, store
         self.calibration = calibration
-        self.stack = DecoderStack(model_dir.config(), device)
+        self.decoder = Decoder(model_dir.config(), device)
         self.weights = model_dir.weights()
         self.hidden: torch.Tensor | None = None
         self.pending: list[tuple[int, LayerFile]] = []
         self.through: int | None = None  # the layer quantize_through last carried the states through
-        embed = self.weights.tensors["model.embed_tokens.weight"]
-        self.chain = _digest({"tokens": calibration.tokens.digest, "embedding": [embed.name, model.files[embed.file.name].digest]})
+        entry = sorted({(n, self.weights.tensors[n].file.name) for n in self.decoder.entry_names() if n in self.weights.tensors})
+        self.chain = _digest({"tokens": calibration.tokens.digest,
+                              "entry": [[n, model.files[file].digest] for n, file in entry]})
 
     def digest(self, i: int) -> str:
         return self.chain
 
-    def stats(self, i: int, tensors: dict[str, np.ndarray]) -> dict[str, InputStats]:
+    def stats(self, i: int, tensors: dict[str, np.ndarray]) -> tuple[dict[str, InputStats], LayerStructure]:
         self._catch_up()
-        layer = self.stack.layer(i, {k: torch.from_numpy(v) for k, v in tensors.items()})
-        recorder = InputRecorder(layer, self.device)
-        self.stack.run_layer(layer, self.hidden)
+        layer = self.decoder.layer(i, {k: torch.from_numpy(v) for k, v in tensors.items()})
+        structure = self.decoder.structure(i, layer, self.hidden)
+        recorder = InputRecorder(layer, structure, self.device)
+        self.decoder.run_layer(i, layer, self.hidden)
         raw = recorder.finish()
         count = int(self.hidden.shape[0] * self.hidden.shape[1])
-        return {k: InputStats(raw[f"{k}.mean_abs"], raw[f"{k}.hessian"], count) for k in set(INPUT_OF.values())}
+        return {k: InputStats(raw[f"{k}.mean_abs"], raw[f"{k}.hessian"], count) for k in structure.groups}, structure
 
     def quantize_through(self, i: int, tensors: dict[str, np.ndarray],
-                         quantize_group: Callable[[str, InputStats], dict[str, np.ndarray]]) -> None:
-        """Run layer ``i`` input by input; ``quantize_group(key, stats)`` gives the decoded weights of the
-        Linears reading ``key``, which the pass then uses. The states end as the quantized layer's output."""
+                         quantize_group: Callable[[LayerStructure, str, InputStats], dict[str, np.ndarray]]) -> None:
+        """Fit layer ``i`` input by input; ``quantize_group(structure, key, stats)`` gives the decoded weights of
+        the Linears reading ``key``, which the layer then uses. The states end as the quantized layer's output."""
         self._catch_up()
-        layer = self.stack.layer(i, {k: torch.from_numpy(v) for k, v in tensors.items()})
-
-        def before(key: str, inputs: list[torch.Tensor]) -> None:
-            moments = Moments(inputs[0].shape[-1], self.device)
-            for x in inputs:
+        layer = self.decoder.layer(i, {k: torch.from_numpy(v) for k, v in tensors.items()})
+        structure = self.decoder.structure(i, layer, self.hidden)
+        for key in structure.groups:
+            moments = Moments(layer.get_submodule(key).in_features, self.device)
+            for x in self.decoder.inputs_of(i, layer, self.hidden, key):
                 moments.add(x)
             stats = InputStats(moments.mean_abs(), moments.hessian(), moments.count)
-            for lin, weight in quantize_group(key, stats).items():
+            for lin, weight in quantize_group(structure, key, stats).items():
                 layer.get_submodule(lin).weight.data = torch.from_numpy(weight).to(self.device)
-
-        self.hidden = self.stack.run_layer_by_input(layer, self.hidden, before)
+        self.hidden = self.decoder.run_layer(i, layer, self.hidden)
         self.through = i
 
     def advance(self, i: int, key: str, layer: LayerFile) -> None:
@@ -280,20 +285,21 @@ class HiddenStates:
         if self.hidden is None:
             with safe_open(str(self.store.local_path(self.calibration.tokens)), framework="pt") as f:
                 ids = f.get_tensor("input_ids")
-            embed = self.weights.load(["model.embed_tokens.weight"])["model.embed_tokens.weight"]
-            self.hidden = torch.nn.functional.embedding(ids, embed).to(self.device)
+            self.decoder.load_outer(self.weights.load(self.decoder.entry_names()))
+            self.hidden = self.decoder.embed(ids)
         for i, layer_file in self.pending:
-            prefix = layer_prefix(i)
+            prefix = self.weights.prefix(i)
             tensors = relative(self.weights.load(self.weights.layer_names(i)), prefix)
             tensors.update(relative(layer_file.weights(), prefix))
-            self.hidden = self.stack.run_layer_by_input(self.stack.layer(i, tensors), self.hidden, lambda key, x: None)
+            self.hidden = self.decoder.run_layer(i, self.decoder.layer(i, tensors), self.hidden)
         self.pending = []
 
 
 def _settings(quant: Any, device: torch.device) -> dict[str, Any]:
     """What besides weights, inputs and grids decides a layer's codes: method options, the code, the device."""
     code = hashlib.sha256()
-    for f in sorted(SOURCES.glob("*.py")) + [SOURCES.parent / n for n in ("modelio.py", "calibrate.py", "gram.py")]:
+    for f in sorted(SOURCES.glob("*.py")) + [SOURCES.parent / n for n in ("modelio.py", "decoder.py", "families.py",
+                                                                          "calibrate.py", "gram.py")]:
         code.update(f.name.encode() + b"\0" + f.read_bytes())
     return {"quantize": quant.model_dump(mode="json"), "code": code.hexdigest(), "device": device.type}
 

@@ -1,0 +1,290 @@
+"""Any decoder-only transformers model, run one decoder layer at a time by its own code.
+
+The model is built from its config with parameters on the meta device (buffers such as rotary
+frequencies are real: they are computed, not stored). Only the parameters outside the decoder layers
+(embedding, final norm, head) are loaded whole; a layer's weights are loaded when it runs, so memory is
+one layer plus the hidden states whatever the depth.
+
+What a family passes its layers (masks, rotary embeddings per attention type, position ids...) is not
+rebuilt here: the model's own forward runs with every layer stubbed out, and the stubs record the
+arguments each layer is called with. Those are replayed when the real layer runs. The head is the
+model's own too: its forward runs with stubbed layers that hand over given final hidden states, so norms,
+soft-capping or logit scales of the family apply as transformers applies them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import functools
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
+
+import torch
+
+BATCH = 8  # samples per layer call
+
+
+class _Stop(Exception):
+    """Raised by a hook to end a forward pass once what it was run for has been seen."""
+
+
+@contextlib.contextmanager
+def parameters_on_meta() -> Iterator[None]:
+    """Modules built inside get their parameters on the meta device and their buffers where they are made."""
+    register = torch.nn.Module.register_parameter
+
+    def on_meta(module: torch.nn.Module, name: str, param: torch.nn.Parameter | None) -> None:
+        register(module, name, param)
+        if param is not None:
+            module._parameters[name] = torch.nn.Parameter(param.to("meta"), requires_grad=False)
+
+    torch.nn.Module.register_parameter = on_meta
+    try:
+        yield
+    finally:
+        torch.nn.Module.register_parameter = register
+
+
+def skeleton(config) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    with parameters_on_meta():
+        return AutoModelForCausalLM.from_config(config).eval()
+
+
+def decoder_layers(model: torch.nn.Module, config) -> tuple[str, torch.nn.ModuleList]:
+    """The ModuleList of decoder layers and its qualified name (``model.layers`` in most families)."""
+    layer_classes = set(getattr(model, "_no_split_modules", None) or [])
+    found = [(name, m) for name, m in model.named_modules()
+             if isinstance(m, torch.nn.ModuleList) and len(m) == int(config.num_hidden_layers)]
+    for name, m in found:
+        if type(m[0]).__name__ in layer_classes:
+            return name, m
+    if not found:
+        raise ValueError(f"{type(model).__name__}: no list of {config.num_hidden_layers} decoder layers")
+    return found[0]
+
+
+def set_tensor(root: torch.nn.Module, name: str, value: torch.Tensor) -> None:
+    """Put ``value`` in place of the parameter or buffer ``name`` (dotted, from ``root``)."""
+    owner, _, leaf = name.rpartition(".")
+    module = root.get_submodule(owner) if owner else root
+    if leaf in module._parameters:
+        module._parameters[leaf] = torch.nn.Parameter(value, requires_grad=False)
+    else:
+        module._buffers[leaf] = value
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where a family keeps its decoder layers and which Linears each holds (names relative to the layer)."""
+
+    layers_name: str
+    linears: tuple[tuple[str, ...], ...]
+
+    def prefix(self, i: int) -> str:
+        return f"{self.layers_name}.{i}."
+
+
+def layout(config) -> Layout:
+    """The layout of ``config``'s model, read off its meta skeleton (no weights)."""
+    return _layout(config.to_json_string(use_diff=False), type(config))
+
+
+@functools.lru_cache(maxsize=8)
+def _layout(config_json: str, config_class: type) -> Layout:
+    import json
+
+    config = config_class.from_dict(json.loads(config_json))
+    name, layers = decoder_layers(skeleton(config), config)
+    return Layout(name, tuple(tuple(linear_names(layer)) for layer in layers))
+
+
+@dataclass
+class LayerCall:
+    """The arguments besides the hidden states that the model passes one layer, for one batch size."""
+
+    args: tuple
+    kwargs: dict[str, Any]
+
+
+@dataclass
+class LayerStructure:
+    """How a layer's Linears read their inputs, as one forward pass showed it.
+
+    ``groups``: input key -> the Linears reading that very tensor, in the order the layer first reads each
+    input (the key is the first of them). ``producers``: input key -> the module whose output that tensor
+    is (a norm, for AWQ to fold scales into), where it is one module's output.
+    """
+
+    groups: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    producers: dict[str, str] = field(default_factory=dict)
+
+    def group_of(self, module: str) -> str:
+        for key, members in self.groups.items():
+            if module in members:
+                return key
+        raise KeyError(f"{module} reads no recorded input")
+
+
+def linear_names(layer: torch.nn.Module) -> list[str]:
+    """The layer's Linears (relative names, module order)."""
+    return [name for name, m in layer.named_modules() if isinstance(m, torch.nn.Linear)]
+
+
+class Decoder:
+    """One model's skeleton, its outer weights and the recorded layer calls, on ``device``."""
+
+    def __init__(self, config, device: torch.device):
+        self.config, self.device = config, device
+        self.model = skeleton(config)
+        for module in self.model.modules():  # the computed buffers (rotary frequencies, scales) to the device
+            for name, buffer in module._buffers.items():
+                if buffer is not None and buffer.device.type != "meta":
+                    module._buffers[name] = buffer.to(device)
+        self.layers_name, self.layers = decoder_layers(self.model, config)
+        self.templates = list(self.layers)  # meta layers, copied for each real one
+        inner = self.layers_name + "."
+        self.outer_names = [n for n in self.model.state_dict() if not n.startswith(inner)]
+        head = self.model.get_output_embeddings()
+        self.head_names = {n for n, p in self.model.named_parameters(remove_duplicate=False)
+                           if head is not None and any(p is q for q in head.parameters())}
+        self.calls: list[dict[int, LayerCall]] = [{} for _ in self.layers]
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    def prefix(self, i: int) -> str:
+        return f"{self.layers_name}.{i}."
+
+    def load_outer(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Set the parameters outside the layers (missing names stay as they are)."""
+        for name, value in tensors.items():
+            set_tensor(self.model, name, value.to(self.device))
+
+    def entry_names(self) -> list[str]:
+        """Outer tensors the forward reads before the first layer: all but the head's."""
+        return [n for n in self.outer_names if n not in self.head_names]
+
+    def layer(self, i: int, weights: dict[str, torch.Tensor]) -> torch.nn.Module:
+        """Decoder layer ``i`` holding ``weights`` (names relative to the layer)."""
+        layer = copy.deepcopy(self.templates[i])
+        layer.load_state_dict({k: v.to(self.device) for k, v in weights.items()}, assign=True, strict=True)
+        return layer.eval()
+
+    @contextlib.contextmanager
+    def _stubbed(self, forward: Callable[[int, tuple, dict], torch.Tensor]) -> Iterator[None]:
+        """Every layer's forward replaced by ``forward(i, args, kwargs)``; the meta layers keep their attributes."""
+        for i, layer in enumerate(self.layers):
+            layer.forward = lambda *args, i=i, **kwargs: forward(i, args, kwargs)
+        try:
+            yield
+        finally:
+            for layer in self.layers:
+                del layer.forward
+
+    @torch.no_grad()
+    def embed(self, ids: torch.Tensor, batch: int = BATCH) -> torch.Tensor:
+        """The first layer's input for token windows ``ids`` (samples, seq), as the model computes it; records
+        every layer's call arguments for the batch sizes seen. Needs the outer tensors ``entry_names`` loaded."""
+        out: torch.Tensor | None = None
+
+        def record(i: int, args: tuple, kwargs: dict) -> torch.Tensor:
+            size = int(args[0].shape[0])
+            if size not in self.calls[i]:
+                self.calls[i][size] = LayerCall(args[1:], {k: v for k, v in kwargs.items() if k != "hidden_states"})
+            if i == 0:
+                first.append(args[0])
+            if i == self.num_layers - 1:
+                raise _Stop
+            return args[0]
+
+        for s in range(0, ids.shape[0], batch):
+            first: list[torch.Tensor] = []
+            with self._stubbed(record), contextlib.suppress(_Stop):
+                self.model(input_ids=ids[s:s + batch].to(self.device), use_cache=False)
+            h = first[0].to(torch.float32)
+            if out is None:
+                out = torch.empty((ids.shape[0], *h.shape[1:]), dtype=torch.float32, device=self.device)
+            out[s:s + batch] = h
+        assert out is not None
+        return out
+
+    def _call(self, i: int, layer: torch.nn.Module, h: torch.Tensor) -> torch.Tensor:
+        call = self.calls[i][int(h.shape[0])]
+        out = layer(h, *call.args, **call.kwargs)
+        return out[0] if isinstance(out, tuple) else out
+
+    @torch.no_grad()
+    def run_layer(self, i: int, layer: torch.nn.Module, hidden: torch.Tensor, batch: int = BATCH) -> torch.Tensor:
+        """Layer ``i`` applied to (samples, seq, hidden), with the arguments the model passes it."""
+        out = torch.empty_like(hidden)
+        for s in range(0, hidden.shape[0], batch):
+            out[s:s + batch] = self._call(i, layer, hidden[s:s + batch].to(self.device)).to(out.device)
+        return out
+
+    @torch.no_grad()
+    def structure(self, i: int, layer: torch.nn.Module, hidden: torch.Tensor) -> LayerStructure:
+        """Which Linears read the same tensor, and which module made it, from one batch through layer ``i``."""
+        readers: dict[int, list[str]] = {}
+        made_by: dict[int, str] = {}
+        keep: list[torch.Tensor] = []  # holds every seen tensor, so no id is reused during the pass
+        handles = []
+        for name, module in layer.named_modules():
+            if isinstance(module, torch.nn.Linear):
+                def read(_m, args, name=name):
+                    keep.append(args[0])
+                    readers.setdefault(id(args[0]), []).append(name)
+                handles.append(module.register_forward_pre_hook(read))
+            if name:
+                def made(_m, _args, output, name=name):
+                    if isinstance(output, torch.Tensor):
+                        keep.append(output)
+                        made_by.setdefault(id(output), name)
+                handles.append(module.register_forward_hook(made))
+        try:
+            self._call(i, layer, hidden[:1].to(self.device).expand(min(BATCH, hidden.shape[0]), *hidden.shape[1:])
+                       .contiguous())
+        finally:
+            for h in handles:
+                h.remove()
+        result = LayerStructure()
+        for tensor_id, names in readers.items():
+            members = tuple(dict.fromkeys(names))
+            result.groups[members[0]] = members
+            if tensor_id in made_by:
+                result.producers[members[0]] = made_by[tensor_id]
+        return result
+
+    @torch.no_grad()
+    def inputs_of(self, i: int, layer: torch.nn.Module, hidden: torch.Tensor, module: str,
+                  batch: int = BATCH) -> list[torch.Tensor]:
+        """What ``module`` reads, per batch, when layer ``i`` runs on ``hidden``; each pass stops there."""
+        target = layer.get_submodule(module)
+        seen: list[torch.Tensor] = []
+
+        def grab(_m, args):
+            seen.append(args[0])
+            raise _Stop
+
+        handle = target.register_forward_pre_hook(grab)
+        try:
+            for s in range(0, hidden.shape[0], batch):
+                with contextlib.suppress(_Stop):
+                    self._call(i, layer, hidden[s:s + batch].to(self.device))
+        finally:
+            handle.remove()
+        return seen
+
+    @torch.no_grad()
+    def logits(self, ids: torch.Tensor, final: torch.Tensor) -> torch.Tensor:
+        """The model's logits for windows ``ids`` whose last layer outputs ``final``; needs every outer tensor."""
+        last = self.num_layers - 1
+
+        def hand_over(i: int, args: tuple, kwargs: dict) -> torch.Tensor:
+            return final.to(self.device, args[0].dtype) if i == last else args[0]
+
+        with self._stubbed(hand_over):
+            return self.model(input_ids=ids.to(self.device), use_cache=False).logits.float()

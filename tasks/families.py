@@ -1,0 +1,89 @@
+"""What the engine cannot read off a model's modules, per family, as data.
+
+The decoder engine (tasks/decoder.py) finds the layers, their Linears, which Linears share an input and
+which norm produced it by running the model's own code. What is left is algebra a forward pass does not
+show: which Linear's output rows an AWQ scale may be divided into (v -> o and up -> down only where the
+op between them is linear per channel, i.e. attention over v and the gated product act(gate) * up), and
+norms that multiply by ``offset + weight``, and how llama.cpp's converter writes the family into GGUF
+(gguf-py's architecture, whose tensor-name map does the names; q/k row order; norm shifts; the metadata
+keys llama.cpp reads for it). A family missing here gets the defaults: AWQ folds into norms only, and
+GGUF is refused at plan time (the transformers formats work). Adding a family is one entry, or nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+from quantfab.tasks.errors import UserError
+
+MOE_KEYS = ("num_local_experts", "num_experts", "n_routed_experts")  # config keys that count routed experts
+LLAMA_PAIRS = {"self_attn.o_proj": "self_attn.v_proj", "mlp.down_proj": "mlp.up_proj"}
+
+
+@dataclass(frozen=True)
+class GGUFArch:
+    """How llama.cpp's converter writes a family (read off its convert_hf_to_gguf model classes)."""
+
+    arch: str  # gguf.MODEL_ARCH member: the file's general.architecture and gguf-py's tensor-name map
+    permute_qk: bool = False  # q/k rows in llama.cpp's interleaved rotary order (its Llama-style converters)
+    norm_shift: float = 0.0  # added to every norm weight: llama.cpp stores Gemma's (1 + w) as is
+    head_dims: bool = True  # key_length / value_length from config.head_dim
+    extras: tuple[tuple[str, str], ...] = ()  # (GGUFWriter method, config attribute), written when set
+
+
+@dataclass(frozen=True)
+class Family:
+    # Linear -> the Linear before it whose output rows an AWQ scale of its input divides
+    smooth_pairs: dict[str, str] = field(default_factory=dict)
+    norm_offset: float = 0.0  # the family's norms scale by (norm_offset + weight): Gemma's 1 + w
+    keep_float: tuple[str, ...] = ()  # globs of Linears never quantized by default (MoE routers)
+    gguf: GGUFArch | None = None  # None: no GGUF writer for the family yet
+
+
+LLAMA_GGUF = GGUFArch("LLAMA", permute_qk=True, head_dims=False)
+DEFAULT = Family()
+FAMILIES: dict[str, Family] = {
+    "llama": Family(LLAMA_PAIRS, gguf=LLAMA_GGUF),
+    "mistral": Family(LLAMA_PAIRS, gguf=LLAMA_GGUF),
+    "qwen2": Family(LLAMA_PAIRS, gguf=GGUFArch("QWEN2")),
+    "qwen3": Family(LLAMA_PAIRS, gguf=GGUFArch("QWEN3")),
+    "granite": Family(LLAMA_PAIRS, gguf=GGUFArch("GRANITE", permute_qk=True, head_dims=False, extras=(
+        ("add_attention_scale", "attention_multiplier"), ("add_embedding_scale", "embedding_multiplier"),
+        ("add_residual_scale", "residual_multiplier"), ("add_logit_scale", "logits_scaling")))),
+    "olmo2": Family(LLAMA_PAIRS, gguf=GGUFArch("OLMO2")),
+    "gemma": Family(LLAMA_PAIRS, norm_offset=1.0),
+    "gemma2": Family(LLAMA_PAIRS, norm_offset=1.0, gguf=GGUFArch("GEMMA2", norm_shift=1.0, extras=(
+        ("add_attn_logit_softcapping", "attn_logit_softcapping"),
+        ("add_final_logit_softcapping", "final_logit_softcapping"), ("add_sliding_window", "sliding_window")))),
+    "gemma3_text": Family(LLAMA_PAIRS, norm_offset=1.0),
+}
+
+
+def family(model_type: str) -> Family:
+    return FAMILIES.get(model_type, DEFAULT)
+
+
+def supported_model_types() -> list[str]:
+    """Every model_type transformers builds as a causal LM, but encoders given an LM head (BERT, BART...)."""
+    return sorted(set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES) - set(MODEL_FOR_MASKED_LM_MAPPING_NAMES))
+
+
+def check_supported(config, where: str) -> None:
+    """Refuse, naming ``model_type`` and ``where``, what the layer-by-layer engine cannot run."""
+    model_type = getattr(config, "model_type", None)
+    if getattr(config, "is_encoder_decoder", False) or model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES:
+        raise UserError(f"{where}: model_type {model_type!r} is an encoder or encoder-decoder model; quantfab "
+                        "builds decoder-only causal LMs (`quantfab families` lists them)")
+    if getattr(config, "auto_map", None) and model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise UserError(f"{where}: model_type {model_type!r} needs the model's own code (auto_map); quantfab runs "
+                        "only models transformers ships, without remote code (`quantfab families` lists them)")
+    if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise UserError(f"{where}: model_type {model_type!r} is not a causal LM transformers can build (encoder-only "
+                        "and multimodal-only models are not supported; `quantfab families` lists what is)")
+    experts = [k for k in MOE_KEYS if getattr(config, k, None)]
+    if experts:
+        raise UserError(f"{where}: model_type {model_type!r} is a mixture of experts ({experts[0]}="
+                        f"{getattr(config, experts[0])}); quantfab does not quantize experts yet, and would leave "
+                        "them in float")
