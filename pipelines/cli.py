@@ -1,4 +1,4 @@
-"""The `quantfab` command: run, plan, schema and deployments.
+"""The `quantfab` command: run, plan, schema, families and deployments.
 
 Exit codes: 0 built, 1 a quality gate or the verification of packed tensors failed (nothing published), 2 bad
 input (message, no traceback).
@@ -41,6 +41,8 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--store", default=None, help="content-addressed store URL (default: $QUANTFAB_STORE or ~/.cache/quantfab/store)")
         p.add_argument("-v", "--verbose", action="store_true", help="show Prefect's own logs")
     sub.add_parser("schema", help="print the recipe JSON Schema")
+    fam = sub.add_parser("families", help="the model families quantfab builds, and which formats and methods work for each")
+    fam.add_argument("--all", action="store_true", help="also list every supported model_type")
     dep = sub.add_parser("deployments", help="prefect.yaml's deployments, one per recipe")
     dep_sub = dep.add_subparsers(dest="action", required=True)
     sync = dep_sub.add_parser("sync", help="rewrite prefect.yaml's recipe deployments from recipes/")
@@ -54,6 +56,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "deployments":
         return _deployments(args)
+    if args.command == "families":
+        from quantfab.tasks.families import report
+
+        print(report(args.all))
+        return 0
     _quiet_prefect(args.verbose)
     from quantfab.tasks.errors import UserError
 

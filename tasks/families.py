@@ -14,7 +14,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_MASKED_LM_MAPPING_NAMES
+from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+                                                     MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES,
+                                                     MODEL_FOR_SPEECH_SEQ_2_SEQ_MAPPING_NAMES)
 
 from quantfab.tasks.errors import UserError
 
@@ -65,15 +67,19 @@ def family(model_type: str) -> Family:
     return FAMILIES.get(model_type, DEFAULT)
 
 
+ENCODERS = {*MODEL_FOR_MASKED_LM_MAPPING_NAMES, *MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES,
+            *MODEL_FOR_SPEECH_SEQ_2_SEQ_MAPPING_NAMES}  # in the causal-LM table too, as encoders given an LM head
+
+
 def supported_model_types() -> list[str]:
-    """Every model_type transformers builds as a causal LM, but encoders given an LM head (BERT, BART...)."""
-    return sorted(set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES) - set(MODEL_FOR_MASKED_LM_MAPPING_NAMES))
+    """Every model_type transformers builds as a causal LM, encoders and encoder-decoders left out."""
+    return sorted(set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES) - ENCODERS)
 
 
 def check_supported(config, where: str) -> None:
     """Refuse, naming ``model_type`` and ``where``, what the layer-by-layer engine cannot run."""
     model_type = getattr(config, "model_type", None)
-    if getattr(config, "is_encoder_decoder", False) or model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES:
+    if getattr(config, "is_encoder_decoder", False) or model_type in ENCODERS:
         raise UserError(f"{where}: model_type {model_type!r} is an encoder or encoder-decoder model; quantfab "
                         "builds decoder-only causal LMs (`quantfab families` lists them)")
     if getattr(config, "auto_map", None) and model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
@@ -87,3 +93,30 @@ def check_supported(config, where: str) -> None:
         raise UserError(f"{where}: model_type {model_type!r} is a mixture of experts ({experts[0]}="
                         f"{getattr(config, experts[0])}); quantfab does not quantize experts yet, and would leave "
                         "them in float")
+
+
+def report(every_type: bool = False) -> str:
+    """What `quantfab families` prints: the table's families, what works for them, and the rule for the rest."""
+    import transformers
+
+    lines = [f"quantfab runs decoder-only causal LMs as transformers {transformers.__version__} builds them, without "
+             f"remote code: {len(supported_model_types())} model types, mixtures of experts refused for now.",
+             "For each: methods rtn, group, nf4, gptq, awq (scales folded into the norms and Linears the layer's "
+             "forward shows feeding each input group); formats compressed-tensors, gptq, awq, bnb-nf4.",
+             "The table in tasks/families.py adds, per family (each tested in tests/test_families.py, as is phi3 "
+             "without an entry; other types run on the same engine, untested here):", "",
+             f"{'model_type':<14} {'gguf (llama.cpp architecture)':<31} awq scales also folded into"]
+    for name, entry in sorted(FAMILIES.items()):
+        gguf = entry.gguf.arch.lower() if entry.gguf else "-"
+        pairs = ", ".join(f"{prev.rsplit('.', 1)[-1]} -> {lin.rsplit('.', 1)[-1]}" for lin, prev in entry.smooth_pairs.items())
+        shift = f" (norms as {entry.norm_offset:g} + w)" if entry.norm_offset else ""
+        lines.append(f"{name:<14} {gguf:<31} {pairs or '-'}{shift}")
+    if every_type:
+        lines += ["", "All model types:", *("  " + ", ".join(chunk) for chunk in _chunks(supported_model_types(), 8))]
+    else:
+        lines += ["", "`quantfab families --all` lists every model type."]
+    return "\n".join(lines)
+
+
+def _chunks(items: list[str], size: int) -> list[list[str]]:
+    return [items[i:i + size] for i in range(0, len(items), size)]

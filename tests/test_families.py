@@ -29,7 +29,7 @@ COMMON = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_at
 # what a family needs beyond COMMON to exercise its own layout (windows shorter than the 32-token test windows)
 FAMILIES = {
     "llama": {}, "mistral": {"sliding_window": 8}, "qwen2": {}, "qwen3": {}, "granite": {"residual_multiplier": 0.5},
-    "olmo2": {}, "phi3": {},
+    "olmo2": {}, "phi3": {}, "gemma": {},
     # query_pre_attn_scalar = head_dim, as in Gemma 2 2B/9B (llama.cpp scales attention by the head size)
     "gemma2": {"sliding_window": 8, "query_pre_attn_scalar": 16}, "gemma3_text": {"sliding_window": 8, "query_pre_attn_scalar": 16},
 }
@@ -232,3 +232,18 @@ def test_llama_cpp_runs_each_familys_gguf_as_transformers_runs_its_weights(build
     kl = float((logp.exp() * (logp - torch.log_softmax(torch.from_numpy(theirs).double(), -1))).sum(-1).mean())
     print(f"{model_type}: KL(ours || llama.cpp) {kl:.2e}, top-1 agreement {agree:.4f}, max |logit difference| {diff:.3g}")
     assert kl <= LLAMA_CPP_MAX_KL and agree >= 0.95
+
+
+def test_families_lists_the_table_and_gguf_is_refused_for_a_family_without_a_writer(tmp_path: Path) -> None:
+    """`quantfab families` shows what works where; a GGUF output of a family without a GGUF writer is refused
+    when its tensors are assigned (plan and quantize), naming the model_type, before any work."""
+    from quantfab.pipelines.cli import main
+    from quantfab.pipelines.recipe_loading import load_recipe
+    from quantfab.tasks.convert import FORMATS
+    from quantfab.tasks.quantize.assign import assign_layers
+
+    assert main(["families"]) == 0
+    folder = ModelDir(tiny_model(tmp_path, "gemma3_text"))
+    recipe = load_recipe(REPO / "recipes" / "tinystories-656k-q4_0.yaml", [f"model.source={folder.path}"])
+    with pytest.raises(UserError, match="gguf: model_type 'gemma3_text' has no GGUF writer"):
+        assign_layers(folder.config(), folder.weights().tensors, recipe.quantize, FORMATS["gguf"], recipe.outputs[0])
