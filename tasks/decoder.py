@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
@@ -209,6 +210,10 @@ class Decoder:
             if out is None:
                 out = torch.empty((ids.shape[0], *h.shape[1:]), dtype=torch.float32, device=self.device)
             out[s:s + batch] = h
+        if 1 not in self.calls[0]:  # the one-sample calls `structure` runs with
+            with self._stubbed(record), contextlib.suppress(_Stop):
+                first = []
+                self.model(input_ids=ids[:1].to(self.device), use_cache=False)
         assert out is not None
         return out
 
@@ -227,35 +232,40 @@ class Decoder:
 
     @torch.no_grad()
     def structure(self, i: int, layer: torch.nn.Module, hidden: torch.Tensor) -> LayerStructure:
-        """Which Linears read the same tensor, and which module made it, from one batch through layer ``i``."""
-        readers: dict[int, list[str]] = {}
-        made_by: dict[int, str] = {}
-        keep: list[torch.Tensor] = []  # holds every seen tensor, so no id is reused during the pass
+        """Which Linears read the same tensor, and which module made it, from one sample through layer ``i``."""
+        # Tensors are tracked by weak reference, so the pass holds no more than a forward does; an id is trusted
+        # only while its reference still points at the very tensor (a freed tensor's id can be reused).
+        inputs: list[tuple[weakref.ref, list[str], str | None]] = []  # read tensors, in order: readers, producer
+        input_at: dict[int, int] = {}  # id -> index in inputs
+        made_by: dict[int, tuple[weakref.ref, str]] = {}
         handles = []
         for name, module in layer.named_modules():
             if isinstance(module, torch.nn.Linear):
                 def read(_m, args, name=name):
-                    keep.append(args[0])
-                    readers.setdefault(id(args[0]), []).append(name)
+                    x = args[0]
+                    at = input_at.get(id(x))
+                    if at is None or inputs[at][0]() is not x:
+                        made = made_by.get(id(x))
+                        input_at[id(x)] = at = len(inputs)
+                        inputs.append((weakref.ref(x), [], made[1] if made and made[0]() is x else None))
+                    inputs[at][1].append(name)
                 handles.append(module.register_forward_pre_hook(read))
             if name:
                 def made(_m, _args, output, name=name):
                     if isinstance(output, torch.Tensor):
-                        keep.append(output)
-                        made_by.setdefault(id(output), name)
+                        made_by[id(output)] = (weakref.ref(output), name)
                 handles.append(module.register_forward_hook(made))
         try:
-            self._call(i, layer, hidden[:1].to(self.device).expand(min(BATCH, hidden.shape[0]), *hidden.shape[1:])
-                       .contiguous())
+            self._call(i, layer, hidden[:1].to(self.device))
         finally:
             for h in handles:
                 h.remove()
         result = LayerStructure()
-        for tensor_id, names in readers.items():
+        for _, names, producer in inputs:
             members = tuple(dict.fromkeys(names))
             result.groups[members[0]] = members
-            if tensor_id in made_by:
-                result.producers[members[0]] = made_by[tensor_id]
+            if producer is not None:
+                result.producers[members[0]] = producer
         return result
 
     @torch.no_grad()

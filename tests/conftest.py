@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import os
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable
 
 import pytest
 
@@ -43,3 +45,31 @@ def data_dir() -> Path:
 def prefect_env() -> dict[str, str]:
     """The environment a subprocess needs to share this session's Prefect settings."""
     return dict(PREFECT_ENV)
+
+
+@dataclass(frozen=True)
+class Built:
+    model: Any  # ModelManifest
+    quantized: Any  # QuantizeManifest
+    converted: Any  # ConvertManifest
+
+
+def run_stages(recipe: Any, store: Any) -> Built:
+    """download -> calibrate -> quantize -> convert of ``recipe`` on the CPU, through the stage functions."""
+    from quantfab.tasks import calibrate as calibrate_mod
+    from quantfab.tasks import download as download_mod
+    from quantfab.tasks.convert.stage import convert
+    from quantfab.tasks.quantize.stage import quantize
+
+    model = download_mod.download(recipe.model.source, None, recipe.model.include, False, store)
+    cal = calibrate_mod.calibrate(model, recipe.calibration.source, recipe.calibration.samples,
+                                  recipe.calibration.seq_len, recipe.calibration.seed, recipe.calibration.text_field,
+                                  "cpu", store)
+    quantized = quantize(model, cal, recipe.quantize, recipe.outputs, "cpu", store)
+    return Built(model, quantized, convert(model, quantized, recipe.outputs, recipe.name, store))
+
+
+@pytest.fixture(scope="session")
+def stages() -> Callable[[Any, Any], Built]:
+    """``run_stages``, for test modules (conftest is not importable under --import-mode=importlib)."""
+    return run_stages

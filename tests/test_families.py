@@ -130,25 +130,18 @@ LLAMA_CPP_MAX_KL = 1e-3  # nats per token: llama.cpp runs Q8_0 matmuls on activa
 class FamilyBuild:
     """download -> calibrate -> quantize -> convert -> validate of one tiny model, through the stage functions."""
 
-    def __init__(self, folder: Path, method: str, store: Store):
+    def __init__(self, folder: Path, method: str, store: Store, stages):
         from quantfab.pipelines.recipe_loading import load_recipe
-        from quantfab.tasks import calibrate as calibrate_mod
-        from quantfab.tasks import download as download_mod
         from quantfab.tasks import validate as validate_mod
-        from quantfab.tasks.convert.stage import convert
         from quantfab.tasks.download import materialize
-        from quantfab.tasks.quantize.stage import quantize
 
         r = load_recipe(REPO / "recipes" / "tinystories-656k-q4_0.yaml", [
             f"model.source={folder}", "calibration.source=synthetic://tokens?seed=5", "calibration.samples=16",
             "calibration.seq_len=64", "validate.source=synthetic://tokens?seed=6", "validate.tokens=1024",
             "validate.window=64", f"quantize.method={method}", f"outputs={BUILDS[method]}"])
         self.store, self.outputs = store, r.outputs
-        self.model = download_mod.download(r.model.source, None, r.model.include, False, store)
-        cal = calibrate_mod.calibrate(self.model, r.calibration.source, r.calibration.samples, r.calibration.seq_len,
-                                      r.calibration.seed, r.calibration.text_field, "cpu", store)
-        self.converted = convert(self.model, quantize(self.model, cal, r.quantize, r.outputs, "cpu", store),
-                                 r.outputs, r.name, store)
+        built = stages(r, store)
+        self.model, self.converted = built.model, built.converted
         self.metrics = validate_mod.measure(self.model, self.converted, r.outputs, r.validate_, "cpu", store)
         self.ids = validate_mod.eval_windows(self.model, r.validate_, store)
         self.folder = materialize(store, self.model.files)
@@ -160,18 +153,18 @@ class FamilyBuild:
         return materialize(self.store, f.files).path / f.path
 
 
-def family_builds(root: Path, model_type: str) -> dict[str, FamilyBuild]:
+def family_builds(root: Path, model_type: str, stages) -> dict[str, FamilyBuild]:
     from quantfab.tasks.families import family
 
     folder = tiny_model(root / model_type, model_type)
     store = Store(str(root / f"{model_type}-store"))
-    return {m: FamilyBuild(folder, m, store) for m in BUILDS if m != "rtn" or family(model_type).gguf}
+    return {m: FamilyBuild(folder, m, store, stages) for m in BUILDS if m != "rtn" or family(model_type).gguf}
 
 
 @pytest.fixture(scope="module")
-def builds(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, FamilyBuild]]:
+def builds(tmp_path_factory: pytest.TempPathFactory, stages) -> dict[str, dict[str, FamilyBuild]]:
     root = tmp_path_factory.mktemp("family-builds")
-    return {t: family_builds(root, t) for t in sorted(FAMILIES)}
+    return {t: family_builds(root, t, stages) for t in sorted(FAMILIES)}
 
 
 @pytest.mark.slow

@@ -19,14 +19,10 @@ import numpy as np
 import pytest
 
 from quantfab.pipelines.recipe_loading import load_recipe
-from quantfab.tasks import calibrate as calibrate_mod
-from quantfab.tasks import download as download_mod
 from quantfab.tasks import validate as validate_mod
 from quantfab.tasks.convert.gguf import GGUFTensors
-from quantfab.tasks.convert.stage import convert
 from quantfab.tasks.download import materialize
 from quantfab.tasks.llama_cpp import llama_cpp_perplexity, llama_quantize
-from quantfab.tasks.quantize.stage import quantize
 from quantfab.tasks.store import Store
 
 pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install .[llama-cpp])")
@@ -46,7 +42,7 @@ PPL_RTOL = 0.01
 
 
 class Build:
-    def __init__(self, source: str | None, method: str, types: list[str], store: Store):
+    def __init__(self, source: str | None, method: str, types: list[str], store: Store, stages):
         overrides = ["calibration.samples=16", "calibration.seq_len=128", "validate.tokens=2048", "validate.window=128",
                      f"quantize.method={method}", "outputs=[" + ", ".join(f"{{gguf: {t}}}" for t in types) + "]"]
         if source:
@@ -54,11 +50,8 @@ class Build:
                           "validate.source=synthetic://tokens"]
         r = load_recipe(RECIPE, overrides)
         self.recipe, self.store = r, store
-        self.model = download_mod.download(r.model.source, None, r.model.include, False, store)
-        cal = calibrate_mod.calibrate(self.model, r.calibration.source, r.calibration.samples, r.calibration.seq_len,
-                                      r.calibration.seed, r.calibration.text_field, "cpu", store)
-        self.converted = convert(self.model, quantize(self.model, cal, r.quantize, r.outputs, "cpu", store),
-                                 r.outputs, r.name, store)
+        built = stages(r, store)
+        self.model, self.converted = built.model, built.converted
         self.metrics = validate_mod.measure(self.model, self.converted, r.outputs, r.validate_, "cpu", store)
         self.ids = validate_mod.eval_windows(self.model, r.validate_, store)
         self.config = materialize(store, self.model.files).config()
@@ -69,9 +62,9 @@ class Build:
 
 
 @pytest.fixture(scope="module")
-def builds(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Build]:
+def builds(data_dir: Path, tmp_path_factory: pytest.TempPathFactory, stages) -> dict[str, Build]:
     store = Store(str(tmp_path_factory.mktemp("llama-cpp-store")))
-    return {name: Build(*spec, store) for name, spec in BUILDS.items()}
+    return {name: Build(*spec, store, stages) for name, spec in BUILDS.items()}
 
 
 @pytest.mark.parametrize("name", ["tinystories-rtn", "synthetic-rtn"])

@@ -10,6 +10,7 @@ file one at a time, and q/k rows are permuted to llama.cpp's rotary layout as it
 
 from __future__ import annotations
 
+import mmap
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Literal
@@ -345,4 +346,10 @@ class GGUFTensors:
         return self._hf_rows(hf_name, data.reshape(data.shape[0], -1))
 
     def load(self, names: list[str]) -> dict[str, torch.Tensor]:
-        return {n: torch.from_numpy(self.array(n).copy()) for n in names}
+        out = {n: torch.from_numpy(self.array(n).copy()) for n in names}
+        # The reader maps the whole file: drop the pages just read, or the process would keep every layer it
+        # has validated resident (a layer at a time is all validate needs)
+        mapping = getattr(self.reader.data, "_mmap", None)
+        if mapping is not None and hasattr(mmap, "MADV_DONTNEED"):
+            mapping.madvise(mmap.MADV_DONTNEED)
+        return out
