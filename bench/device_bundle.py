@@ -12,10 +12,13 @@ Python with torch, CuPy and transformers and nothing else of ours. `.device/` ho
 * `data/`: the shared TinyStories model and texts (`../shared` does not travel).
 
     python bench/device_bundle.py            # then, with the device tool (carry [".device"]):
-    PYTHONPATH=.device/site QUANTFAB_DATA=.device/data python -m pytest -p no:cacheprovider -m gpu \
+    PYTHONPATH=.device/site QUANTFAB_DATA=.device/data python -P -m pytest -p no:cacheprovider -m gpu \
         tests/test_methods.py tests/test_kernels.py
     PYTHONPATH=.device/site QUANTFAB_DATA=.device/data python bench/peer/run_ours.py --device cuda --out $OUT/kl.json
     PYTHONPATH=.device/site BENCH_CACHE=/tmp/bench python bench/peer/run_ours.py --synthetic --device cuda
+
+(``-P``: without it ``python -m`` puts the repo root on sys.path before quantfab is imported, and the
+image's transformers, which has no Hugging Face ``kernels`` beside it, would probe our folder as one.)
 """
 
 from __future__ import annotations

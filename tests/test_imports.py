@@ -17,6 +17,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 BARE = ("kernels", "tasks", "pipelines")
 VENV = Path(sys.prefix).resolve()  # may itself be inside the checkout (.ci/run makes .venv there)
@@ -81,26 +83,31 @@ def test_bare_packages_are_not_importable_from_a_clean_process(tmp_path):
 
 
 ROOT_ON_PATH_PROBE = r"""
-import importlib, json, sys
+import importlib, importlib.util, json, sys
+if sys.argv[1] == "transformers-first":  # a bare `kernels` imported before quantfab is: the folder hands it over
+    from transformers.integrations import hub_kernels
 from prefect.utilities.importtools import import_object
 # what a deployment's flow run does: import the module entrypoint with the working directory on sys.path
 flow = import_object("quantfab.pipelines.quantize:quantize")
 from transformers.integrations import hub_kernels  # imports Hugging Face's `kernels` (transformers 5.2x)
-bare = {}
+bare, specs = {}, {}
 for name in ("kernels", "tasks", "pipelines"):
+    spec = importlib.util.find_spec(name)
+    specs[name] = None if spec is None else [spec.origin, *(spec.submodule_search_locations or [])]
     try:
         bare[name] = getattr(importlib.import_module(name), "__file__", None) or "namespace"
     except ModuleNotFoundError:
         bare[name] = None
-print(json.dumps({"sys_path": sys.path, "flow": flow.name, "bare": bare}))
+print(json.dumps({"sys_path": sys.path, "flow": flow.name, "bare": bare, "specs": specs}))
 """
 
 
-def test_bare_packages_are_not_the_checkouts_even_with_its_root_on_sys_path():
+@pytest.mark.parametrize("order", ["quantfab-first", "transformers-first"])
+def test_bare_packages_are_not_the_checkouts_even_with_its_root_on_sys_path(order: str) -> None:
     """`python -c`/`-m` from the repo root and Prefect's entrypoint loader put the root on sys.path; the
-    bare names must still resolve to what is installed under them, or to nothing."""
+    bare names must still resolve (find_spec and import alike) to what is installed under them, or to nothing."""
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONSAFEPATH")}
-    proc = subprocess.run([sys.executable, "-c", ROOT_ON_PATH_PROBE], cwd=REPO, env=env, capture_output=True,
+    proc = subprocess.run([sys.executable, "-c", ROOT_ON_PATH_PROBE, order], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -108,6 +115,7 @@ def test_bare_packages_are_not_the_checkouts_even_with_its_root_on_sys_path():
     assert result["flow"] == "quantize"
     for name, file in result["bare"].items():
         assert not inside_repo(file if file != "namespace" else None), (name, file)
+        assert not any(inside_repo(p) for p in result["specs"][name] or []), (name, result["specs"][name])
     if importlib.util.find_spec("kernels") is not None:  # Hugging Face's, installed beside transformers
         assert result["bare"]["kernels"] is not None
 
