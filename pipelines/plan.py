@@ -126,7 +126,7 @@ def _headers(recipe: Recipe, store: Store, model) -> tuple[Any, dict[str, Tensor
             return synthetic.headers(source, folder)
         fs, root = filesystem(source, "model.source")
         fs.get_file(f"{root}/config.json", str(folder / "config.json"))
-        config = ModelDir(folder).config()
+        config = ModelDir(folder, redact(source)).config()
         tensors: dict[str, TensorInfo] = {}
         for info in fs.ls(root, detail=True):
             if info["name"].endswith(".safetensors"):

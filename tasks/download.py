@@ -7,6 +7,7 @@ states one) and only then added to the store. Pickle checkpoints are refused unl
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import hashlib
 import json
@@ -226,7 +227,7 @@ def materialize(store: Store, files: dict[str, Blob]) -> ModelDir:
 
 
 def _manifest(source: str, revision: str, files: dict[str, Blob], store: Store) -> ModelManifest:
-    model = materialize(store, files)
+    model = dataclasses.replace(materialize(store, files), source=redact(source))
     config = model.config()
     check_against_config(config, model.weights().tensors)
     params = 0

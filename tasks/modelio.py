@@ -145,15 +145,17 @@ class ModelDir:
     """A local folder with config, tokenizer and safetensors shards of one model."""
 
     path: Path
+    source: str | None = None  # the (redacted) source URL the folder came from, for messages that name it
 
     def config(self):
         from transformers import AutoConfig
 
+        where = f"{self.source.rstrip('/')}/config.json" if self.source else str(self.path / "config.json")
         try:
             config = AutoConfig.from_pretrained(self.path, local_files_only=True, trust_remote_code=False)
         except (OSError, ValueError) as exc:
-            raise UserError(f"{self.path / 'config.json'}: cannot read the model config: {exc}") from None
-        check_supported(config, str(self.path / "config.json"))
+            raise UserError(f"{where}: cannot read the model config: {exc}") from None
+        check_supported(config, where)
         # soft-capped attention scores (Gemma 2) exist only in the eager implementation
         config._attn_implementation = "eager" if getattr(config, "attn_logit_softcapping", None) else "sdpa"
         return config

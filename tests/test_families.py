@@ -240,3 +240,18 @@ def test_families_lists_the_table_and_gguf_is_refused_for_a_family_without_a_wri
     recipe = load_recipe(REPO / "recipes" / "tinystories-656k-q4_0.yaml", [f"model.source={folder.path}"])
     with pytest.raises(UserError, match="gguf: model_type 'gemma3_text' has no GGUF writer"):
         assign_layers(folder.config(), folder.weights().tensors, recipe.quantize, FORMATS["gguf"], recipe.outputs[0])
+
+
+def test_plan_refuses_an_encoder_naming_the_users_path_before_any_download(tmp_path: Path) -> None:
+    import json
+    import subprocess
+    import sys
+
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert", "architectures": ["BertModel"]}))
+    cli = Path(sys.executable).parent / "quantfab"
+    done = subprocess.run([str(cli), "plan", str(REPO / "recipes" / "tinystories-656k-q4_0.yaml"), "--set",
+                           f"model.source={tmp_path}", "--store", str(tmp_path / "store")],
+                          capture_output=True, text=True, timeout=300)
+    out = done.stdout + done.stderr
+    assert f"{tmp_path}/config.json: model_type 'bert' is an encoder" in out, out
+    assert "Traceback" not in out and not (tmp_path / "store" / "blobs").exists()
