@@ -73,7 +73,7 @@ def _load_with_extends(path: Path, chain: tuple[Path, ...], as_written: bool, ro
     data, marks = _read_yaml(path)
     base_ref = data.pop("extends", None)
     if not as_written:
-        _resolve_strings(data, path.parent)
+        _resolve_strings(data, path)
     if base_ref is None:
         return data, marks
     mark = marks.get(("extends",), Mark(str(path), 1, 1))
@@ -126,8 +126,10 @@ def _collect_marks(node: yaml.Node, loc: Loc, file: str, marks: dict[Loc, Mark])
             _collect_marks(item, (*loc, i), file, marks)
 
 
-def _resolve_strings(data: Any, base_dir: Path) -> None:
+def _resolve_strings(data: Any, path: Path) -> None:
     """Expand ${VAR} / ${VAR:-default} (the default also when VAR is empty, as in the shell) in every string, and make relative local sources absolute."""
+    base_dir = path.parent
+
     def walk(value: Any, key: str | None) -> Any:
         if isinstance(value, dict):
             return {k: walk(v, k) for k, v in value.items()}
@@ -135,6 +137,8 @@ def _resolve_strings(data: Any, base_dir: Path) -> None:
             return [walk(v, key) for v in value]
         if isinstance(value, str):
             value = ENV_PATTERN.sub(lambda m: os.environ.get(m.group(1)) or m.group(2) or "", value)
+            if "\x00" in value:  # no path, URL or name can hold one (the OS refuses it with a bare ValueError)
+                raise RecipeError(f"{path}: {key}: the value {value!r} contains a NUL character")
             if key in ("source", "destination") and "://" not in value and not os.path.isabs(value):
                 value = str((base_dir / value).resolve())
         return value

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 import yaml
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from quantfab.pipelines.cli import main
@@ -73,6 +73,7 @@ def mutate(recipe: dict, mutations: list[tuple]) -> dict:
 
 
 @given(st.lists(MUTATIONS, min_size=1, max_size=3))
+@example([("set", ("model", "source"), "\x00")])  # found by the fuzz on a fresh clone: a NUL in a path
 @settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 def test_a_mutated_recipe_plans_or_fails_with_exit_2_naming_the_file(tmp_path: Path, capsys: pytest.CaptureFixture,
                                                                      mutations: list[tuple]) -> None:
