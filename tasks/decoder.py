@@ -144,8 +144,8 @@ class Decoder:
             for name, buffer in module._buffers.items():
                 if buffer is not None and buffer.device.type != "meta":
                     module._buffers[name] = buffer.to(device)
-        self.layers_name, self.layers = decoder_layers(self.model, config)
-        self.templates = list(self.layers)  # meta layers, copied for each real one
+        self.layers_name = layout(config).layers_name
+        self.layers = self.model.get_submodule(self.layers_name)  # meta layers, copied for each real one
         inner = self.layers_name + "."
         self.outer_names = [n for n in self.model.state_dict() if not n.startswith(inner)]
         head = self.model.get_output_embeddings()
@@ -156,9 +156,6 @@ class Decoder:
     @property
     def num_layers(self) -> int:
         return len(self.layers)
-
-    def prefix(self, i: int) -> str:
-        return f"{self.layers_name}.{i}."
 
     def load_outer(self, tensors: dict[str, torch.Tensor]) -> None:
         """Set the parameters outside the layers (missing names stay as they are)."""
@@ -171,7 +168,7 @@ class Decoder:
 
     def layer(self, i: int, weights: dict[str, torch.Tensor]) -> torch.nn.Module:
         """Decoder layer ``i`` holding ``weights`` (names relative to the layer)."""
-        layer = copy.deepcopy(self.templates[i])
+        layer = copy.deepcopy(self.layers[i])
         layer.load_state_dict({k: v.to(self.device) for k, v in weights.items()}, assign=True, strict=True)
         return layer.eval()
 

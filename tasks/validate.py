@@ -67,7 +67,8 @@ def logits(config, source: Any, fp32: Any, ids: np.ndarray, device: str = "cpu")
 
 
 def _forward(config, sources: dict[str, Any], fp32: Any, ids: torch.Tensor, dev: torch.device) -> tuple[Decoder, dict]:
-    """The final hidden states of every source; ``fp32.layer_names(i)`` lists layer i's tensors."""
+    """The final hidden states of every source; ``fp32.layer_names(i)`` lists layer i's tensors, ``fp32.prefix(i)``
+    their common prefix."""
     decoder = Decoder(config, dev)
     hidden = {}
     for key, src in sources.items():  # each source's own embedding (a GGUF may quantize it)
@@ -76,7 +77,7 @@ def _forward(config, sources: dict[str, Any], fp32: Any, ids: torch.Tensor, dev:
     for i in range(decoder.num_layers):
         names = fp32.layer_names(i)
         for key, src in sources.items():
-            layer = decoder.layer(i, relative(src.load(names), decoder.prefix(i)))
+            layer = decoder.layer(i, relative(src.load(names), fp32.prefix(i)))
             hidden[key] = decoder.run_layer(i, layer, hidden[key])
             del layer
     return decoder, hidden

@@ -30,7 +30,7 @@ from quantfab.tasks.decoder import Decoder, LayerStructure
 from quantfab.tasks.download import materialize
 from quantfab.tasks.malloc import keep_freed_memory
 from quantfab.tasks.manifests import CalibrationManifest, ModelManifest, ModuleReport, QuantizedOutput, QuantizeManifest
-from quantfab.tasks.families import family
+from quantfab.tasks.families import Family, family
 from quantfab.tasks.modelio import ModelDir, pick_device, relative
 from quantfab.tasks.parallel import pmap
 from quantfab.tasks.quantize import METHODS
@@ -114,7 +114,7 @@ def _layer(model: ModelManifest, model_dir: ModelDir, inputs: Any, plan: dict[st
     if blob is None:
         tensors = {k: v.numpy() for k, v in relative(weights.load(weights.layer_names(i)), prefix).items()}
         name = prefix.rstrip(".")
-        kind = family(model_dir.config().model_type)
+        kind = family(model.model_type)
         if inputs.stepwise and all(methods[a.method].stepwise for a in plan.values() if a.grid):
             result = LayerResult()
 
@@ -158,7 +158,7 @@ def quantize_independent_layer(job: IndependentLayer) -> Blob:
 
 
 def _quantize_layer(tensors: dict[str, np.ndarray], stats: dict[str, InputStats], plan: dict[str, Assignment],
-                    methods: dict[str, Any], name: str, structure: LayerStructure, kind: Any) -> LayerResult:
+                    methods: dict[str, Any], name: str, structure: LayerStructure, kind: Family) -> LayerResult:
     """Each method quantizes the Linears assigned to it; their results are merged."""
     merged = LayerResult()
     for method in sorted({a.method for a in plan.values() if a.grid}):
