@@ -40,7 +40,6 @@ class Family:
     # Linear -> the Linear before it whose output rows an AWQ scale of its input divides
     smooth_pairs: dict[str, str] = field(default_factory=dict)
     norm_offset: float = 0.0  # the family's norms scale by (norm_offset + weight): Gemma's 1 + w
-    keep_float: tuple[str, ...] = ()  # globs of Linears never quantized by default (MoE routers)
     gguf: GGUFArch | None = None  # None: no GGUF writer for the family yet
 
 

@@ -10,7 +10,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from quantfab.tasks.decoder import layout
-from quantfab.tasks.families import family
 from quantfab.tasks.modelio import TensorInfo
 from quantfab.tasks.quantize.grids import GridRequest
 
@@ -36,15 +35,11 @@ def request(method: str, bits: int | None, group_size: int | None, symmetric: bo
     return GridRequest(bits, group_size, symmetric)
 
 
-def assign(module: str, cols: int, quant: Any, fmt: Any, options: Any, preset: str | None = None,
-           keep_float: tuple[str, ...] = ()) -> Assignment:
+def assign(module: str, cols: int, quant: Any, fmt: Any, options: Any, preset: str | None = None) -> Assignment:
     """``quant`` is the recipe's QuantizeSpec; ``fmt``/``options`` the output's format and options; ``preset``
-    the type the format's own per-tensor rules give this module (``fmt.presets``), if it has any;
-    ``keep_float`` the family's globs of Linears left in float unless an override names them."""
+    the type the format's own per-tensor rules give this module (``fmt.presets``), if it has any."""
     if any(matches(module, pat) for pat in quant.ignore):
         return Assignment(module, quant.method, None, "ignored by quantize.ignore")
-    if any(matches(module, pat) for pat in keep_float) and not any(matches(module, pat) for pat in quant.overrides):
-        return Assignment(module, quant.method, None, "kept in float by the model family's defaults")
     method, bits, group_size, symmetric = quant.method, quant.bits, quant.group_size, quant.symmetric
     for pattern, o in quant.overrides.items():
         if matches(module, pattern):
@@ -66,7 +61,7 @@ def assign(module: str, cols: int, quant: Any, fmt: Any, options: Any, preset: s
 def assign_layers(config, tensors: dict[str, TensorInfo], quant: Any, fmt: Any, options: Any) -> list[dict[str, Assignment]]:
     """Per decoder layer, every Linear's assignment for one output (what plan shows and quantize does)."""
     presets = fmt.presets(options, config, tensors)
-    shape, keep = layout(config), family(config.model_type).keep_float
+    shape = layout(config)
     return [{lin: assign(f"{shape.prefix(i)}{lin}", tensors[f"{shape.prefix(i)}{lin}.weight"].shape[1], quant, fmt,
-                         options, presets.get(f"{shape.prefix(i)}{lin}"), keep) for lin in linears}
+                         options, presets.get(f"{shape.prefix(i)}{lin}")) for lin in linears}
             for i, linears in enumerate(shape.linears)]
