@@ -11,9 +11,11 @@ stage really runs. While each run is alive the whole process tree is polled with
 * main HWM: the kernel's high-water mark for the ``quantfab run`` process (``ru_maxrss`` from wait4;
   exact, not sampled; it is the max over the process and its reaped children, and the server is smaller).
 
-Goal: peak RSS of the 16-layer run <= 1.25 x the 2-layer run.
+Goal: peak RSS of the 16-layer run <= 1.25 x the 2-layer run. ``--family qwen3_moe`` runs a mixture of
+experts instead (``--experts``, ``--expert-intermediate``): its experts are calibrated per expert.
 
     /work/venv/bin/python bench/rss_layers.py [--layers 2 4 8 16] [--hidden 1024] [--interval 0.05]
+    /work/venv/bin/python bench/rss_layers.py --family qwen3_moe --layers 2 12 --experts 8
 """
 
 from __future__ import annotations
@@ -31,15 +33,17 @@ RECIPE = "bench/recipes/synthetic-base.yaml"
 GOAL = 1.25
 
 
-def model_source(layers: int, hidden: int, intermediate: int, heads: int, kv_heads: int, vocab: int) -> str:
-    return (f"synthetic://llama?layers={layers}&hidden={hidden}&intermediate={intermediate}"
-            f"&heads={heads}&kv_heads={kv_heads}&vocab={vocab}&seed=0")
+def model_source(args: argparse.Namespace, layers: int) -> str:
+    experts = "" if args.family == "llama" else f"&experts={args.experts}&expert_intermediate={args.expert_intermediate}"
+    return (f"synthetic://{args.family}?layers={layers}&hidden={args.hidden}&intermediate={args.intermediate}"
+            f"&heads={args.heads}&kv_heads={args.kv_heads}&vocab={args.vocab}&seed=0{experts}")
 
 
-def fp32_mib(layers: int, h: int, f: int, heads: int, kv_heads: int, v: int) -> float:
-    kv = h // heads * kv_heads
-    per_layer = 2 * h * h + 2 * kv * h + 3 * f * h + 2 * h
-    return (layers * per_layer + 2 * v * h + h) * 4 / MiB
+def fp32_mib(source: str) -> float:
+    """The model's weights in fp32, from the synthetic source's headers."""
+    from quantfab.tasks.synthetic import headers
+
+    return sum(t.numel for t in headers(source, Path("unused"))[1].values()) * 4 / MiB
 
 
 def _import_hwm() -> int:
@@ -58,6 +62,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--heads", type=int, default=16)
     ap.add_argument("--kv-heads", type=int, default=8)
     ap.add_argument("--vocab", type=int, default=2048)
+    ap.add_argument("--family", default="llama", help="any model type synthetic:// writes, e.g. qwen3_moe")
+    ap.add_argument("--experts", type=int, default=8)
+    ap.add_argument("--expert-intermediate", type=int, default=704)
     ap.add_argument("--interval", type=float, default=0.05, help="psutil polling period, seconds")
     ap.add_argument("--set", dest="extra", action="append", default=[], metavar="KEY=VALUE",
                     help="extra recipe overrides passed to every run (e.g. quantize.method=group)")
@@ -66,12 +73,12 @@ def main(argv: list[str] | None = None) -> int:
 
     rows = []
     tmp_root = Path(tempfile.mkdtemp(prefix="quantfab-bench-rss-"))
-    print(f"recipe {RECIPE}; hidden {args.hidden}, intermediate {args.intermediate}, heads {args.heads}/"
+    print(f"recipe {RECIPE}; {args.family}, hidden {args.hidden}, intermediate {args.intermediate}, heads {args.heads}/"
           f"{args.kv_heads}, vocab {args.vocab}; polling every {args.interval * 1000:.0f} ms; work dir {tmp_root}",
           flush=True)
     for n in args.layers:
         work = tmp_root / f"layers{n}"
-        src = model_source(n, args.hidden, args.intermediate, args.heads, args.kv_heads, args.vocab)
+        src = model_source(args, n)
         cmd = ["run", RECIPE, "--store", str(work / "store"), "--set", f"model.source={src}",
                "--set", f"package.destination={work / 'out'}"]
         for kv in args.extra:
@@ -82,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"layers {n}: run failed or did not run every stage (rc {res.returncode}, stages {stages})")
             print(res.stderr[-3000:])
             return 1
-        model = fp32_mib(n, args.hidden, args.intermediate, args.heads, args.kv_heads, args.vocab)
+        model = fp32_mib(src)
         rows.append((n, res, model))
         print(f"  layers {n:>2}: tree {res.peak_tree_rss / MiB:7.1f} MiB, main {res.peak_main_rss / MiB:7.1f} MiB, "
               f"wall {res.wall_s:6.1f} s, {res.samples} samples; stages "
@@ -116,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{last[1].main_hwm_rss / first[1].main_hwm_rss:.2f} (main HWM) -> {verdict}")
     if len(rows) > 1:
         per_layer = (last[1].peak_tree_rss - first[1].peak_tree_rss) / MiB / (last[0] - first[0])
-        layer_mib = fp32_mib(1, args.hidden, args.intermediate, args.heads, args.kv_heads, 0)
+        layer_mib = (fp32_mib(model_source(args, 2)) - fp32_mib(model_source(args, 1)))
         print(f"slope: {per_layer:.1f} MiB of peak RSS per added layer (one layer is {layer_mib:.1f} MiB in fp32)")
     if not args.keep:
         import shutil

@@ -22,7 +22,7 @@ from quantfab.pipelines.stages import cache_key
 from quantfab.tasks import synthetic
 from quantfab.tasks.convert import FORMATS
 from quantfab.tasks.redact import redact, redact_text
-from quantfab.tasks.errors import UserError
+from quantfab.tasks.errors import UnsupportedModel, UserError
 from quantfab.tasks.manifests import Manifest
 from quantfab.tasks.modelio import (ModelDir, TensorInfo, alias_tied_embeddings, check_against_config,
                                     read_safetensors_header)
@@ -99,6 +99,8 @@ def plan(recipe: Recipe, store_url: str | None) -> Plan:
     try:
         config, tensors = _headers(recipe, store, up.get("download"))
         check_against_config(config, tensors)
+    except UnsupportedModel:
+        raise  # what the model is, not whether it could be read: the plan fails on it
     except (UserError, OSError, ValueError) as exc:
         out.sizes = {o.key: f"unknown: cannot read the model's headers ({redact_text(str(exc))})" for o in recipe.outputs}
         return out

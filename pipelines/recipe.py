@@ -54,12 +54,22 @@ class ModelSpec(Section):
                                             "config, index and weight files' sizes and etags or mtimes).")
 
 
+class ExpertsSpec(Section):
+    min_tokens: int = Field(128, ge=0, description="An expert of a mixture of experts routed fewer calibration tokens "
+                            "than this gets the fallback; the build report lists every such expert.")
+    fallback: Literal["all_tokens", "rtn"] = Field("all_tokens", description="all_tokens: calibrate the expert on "
+                                                   "every token its layer saw, as if all were routed to it (as "
+                                                   "llm-compressor's all-experts calibration). rtn: round it to nearest.")
+
+
 class CalibrationSpec(Section):
     source: str = Field(description="URL of a .txt or .jsonl file, or synthetic://tokens for random token ids.")
     text_field: str = Field("text", description="The field holding the text in each .jsonl line.")
     samples: int = Field(64, ge=1, le=100_000, description="Number of calibration sequences.")
     seq_len: int = Field(256, ge=8, le=131_072, description="Tokens per sequence, BOS included.")
     seed: int = Field(0, ge=0, description="Seed for choosing the sequences.")
+    experts: ExpertsSpec = Field(default_factory=ExpertsSpec, description="Mixtures of experts: each expert is "
+                                 "calibrated on the tokens the router sends it; what to do when those are few.")
 
 
 class ModuleOverride(Section):

@@ -21,7 +21,7 @@ from quantfab.tasks import package as package_mod
 from quantfab.tasks import validate as validate_mod
 from quantfab.tasks.convert import stage as convert_mod
 from quantfab.tasks.errors import UserError
-from quantfab.tasks.manifests import (CalibrationManifest, ConvertManifest, ModelManifest, PackageManifest,
+from quantfab.tasks.manifests import (CalibrationManifest, ConvertManifest, ExpertFallback, ModelManifest, PackageManifest,
                                       QualityManifest, QuantizeManifest)
 from quantfab.tasks.quantize import stage as quantize_mod
 from quantfab.tasks.store import Store
@@ -29,7 +29,7 @@ from quantfab.tasks.store import Store
 CACHE_POLICY = INPUTS + TASK_SOURCE
 ROOT = Path(__file__).resolve().parent.parent  # where tasks/ and kernels/ live (the repo, or site-packages)
 COMMON = ["tasks/errors.py", "tasks/store.py", "tasks/manifests.py", "tasks/modelio.py", "tasks/decoder.py",
-          "tasks/families.py", "tasks/download.py"]
+          "tasks/families.py", "tasks/checkpoint_map.py", "tasks/download.py"]
 GRID_SOURCES = ["tasks/quantize/grids.py", "tasks/quantize/grid_base.py", "tasks/quantize/kquants.py"]
 STAGE_SOURCES = {
     "download": ["tasks/synthetic.py"],
@@ -85,7 +85,8 @@ def download(model: ModelSpec, store_url: str, code: str) -> ModelManifest:
 def calibrate(model: ModelManifest, calibration: CalibrationSpec, statistics: bool, device: str, store_url: str,
               code: str) -> CalibrationManifest:
     return calibrate_mod.calibrate(model, calibration.source, calibration.samples, calibration.seq_len, calibration.seed,
-                                   calibration.text_field, device, Store(store_url), statistics)
+                                   calibration.text_field, device, Store(store_url), statistics,
+                                   ExpertFallback(**calibration.experts.model_dump()))
 
 
 @_stage("quantize")

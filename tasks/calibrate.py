@@ -4,8 +4,11 @@
 
 Holds one decoder layer's weights plus the hidden states of all samples. For each group of Linears that
 read one input (the layer's forward shows which: q/k/v, o, gate/up, down in a Llama) it records the sum of
-x x^T (the Hessian GPTQ needs) and the per-channel mean |x| (what AWQ scales by), one safetensors file per
-layer in the store, whose metadata holds the layer's structure (groups, and the module producing each input).
+x x^T (the Hessian GPTQ needs), the per-channel mean |x| (what AWQ scales by) and the token count, one
+safetensors file per layer in the store, whose metadata holds the layer's structure (groups, and the module
+producing each input). An expert's statistics are over the tokens routed to it; one routed fewer than
+``min_tokens`` gets the recipe's fallback (statistics over every token the experts module saw, as if all were
+routed to it, or round to nearest), noted in the structure and, from there, in the build report.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from quantfab.tasks.decoder import Decoder, LayerStructure
 from quantfab.tasks.download import materialize
 from quantfab.tasks.gram import add_gram_upper, mirror_upper
 from quantfab.tasks.malloc import keep_freed_memory
-from quantfab.tasks.manifests import CalibrationManifest, ModelManifest
+from quantfab.tasks.manifests import EXPERT_FALLBACK, CalibrationManifest, ExpertFallback, ModelManifest
 from quantfab.tasks.modelio import pick_device, relative
 from quantfab.tasks.store import Store
 from quantfab.tasks.texts import read_tokens, sampled_windows
@@ -43,14 +46,15 @@ def _bos(config) -> int:
 
 
 def calibrate(model: ModelManifest, source: str, samples: int, seq_len: int, seed: int, text_field: str,
-              device: str, store: Store, statistics: bool = True) -> CalibrationManifest:
+              device: str, store: Store, statistics: bool = True,
+              experts: ExpertFallback = ExpertFallback()) -> CalibrationManifest:
     torch.manual_seed(seed)
     ids = calibration_tokens(model, source, samples, seq_len, seed, text_field, store)
-    return calibrate_on(model, ids, device, store, statistics)
+    return calibrate_on(model, ids, device, store, statistics, experts)
 
 
-def calibrate_on(model: ModelManifest, ids: np.ndarray, device: str, store: Store,
-                 statistics: bool = True) -> CalibrationManifest:
+def calibrate_on(model: ModelManifest, ids: np.ndarray, device: str, store: Store, statistics: bool = True,
+                 experts: ExpertFallback = ExpertFallback()) -> CalibrationManifest:
     """Statistics of the unquantized model on calibration windows ``ids`` (samples, seq_len).
 
     Without ``statistics`` only the windows are stored: a build whose every output runs a sequential
@@ -62,26 +66,66 @@ def calibrate_on(model: ModelManifest, ids: np.ndarray, device: str, store: Stor
     token_blob = store.put_file(tokens_file)
     tokens_file.unlink()
     if not statistics:
-        return CalibrationManifest(tokens=token_blob, stats=[], count=int(ids.size))
+        return CalibrationManifest(tokens=token_blob, stats=[], count=int(ids.size), experts=experts)
     keep_freed_memory()
     model_dir = materialize(store, model.files)
     config, weights = model_dir.config(), model_dir.weights()
     dev = pick_device(device)
     decoder = Decoder(config, dev)
-    decoder.load_outer(weights.load(decoder.entry_names()))
+    decoder.load_outer(weights.load(weights.checkpoint_names(decoder.entry_names())))
     hidden = decoder.embed(torch.from_numpy(ids))
     stats = []
     for i in range(decoder.num_layers):
-        layer = decoder.layer(i, relative(weights.load(weights.layer_names(i)), weights.prefix(i)))
+        tensors = relative(weights.load(weights.layer_names(i)), weights.prefix(i))
+        layer = decoder.layer(i, tensors)
         structure = decoder.structure(i, layer, hidden)
-        recorder = InputRecorder(layer, structure, dev)
-        hidden = decoder.run_layer(i, layer, hidden)
+        moments, hidden = measure_layer(decoder, i, layer, hidden, structure, widths(tensors, structure), experts, dev)
         path = work / f"calib-layer{i}-{uuid.uuid4().hex}.safetensors"
-        save_file(recorder.finish(), str(path), metadata=structure_metadata(structure))
+        arrays = {}
+        for key, m in moments.items():
+            arrays |= {f"{key}.hessian": m.hessian(), f"{key}.mean_abs": m.mean_abs(), f"{key}.count": np.array(m.count)}
+        save_file(arrays, str(path), metadata=structure_metadata(structure))
         stats.append(store.put_file(path))
         path.unlink()
         del layer
-    return CalibrationManifest(tokens=token_blob, stats=stats, count=int(ids.size))
+    return CalibrationManifest(tokens=token_blob, stats=stats, count=int(ids.size), experts=experts)
+
+
+def widths(tensors: dict, structure: LayerStructure) -> dict[str, int]:
+    """Each input key's width: its Linears' row length (checkpoint tensors of the layer, relative names)."""
+    return {key: int(tensors[f"{key}.weight"].shape[1]) for key in structure.groups}
+
+
+def measure_layer(decoder: Decoder, i: int, layer: torch.nn.Module, hidden: torch.Tensor, structure: LayerStructure,
+                  width: dict[str, int], experts: ExpertFallback,
+                  device: torch.device) -> tuple[dict[str, Moments], torch.Tensor]:
+    """The Moments of every input of layer ``i`` on ``hidden`` (experts' fallbacks applied), and its output."""
+    recorder = InputRecorder(structure.groups, width, device)
+    with decoder.reading(i, layer, recorder.add):
+        out = decoder.run_layer(i, layer, hidden)
+    moments = recorder.moments
+    low = {key for key, m in moments.items() if decoder.is_expert(i, key) and m.count < experts.min_tokens}
+    if low:
+        moments |= expert_fallback(decoder, i, layer, hidden, structure, {k: moments[k] for k in low}, width, experts,
+                                   device)
+    return moments, out
+
+
+def expert_fallback(decoder: Decoder, i: int, layer: torch.nn.Module, hidden: torch.Tensor, structure: LayerStructure,
+                    routed: dict[str, Moments], width: dict[str, int], experts: ExpertFallback,
+                    device: torch.device) -> dict[str, Moments]:
+    """For expert inputs ``routed`` too few tokens: the note in ``structure.fallbacks`` and, with the all_tokens
+    fallback, their Moments over every token of the calibration set (``hidden``: the layer's input)."""
+    total = int(hidden.shape[0] * hidden.shape[1])
+    for key, m in routed.items():
+        what = f"calibrated on all {total} tokens" if experts.fallback == "all_tokens" else "rounded to nearest"
+        structure.fallbacks[key] = f"{EXPERT_FALLBACK} {m.count} calibration tokens (< min_tokens {experts.min_tokens}): {what}"
+    if experts.fallback != "all_tokens":
+        return routed
+    recorder = InputRecorder({k: structure.groups[k] for k in routed}, width, device)
+    with decoder.reading_all_tokens(i, layer, {structure.groups[k] for k in routed}, recorder.add):
+        decoder.run_layer(i, layer, hidden)
+    return recorder.moments
 
 
 class Moments:
@@ -107,30 +151,22 @@ class Moments:
 
 
 def structure_metadata(structure: LayerStructure) -> dict[str, str]:
-    return {"groups": json.dumps(structure.groups), "producers": json.dumps(structure.producers)}
+    return {"groups": json.dumps(structure.groups), "producers": json.dumps(structure.producers),
+            "fallbacks": json.dumps(structure.fallbacks)}
 
 
 def structure_from_metadata(metadata: dict[str, str]) -> LayerStructure:
     groups = {k: tuple(v) for k, v in json.loads(metadata["groups"]).items()}
-    return LayerStructure(groups, json.loads(metadata["producers"]))
+    return LayerStructure(groups, json.loads(metadata["producers"]), json.loads(metadata.get("fallbacks", "{}")))
 
 
 class InputRecorder:
-    """Forward pre-hooks that accumulate the Moments of each distinct Linear input (keyed as ``structure``'s groups)."""
+    """The Moments of each input key of ``groups``, fed by ``Decoder.reading`` (only the key unit's reads count,
+    so a tensor read by q, k and v is added once)."""
 
-    def __init__(self, layer: torch.nn.Module, structure: LayerStructure, device: torch.device):
-        self.moments: dict[str, Moments] = {}
-        self.handles = []
-        for key in structure.groups:
-            module = layer.get_submodule(key)
-            self.moments[key] = Moments(module.in_features, device)
-            self.handles.append(module.register_forward_pre_hook(lambda _m, args, key=key: self.moments[key].add(args[0])))
+    def __init__(self, groups: dict[str, tuple[str, ...]], width: dict[str, int], device: torch.device):
+        self.moments = {key: Moments(width[key], device) for key in groups}
 
-    def finish(self) -> dict[str, np.ndarray]:
-        for h in self.handles:
-            h.remove()
-        out: dict[str, np.ndarray] = {}
-        for key, moments in self.moments.items():
-            out[f"{key}.hessian"] = moments.hessian()
-            out[f"{key}.mean_abs"] = moments.mean_abs()
-        return out
+    def add(self, units: tuple[str, ...], x: torch.Tensor) -> None:
+        if units[0] in self.moments:
+            self.moments[units[0]].add(x)

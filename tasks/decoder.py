@@ -7,8 +7,11 @@ one layer plus the hidden states whatever the depth.
 
 What a family passes its layers (masks, rotary embeddings per attention type, position ids...) is not
 rebuilt here: the model's own forward runs with every layer stubbed out, and the stubs record the
-arguments each layer is called with. Those are replayed when the real layer runs. The head is the
-model's own too: its forward runs with stubbed layers that hand over given final hidden states, so norms,
+arguments each layer is called with. Those are replayed when the real layer runs. Mixtures of experts hold each
+expert set as one 3-D parameter that the experts module slices per expert and applies with F.linear;
+those calls are watched (a torch function mode, only inside experts modules) to see what each expert
+reads. Quantization works on the checkpoint's tensors (``units``: per-expert matrices, Linears), named
+as on disk; tasks/checkpoint_map.py places them in memory. The head is the model's own too: its forward runs with stubbed layers that hand over given final hidden states, so norms,
 soft-capping or logit scales of the family apply as transformers applies them.
 """
 
@@ -22,6 +25,10 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
 import torch
+from torch.overrides import TorchFunctionMode
+
+from quantfab.tasks.checkpoint_map import Placement, checkpoint_map
+from quantfab.tasks.errors import UserError
 
 BATCH = 8  # samples per layer call
 
@@ -50,6 +57,7 @@ def parameters_on_meta() -> Iterator[None]:
 def skeleton(config) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
 
+    config._experts_implementation = "eager"  # experts applied per expert slice, which the engine watches
     with parameters_on_meta():
         return AutoModelForCausalLM.from_config(config).eval()
 
@@ -121,12 +129,73 @@ class LayerStructure:
 
     groups: dict[str, tuple[str, ...]] = field(default_factory=dict)
     producers: dict[str, str] = field(default_factory=dict)
+    # input key of an expert -> how its statistics were replaced, for experts routed too few calibration tokens
+    fallbacks: dict[str, str] = field(default_factory=dict)
 
     def group_of(self, module: str) -> str:
         for key, members in self.groups.items():
             if module in members:
                 return key
         raise KeyError(f"{module} reads no recorded input")
+
+
+def layer_units(config, shapes: dict[str, tuple[int, ...]], i: int) -> dict[str, Placement]:
+    """Layer ``i``'s quantizable matrices, by checkpoint name relative to the layer and without ``.weight``,
+    each with where it lives in memory (relative to the layer): the Linears' weights, and every expert's
+    matrices. ``shapes``: the layer's checkpoint tensors (relative names). Linears first, in module order."""
+    shape = layout(config)
+    prefix = shape.prefix(i)
+    linears = {name: k for k, name in enumerate(shape.linears[i])}
+    placed = checkpoint_map(config.model_type).placements({prefix + k: v for k, v in shapes.items()})
+    found: list[tuple[tuple, str, Placement]] = []
+    for name, p in placed.items():
+        rel, memory = name[len(prefix):], p.name.removeprefix(prefix)
+        if not rel.endswith(".weight") or len(shapes[rel]) != 2:
+            continue
+        if p.expert is not None:
+            found.append(((len(linears), p.expert, memory, p.rows or (0, 0)), rel, Placement(memory, p.expert, p.rows)))
+        elif memory.removesuffix(".weight") in linears:
+            found.append(((linears[memory.removesuffix(".weight")],), rel, Placement(memory)))
+    return {rel.removesuffix(".weight"): p for _, rel, p in sorted(found)}
+
+
+def model_units(config, shapes: dict[str, tuple[int, ...]]) -> list[list[str]]:
+    """Every layer's units (see ``layer_units``), from the checkpoint's tensor names and shapes."""
+    shape = layout(config)
+    by_layer: list[dict[str, tuple[int, ...]]] = [{} for _ in shape.linears]
+    inner = shape.layers_name + "."
+    for name, dims in shapes.items():
+        if name.startswith(inner):
+            index, _, rest = name[len(inner):].partition(".")
+            if index.isdigit() and int(index) < len(by_layer):
+                by_layer[int(index)][rest] = tuple(dims)
+    return [list(layer_units(config, layer, i)) for i, layer in enumerate(by_layer)]
+
+
+def expert_index(view: torch.Tensor, param: torch.Tensor) -> int | None:
+    """Which expert's matrix of 3-D ``param`` the 2-D ``view`` is (None: not a slice of it)."""
+    if view._base is not param or view.dim() != 2:
+        return None
+    return (view.data_ptr() - param.data_ptr()) // (param.stride(0) * param.element_size())
+
+
+class _ExpertReads(TorchFunctionMode):
+    """Reports each F.linear on one expert's slice of a watched 3-D parameter: ``on_read(units, input)``."""
+
+    def __init__(self, params: list[tuple[torch.Tensor, dict[int, tuple[str, ...]]]],
+                 on_read: Callable[[tuple[str, ...], torch.Tensor], None]):
+        super().__init__()
+        self.params, self.on_read = params, on_read
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.nn.functional.linear:
+            weight = args[1] if len(args) > 1 else kwargs["weight"]
+            for param, units in self.params:
+                e = expert_index(weight, param)
+                if e is not None and e in units:
+                    self.on_read(units[e], args[0])
+        return func(*args, **kwargs)
 
 
 def linear_names(layer: torch.nn.Module) -> list[str]:
@@ -145,6 +214,7 @@ class Decoder:
                 if buffer is not None and buffer.device.type != "meta":
                     module._buffers[name] = buffer.to(device)
         self.layers_name = layout(config).layers_name
+        self.map = checkpoint_map(config.model_type)
         self.layers = self.model.get_submodule(self.layers_name)  # meta layers, copied for each real one
         inner = self.layers_name + "."
         self.outer_names = [n for n in self.model.state_dict() if not n.startswith(inner)]
@@ -152,25 +222,120 @@ class Decoder:
         self.head_names = {n for n, p in self.model.named_parameters(remove_duplicate=False)
                            if head is not None and any(p is q for q in head.parameters())}
         self.calls: list[dict[int, LayerCall]] = [{} for _ in self.layers]
+        self.units: dict[int, dict[str, Placement]] = {}  # per loaded layer: layer_units
+        self.checkpoint_modules: dict[int, dict[str, str]] = {}  # per loaded layer: module in memory -> on disk
 
     @property
     def num_layers(self) -> int:
         return len(self.layers)
 
     def load_outer(self, tensors: dict[str, torch.Tensor]) -> None:
-        """Set the parameters outside the layers (missing names stay as they are)."""
-        for name, value in tensors.items():
+        """Set the parameters outside the layers from checkpoint tensors (missing names stay as they are)."""
+        for name, value in self.map.to_memory(tensors).items():
             set_tensor(self.model, name, value.to(self.device))
 
     def entry_names(self) -> list[str]:
         """Outer tensors the forward reads before the first layer: all but the head's."""
         return [n for n in self.outer_names if n not in self.head_names]
 
+    def prefix(self, i: int) -> str:
+        return f"{self.layers_name}.{i}."
+
     def layer(self, i: int, weights: dict[str, torch.Tensor]) -> torch.nn.Module:
-        """Decoder layer ``i`` holding ``weights`` (names relative to the layer)."""
+        """Decoder layer ``i`` holding ``weights`` (checkpoint names relative to the layer)."""
+        prefix = self.prefix(i)
+        self.units[i] = layer_units(self.config, {k: tuple(v.shape) for k, v in weights.items()}, i)
+        placed = self.map.placements({prefix + k: tuple(v.shape) for k, v in weights.items()})
+        self.checkpoint_modules[i] = {p.name.removeprefix(prefix).rpartition(".")[0]: k.removeprefix(prefix).rpartition(".")[0]
+                                      for k, p in placed.items() if p.expert is None}
+        memory = self.map.to_memory({prefix + k: v.to(self.device) for k, v in weights.items()})
         layer = copy.deepcopy(self.layers[i])
-        layer.load_state_dict({k: v.to(self.device) for k, v in weights.items()}, assign=True, strict=True)
+        layer.load_state_dict({k.removeprefix(prefix): v for k, v in memory.items()}, assign=True, strict=True)
         return layer.eval()
+
+    def _experts(self, i: int, layer: torch.nn.Module) -> dict[str, list[tuple[torch.Tensor, dict[int, tuple[str, ...]]]]]:
+        """Layer ``i``'s experts modules (by name) -> their 3-D parameters, each with its units per expert."""
+        rows: dict[tuple[str, str], dict[int, list[tuple[tuple[int, int], str]]]] = {}
+        for unit, p in self.units[i].items():
+            if p.expert is not None:
+                owner, _, leaf = p.name.rpartition(".")
+                rows.setdefault((owner, leaf), {}).setdefault(p.expert, []).append((p.rows or (0, 0), unit))
+        out: dict[str, list] = {}
+        for (owner, leaf), experts in rows.items():
+            param = layer.get_submodule(owner)._parameters[leaf]
+            out.setdefault(owner, []).append((param, {e: tuple(u for _, u in sorted(us)) for e, us in experts.items()}))
+        return out
+
+    @contextlib.contextmanager
+    def reading(self, i: int, layer: torch.nn.Module,
+                on_read: Callable[[tuple[str, ...], torch.Tensor], None]) -> Iterator[None]:
+        """``on_read(units, x)`` whenever layer ``i`` (loaded by ``layer``) applies units to an input ``x``: a
+        Linear's pre-hook, or an expert's F.linear (its units: the checkpoint matrices stacked in that slice)."""
+        handles = [layer.get_submodule(p.name.removesuffix(".weight")).register_forward_pre_hook(
+            lambda _m, args, unit=unit: on_read((unit,), args[0]))
+            for unit, p in self.units[i].items() if p.expert is None]
+        wrapped = []
+        for owner, params in self._experts(i, layer).items():
+            module = layer.get_submodule(owner)
+            original = module.forward
+
+            def watched(*args, original=original, params=params, **kwargs):
+                with _ExpertReads(params, on_read):
+                    return original(*args, **kwargs)
+            module.forward = watched
+            wrapped.append(module)
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+            for module in wrapped:
+                del module.forward
+
+    @contextlib.contextmanager
+    def reading_all_tokens(self, i: int, layer: torch.nn.Module, experts: set[tuple[str, ...]],
+                           on_read: Callable[[tuple[str, ...], torch.Tensor], None]) -> Iterator[None]:
+        """``on_read`` for the experts holding ``experts`` (units), each run on every token its experts module
+        receives, as if the router sent all of them to it (with weight 1); the layer's output is unchanged."""
+        wrapped = []
+        for owner, params in self._experts(i, layer).items():
+            wanted = sorted({e for _, units in params for e, us in units.items() if set(us) & {u for g in experts for u in g}})
+            if not wanted:
+                continue
+            module = layer.get_submodule(owner)
+            original = module.forward
+
+            def forced(x, *args, original=original, params=params, wanted=wanted, **kwargs):
+                out = original(x, *args, **kwargs)
+                n = x.shape[0]
+                with _ExpertReads(params, on_read):
+                    for e in wanted:
+                        original(x, torch.full((n, 1), e, dtype=torch.long, device=x.device),
+                                 torch.ones((n, 1), dtype=x.dtype, device=x.device))
+                return out
+            module.forward = forced
+            wrapped.append(module)
+        try:
+            yield
+        finally:
+            for module in wrapped:
+                del module.forward
+
+    def set_weight(self, i: int, layer: torch.nn.Module, unit: str, value: torch.Tensor) -> None:
+        """Put ``value`` in layer ``i`` where checkpoint matrix ``unit`` lives (a Linear's weight or expert rows)."""
+        p = self.units[i][unit]
+        owner, _, leaf = p.name.rpartition(".")
+        param = layer.get_submodule(owner)._parameters[leaf]
+        value = value.to(param.device, param.dtype)
+        if p.expert is None:
+            param.data = value
+        elif p.rows is None:
+            param.data[p.expert] = value
+        else:
+            param.data[p.expert, p.rows[0]:p.rows[1]] = value
+
+    def is_expert(self, i: int, unit: str) -> bool:
+        return self.units[i][unit].expert is not None
 
     @contextlib.contextmanager
     def _stubbed(self, forward: Callable[[int, tuple, dict], torch.Tensor]) -> Iterator[None]:
@@ -229,60 +394,75 @@ class Decoder:
 
     @torch.no_grad()
     def structure(self, i: int, layer: torch.nn.Module, hidden: torch.Tensor) -> LayerStructure:
-        """Which Linears read the same tensor, and which module made it, from one sample through layer ``i``."""
+        """Which units read the same tensor, and which module made it, from one sample through layer ``i``.
+
+        Experts not routed that sample are still listed: each expert set's groups (one per expert and
+        parameter, e.g. gate+up, then down) all stand where the set is first read, in expert order."""
         # Tensors are tracked by weak reference, so the pass holds no more than a forward does; an id is trusted
         # only while its reference still points at the very tensor (a freed tensor's id can be reused).
         inputs: list[tuple[weakref.ref, list[str], str | None]] = []  # read tensors, in order: readers, producer
         input_at: dict[int, int] = {}  # id -> index in inputs
         made_by: dict[int, tuple[weakref.ref, str]] = {}
+
+        def read(units: tuple[str, ...], x: torch.Tensor) -> None:
+            at = input_at.get(id(x))
+            if at is None or inputs[at][0]() is not x:
+                made = made_by.get(id(x))
+                input_at[id(x)] = at = len(inputs)
+                inputs.append((weakref.ref(x), [], made[1] if made and made[0]() is x else None))
+            inputs[at][1].extend(units)
+
         handles = []
         for name, module in layer.named_modules():
-            if isinstance(module, torch.nn.Linear):
-                def read(_m, args, name=name):
-                    x = args[0]
-                    at = input_at.get(id(x))
-                    if at is None or inputs[at][0]() is not x:
-                        made = made_by.get(id(x))
-                        input_at[id(x)] = at = len(inputs)
-                        inputs.append((weakref.ref(x), [], made[1] if made and made[0]() is x else None))
-                    inputs[at][1].append(name)
-                handles.append(module.register_forward_pre_hook(read))
             if name:
                 def made(_m, _args, output, name=name):
                     if isinstance(output, torch.Tensor):
                         made_by[id(output)] = (weakref.ref(output), name)
                 handles.append(module.register_forward_hook(made))
         try:
-            self._call(i, layer, hidden[:1].to(self.device))
+            with self.reading(i, layer, read):
+                self._call(i, layer, hidden[:1].to(self.device))
         finally:
             for h in handles:
                 h.remove()
+        experts = self._experts(i, layer)
+        expert_of = {u: owner for owner, params in experts.items() for _, units in params
+                     for us in units.values() for u in us}
         result = LayerStructure()
+        modules = self.checkpoint_modules[i]
         for _, names, producer in inputs:
             members = tuple(dict.fromkeys(names))
-            result.groups[members[0]] = members
-            if producer is not None:
-                result.producers[members[0]] = producer
+            owner = expert_of.get(members[0])
+            if owner is None:
+                result.groups[members[0]] = members
+                if producer is not None:
+                    result.producers[members[0]] = modules.get(producer, producer)
+            elif owner in experts:  # the first read of this expert set: all its groups, here
+                for _, units in experts.pop(owner):
+                    for e in sorted(units):
+                        result.groups[units[e][0]] = units[e]
+        if experts:
+            raise UserError(f"{self.config.model_type}: experts module(s) {sorted(experts)} of layer {i} never applied "
+                            "F.linear to one expert's slice of their weights; quantfab reads experts only in that "
+                            "(transformers' eager) layout")
         return result
 
     @torch.no_grad()
-    def inputs_of(self, i: int, layer: torch.nn.Module, hidden: torch.Tensor, module: str,
+    def inputs_of(self, i: int, layer: torch.nn.Module, hidden: torch.Tensor, key: str,
                   batch: int = BATCH) -> list[torch.Tensor]:
-        """What ``module`` reads, per batch, when layer ``i`` runs on ``hidden``; each pass stops there."""
-        target = layer.get_submodule(module)
+        """What input ``key`` (a group key of ``structure``) is, per batch, when layer ``i`` runs on ``hidden``;
+        each pass stops there (a batch routing no token to an expert adds nothing for it)."""
         seen: list[torch.Tensor] = []
 
-        def grab(_m, args):
-            seen.append(args[0])
-            raise _Stop
+        def grab(units: tuple[str, ...], x: torch.Tensor) -> None:
+            if units[0] == key:
+                seen.append(x)
+                raise _Stop
 
-        handle = target.register_forward_pre_hook(grab)
-        try:
+        with self.reading(i, layer, grab):
             for s in range(0, hidden.shape[0], batch):
                 with contextlib.suppress(_Stop):
                     self._call(i, layer, hidden[s:s + batch].to(self.device))
-        finally:
-            handle.remove()
         return seen
 
     @torch.no_grad()

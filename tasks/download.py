@@ -18,7 +18,6 @@ import uuid
 from functools import partial
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 
 from quantfab.tasks import synthetic
@@ -40,9 +39,7 @@ def download(source: str, revision: str | None, include: list[str], allow_pickle
     work.mkdir(parents=True)
     try:
         if source.startswith("synthetic://"):
-            if urlsplit(source).netloc != "llama":
-                raise UserError(f"{source}: synthetic sources are synthetic://llama?... (models) and synthetic://tokens (text)")
-            rev = synthetic.write_llama(source, work)
+            rev = synthetic.write_model(source, work)
             files = {p.name: store.put_file(p) for p in sorted(work.iterdir())}
         else:
             files, rev = _fetch(source, revision, include, allow_pickle, store, work, pinned or {})

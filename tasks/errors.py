@@ -5,6 +5,10 @@ class UserError(Exception):
     """Bad input: a recipe, a source, a file or a tensor that is not what was expected."""
 
 
+class UnsupportedModel(UserError):
+    """A model quantfab refuses by what it is (an encoder, remote code, a layout it cannot map): plan says so and fails."""
+
+
 class QualityGateFailed(Exception):
     """A validate gate failed: the build is refused and nothing is published (CLI exit 1)."""
 

@@ -12,16 +12,20 @@ GGUF is refused at plan time (the transformers formats work). Adding a family is
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_MASKED_LM_MAPPING_NAMES,
                                                      MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES,
                                                      MODEL_FOR_SPEECH_SEQ_2_SEQ_MAPPING_NAMES)
 
-from quantfab.tasks.errors import UserError
+from quantfab.tasks.checkpoint_map import checkpoint_map
+from quantfab.tasks.errors import UnsupportedModel, UserError
 
-MOE_KEYS = ("num_local_experts", "num_experts", "n_routed_experts")  # config keys that count routed experts
+EXPERT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts")  # config keys that count routed experts
 LLAMA_PAIRS = {"self_attn.o_proj": "self_attn.v_proj", "mlp.down_proj": "mlp.up_proj"}
+EXPERT_PAIRS = {**LLAMA_PAIRS, "mlp.shared_experts.down_proj": "mlp.shared_experts.up_proj",
+                "mlp.experts.*.down_proj": "mlp.experts.*.up_proj"}  # checkpoint names: one matrix per expert
 
 
 @dataclass(frozen=True)
@@ -33,16 +37,32 @@ class GGUFArch:
     norm_shift: float = 0.0  # added to every norm weight: llama.cpp stores Gemma's (1 + w) as is
     head_dims: bool = True  # key_length / value_length from config.head_dim
     extras: tuple[tuple[str, str], ...] = ()  # (GGUFWriter method, config attribute), written when set
+    # (config attribute, or attribute.key of a dict one; the only value llama.cpp computes)
+    requires: tuple[tuple[str, object], ...] = ()
+    layer_pattern: bool = False  # which layers slide, per layer, from config.layer_types
 
 
 @dataclass(frozen=True)
 class Family:
-    # Linear -> the Linear before it whose output rows an AWQ scale of its input divides
+    # Linear -> the Linear before it whose output rows an AWQ scale of its input divides ('*': an expert's index;
+    # 'name:n': the last of n equal row blocks of a fused Linear)
     smooth_pairs: dict[str, str] = field(default_factory=dict)
     norm_offset: float = 0.0  # the family's norms scale by (norm_offset + weight): Gemma's 1 + w
     gguf: GGUFArch | None = None  # None: no GGUF writer for the family yet
 
+    def smooth_pair(self, module: str) -> tuple[str, int] | None:
+        """The Linear whose rows an AWQ scale of ``module``'s input divides (the last of how many equal row
+        blocks), if the table pairs them."""
+        for linear, before in self.smooth_pairs.items():
+            match = re.fullmatch(re.escape(linear).replace(r"\*", r"(\d+)"), module)
+            if match:
+                name, _, blocks = before.partition(":")
+                return name.replace("*", match.group(1)) if match.groups() else name, int(blocks or 1)
+        return None
 
+
+EXPERT_COUNTS = (("add_expert_count", "num_local_experts"), ("add_expert_count", "num_experts"),
+                 ("add_expert_count", "n_routed_experts"), ("add_expert_used_count", "num_experts_per_tok"))
 LLAMA_GGUF = GGUFArch("LLAMA", permute_qk=True, head_dims=False)
 DEFAULT = Family()
 FAMILIES: dict[str, Family] = {
@@ -54,11 +74,31 @@ FAMILIES: dict[str, Family] = {
         ("add_attention_scale", "attention_multiplier"), ("add_embedding_scale", "embedding_multiplier"),
         ("add_residual_scale", "residual_multiplier"), ("add_logit_scale", "logits_scaling")))),
     "olmo2": Family(LLAMA_PAIRS, gguf=GGUFArch("OLMO2")),
-    "gemma": Family(LLAMA_PAIRS, norm_offset=1.0),
+    "gemma": Family(LLAMA_PAIRS, norm_offset=1.0, gguf=GGUFArch("GEMMA", norm_shift=1.0)),
+    # fused projections: v is the last third of qkv_proj (without grouped-query attention), up the second half of
+    # gate_up_proj
+    "phi3": Family({"self_attn.o_proj": "self_attn.qkv_proj:3", "mlp.down_proj": "mlp.gate_up_proj:2"},
+                   gguf=GGUFArch("PHI3", head_dims=False, extras=(
+                       ("add_rope_scaling_orig_ctx_len", "original_max_position_embeddings"),
+                       ("add_sliding_window", "sliding_window")),
+                       # long-context Phi-3 rotary factors are tensors llama.cpp's converter makes from the config
+                       requires=(("rope_parameters.long_factor", None),))),
     "gemma2": Family(LLAMA_PAIRS, norm_offset=1.0, gguf=GGUFArch("GEMMA2", norm_shift=1.0, extras=(
         ("add_attn_logit_softcapping", "attn_logit_softcapping"),
         ("add_final_logit_softcapping", "final_logit_softcapping"), ("add_sliding_window", "sliding_window")))),
-    "gemma3_text": Family(LLAMA_PAIRS, norm_offset=1.0),
+    "gemma3_text": Family(LLAMA_PAIRS, norm_offset=1.0, gguf=GGUFArch("GEMMA3", norm_shift=1.0, layer_pattern=True, extras=(
+        ("add_final_logit_softcapping", "final_logit_softcapping"), ("add_sliding_window", "sliding_window")))),
+    "mixtral": Family({"self_attn.o_proj": "self_attn.v_proj",
+                       "block_sparse_moe.experts.*.w2": "block_sparse_moe.experts.*.w3"},
+                      gguf=GGUFArch("LLAMA", permute_qk=True, head_dims=False, extras=EXPERT_COUNTS)),
+    "qwen3_moe": Family(EXPERT_PAIRS, gguf=GGUFArch("QWEN3MOE", extras=(
+        *EXPERT_COUNTS, ("add_expert_feed_forward_length", "moe_intermediate_size")),
+        requires=(("norm_topk_prob", True),))),  # llama.cpp renormalises the chosen experts' weights
+    # multi-head latent attention: kv_b_proj split into attn_k_b / attn_v_b and the rest of the metadata computed
+    # in tasks/convert/gguf_layouts.py; llama.cpp rotates interleaved pairs, as transformers does with rope_interleave
+    "deepseek_v3": Family(EXPERT_PAIRS, gguf=GGUFArch("DEEPSEEK2", head_dims=False, extras=(
+        *EXPERT_COUNTS, ("add_expert_group_count", "n_group"), ("add_expert_group_used_count", "topk_group"),
+        ("add_expert_weights_scale", "routed_scaling_factor")), requires=(("rope_interleave", True),))),
 }
 
 
@@ -71,27 +111,33 @@ ENCODERS = {*MODEL_FOR_MASKED_LM_MAPPING_NAMES, *MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_
 
 
 def supported_model_types() -> list[str]:
-    """Every model_type transformers builds as a causal LM, encoders and encoder-decoders left out."""
-    return sorted(set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES) - ENCODERS)
+    """Every model_type transformers builds as a causal LM, but encoders, encoder-decoders and the types whose
+    checkpoints transformers converts in a way quantfab cannot map back (tasks/checkpoint_map.py)."""
+    def mapped(model_type: str) -> bool:
+        try:
+            checkpoint_map(model_type)
+        except UserError:
+            return False
+        return True
+    return sorted(t for t in set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES) - ENCODERS if mapped(t))
 
 
 def check_supported(config, where: str) -> None:
     """Refuse, naming ``model_type`` and ``where``, what the layer-by-layer engine cannot run."""
     model_type = getattr(config, "model_type", None)
     if getattr(config, "is_encoder_decoder", False) or model_type in ENCODERS:
-        raise UserError(f"{where}: model_type {model_type!r} is an encoder or encoder-decoder model; quantfab "
+        raise UnsupportedModel(f"{where}: model_type {model_type!r} is an encoder or encoder-decoder model; quantfab "
                         "builds decoder-only causal LMs (`quantfab families` lists them)")
     if getattr(config, "auto_map", None) and model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
-        raise UserError(f"{where}: model_type {model_type!r} needs the model's own code (auto_map); quantfab runs "
+        raise UnsupportedModel(f"{where}: model_type {model_type!r} needs the model's own code (auto_map); quantfab runs "
                         "only models transformers ships, without remote code (`quantfab families` lists them)")
     if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
-        raise UserError(f"{where}: model_type {model_type!r} is not a causal LM transformers can build (encoder-only "
+        raise UnsupportedModel(f"{where}: model_type {model_type!r} is not a causal LM transformers can build (encoder-only "
                         "and multimodal-only models are not supported; `quantfab families` lists what is)")
-    experts = [k for k in MOE_KEYS if getattr(config, k, None)]
-    if experts:
-        raise UserError(f"{where}: model_type {model_type!r} is a mixture of experts ({experts[0]}="
-                        f"{getattr(config, experts[0])}); quantfab does not quantize experts yet, and would leave "
-                        "them in float")
+    try:
+        checkpoint_map(model_type)
+    except UserError as exc:
+        raise UnsupportedModel(f"{where}: {exc}") from None
 
 
 def report(every_type: bool = False) -> str:
@@ -99,15 +145,17 @@ def report(every_type: bool = False) -> str:
     import transformers
 
     lines = [f"quantfab runs decoder-only causal LMs as transformers {transformers.__version__} builds them, without "
-             f"remote code: {len(supported_model_types())} model types, mixtures of experts refused for now.",
+             f"remote code: {len(supported_model_types())} model types, mixtures of experts included (each expert "
+             "calibrated on the tokens routed to it; routers kept in float).",
              "For each: methods rtn, group, nf4, gptq, awq (scales folded into the norms and Linears the layer's "
              "forward shows feeding each input group); formats compressed-tensors, gptq, awq, bnb-nf4.",
-             "The table in tasks/families.py adds, per family (each tested in tests/test_families.py, as is phi3 "
-             "without an entry; other types run on the same engine, untested here):", "",
+             "The table in tasks/families.py adds, per family (each tested in tests/test_families.py; other types run "
+             "on the same engine, untested here):", "",
              f"{'model_type':<14} {'gguf (llama.cpp architecture)':<31} awq scales also folded into"]
     for name, entry in sorted(FAMILIES.items()):
         gguf = entry.gguf.arch.lower() if entry.gguf else "-"
-        pairs = ", ".join(f"{prev.rsplit('.', 1)[-1]} -> {lin.rsplit('.', 1)[-1]}" for lin, prev in entry.smooth_pairs.items())
+        pairs = ", ".join(f"{prev.split(':')[0]}{f' (last 1/{prev.split(chr(58))[1]})' if ':' in prev else ''} -> "
+                          f"{lin.rsplit('.', 1)[-1]}" for lin, prev in entry.smooth_pairs.items())
         shift = f" (norms as {entry.norm_offset:g} + w)" if entry.norm_offset else ""
         lines.append(f"{name:<14} {gguf:<31} {pairs or '-'}{shift}")
     if every_type:

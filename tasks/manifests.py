@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict
 
 from quantfab.tasks.store import Blob, Store
@@ -43,10 +45,21 @@ class ModelManifest(Manifest):
     parameters: int
 
 
+EXPERT_FALLBACK = "expert routed"  # how a module report's note of an expert's fallback begins
+
+
+class ExpertFallback(BaseModel):
+    """What statistics an expert routed fewer than ``min_tokens`` calibration tokens is quantized with."""
+
+    min_tokens: int = 128
+    fallback: Literal["all_tokens", "rtn"] = "all_tokens"
+
+
 class CalibrationManifest(Manifest):
     tokens: Blob  # safetensors with "input_ids" (samples, seq_len)
-    stats: list[Blob]  # one safetensors per decoder layer: {input}.hessian, {input}.mean_abs
-    count: int  # tokens per statistic
+    stats: list[Blob]  # one safetensors per decoder layer: {input}.hessian, {input}.mean_abs, {input}.count
+    count: int  # calibration tokens
+    experts: ExpertFallback = ExpertFallback()
 
 
 class ModuleReport(BaseModel):

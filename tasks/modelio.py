@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from safetensors import safe_open
 
+from quantfab.tasks.checkpoint_map import Placement, checkpoint_map
 from quantfab.tasks.errors import UserError
 from quantfab.tasks.families import check_supported
 
@@ -76,24 +77,38 @@ def read_safetensors_header(path: Path, header_only: bool = False) -> dict[str, 
 
 
 def check_against_config(config, tensors: dict[str, TensorInfo]) -> None:
-    """Every parameter the config implies is present, floating point and of the shape the config implies."""
+    """Every parameter the config implies is present, floating point and of the shape the config implies
+    (experts stored per expert are checked as transformers stacks them)."""
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
         expected = {k: tuple(v.shape) for k, v in AutoModelForCausalLM.from_config(config).state_dict().items()}
     if config.tie_word_embeddings:
         expected.pop("lm_head.weight", None)
-    missing = sorted(set(expected) - set(tensors))
+    for t in tensors.values():
+        if t.dtype not in FLOAT_DTYPES:
+            raise UserError(f"{t.file.name}: tensor {t.name} is {t.dtype}; weights must be F32, F16 or BF16")
+    placed = checkpoint_map(config.model_type).placements({n: t.shape for n, t in tensors.items()})
+    found: dict[str, tuple[tuple[int, ...], TensorInfo]] = {}
+    stacked: dict[str, list[tuple[Placement, TensorInfo]]] = {}
+    for name, p in placed.items():
+        if p.expert is None:
+            found[p.name] = (tensors[name].shape, tensors[name])
+        else:
+            stacked.setdefault(p.name, []).append((p, tensors[name]))
+    for name, parts in stacked.items():
+        experts = 1 + max(p.expert for p, _ in parts)
+        rows = max(p.rows[1] if p.rows else t.shape[0] for p, t in parts)
+        found[name] = ((experts, rows, parts[0][1].shape[1]), parts[0][1])
+    missing = sorted(set(expected) - set(found))
     if missing:
         more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
         raise UserError(f"the safetensors files lack {', '.join(missing[:3])}{more}, which config.json implies")
     for name, shape in expected.items():
-        t = tensors[name]
-        if t.dtype not in FLOAT_DTYPES:
-            raise UserError(f"{t.file.name}: tensor {name} is {t.dtype}; weights must be F32, F16 or BF16")
-        if t.shape != shape:
-            raise UserError(f"{t.file.name}: tensor {name} has shape {list(t.shape)}, but config.json implies "
-                            f"{list(shape)}")
+        got, t = found[name]
+        if tuple(got) != shape:
+            what = f"tensor {name}" if name == t.name else f"tensor {name} (from {t.name} and its kin)"
+            raise UserError(f"{t.file.name}: {what} has shape {list(got)}, but config.json implies {list(shape)}")
 
 
 def alias_tied_embeddings(tensors: dict[str, TensorInfo]) -> None:
@@ -108,8 +123,9 @@ def alias_tied_embeddings(tensors: dict[str, TensorInfo]) -> None:
 class WeightIndex:
     """Every tensor of a model (across shards), read lazily by name."""
 
-    def __init__(self, files: list[Path], tied_embeddings: bool = False, layers_name: str = "model.layers"):
-        self.layers_name = layers_name
+    def __init__(self, files: list[Path], tied_embeddings: bool = False, layers_name: str = "model.layers",
+                 model_type: str = "llama"):
+        self.layers_name, self.model_type = layers_name, model_type
         self.tensors: dict[str, TensorInfo] = {}
         for path in sorted(files):
             self.tensors.update(read_safetensors_header(path))
@@ -131,6 +147,12 @@ class WeightIndex:
                                         "value(s); a model with non-finite weights cannot be quantized")
                     out[name] = tensor
         return out
+
+    def checkpoint_names(self, names: list[str]) -> list[str]:
+        """The checkpoint tensors holding parameters ``names`` of the model transformers builds."""
+        wanted = set(names)
+        placed = checkpoint_map(self.model_type).placements({n: t.shape for n, t in self.tensors.items()})
+        return [n for n, p in placed.items() if p.name in wanted]
 
     def prefix(self, i: int) -> str:
         return f"{self.layers_name}.{i}."
@@ -158,6 +180,7 @@ class ModelDir:
         check_supported(config, where)
         # soft-capped attention scores (Gemma 2) exist only in the eager implementation
         config._attn_implementation = "eager" if getattr(config, "attn_logit_softcapping", None) else "sdpa"
+        config._experts_implementation = "eager"  # experts applied per expert slice, which the engine watches
         return config
 
     def tokenizer(self):
@@ -177,7 +200,8 @@ class ModelDir:
         from quantfab.tasks.decoder import layout
 
         config = self.config()
-        return WeightIndex(files, bool(getattr(config, "tie_word_embeddings", False)), layout(config).layers_name)
+        return WeightIndex(files, bool(getattr(config, "tie_word_embeddings", False)), layout(config).layers_name,
+                           config.model_type)
 
 
 CPU = torch.device("cpu")

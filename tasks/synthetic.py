@@ -1,10 +1,13 @@
-"""synthetic:// sources: a deterministic random-weight Llama and random token streams.
+"""synthetic:// sources: deterministic random-weight models of any family, and random token streams.
 
 ``synthetic://llama?layers=2&hidden=256&intermediate=688&heads=4&kv_heads=2&vocab=512&seed=0`` writes a
 real HF Llama folder (config, a Llama-style byte-fallback BPE tokenizer, one safetensors shard per
 decoder layer) without ever holding more than one layer in memory. Linear weights are N(0, 1/fan_in),
 so activations keep unit scale and logits stay peaked enough for KL and top-1 agreement to mean
-something on random weights.
+something on random weights. Any other model type transformers builds works the same way
+(``synthetic://qwen3_moe?layers=4&experts=8&experts_per_token=2&expert_intermediate=256``): its config is
+transformers' own with these sizes, its tensors those of the model transformers builds from it, written
+under the checkpoint names transformers saves (experts one by one).
 """
 
 from __future__ import annotations
@@ -40,12 +43,7 @@ def parse(url: str, defaults: dict[str, int]) -> dict[str, int]:
 
 
 def _checked(url: str) -> dict[str, int]:
-    p = parse(url, LLAMA_DEFAULTS)
-    if p["hidden"] % p["heads"] or p["heads"] % p["kv_heads"] or (p["hidden"] // p["heads"]) % 2:
-        raise UserError(f"{url}: hidden must divide by heads into even head dims, and heads by kv_heads")
-    if p["vocab"] < len(SPECIALS) + 256 + 1 + len(PRINTABLE):
-        raise UserError(f"{url}: vocab must be at least {len(SPECIALS) + 256 + 1 + len(PRINTABLE)}")
-    return p
+    return _checked_sizes(url, parse(url, LLAMA_DEFAULTS))
 
 
 def _config(p: dict[str, int]) -> dict:
@@ -85,26 +83,84 @@ def _init(name: str, shape: tuple[int, ...], rng: np.random.Generator) -> np.nda
     return (rng.standard_normal(shape, dtype=np.float32) * np.float32(scale / np.sqrt(shape[1]))).astype(np.float32)
 
 
+FAMILY_DEFAULTS = {**LLAMA_DEFAULTS, "experts": 8, "experts_per_token": 2, "expert_intermediate": 0}
+
+
+def _family(url: str) -> tuple[dict[str, Any], dict[str, int], list[dict[str, tuple[int, ...]]]]:
+    """``url``'s config (as config.json holds it), parameters and tensor shapes per shard (outer tensors, then
+    one shard per decoder layer), for a model type other than llama."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    from quantfab.tasks.checkpoint_map import checkpoint_map
+    from quantfab.tasks.decoder import layout, skeleton
+    from quantfab.tasks.families import EXPERT_KEYS, supported_model_types
+
+    model_type = urlsplit(url).netloc
+    if model_type not in supported_model_types():
+        raise UserError(f"{url}: synthetic models are of a model type quantfab runs (`quantfab families --all`) or "
+                        "synthetic://tokens for text")
+    p = _checked_sizes(url, parse(url, FAMILY_DEFAULTS))
+    sizes = dict(hidden_size=p["hidden"], intermediate_size=p["intermediate"], num_hidden_layers=p["layers"],
+                 num_attention_heads=p["heads"], num_key_value_heads=p["kv_heads"], head_dim=p["hidden"] // p["heads"],
+                 vocab_size=p["vocab"], max_position_embeddings=p["context"], bos_token_id=1, eos_token_id=2,
+                 pad_token_id=0, tie_word_embeddings=False)
+    try:
+        config = AutoConfig.for_model(model_type, **sizes)
+        for key in (k for k in EXPERT_KEYS if getattr(config, k, None)):
+            setattr(config, key, p["experts"])
+            config.num_experts_per_tok = p["experts_per_token"]
+            if hasattr(config, "moe_intermediate_size"):
+                config.moe_intermediate_size = p["expert_intermediate"] or p["intermediate"]
+            if hasattr(config, "norm_topk_prob"):
+                config.norm_topk_prob = True  # as released mixtures of experts (Qwen3-30B-A3B) set it
+        memory = {k: tuple(v.shape) for k, v in skeleton(config).state_dict().items()}
+    except (ValueError, TypeError, RuntimeError, AssertionError) as exc:
+        raise UserError(f"{url}: transformers cannot build a {model_type} of these sizes: {exc}") from None
+    shapes = checkpoint_map(model_type).checkpoint_shapes(memory)
+    inner = layout(config).layers_name + "."
+    shards: list[dict[str, tuple[int, ...]]] = [{} for _ in range(p["layers"] + 1)]
+    for name, shape in shapes.items():
+        shards[int(name[len(inner):].split(".")[0]) + 1 if name.startswith(inner) else 0][name] = shape
+    saved = json.loads(config.to_json_string(use_diff=False))
+    saved |= {"architectures": [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[model_type]], "torch_dtype": "float32"}
+    return saved, p, shards
+
+
+def _checked_sizes(url: str, p: dict[str, int]) -> dict[str, int]:
+    if p["hidden"] % p["heads"] or p["heads"] % p["kv_heads"] or (p["hidden"] // p["heads"]) % 2:
+        raise UserError(f"{url}: hidden must divide by heads into even head dims, and heads by kv_heads")
+    if p["vocab"] < len(SPECIALS) + 256 + 1 + len(PRINTABLE):
+        raise UserError(f"{url}: vocab must be at least {len(SPECIALS) + 256 + 1 + len(PRINTABLE)}")
+    return p
+
+
+def _spec(url: str) -> tuple[dict[str, Any], dict[str, int], list[dict[str, tuple[int, ...]]]]:
+    if urlsplit(url).netloc == "llama":
+        p = _checked(url)
+        return _config(p), p, _shards(p)
+    return _family(url)
+
+
 def headers(url: str, folder: Path) -> tuple[Any, dict[str, TensorInfo]]:
     """Config and tensor headers of a synthetic model, without generating any weights (for plan)."""
-    from transformers import LlamaConfig
+    from transformers import AutoConfig
 
-    p = _checked(url)
-    config = LlamaConfig(**{k: v for k, v in _config(p).items() if k not in ("architectures", "model_type")})
+    saved, _, shards = _spec(url)
+    config = AutoConfig.for_model(**{k: v for k, v in saved.items() if k != "architectures"})
     tensors = {}
-    for idx, shard in enumerate(_shards(p)):
+    for idx, shard in enumerate(shards):
         for name, shape in shard.items():
             tensors[name] = TensorInfo(name, "F32", shape, folder / f"shard{idx}")
     return config, tensors
 
 
-def write_llama(url: str, out: Path) -> str:
+def write_model(url: str, out: Path) -> str:
     """Write the model folder for ``url``; returns the revision (a digest of the parameters)."""
-    p = _checked(url)
+    saved, p, shards = _spec(url)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(_config(p), indent=2))
+    (out / "config.json").write_text(json.dumps(saved, indent=2))
     write_tokenizer(out, p["vocab"])
-    shards = _shards(p)
     weight_map: dict[str, str] = {}
     for idx, shard in enumerate(shards):
         rng = np.random.default_rng([p["seed"], idx])
@@ -112,7 +168,8 @@ def write_llama(url: str, out: Path) -> str:
         save_file({k: _init(k, s, rng) for k, s in shard.items()}, str(out / name))
         weight_map.update({k: name for k in shard})
     (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=2))
-    return "synthetic-" + "-".join(f"{k}{p[k]}" for k in sorted(p))
+    kind = "" if urlsplit(url).netloc == "llama" else urlsplit(url).netloc + "-"
+    return f"synthetic-{kind}" + "-".join(f"{k}{p[k]}" for k in sorted(p))
 
 
 def write_tokenizer(out: Path, vocab_size: int) -> None:

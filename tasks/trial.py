@@ -15,7 +15,7 @@ import torch
 from quantfab.tasks.calibrate import calibrate_on
 from quantfab.tasks.download import download, materialize
 from quantfab.tasks.manifests import QuantizedOutput
-from quantfab.tasks.decoder import layout
+from quantfab.tasks.decoder import layout, model_units
 from quantfab.tasks.quantize.assign import Assignment
 from quantfab.tasks.quantize.layer_file import LayerFile, QuantizedWeights
 from quantfab.tasks.quantize.stage import quantize_model
@@ -37,8 +37,9 @@ class Trial:
     def quantize(self, quant: Any, grid: str) -> QuantizedOutput:
         """``quant`` is a QuantizeSpec; every Linear of every layer gets its method on ``grid``."""
         shape = layout(self.config)
+        units = model_units(self.config, {n: t.shape for n, t in self.weights.tensors.items()})
         plans = [{lin: Assignment(f"{shape.prefix(i)}{lin}", quant.method, grid) for lin in linears}
-                 for i, linears in enumerate(shape.linears)]
+                 for i, linears in enumerate(units)]
         dev = torch.device("cuda" if self.device != "cpu" and torch.cuda.is_available() else "cpu")
         return quantize_model(self.model, self.folder, self.calibration, quant, plans, grid, dev, self.store)
 

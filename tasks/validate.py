@@ -62,7 +62,7 @@ def logits(config, source: Any, fp32: Any, ids: np.ndarray, device: str = "cpu")
     """float32 logits (windows, tokens, vocab) of ``source`` as ``compare`` computes them; ``fp32`` names the tensors."""
     dev = pick_device(device)
     decoder, hidden = _forward(config, {"q": source}, fp32, torch.from_numpy(ids), dev)
-    decoder.load_outer(source.load(decoder.outer_names))
+    decoder.load_outer(source.load(fp32.checkpoint_names(decoder.outer_names)))
     return decoder.logits(torch.from_numpy(ids), hidden["q"]).cpu()
 
 
@@ -72,7 +72,7 @@ def _forward(config, sources: dict[str, Any], fp32: Any, ids: torch.Tensor, dev:
     decoder = Decoder(config, dev)
     hidden = {}
     for key, src in sources.items():  # each source's own embedding (a GGUF may quantize it)
-        decoder.load_outer(src.load(decoder.entry_names()))
+        decoder.load_outer(src.load(fp32.checkpoint_names(decoder.entry_names())))
         hidden[key] = decoder.embed(ids)
     for i in range(decoder.num_layers):
         names = fp32.layer_names(i)
@@ -87,7 +87,8 @@ def _metrics(decoder: Decoder, sources: dict[str, Any], hidden: dict, ids: torch
     targets = ids[:, 1:].reshape(-1).to(decoder.device)
     sums = {k: {"nll": 0.0, "kl": 0.0, "top1": 0} for k in hidden}
     n = 0
-    outer = {key: src.load(decoder.outer_names) for key, src in sources.items()}
+    names = sources["fp32"].checkpoint_names(decoder.outer_names)
+    outer = {key: src.load(names) for key, src in sources.items()}
     step = max(1, (1 << 25) // (ids.shape[1] * int(decoder.config.vocab_size)))  # ~256 MB of float64 logits
     for s in range(0, ids.shape[0], step):
         logp = {}

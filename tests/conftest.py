@@ -50,6 +50,7 @@ def prefect_env() -> dict[str, str]:
 @dataclass(frozen=True)
 class Built:
     model: Any  # ModelManifest
+    calibration: Any  # CalibrationManifest
     quantized: Any  # QuantizeManifest
     converted: Any  # ConvertManifest
 
@@ -59,14 +60,15 @@ def run_stages(recipe: Any, store: Any) -> Built:
     from quantfab.tasks import calibrate as calibrate_mod
     from quantfab.tasks import download as download_mod
     from quantfab.tasks.convert.stage import convert
+    from quantfab.tasks.manifests import ExpertFallback
     from quantfab.tasks.quantize.stage import quantize
 
     model = download_mod.download(recipe.model.source, None, recipe.model.include, False, store)
     cal = calibrate_mod.calibrate(model, recipe.calibration.source, recipe.calibration.samples,
                                   recipe.calibration.seq_len, recipe.calibration.seed, recipe.calibration.text_field,
-                                  "cpu", store)
+                                  "cpu", store, True, ExpertFallback(**recipe.calibration.experts.model_dump()))
     quantized = quantize(model, cal, recipe.quantize, recipe.outputs, "cpu", store)
-    return Built(model, quantized, convert(model, quantized, recipe.outputs, recipe.name, store))
+    return Built(model, cal, quantized, convert(model, quantized, recipe.outputs, recipe.name, store))
 
 
 @pytest.fixture(scope="session")

@@ -178,7 +178,7 @@ def write_upstream(folder: Path, seed: int) -> None:
     from quantfab.tasks import synthetic
 
     folder.mkdir(exist_ok=True)
-    synthetic.write_llama(f"synthetic://llama?layers=2&hidden=64&intermediate=128&heads=2&kv_heads=1&vocab=512&seed={seed}",
+    synthetic.write_model(f"synthetic://llama?layers=2&hidden=64&intermediate=128&heads=2&kv_heads=1&vocab=512&seed={seed}",
                           folder)
 
 

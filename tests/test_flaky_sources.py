@@ -78,7 +78,7 @@ class FlakyHandler(http.server.SimpleHTTPRequestHandler):
 @pytest.fixture
 def source(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[str, type[FlakyHandler], Path]]:
     root = tmp_path / "served"
-    synthetic.write_llama("synthetic://llama?layers=2&hidden=64&intermediate=128&heads=2&kv_heads=1&vocab=512&seed=4",
+    synthetic.write_model("synthetic://llama?layers=2&hidden=64&intermediate=128&heads=2&kv_heads=1&vocab=512&seed=4",
                           root / "model")
     handler = type("Handler", (FlakyHandler,), {"faults": {}, "seen": []})
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(handler, directory=str(root)))

@@ -111,7 +111,7 @@ def test_a_hostile_input_is_refused_with_exit_2_naming_it(case: str, tmp_path: P
                                                           capsys: pytest.CaptureFixture) -> None:
     break_it, texts, named = CASES[case]
     folder = tmp_path / "model"
-    synthetic.write_llama("synthetic://llama?layers=2&hidden=64&intermediate=128&heads=2&kv_heads=1&vocab=512&seed=5",
+    synthetic.write_model("synthetic://llama?layers=2&hidden=64&intermediate=128&heads=2&kv_heads=1&vocab=512&seed=5",
                           folder)
     break_it(folder)
     story = "Once upon a time there was a little robot who liked to count the stars every night. " * 40
@@ -137,7 +137,7 @@ def test_the_real_cli_prints_the_message_and_no_traceback(tmp_path: Path) -> Non
     import sys
 
     folder = tmp_path / "model"
-    synthetic.write_llama("synthetic://llama?layers=2&hidden=64&intermediate=128&heads=2&kv_heads=1&vocab=512&seed=5",
+    synthetic.write_model("synthetic://llama?layers=2&hidden=64&intermediate=128&heads=2&kv_heads=1&vocab=512&seed=5",
                           folder)
     edit_tensor(nan_weight)(folder)
     recipe = tmp_path / "hostile.yaml"

@@ -299,12 +299,12 @@ def test_the_decoder_shows_each_input_group_and_stops_at_it(tmp_path: Path) -> N
     from quantfab.tasks.decoder import Decoder
     from quantfab.tasks.modelio import ModelDir, relative
 
-    synthetic.write_llama("synthetic://llama?layers=1&hidden=128&intermediate=344&heads=4&kv_heads=2&vocab=512&seed=3",
+    synthetic.write_model("synthetic://llama?layers=1&hidden=128&intermediate=344&heads=4&kv_heads=2&vocab=512&seed=3",
                           tmp_path)
     model = ModelDir(tmp_path)
     weights = model.weights()
     decoder = Decoder(model.config(), torch.device("cpu"))
-    decoder.load_outer(weights.load(decoder.entry_names()))
+    decoder.load_outer(weights.load(weights.checkpoint_names(decoder.entry_names())))
     hidden = decoder.embed(torch.from_numpy(np.random.default_rng(0).integers(0, 512, (19, 32))))
     layer = decoder.layer(0, relative(weights.load(weights.layer_names(0)), weights.prefix(0)))
     structure = decoder.structure(0, layer, hidden)

@@ -88,7 +88,7 @@ CASES = {  # name -> (plant the trap, what the message names)
 @pytest.mark.parametrize("case", list(CASES))
 def test_nothing_is_unpickled_or_imported(case: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     plant, named = CASES[case]
-    synthetic.write_llama(MODEL, tmp_path / "model")
+    synthetic.write_model(MODEL, tmp_path / "model")
     marker = tmp_path / "TRAP-FIRED"
     calibration, include = plant(tmp_path, marker)
     trapped = {hashlib.sha256(p.read_bytes()).hexdigest() for p in tmp_path.rglob("*")

@@ -59,7 +59,7 @@ class AuthHandler(http.server.SimpleHTTPRequestHandler):
 @pytest.fixture
 def served_model(tmp_path: Path) -> Iterator[int]:
     root = tmp_path / "served"
-    synthetic.write_llama("synthetic://llama?layers=2&hidden=64&intermediate=128&heads=2&kv_heads=1&vocab=512&seed=3",
+    synthetic.write_model("synthetic://llama?layers=2&hidden=64&intermediate=128&heads=2&kv_heads=1&vocab=512&seed=3",
                           root / "model")
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(AuthHandler, directory=str(root)))
     thread = threading.Thread(target=server.serve_forever, daemon=True)

@@ -4,13 +4,17 @@
 Q4_K_S/M, Q5_K_S/M, Q6_K, or F16/F32. Each tensor gets the GGML type llama-quantize would give it
 (``gguf_types``). Decoder-layer Linears hold the method's codes on that type's grid; the embedding and
 the output head, which no method quantizes, are rounded to nearest by the grid's reference rule, which
-is llama.cpp's own. 1-D tensors are F32 and float tensors ``float_type``. Tensors are streamed to the
-file one at a time, and q/k rows are permuted to llama.cpp's rotary layout as its converter does.
+is llama.cpp's own. 1-D tensors and routers are F32 and other float tensors ``float_type``. Tensors are
+streamed to the file one at a time, and q/k rows are permuted to llama.cpp's rotary layout as its
+converter does. A layer's experts (one checkpoint tensor per expert and matrix) are one 3-D tensor per
+matrix in the file (``ffn_gate_exps``: experts x rows x columns), as llama.cpp's converter stacks them;
+every expert of one stacked tensor must then have the same type.
 """
 
 from __future__ import annotations
 
 import mmap
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Literal
@@ -22,6 +26,7 @@ from pydantic import BaseModel, ConfigDict
 
 from quantfab.kernels.gguf_blocks import pack_gguf, verify_gguf
 from quantfab.kernels.verdict import Verdict
+from quantfab.tasks.convert.gguf_layouts import METADATA, SPLITS, split_of
 from quantfab.tasks.convert.gguf_types import DEFAULT_TYPE, ModelFacts, choose_types
 from quantfab.tasks.errors import UserError
 from quantfab.tasks.families import GGUFArch, family
@@ -29,6 +34,8 @@ from quantfab.tasks.modelio import ModelDir, TensorInfo
 from quantfab.tasks.quantize.grids import GRIDS, Encoded, Grid, GridRequest
 
 QTYPE = gguf.GGMLQuantizationType
+EXPERT = re.compile(r"\.experts\.(\d+)\.")  # a checkpoint's per-expert tensor name; gguf-py maps the stacked name
+F32_ROUTERS = "ffn_gate_inp.weight"  # llama.cpp's converter writes routers F32 and llama-quantize never quantizes them
 SIMPLE_TYPES = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1")  # blocks of 32: what explicit bits/symmetric pick from
 FileType = Literal["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_K_S", "Q4_K_M",
                    "Q5_K_S", "Q5_K_M", "Q6_K", "F16", "F32"]
@@ -54,6 +61,10 @@ class PlannedTensor:
     gguf_name: str
     shape: tuple[int, ...]  # (rows, cols) as in HF
     qtype: gguf.GGMLQuantizationType
+    expert: int | None = None  # this expert's matrix in the stacked tensor ``gguf_name``
+    experts: int = 1  # matrices stacked in ``gguf_name``
+    part: int | None = None  # which part of a split checkpoint tensor (gguf_layouts); ``shape`` is the part's
+    dims: tuple[int, ...] = ()  # the sizes the split needs
 
     @property
     def type_name(self) -> str:
@@ -83,9 +94,12 @@ class GGUFFormat:
         gguf_arch(config)
         if not self.stores_codes(options):
             return {}
-        names = [(hf, gname, tensors[hf].shape) for hf, gname in _file_tensors(config, tensors)]
-        types = choose_types(options.type, [(g, shape) for _, g, shape in names], ModelFacts.of(config), options.pure)
-        return {hf.removesuffix(".weight"): types[g] or options.float_type for hf, g, shape in names if len(shape) == 2}
+        names = [(hf, gname, part, shape) for hf, gname, _, part, shape, _ in _file_tensors(config, tensors)]
+        stacked = list({g: shape for _, g, _, shape in names}.items())  # an expert set once, in file order
+        types = choose_types(options.type, stacked, ModelFacts.of(config), options.pure)
+        out = {hf.removesuffix(".weight"): types[g] or options.float_type for hf, g, part, shape in names
+               if len(shape) == 2 and part is None}
+        return out | {hf.removesuffix(".weight"): SPLIT_PRESET for hf, _, part, _ in names if part is not None}
 
     def grid_for(self, options: GGUFOptions, want: GridRequest, preset: str | None = None) -> Grid | None:
         """The grid that holds this request for a tensor whose file-type choice is ``preset``.
@@ -94,7 +108,7 @@ class GGUFFormat:
         result is None when the tensor stays float. A request without bits, group or symmetry takes the
         preset (or the file type's default type); explicit ones pick among the blocks of 32.
         """
-        if not self.stores_codes(options):
+        if not self.stores_codes(options) or preset == SPLIT_PRESET:
             return None
         if want.nf4:
             raise ValueError("gguf has no NF4 grid")
@@ -117,6 +131,13 @@ class GGUFFormat:
     def stores_codes(self, options: GGUFOptions) -> bool:
         return options.type in DEFAULT_TYPE
 
+    def float_note(self, options: GGUFOptions, preset: str | None) -> str | None:
+        """Why a tensor the file holds split keeps floats for the methods (what assign reports); None: the usual."""
+        if preset == SPLIT_PRESET:
+            return (f"{options.key} holds it split and reshaped as llama.cpp's converter does (no method's codes "
+                    "fit the parts): each part rounded to nearest by the file type's rule")
+        return None
+
     def plan(self, options: GGUFOptions, config, tensors: dict[str, TensorInfo],
              grids: dict[str, str | None]) -> list[PlannedTensor]:
         """Every tensor the file will hold, in file order, with its GGUF name and type.
@@ -126,18 +147,30 @@ class GGUFFormat:
         """
         floating = QTYPE.F32 if options.type == "F32" or options.float_type == "F32" else QTYPE.F16
         presets = self.presets(options, config, tensors)
+        listed = list(_file_tensors(config, tensors))
+        counts: dict[str, int] = {}
+        for _, gname, _, _, _, _ in listed:
+            counts[gname] = counts.get(gname, 0) + 1
+        split_types = choose_types(options.type, [(g, s) for _, g, _, part, s, _ in listed if part is not None],
+                                   ModelFacts.of(config), options.pure) if self.stores_codes(options) else {}
         out = []
-        for name, gname in _file_tensors(config, tensors):
-            shape = tensors[name].shape
+        for name, gname, expert, part, shape, dims in listed:
             module = name.removesuffix(".weight")
-            chosen = grids[module] if module in grids else presets.get(module)
+            chosen = split_types.get(gname) if part is not None else grids[module] if module in grids else presets.get(module)
             if chosen in GRIDS:
                 qtype = QTYPE[chosen]
-            elif len(shape) == 1:
+            elif len(shape) == 1 or gname.endswith(F32_ROUTERS):
                 qtype = QTYPE.F32
             else:
                 qtype = floating
-            out.append(PlannedTensor(name, gname, shape, qtype))
+            out.append(PlannedTensor(name, gname, shape, qtype, expert, counts[gname], part, dims))
+        for gname in (g for g, n in counts.items() if n > 1):
+            parts = [t for t in out if t.gguf_name == gname]
+            if len({t.qtype for t in parts}) > 1 or len({t.shape for t in parts}) > 1:
+                raise UserError(f"gguf: {gname} stacks {', '.join(t.hf_name for t in parts[:3])}... into one tensor, "
+                                f"but they have types {sorted({t.type_name for t in parts})} and shapes "
+                                f"{sorted({t.shape for t in parts})}; every expert of a layer needs the same "
+                                "(check quantize.overrides and quantize.ignore)")
         return out
 
     def write(self, path: Path, options: GGUFOptions, model: ModelDir, planned: list[PlannedTensor],
@@ -149,38 +182,64 @@ class GGUFFormat:
         _add_metadata(writer, config, options, name, arch)
         _add_tokenizer(writer, model.path, int(config.vocab_size))
         for t in planned:
+            if t.expert not in (None, 0):
+                continue  # the stacked tensor is declared once, by its first expert
+            stack = (t.experts,) if t.expert is not None else ()
             if not t.quantized:
                 dtype = np.float32 if t.qtype == QTYPE.F32 else np.float16
-                writer.add_tensor_info(t.gguf_name, t.shape, np.dtype(dtype), t.nbytes)
+                writer.add_tensor_info(t.gguf_name, (*stack, *t.shape), np.dtype(dtype), t.nbytes * t.experts)
             else:
                 block, size = gguf.GGML_QUANT_SIZES[t.qtype]
-                byte_shape = (t.shape[0], t.shape[1] // block * size)
-                writer.add_tensor_info(t.gguf_name, byte_shape, np.dtype(np.uint8), t.nbytes, raw_dtype=t.qtype)
+                byte_shape = (*stack, *t.shape[:-1], t.shape[-1] // block * size)
+                writer.add_tensor_info(t.gguf_name, byte_shape, np.dtype(np.uint8), t.nbytes * t.experts,
+                                       raw_dtype=t.qtype)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
+        parts: list[np.ndarray] = []
         for t in planned:
-            writer.write_tensor_data(_to_llama_cpp(t.hf_name, tensor_data(t), config, arch))
+            data = _to_llama_cpp(t.hf_name, tensor_data(t), config, arch)
+            if t.expert is None:
+                writer.write_tensor_data(data)
+                continue
+            parts.append(data)
+            if len(parts) == t.experts:  # the last expert of the set: the whole stack, in expert order
+                writer.write_tensor_data(np.stack(parts))
+                parts = []
         writer.close()
 
     def reader(self, path: Path, config) -> "GGUFTensors":
         return GGUFTensors(path, config)
 
     def float_codes(self, t: PlannedTensor, load: Callable[[], np.ndarray]) -> tuple[Grid, Encoded] | None:
-        """llama.cpp's round-to-nearest codes of a tensor no method quantized, where its type is quantized."""
+        """llama.cpp's round-to-nearest codes of a tensor no method quantized, where its type is quantized
+        (a split tensor's part: its rows, heads one after the other)."""
         if not t.quantized:
             return None
         grid = GRIDS[t.type_name]
-        return grid, grid.reference(load().astype(np.float32))
+        w = _part(t, load().astype(np.float32))
+        return grid, grid.reference(w.reshape(-1, w.shape[-1]))
 
     def float_tensor(self, t: PlannedTensor, w: np.ndarray) -> np.ndarray:
-        return w.astype(np.float32 if t.qtype == QTYPE.F32 else np.float16)
+        return _part(t, w).astype(np.float32 if t.qtype == QTYPE.F32 else np.float16)
 
     def pack(self, t: PlannedTensor, enc: Encoded) -> np.ndarray:
         return pack_gguf(t.type_name, enc)
 
     def verify(self, tensors: "GGUFTensors", t: PlannedTensor, expected: np.ndarray) -> Verdict:
-        return verify_gguf(t.type_name, tensors.raw(t.hf_name), expected)
+        raw = tensors.raw(t.hf_name) if t.part is None else tensors.raw_named(t.gguf_name)
+        return verify_gguf(t.type_name, raw, expected)
+
+
+SPLIT_PRESET = "split"  # presets' value for a tensor the file holds split (gguf_layouts): no method's codes fit
+
+
+def _part(t: PlannedTensor, w: np.ndarray) -> np.ndarray:
+    """What the file holds for ``t``: the checkpoint tensor, or its part when the converter splits it."""
+    if t.part is None:
+        return w
+    split = split_of_name(t.hf_name)
+    return split.forward(w, t.dims)[t.part]
 
 
 def gguf_arch(config) -> GGUFArch:
@@ -190,6 +249,14 @@ def gguf_arch(config) -> GGUFArch:
         raise UserError(f"gguf: model_type {config.model_type!r} has no GGUF writer in quantfab yet (llama.cpp's "
                         "converter knows more families than quantfab writes); compressed-tensors, gptq, awq and "
                         "bnb-nf4 outputs work for it (`quantfab families` lists what works where)")
+    for attribute, value in arch.requires:
+        name, _, key = attribute.partition(".")
+        found = getattr(config, name, None)
+        found = (found or {}).get(key) if key else found
+        if found != value:
+            raise UserError(f"gguf: model_type {config.model_type!r} with {attribute}={found!r:.60}: "
+                            f"llama.cpp's {arch.arch.lower()} architecture computes it only as {attribute}={value!r}, "
+                            "so the file would run a different model; compressed-tensors, gptq and awq outputs work")
     return arch
 
 
@@ -197,8 +264,12 @@ def _name_map(config, arch: GGUFArch) -> gguf.TensorNameMap:
     return gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.arch], int(config.num_hidden_layers))
 
 
-def _file_tensors(config, tensors: dict[str, TensorInfo]) -> Iterator[tuple[str, str]]:
-    """(HF name, GGUF name) of every tensor the file holds, in file order."""
+FileTensor = tuple[str, str, "int | None", "int | None", tuple[int, ...], tuple[int, ...]]
+
+
+def _file_tensors(config, tensors: dict[str, TensorInfo]) -> Iterator[FileTensor]:
+    """(HF name, GGUF name, expert, part, shape, split dims) of every tensor the file holds, in file order (a
+    stacked tensor's experts in expert order; a split tensor's parts in order, each with its own shape)."""
     arch = gguf_arch(config)
     tmap = _name_map(config, arch)
     for name in sorted(tensors, key=_file_order):
@@ -206,18 +277,49 @@ def _file_tensors(config, tensors: dict[str, TensorInfo]) -> Iterator[tuple[str,
             continue
         if name.endswith("rotary_emb.inv_freq"):
             continue
-        gname = tmap.get_name(name, try_suffixes=(".weight", ".bias"))
-        if gname is None:
-            raise UserError(f"tensor {name}: no GGUF name for it in llama.cpp's {arch.arch.lower()} architecture")
-        yield name, gname
+        split = split_of(arch.arch, name)
+        if split is not None:
+            dims = split.dims(config)
+            for k, (part, shape) in enumerate(zip(split.parts, split.shapes(dims))):
+                yield name, _gguf_name(tmap, name.removesuffix(split.suffix) + part, arch), None, k, shape, dims
+            continue
+        stacked, expert = _stacked(name)
+        yield name, _gguf_name(tmap, stacked, arch), expert, None, tensors[name].shape, ()
+
+
+def _gguf_name(tmap: gguf.TensorNameMap, name: str, arch: GGUFArch) -> str:
+    gname = _mapped(tmap, name)
+    if gname is None:
+        raise UserError(f"tensor {name}: no GGUF name for it in llama.cpp's {arch.arch.lower()} architecture")
+    return gname
+
+
+def _mapped(tmap: gguf.TensorNameMap, name: str) -> str | None:
+    # the converter's spelling of DeepSeek-style router biases, for every architecture (its ModelBase does it)
+    return tmap.get_name(name.replace("e_score_correction_bias", "e_score_correction.bias"),
+                         try_suffixes=(".weight", ".bias"))
+
+
+def split_of_name(hf_name: str):
+    """The split (of any architecture) a checkpoint tensor name ends with."""
+    return next(s for splits in SPLITS.values() for s in splits if hf_name.endswith(s.suffix))
+
+
+def _stacked(name: str) -> tuple[str, int | None]:
+    """A per-expert checkpoint name as the name of its expert set (what gguf-py maps), and the expert."""
+    match = EXPERT.search(name)
+    if match is None:
+        return name, None
+    return name[:match.start()] + ".experts." + name[match.end():], int(match.group(1))
 
 
 def _file_order(name: str) -> tuple:
+    stacked, expert = _stacked(name)
     if name.startswith("model.embed_tokens"):
-        return (0, 0, name)
+        return (0, 0, name, 0)
     if name.startswith("model.layers."):
-        return (1, int(name.split(".")[2]), name)
-    return (2, 0, name)
+        return (1, int(name.split(".")[2]), stacked, expert or 0)
+    return (2, 0, name, 0)
 
 
 def _to_llama_cpp(hf_name: str, data: np.ndarray, config, arch: GGUFArch) -> np.ndarray:
@@ -243,30 +345,34 @@ def unpermute_rows(data: np.ndarray, heads: int) -> np.ndarray:
 
 
 def _add_metadata(writer: gguf.GGUFWriter, config, options: GGUFOptions, name: str, arch: GGUFArch) -> None:
+    """Every key once: the common ones, then the family's (``extras``: the first attribute a config sets, per
+    key; ``gguf_layouts.METADATA``: values computed from several), a later value replacing an earlier one."""
     heads = int(config.num_attention_heads)
     head_dim = getattr(config, "head_dim", None) or int(config.hidden_size) // heads
-    writer.add_name(name)
-    writer.add_quantized_by("quantfab")
-    writer.add_context_length(int(config.max_position_embeddings))
-    writer.add_embedding_length(int(config.hidden_size))
-    writer.add_block_count(int(config.num_hidden_layers))
-    writer.add_feed_forward_length(int(config.intermediate_size))
-    writer.add_rope_dimension_count(int(head_dim))
-    writer.add_head_count(heads)
-    writer.add_head_count_kv(int(config.num_key_value_heads or heads))
-    writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
-    rope_theta = getattr(config, "rope_theta", None) or (getattr(config, "rope_parameters", None) or {}).get("rope_theta", 10000.0)
-    writer.add_rope_freq_base(float(rope_theta))
-    writer.add_vocab_size(int(config.vocab_size))
     file_type = {"F32": "ALL_F32", "F16": "MOSTLY_F16"}.get(options.type, f"MOSTLY_{options.type}")
-    writer.add_file_type(int(gguf.LlamaFileType[file_type]))
-    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    rope = getattr(config, "rope_parameters", None) or {}
+    full, sliding = rope.get("full_attention", rope), rope.get("sliding_attention", {})  # per layer type (Gemma 3)
+    keys: dict[str, Any] = {
+        "add_name": name, "add_quantized_by": "quantfab", "add_context_length": int(config.max_position_embeddings),
+        "add_embedding_length": int(config.hidden_size), "add_block_count": int(config.num_hidden_layers),
+        "add_feed_forward_length": int(config.intermediate_size), "add_rope_dimension_count": int(head_dim),
+        "add_head_count": heads, "add_head_count_kv": int(config.num_key_value_heads or heads),
+        "add_layer_norm_rms_eps": float(config.rms_norm_eps),
+        "add_rope_freq_base": float(getattr(config, "rope_theta", None) or full.get("rope_theta", 10000.0))}
+    if sliding.get("rope_theta") is not None:
+        keys["add_rope_freq_base_swa"] = float(sliding["rope_theta"])
+    if arch.layer_pattern:
+        keys["add_sliding_window_pattern"] = [t == "sliding_attention" for t in config.layer_types]
+    keys |= {"add_vocab_size": int(config.vocab_size), "add_file_type": int(gguf.LlamaFileType[file_type]),
+             "add_quantization_version": gguf.GGML_QUANT_VERSION}
     if arch.head_dims and getattr(config, "head_dim", None):
-        writer.add_key_length(int(config.head_dim))
-        writer.add_value_length(int(config.head_dim))
+        keys |= {"add_key_length": int(config.head_dim), "add_value_length": int(config.head_dim)}
     for method, attribute in arch.extras:
-        if getattr(config, attribute, None) is not None:
-            getattr(writer, method)(getattr(config, attribute))
+        if getattr(config, attribute, None) is not None and method not in keys:
+            keys[method] = getattr(config, attribute)
+    keys |= dict(METADATA[arch.arch](config)) if arch.arch in METADATA else {}
+    for method, value in keys.items():
+        getattr(writer, method)(value)
 
 
 def _add_tokenizer(writer: gguf.GGUFWriter, folder: Path, vocab_size: int) -> None:
@@ -316,10 +422,11 @@ class GGUFTensors:
         for t in self.reader.tensors:
             yield t.name, t.tensor_type.name
 
-    def _tensor(self, hf_name: str) -> tuple[str, Any]:
+    def _tensor(self, hf_name: str) -> tuple[str, Any, int | None]:
         if hf_name == "lm_head.weight" and "output.weight" not in self.by_name:
             hf_name = "model.embed_tokens.weight"  # tied embeddings
-        return hf_name, self.by_name[self.tmap.get_name(hf_name, try_suffixes=(".weight", ".bias"))]
+        stacked, expert = _stacked(hf_name)
+        return hf_name, self.by_name[_mapped(self.tmap, stacked)], expert
 
     def _hf_rows(self, hf_name: str, data: np.ndarray) -> np.ndarray:
         """Rows back in HF order: llama.cpp's q/k rows are permuted for its rotary layout (Llama-style families)."""
@@ -331,18 +438,37 @@ class GGUFTensors:
         return data
 
     def array(self, hf_name: str) -> np.ndarray:
-        hf_name, t = self._tensor(hf_name)
-        data = gguf.quants.dequantize(np.asarray(t.data), t.tensor_type)
-        shape = tuple(int(x) for x in reversed(t.shape))
+        split = split_of(self.arch.arch, hf_name)
+        if split is not None:  # the checkpoint tensor, joined back from its parts
+            base = hf_name.removesuffix(split.suffix)
+            return split.inverse([self._dequantized(self.by_name[self.tmap.get_name(base + p, try_suffixes=(".weight",))])
+                                  for p in split.parts], split.dims(self.config))
+        hf_name, t, expert = self._tensor(hf_name)
+        data = np.asarray(t.data)
+        if expert is not None:  # one expert of a stacked tensor: its own blocks only
+            data = data[expert]
+        data = gguf.quants.dequantize(data, t.tensor_type)
+        shape = tuple(int(x) for x in reversed(t.shape))[1 if expert is not None else 0:]
         values = self._hf_rows(hf_name, np.asarray(data, dtype=np.float32).reshape(shape))
         if self.arch.norm_shift and hf_name.endswith("norm.weight"):  # the model's own weight, as transformers reads it
             values = values - np.float32(self.arch.norm_shift)
         return values
 
+    def _dequantized(self, t: Any) -> np.ndarray:
+        shape = tuple(int(x) for x in reversed(t.shape))
+        return np.asarray(gguf.quants.dequantize(np.asarray(t.data), t.tensor_type), dtype=np.float32).reshape(shape)
+
+    def raw_named(self, gguf_name: str) -> np.ndarray:
+        """A tensor's stored blocks by its GGUF name, (rows, row bytes) uint8."""
+        data = np.asarray(self.by_name[gguf_name].data)
+        return data.reshape(-1, data.shape[-1])
+
     def raw(self, hf_name: str) -> np.ndarray:
         """A quantized tensor's stored blocks, (rows, row bytes) uint8, rows in HF order."""
-        hf_name, t = self._tensor(hf_name)
+        hf_name, t, expert = self._tensor(hf_name)
         data = np.asarray(t.data)
+        if expert is not None:
+            data = data[expert]
         return self._hf_rows(hf_name, data.reshape(data.shape[0], -1))
 
     def load(self, names: list[str]) -> dict[str, torch.Tensor]:

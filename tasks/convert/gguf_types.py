@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import gguf
 
+from quantfab.tasks.families import EXPERT_KEYS
+
 DEFAULT_TYPE = {
     "Q8_0": "Q8_0", "Q4_0": "Q4_0", "Q4_1": "Q4_1", "Q5_0": "Q5_0", "Q5_1": "Q5_1",
     "Q2_K": "Q2_K", "Q3_K_S": "Q3_K", "Q3_K_M": "Q3_K", "Q3_K_L": "Q3_K",
@@ -33,11 +35,13 @@ class ModelFacts:
     n_layers: int
     n_head: int
     n_head_kv: int
+    n_expert: int = 1
 
     @classmethod
     def of(cls, config) -> "ModelFacts":
         heads = int(config.num_attention_heads)
-        return cls(int(config.num_hidden_layers), heads, int(config.num_key_value_heads or heads))
+        experts = next((int(getattr(config, k)) for k in EXPERT_KEYS if getattr(config, k, None)), 1)
+        return cls(int(config.num_hidden_layers), heads, int(config.num_key_value_heads or heads), experts)
 
     @property
     def n_gqa(self) -> int:
@@ -50,8 +54,8 @@ class ModelFacts:
 
 
 def quantizable(name: str, shape: tuple[int, ...]) -> bool:
-    """tensor_allows_quantization for a Llama: 2-D weights that are not norms."""
-    return len(shape) >= 2 and name.endswith("weight") and "_norm.weight" not in name
+    """tensor_allows_quantization: 2-D (or stacked experts') weights that are not norms or routers."""
+    return len(shape) >= 2 and name.endswith("weight") and "_norm.weight" not in name and "ffn_gate_inp.weight" not in name
 
 
 def use_more_bits(i_layer: int, n_layers: int) -> bool:
@@ -67,6 +71,7 @@ def choose_types(file_type: str, tensors: list[tuple[str, tuple[int, ...]]], fac
     default = DEFAULT_TYPE[file_type]
     tied = not any(name == "output.weight" for name, _ in tensors)
     n_attn_v = sum(1 for name, _ in tensors if "attn_v.weight" in name)
+    n_ffn_down = sum(1 for name, _ in tensors if "ffn_down" in name)
     i_attn_v = i_ffn_down = 0
     out: dict[str, str | None] = {}
     for name, shape in tensors:
@@ -84,11 +89,19 @@ def choose_types(file_type: str, tensors: list[tuple[str, tuple[int, ...]]], fac
             elif "attn_v.weight" in name:
                 new = _attn_v(file_type, new, i_attn_v, n_attn_v, facts)
                 i_attn_v += 1
+            elif "attn_k.weight" in name and facts.n_expert == 8:
+                new = "Q8_0"  # "bumping this to Q8_0 trades just ~128MB" for an 8-expert model
             elif "ffn_down" in name:
-                new = _ffn_down(file_type, new, i_ffn_down, facts.n_layers)
+                # with experts llama.cpp reads the layer off the name ("experts are not consecutive"), over the
+                # count of ffn_down tensors
+                i, n = (int(name.split(".")[1]), n_ffn_down) if facts.n_expert > 1 else (i_ffn_down, facts.n_layers)
+                new = _ffn_down(file_type, new, i, n)
                 i_ffn_down += 1
             elif "attn_output.weight" in name:
-                new = {"Q2_K": "Q3_K", "Q3_K_M": "Q4_K", "Q3_K_L": "Q5_K"}.get(file_type, new)
+                if facts.n_expert == 8:
+                    new = "Q5_K" if file_type in ("Q2_K", "Q3_K_S", "Q3_K_M", "Q4_K_S", "Q4_K_M") else new
+                else:
+                    new = {"Q2_K": "Q3_K", "Q3_K_M": "Q4_K", "Q3_K_L": "Q5_K"}.get(file_type, new)
         out[name] = _fallback(new, cols)
     return out
 
@@ -106,6 +119,8 @@ def _attn_v(file_type: str, new: str, i: int, n: int, facts: ModelFacts) -> str:
         new = "Q5_K"
     if facts.is_70b and new in ("Q3_K", "Q4_K"):
         new = "Q5_K"  # attn_v is 8x smaller than attn_q there, so more bits cost little
+    if facts.n_expert == 8:
+        new = "Q8_0"  # "for the 8-expert model, bumping this to Q8_0 trades just ~128MB"
     return new
 
 

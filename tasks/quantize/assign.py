@@ -9,7 +9,7 @@ import fnmatch
 from dataclasses import dataclass
 from typing import Any
 
-from quantfab.tasks.decoder import layout
+from quantfab.tasks.decoder import layout, model_units
 from quantfab.tasks.modelio import TensorInfo
 from quantfab.tasks.quantize.grids import GridRequest
 
@@ -35,6 +35,10 @@ def request(method: str, bits: int | None, group_size: int | None, symmetric: bo
     return GridRequest(bits, group_size, symmetric)
 
 
+def keeps_floats(options: Any, preset: str | None, cols: int) -> str:
+    return f"{options.key} keeps floats" + (f" (row length {cols} fits no block of its type)" if preset else "")
+
+
 def assign(module: str, cols: int, quant: Any, fmt: Any, options: Any, preset: str | None = None) -> Assignment:
     """``quant`` is the recipe's QuantizeSpec; ``fmt``/``options`` the output's format and options; ``preset``
     the type the format's own per-tensor rules give this module (``fmt.presets``), if it has any."""
@@ -48,9 +52,9 @@ def assign(module: str, cols: int, quant: Any, fmt: Any, options: Any, preset: s
             group_size = o.group_size if o.group_size is not None else group_size
             symmetric = o.symmetric if o.symmetric is not None else symmetric
     grid = fmt.grid_for(options, request(method, bits, group_size, symmetric, quant), preset)
-    if grid is None:
-        return Assignment(module, method, None, f"{options.key} keeps floats"
-                          + (f" (row length {cols} fits no block of its type)" if preset else ""))
+    if grid is None:  # a format may say why itself (GGUF's split tensors)
+        note = fmt.float_note(options, preset) if hasattr(fmt, "float_note") else None
+        return Assignment(module, method, None, note or keeps_floats(options, preset, cols))
     grid = grid.for_row(cols)
     if cols % grid.span:
         return Assignment(module, method, None, f"row length {cols} is not a multiple of the {grid.name} block "
@@ -59,9 +63,11 @@ def assign(module: str, cols: int, quant: Any, fmt: Any, options: Any, preset: s
 
 
 def assign_layers(config, tensors: dict[str, TensorInfo], quant: Any, fmt: Any, options: Any) -> list[dict[str, Assignment]]:
-    """Per decoder layer, every Linear's assignment for one output (what plan shows and quantize does)."""
+    """Per decoder layer, every unit's assignment for one output (what plan shows and quantize does): units are
+    the checkpoint's matrices (Linears, and each expert's), named as on disk."""
     presets = fmt.presets(options, config, tensors)
     shape = layout(config)
+    units = model_units(config, {n: t.shape for n, t in tensors.items()})
     return [{lin: assign(f"{shape.prefix(i)}{lin}", tensors[f"{shape.prefix(i)}{lin}.weight"].shape[1], quant, fmt,
                          options, presets.get(f"{shape.prefix(i)}{lin}")) for lin in linears}
-            for i, linears in enumerate(shape.linears)]
+            for i, linears in enumerate(units)]

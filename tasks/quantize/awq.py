@@ -11,10 +11,15 @@ preceding norm weight or Linear rows (x / s) and into the Linears' columns (W s)
 unchanged. Then, for every Linear but q and k (as AutoAWQ), each block's range is shrunk by up to
 ``max_shrink`` over ``clip_points`` ratios, keeping the ratio with the least output error of that block.
 
+A group with no such op before it (an expert's gate and up read the tokens routed to it, a gather no
+module makes) gets the clipping search only, and its report says so; an expert's down is paired with its up.
+
 Statistics are the unquantized model's, which are the scaled model's: scaling leaves its outputs unchanged.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -29,20 +34,31 @@ from quantfab.tasks.quantize.stats import InputStats
 NO_CLIP = ("q_proj", "k_proj")  # AutoAWQ leaves these unclipped: attention scores are sensitive
 
 
-def scalings(layer: LayerInput) -> list[tuple[str, bool, tuple[str, ...], str]]:
-    """Per input group, in forward order: (the module the scale is folded into, whether it is a Linear
-    whose rows it divides, the scaled Linears, their input key). Groups with no such module are left out."""
+@dataclass(frozen=True)
+class Scaling:
+    """One input group's scale: folded into ``into`` (a norm, or the last of ``blocks`` equal row blocks of a
+    Linear: Phi-3's v in qkv_proj, up in gate_up_proj), multiplied into ``modules``, which read input ``key``."""
+
+    into: str
+    linear: bool
+    modules: tuple[str, ...]
+    key: str
+    blocks: int = 1
+
+
+def scalings(layer: LayerInput) -> list[Scaling]:
+    """Per input group, in forward order, where its scale folds; groups with no such module are left out."""
     out = []
     for key, members in layer.structure.groups.items():
         width = layer.weight(key).shape[1]
         producer = layer.structure.producers.get(key)
         made = layer.weights.get(f"{producer}.weight")
         if made is not None and made.ndim == 1 and made.shape[0] == width and "norm" in producer.lower():
-            out.append((producer, False, members, key))
+            out.append(Scaling(producer, False, members, key))
         elif made is not None and made.ndim == 2 and made.shape[0] == width:  # a Linear feeding this one directly
-            out.append((producer, True, members, key))
-        elif key in layer.family.smooth_pairs and len(members) == 1:
-            out.append((layer.family.smooth_pairs[key], True, members, key))
+            out.append(Scaling(producer, True, members, key))
+        elif (pair := layer.family.smooth_pair(key)) is not None and len(members) == 1:
+            out.append(Scaling(pair[0], True, members, key, pair[1]))
     return out
 
 
@@ -55,25 +71,29 @@ class AWQ(PerModule):
         weights = {k: v.astype(np.float32, copy=True) for k, v in layer.weights.items()}
         stats = dict(layer.stats)
         changed: set[str] = set()
+        scaled: set[str] = set()
         offset = np.float32(layer.family.norm_offset)
-        for prev, prev_is_linear, modules, key in scalings(layer):
+        for sc in scalings(layer):
+            prev, modules, key = sc.into, sc.modules, sc.key
+            width = weights[f"{modules[0]}.weight"].shape[1]
             if not all(m in layer.grids for m in modules):
                 continue  # a Linear here is kept in float or quantized by another method: leave the group alone
-            if prev_is_linear and (prev not in layer.grids
-                                   or weights[f"{prev}.weight"].shape[0] != weights[f"{modules[0]}.weight"].shape[1]):
+            if sc.linear and (prev not in layer.grids or weights[f"{prev}.weight"].shape[0] != sc.blocks * width):
                 continue  # e.g. grouped-query attention: v's outputs do not line up with o's inputs
             s = search_scale([weights[f"{m}.weight"] for m in modules], [layer.grids[m] for m in modules],
                              stats[key], opts.grid_points, self.device)
             for tensor in (f"{prev}.weight", f"{prev}.bias"):  # a norm's or Linear's outputs, divided by s
                 if tensor not in weights:
                     continue
-                if prev_is_linear and tensor.endswith(".weight"):
-                    weights[tensor] = (weights[tensor] / s[:, None]).astype(np.float32)
-                elif tensor.endswith(".weight") and not prev_is_linear:
+                if sc.linear:  # its last ``width`` output rows (all of them but for a fused Linear)
+                    tail = weights[tensor][-width:]
+                    weights[tensor][-width:] = tail / (s[:, None] if tail.ndim == 2 else s)
+                elif tensor.endswith(".weight"):
                     weights[tensor] = ((weights[tensor] + offset) / s - offset).astype(np.float32)
                 else:
                     weights[tensor] = (weights[tensor] / s).astype(np.float32)
                 changed.add(tensor)
+            scaled.update(modules)
             for m in modules:
                 weights[f"{m}.weight"] = (weights[f"{m}.weight"] * s[None, :]).astype(np.float32)
             stats[key] = scaled_stats(stats[key], s)
@@ -88,6 +108,9 @@ class AWQ(PerModule):
             result.encoded[module] = grid.finalize(enc)
             result.stats[module] = st
             result.fitted[module] = w
+            if module not in scaled:
+                result.notes[module] = ("awq: no norm or quantized Linear before its input to fold a scale into: "
+                                        "clip search only")
         result.floats = {name: weights[name] for name in changed if name.removesuffix(".weight") not in layer.grids}
         return result
 

@@ -43,6 +43,7 @@ class LayerResult:
     stats: dict[str, InputStats] = field(default_factory=dict)  # module -> the inputs its codes were fitted to
     fitted: dict[str, np.ndarray] = field(default_factory=dict)  # module -> the float weight its codes stand for,
     # where a method changed it (AWQ's scaled weights); the original weight otherwise
+    notes: dict[str, str] = field(default_factory=dict)  # module -> what the method could not do for it, for the report
 
 
 class PerModule:

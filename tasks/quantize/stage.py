@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from safetensors import safe_open
 
-from quantfab.tasks.calibrate import InputRecorder, Moments, structure_from_metadata
+from quantfab.tasks.calibrate import Moments, expert_fallback, measure_layer, structure_from_metadata, widths
 from quantfab.tasks.convert import FORMATS
 from quantfab.tasks.decoder import Decoder, LayerStructure
 from quantfab.tasks.download import materialize
@@ -115,23 +115,35 @@ def _layer(model: ModelManifest, model_dir: ModelDir, inputs: Any, plan: dict[st
         tensors = {k: v.numpy() for k, v in relative(weights.load(weights.layer_names(i)), prefix).items()}
         name = prefix.rstrip(".")
         kind = family(model.model_type)
+        rtn = inputs.calibration.experts.fallback == "rtn"
         if inputs.stepwise and all(methods[a.method].stepwise for a in plan.values() if a.grid):
             result = LayerResult()
 
             def quantize_group(structure: LayerStructure, key: str, stats: InputStats) -> dict[str, np.ndarray]:
                 """The Linears reading input ``key``, fitted to it; their decoded weights, for the rest of the pass."""
-                group = {lin: a for lin, a in plan.items() if lin in structure.groups[key]}
+                group = {lin: a for lin, a in with_fallbacks(plan, structure, rtn).items() if lin in structure.groups[key]}
                 part = _quantize_layer(tensors, {key: stats}, group, methods, name, structure, kind)
                 _merge(result, part)
                 return {lin: grid_named(group[lin].grid).decode(enc) for lin, enc in part.encoded.items()}
 
-            inputs.quantize_through(i, tensors, quantize_group)
+            structure = inputs.quantize_through(i, tensors, quantize_group)
         else:
             stats, structure = inputs.stats(i, tensors)
-            result = _quantize_layer(tensors, stats, plan, methods, name, structure, kind)
-        blob = _commit(result, plan, tensors, prefix, store, device)
+            result = _quantize_layer(tensors, stats, with_fallbacks(plan, structure, rtn), methods, name, structure, kind)
+        blob = _commit(result, with_fallbacks(plan, structure, rtn), tensors, prefix, store, device)
         store.put_ref(CHECKPOINTS, checkpoint, blob)
     return checkpoint, blob
+
+
+def with_fallbacks(plan: dict[str, Assignment], structure: LayerStructure, rtn: bool) -> dict[str, Assignment]:
+    """``plan`` with the experts the calibration routed too few tokens noted, and on RTN if ``rtn`` (the fallback)."""
+    out = dict(plan)
+    for key, note in structure.fallbacks.items():
+        for lin in structure.groups[key]:
+            a = plan[lin]
+            if a.grid is not None:
+                out[lin] = Assignment(a.module, "rtn" if rtn else a.method, a.grid, "; ".join(filter(None, (a.note, note))))
+    return out
 
 
 @dataclass(frozen=True)
@@ -172,6 +184,7 @@ def _merge(into: LayerResult, part: LayerResult) -> None:
     into.floats.update(part.floats)
     into.stats.update(part.stats)
     into.fitted.update(part.fitted)
+    into.notes.update(part.notes)
 
 
 def _commit(result: LayerResult, plan: dict[str, Assignment], tensors: dict[str, np.ndarray], prefix: str,
@@ -187,7 +200,8 @@ def _commit(result: LayerResult, plan: dict[str, Assignment], tensors: dict[str,
         # (AWQ: the scaled weight and the scaled inputs, whose product is the original's).
         fitted = result.fitted.get(lin, tensors[f"{lin}.weight"])
         error = result.stats[lin].relative_output_error(fitted, grid.decode(enc), device)
-        reports.append(ModuleReport(name=prefix + lin, grid=a.grid, method=a.method, note=a.note,
+        reports.append(ModuleReport(name=prefix + lin, grid=a.grid, method=a.method,
+                                    note="; ".join(filter(None, (a.note, result.notes.get(lin)))),
                                     relative_output_error=error))
     path = Path(store.scratch()) / f"quant-{uuid.uuid4().hex}.safetensors"
     try:
@@ -212,7 +226,8 @@ class CalibrationStats:
     def stats(self, i: int, tensors: dict[str, np.ndarray]) -> tuple[dict[str, InputStats], LayerStructure]:
         with safe_open(str(self.store.local_path(self.calibration.stats[i])), framework="numpy") as f:
             structure = structure_from_metadata(f.metadata())
-            return ({k: InputStats(f.get_tensor(f"{k}.mean_abs"), f.get_tensor(f"{k}.hessian"), self.calibration.count)
+            return ({k: InputStats(f.get_tensor(f"{k}.mean_abs"), f.get_tensor(f"{k}.hessian"),
+                                   int(f.get_tensor(f"{k}.count")))
                      for k in structure.groups}, structure)
 
     def advance(self, i: int, key: str, layer: LayerFile) -> None:
@@ -243,7 +258,7 @@ class HiddenStates:
         self.pending: list[tuple[int, LayerFile]] = []
         self.through: int | None = None  # the layer quantize_through last carried the states through
         entry = sorted({(n, self.weights.tensors[n].file.name) for n in self.decoder.entry_names() if n in self.weights.tensors})
-        self.chain = _digest({"tokens": calibration.tokens.digest,
+        self.chain = _digest({"tokens": calibration.tokens.digest, "experts": calibration.experts.model_dump(),
                               "entry": [[n, model.files[file].digest] for n, file in entry]})
 
     def digest(self, i: int) -> str:
@@ -253,28 +268,63 @@ class HiddenStates:
         self._catch_up()
         layer = self.decoder.layer(i, {k: torch.from_numpy(v) for k, v in tensors.items()})
         structure = self.decoder.structure(i, layer, self.hidden)
-        recorder = InputRecorder(layer, structure, self.device)
-        self.decoder.run_layer(i, layer, self.hidden)
-        raw = recorder.finish()
-        count = int(self.hidden.shape[0] * self.hidden.shape[1])
-        return {k: InputStats(raw[f"{k}.mean_abs"], raw[f"{k}.hessian"], count) for k in structure.groups}, structure
+        moments, _ = measure_layer(self.decoder, i, layer, self.hidden, structure, widths(tensors, structure),
+                                   self.calibration.experts, self.device)
+        return {k: _input_stats(m) for k, m in moments.items()}, structure
 
     def quantize_through(self, i: int, tensors: dict[str, np.ndarray],
-                         quantize_group: Callable[[LayerStructure, str, InputStats], dict[str, np.ndarray]]) -> None:
+                         quantize_group: Callable[[LayerStructure, str, InputStats], dict[str, np.ndarray]]) -> LayerStructure:
         """Fit layer ``i`` input by input; ``quantize_group(structure, key, stats)`` gives the decoded weights of
-        the Linears reading ``key``, which the layer then uses. The states end as the quantized layer's output."""
+        the units reading ``key``, which the layer then uses. The states end as the quantized layer's output.
+
+        The groups of one expert set (every expert's gate+up, then every expert's down) do not read each
+        other's outputs: one pass measures them all."""
         self._catch_up()
         layer = self.decoder.layer(i, {k: torch.from_numpy(v) for k, v in tensors.items()})
         structure = self.decoder.structure(i, layer, self.hidden)
-        for key in structure.groups:
-            moments = Moments(layer.get_submodule(key).in_features, self.device)
-            for x in self.decoder.inputs_of(i, layer, self.hidden, key):
-                moments.add(x)
-            stats = InputStats(moments.mean_abs(), moments.hessian(), moments.count)
-            for lin, weight in quantize_group(structure, key, stats).items():
-                layer.get_submodule(lin).weight.data = torch.from_numpy(weight).to(self.device)
+        width = widths(tensors, structure)
+        for wave in self._waves(i, structure):
+            moments = self._measure(i, layer, structure, wave, width)
+            low = {k: m for k, m in moments.items() if self.decoder.is_expert(i, k)
+                   and m.count < self.calibration.experts.min_tokens}
+            if low:
+                moments |= expert_fallback(self.decoder, i, layer, self.hidden, structure, low, width,
+                                           self.calibration.experts, self.device)
+            for key in wave:
+                for unit, weight in quantize_group(structure, key, _input_stats(moments[key])).items():
+                    self.decoder.set_weight(i, layer, unit, torch.from_numpy(weight))
         self.hidden = self.decoder.run_layer(i, layer, self.hidden)
         self.through = i
+        return structure
+
+    def _waves(self, i: int, structure: LayerStructure) -> list[list[str]]:
+        """The group keys in reading order, an expert set's consecutive groups of one parameter together."""
+        waves: list[list[str]] = []
+        last = None
+        for key in structure.groups:
+            param = self.decoder.units[i][key].name if self.decoder.is_expert(i, key) else None
+            if param is None or param != last:
+                waves.append([])
+            waves[-1].append(key)
+            last = param
+        return waves
+
+    def _measure(self, i: int, layer: torch.nn.Module, structure: LayerStructure, keys: list[str],
+                 width: dict[str, int]) -> dict[str, Moments]:
+        """The Moments of inputs ``keys``: one pass stopping at the input for a single key, a whole pass otherwise."""
+        moments = {key: Moments(width[key], self.device) for key in keys}
+        if len(keys) == 1:
+            for x in self.decoder.inputs_of(i, layer, self.hidden, keys[0]):
+                moments[keys[0]].add(x)
+            return moments
+
+        def add(units: tuple[str, ...], x: torch.Tensor) -> None:
+            if units[0] in moments:
+                moments[units[0]].add(x)
+
+        with self.decoder.reading(i, layer, add):
+            self.decoder.run_layer(i, layer, self.hidden)
+        return moments
 
     def advance(self, i: int, key: str, layer: LayerFile) -> None:
         self.chain = _digest({"after": key})
@@ -285,7 +335,7 @@ class HiddenStates:
         if self.hidden is None:
             with safe_open(str(self.store.local_path(self.calibration.tokens)), framework="pt") as f:
                 ids = f.get_tensor("input_ids")
-            self.decoder.load_outer(self.weights.load(self.decoder.entry_names()))
+            self.decoder.load_outer(self.weights.load(self.weights.checkpoint_names(self.decoder.entry_names())))
             self.hidden = self.decoder.embed(ids)
         for i, layer_file in self.pending:
             prefix = self.weights.prefix(i)
@@ -295,11 +345,15 @@ class HiddenStates:
         self.pending = []
 
 
+def _input_stats(m: Moments) -> InputStats:
+    return InputStats(m.mean_abs(), m.hessian(), m.count)
+
+
 def _settings(quant: Any, device: torch.device) -> dict[str, Any]:
     """What besides weights, inputs and grids decides a layer's codes: method options, the code, the device."""
     code = hashlib.sha256()
     for f in sorted(SOURCES.glob("*.py")) + [SOURCES.parent / n for n in ("modelio.py", "decoder.py", "families.py",
-                                                                          "calibrate.py", "gram.py")]:
+                                                                          "calibrate.py", "gram.py", "checkpoint_map.py")]:
         code.update(f.name.encode() + b"\0" + f.read_bytes())
     return {"quantize": quant.model_dump(mode="json"), "code": code.hexdigest(), "device": device.type}
 
