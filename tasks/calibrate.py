@@ -103,29 +103,28 @@ def measure_layer(decoder: Decoder, i: int, layer: torch.nn.Module, hidden: torc
     recorder = InputRecorder(structure.groups, width, device)
     with decoder.reading(i, layer, recorder.add):
         out = decoder.run_layer(i, layer, hidden)
-    moments = recorder.moments
-    low = {key for key, m in moments.items() if decoder.is_expert(i, key) and m.count < experts.min_tokens}
-    if low:
-        moments |= expert_fallback(decoder, i, layer, hidden, structure, {k: moments[k] for k in low}, width, experts,
-                                   device)
-    return moments, out
+    return with_expert_fallbacks(decoder, i, layer, hidden, structure, recorder.moments, width, experts, device), out
 
 
-def expert_fallback(decoder: Decoder, i: int, layer: torch.nn.Module, hidden: torch.Tensor, structure: LayerStructure,
-                    routed: dict[str, Moments], width: dict[str, int], experts: ExpertFallback,
-                    device: torch.device) -> dict[str, Moments]:
-    """For expert inputs ``routed`` too few tokens: the note in ``structure.fallbacks`` and, with the all_tokens
-    fallback, their Moments over every token of the calibration set (``hidden``: the layer's input)."""
+def with_expert_fallbacks(decoder: Decoder, i: int, layer: torch.nn.Module, hidden: torch.Tensor,
+                          structure: LayerStructure, moments: dict[str, Moments], width: dict[str, int],
+                          experts: ExpertFallback, device: torch.device) -> dict[str, Moments]:
+    """``moments`` with the expert inputs routed fewer than ``experts.min_tokens`` tokens given the fallback: the
+    note in ``structure.fallbacks`` and, with all_tokens, their Moments over every token of the calibration
+    set (``hidden``: the layer's input)."""
+    routed = {k: m for k, m in moments.items() if decoder.is_expert(i, k) and m.count < experts.min_tokens}
+    if not routed:
+        return moments
     total = int(hidden.shape[0] * hidden.shape[1])
     for key, m in routed.items():
         what = f"calibrated on all {total} tokens" if experts.fallback == "all_tokens" else "rounded to nearest"
         structure.fallbacks[key] = f"{EXPERT_FALLBACK} {m.count} calibration tokens (< min_tokens {experts.min_tokens}): {what}"
     if experts.fallback != "all_tokens":
-        return routed
+        return moments
     recorder = InputRecorder({k: structure.groups[k] for k in routed}, width, device)
     with decoder.reading_all_tokens(i, layer, {structure.groups[k] for k in routed}, recorder.add):
         decoder.run_layer(i, layer, hidden)
-    return recorder.moments
+    return moments | recorder.moments
 
 
 class Moments:

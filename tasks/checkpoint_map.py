@@ -95,6 +95,20 @@ class CheckpointMap:
                 start += rows
         return out
 
+    def memory_shapes(self, shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[tuple[int, ...], str]]:
+        """The parameters checkpoint tensors ``shapes`` (name -> shape) make in memory: name -> (shape, the first
+        checkpoint tensor of it), experts stacked as transformers stacks them."""
+        out: dict[str, tuple[tuple[int, ...], str]] = {}
+        stacked: dict[str, tuple[int, int, int, str]] = {}  # name -> experts, rows, columns, first tensor
+        for name, p in self.placements(shapes).items():
+            if p.expert is None:
+                out[p.name] = (tuple(shapes[name]), name)
+                continue
+            experts, rows, cols, first = stacked.get(p.name, (0, 0, shapes[name][1], name))
+            stacked[p.name] = (max(experts, p.expert + 1), max(rows, p.rows[1] if p.rows else shapes[name][0]), cols,
+                               first)
+        return out | {name: ((e, r, c), first) for name, (e, r, c, first) in stacked.items()}
+
     def checkpoint_shapes(self, memory: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
         """What a checkpoint of parameters ``memory`` (name -> shape) holds, as transformers saves it: each
         expert's matrices apart (stacked row blocks split evenly), renames undone; checked by mapping back."""
@@ -108,16 +122,7 @@ class CheckpointMap:
             for e in range(shape[0]):
                 for source in merge.source_names:
                     out[self._unrenamed(name.replace(merge.target, source.replace("*", str(e))))] = (rows, shape[2])
-        back = self.placements(out)
-        stacked: dict[str, list[int]] = {}
-        for name, p in back.items():
-            if p.expert is None:
-                stacked[p.name] = list(out[name])
-            else:
-                dims = stacked.setdefault(p.name, [0, 0, out[name][1]])
-                dims[0] = max(dims[0], p.expert + 1)
-                dims[1] = max(dims[1], p.rows[1] if p.rows else out[name][0])
-        if {k: tuple(v) for k, v in stacked.items()} != memory:
+        if {name: shape for name, (shape, _) in self.memory_shapes(out).items()} != memory:
             raise UserError("transformers' conversion rules do not map this model's checkpoint names back to its "
                             "parameters one to one")
         return out
@@ -127,9 +132,11 @@ class CheckpointMap:
             name = rule.reverse_transform().rename_source_key(name)[0]
         return name
 
-    def to_memory(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Checkpoint tensors (full names) as the model's parameters, experts stacked into their 3-D ones."""
-        placements = self.placements({k: tuple(v.shape) for k, v in tensors.items()})
+    def to_memory(self, tensors: dict[str, torch.Tensor],
+                  placements: dict[str, Placement] | None = None) -> dict[str, torch.Tensor]:
+        """Checkpoint tensors (full names) as the model's parameters, experts stacked into their 3-D ones
+        (``placements``: the tensors' own, where the caller has them already)."""
+        placements = placements or self.placements({k: tuple(v.shape) for k, v in tensors.items()})
         out: dict[str, torch.Tensor] = {}
         fused: dict[str, dict[int, list[tuple[tuple[int, int] | None, torch.Tensor]]]] = {}
         for name, tensor in tensors.items():

@@ -139,14 +139,16 @@ class LayerStructure:
         raise KeyError(f"{module} reads no recorded input")
 
 
-def layer_units(config, shapes: dict[str, tuple[int, ...]], i: int) -> dict[str, Placement]:
+def layer_units(config, shapes: dict[str, tuple[int, ...]], i: int,
+                placed: dict[str, Placement] | None = None) -> dict[str, Placement]:
     """Layer ``i``'s quantizable matrices, by checkpoint name relative to the layer and without ``.weight``,
     each with where it lives in memory (relative to the layer): the Linears' weights, and every expert's
-    matrices. ``shapes``: the layer's checkpoint tensors (relative names). Linears first, in module order."""
+    matrices. ``shapes``: the layer's checkpoint tensors (relative names); ``placed``: their placements (full
+    names), where the caller has them already. Linears first, in module order."""
     shape = layout(config)
     prefix = shape.prefix(i)
     linears = {name: k for k, name in enumerate(shape.linears[i])}
-    placed = checkpoint_map(config.model_type).placements({prefix + k: v for k, v in shapes.items()})
+    placed = placed or checkpoint_map(config.model_type).placements({prefix + k: v for k, v in shapes.items()})
     found: list[tuple[tuple, str, Placement]] = []
     for name, p in placed.items():
         rel, memory = name[len(prefix):], p.name.removeprefix(prefix)
@@ -213,7 +215,8 @@ class Decoder:
             for name, buffer in module._buffers.items():
                 if buffer is not None and buffer.device.type != "meta":
                     module._buffers[name] = buffer.to(device)
-        self.layers_name = layout(config).layers_name
+        self.layout = layout(config)
+        self.layers_name = self.layout.layers_name
         self.map = checkpoint_map(config.model_type)
         self.layers = self.model.get_submodule(self.layers_name)  # meta layers, copied for each real one
         inner = self.layers_name + "."
@@ -238,17 +241,15 @@ class Decoder:
         """Outer tensors the forward reads before the first layer: all but the head's."""
         return [n for n in self.outer_names if n not in self.head_names]
 
-    def prefix(self, i: int) -> str:
-        return f"{self.layers_name}.{i}."
-
     def layer(self, i: int, weights: dict[str, torch.Tensor]) -> torch.nn.Module:
         """Decoder layer ``i`` holding ``weights`` (checkpoint names relative to the layer)."""
-        prefix = self.prefix(i)
-        self.units[i] = layer_units(self.config, {k: tuple(v.shape) for k, v in weights.items()}, i)
-        placed = self.map.placements({prefix + k: tuple(v.shape) for k, v in weights.items()})
+        prefix = self.layout.prefix(i)
+        shapes = {k: tuple(v.shape) for k, v in weights.items()}
+        placed = self.map.placements({prefix + k: s for k, s in shapes.items()})
+        self.units[i] = layer_units(self.config, shapes, i, placed)
         self.checkpoint_modules[i] = {p.name.removeprefix(prefix).rpartition(".")[0]: k.removeprefix(prefix).rpartition(".")[0]
                                       for k, p in placed.items() if p.expert is None}
-        memory = self.map.to_memory({prefix + k: v.to(self.device) for k, v in weights.items()})
+        memory = self.map.to_memory({prefix + k: v.to(self.device) for k, v in weights.items()}, placed)
         layer = copy.deepcopy(self.layers[i])
         layer.load_state_dict({k.removeprefix(prefix): v for k, v in memory.items()}, assign=True, strict=True)
         return layer.eval()
@@ -298,8 +299,9 @@ class Decoder:
         """``on_read`` for the experts holding ``experts`` (units), each run on every token its experts module
         receives, as if the router sent all of them to it (with weight 1); the layer's output is unchanged."""
         wrapped = []
+        asked = {u for group in experts for u in group}
         for owner, params in self._experts(i, layer).items():
-            wanted = sorted({e for _, units in params for e, us in units.items() if set(us) & {u for g in experts for u in g}})
+            wanted = sorted({e for _, units in params for e, us in units.items() if asked & set(us)})
             if not wanted:
                 continue
             module = layer.get_submodule(owner)

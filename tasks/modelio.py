@@ -7,6 +7,7 @@ tasks/decoder.py.
 
 from __future__ import annotations
 
+import functools
 import json
 import struct
 from dataclasses import dataclass
@@ -88,25 +89,15 @@ def check_against_config(config, tensors: dict[str, TensorInfo]) -> None:
     for t in tensors.values():
         if t.dtype not in FLOAT_DTYPES:
             raise UserError(f"{t.file.name}: tensor {t.name} is {t.dtype}; weights must be F32, F16 or BF16")
-    placed = checkpoint_map(config.model_type).placements({n: t.shape for n, t in tensors.items()})
-    found: dict[str, tuple[tuple[int, ...], TensorInfo]] = {}
-    stacked: dict[str, list[tuple[Placement, TensorInfo]]] = {}
-    for name, p in placed.items():
-        if p.expert is None:
-            found[p.name] = (tensors[name].shape, tensors[name])
-        else:
-            stacked.setdefault(p.name, []).append((p, tensors[name]))
-    for name, parts in stacked.items():
-        experts = 1 + max(p.expert for p, _ in parts)
-        rows = max(p.rows[1] if p.rows else t.shape[0] for p, t in parts)
-        found[name] = ((experts, rows, parts[0][1].shape[1]), parts[0][1])
+    found = checkpoint_map(config.model_type).memory_shapes({n: t.shape for n, t in tensors.items()})
     missing = sorted(set(expected) - set(found))
     if missing:
         more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
         raise UserError(f"the safetensors files lack {', '.join(missing[:3])}{more}, which config.json implies")
     for name, shape in expected.items():
-        got, t = found[name]
-        if tuple(got) != shape:
+        got, first = found[name]
+        t = tensors[first]
+        if got != shape:
             what = f"tensor {name}" if name == t.name else f"tensor {name} (from {t.name} and its kin)"
             raise UserError(f"{t.file.name}: {what} has shape {list(got)}, but config.json implies {list(shape)}")
 
@@ -148,11 +139,15 @@ class WeightIndex:
                     out[name] = tensor
         return out
 
+    @functools.cached_property
+    def placements(self) -> dict[str, Placement]:
+        """Where each checkpoint tensor lives in the model transformers builds."""
+        return checkpoint_map(self.model_type).placements({n: t.shape for n, t in self.tensors.items()})
+
     def checkpoint_names(self, names: list[str]) -> list[str]:
         """The checkpoint tensors holding parameters ``names`` of the model transformers builds."""
         wanted = set(names)
-        placed = checkpoint_map(self.model_type).placements({n: t.shape for n, t in self.tensors.items()})
-        return [n for n, p in placed.items() if p.name in wanted]
+        return [n for n, p in self.placements.items() if p.name in wanted]
 
     def prefix(self, i: int) -> str:
         return f"{self.layers_name}.{i}."
@@ -180,7 +175,6 @@ class ModelDir:
         check_supported(config, where)
         # soft-capped attention scores (Gemma 2) exist only in the eager implementation
         config._attn_implementation = "eager" if getattr(config, "attn_logit_softcapping", None) else "sdpa"
-        config._experts_implementation = "eager"  # experts applied per expert slice, which the engine watches
         return config
 
     def tokenizer(self):

@@ -94,12 +94,8 @@ class GGUFFormat:
         gguf_arch(config)
         if not self.stores_codes(options):
             return {}
-        names = [(hf, gname, part, shape) for hf, gname, _, part, shape, _ in _file_tensors(config, tensors)]
-        stacked = list({g: shape for _, g, _, shape in names}.items())  # an expert set once, in file order
-        types = choose_types(options.type, stacked, ModelFacts.of(config), options.pure)
-        out = {hf.removesuffix(".weight"): types[g] or options.float_type for hf, g, part, shape in names
-               if len(shape) == 2 and part is None}
-        return out | {hf.removesuffix(".weight"): SPLIT_PRESET for hf, _, part, _ in names if part is not None}
+        listed = list(_file_tensors(config, tensors))
+        return _presets(options, listed, _types(options, config, listed))
 
     def grid_for(self, options: GGUFOptions, want: GridRequest, preset: str | None = None) -> Grid | None:
         """The grid that holds this request for a tensor whose file-type choice is ``preset``.
@@ -146,17 +142,16 @@ class GGUFFormat:
         weights take the file type's choice.
         """
         floating = QTYPE.F32 if options.type == "F32" or options.float_type == "F32" else QTYPE.F16
-        presets = self.presets(options, config, tensors)
         listed = list(_file_tensors(config, tensors))
+        types = _types(options, config, listed) if self.stores_codes(options) else {}
+        presets = _presets(options, listed, types) if self.stores_codes(options) else {}
         counts: dict[str, int] = {}
         for _, gname, _, _, _, _ in listed:
             counts[gname] = counts.get(gname, 0) + 1
-        split_types = choose_types(options.type, [(g, s) for _, g, _, part, s, _ in listed if part is not None],
-                                   ModelFacts.of(config), options.pure) if self.stores_codes(options) else {}
         out = []
         for name, gname, expert, part, shape, dims in listed:
             module = name.removesuffix(".weight")
-            chosen = split_types.get(gname) if part is not None else grids[module] if module in grids else presets.get(module)
+            chosen = types.get(gname) if part is not None else grids[module] if module in grids else presets.get(module)
             if chosen in GRIDS:
                 qtype = QTYPE[chosen]
             elif len(shape) == 1 or gname.endswith(F32_ROUTERS):
@@ -232,6 +227,20 @@ class GGUFFormat:
 
 
 SPLIT_PRESET = "split"  # presets' value for a tensor the file holds split (gguf_layouts): no method's codes fit
+
+
+def _types(options: GGUFOptions, config, listed: list[FileTensor]) -> dict[str, str | None]:
+    """GGUF name -> llama-quantize's type for it (None: float), an expert set or split part once, in file order."""
+    stacked = list({g: shape for _, g, _, _, shape, _ in listed}.items())
+    return choose_types(options.type, stacked, ModelFacts.of(config), options.pure)
+
+
+def _presets(options: GGUFOptions, listed: list[FileTensor], types: dict[str, str | None]) -> dict[str, str | None]:
+    """Module -> its preset type (``float_type`` where llama-quantize keeps it float; SPLIT_PRESET where the
+    file holds it split)."""
+    out = {hf.removesuffix(".weight"): types[g] or options.float_type for hf, g, _, part, shape, _ in listed
+           if len(shape) == 2 and part is None}
+    return out | {hf.removesuffix(".weight"): SPLIT_PRESET for hf, _, _, part, _, _ in listed if part is not None}
 
 
 def _part(t: PlannedTensor, w: np.ndarray) -> np.ndarray:
@@ -441,22 +450,20 @@ class GGUFTensors:
         split = split_of(self.arch.arch, hf_name)
         if split is not None:  # the checkpoint tensor, joined back from its parts
             base = hf_name.removesuffix(split.suffix)
-            return split.inverse([self._dequantized(self.by_name[self.tmap.get_name(base + p, try_suffixes=(".weight",))])
-                                  for p in split.parts], split.dims(self.config))
+            return split.inverse([self._dequantized(self.by_name[_mapped(self.tmap, base + p)]) for p in split.parts],
+                                 split.dims(self.config))
         hf_name, t, expert = self._tensor(hf_name)
-        data = np.asarray(t.data)
-        if expert is not None:  # one expert of a stacked tensor: its own blocks only
-            data = data[expert]
-        data = gguf.quants.dequantize(data, t.tensor_type)
-        shape = tuple(int(x) for x in reversed(t.shape))[1 if expert is not None else 0:]
-        values = self._hf_rows(hf_name, np.asarray(data, dtype=np.float32).reshape(shape))
+        values = self._hf_rows(hf_name, self._dequantized(t, expert))
         if self.arch.norm_shift and hf_name.endswith("norm.weight"):  # the model's own weight, as transformers reads it
             values = values - np.float32(self.arch.norm_shift)
         return values
 
-    def _dequantized(self, t: Any) -> np.ndarray:
-        shape = tuple(int(x) for x in reversed(t.shape))
-        return np.asarray(gguf.quants.dequantize(np.asarray(t.data), t.tensor_type), dtype=np.float32).reshape(shape)
+    def _dequantized(self, t: Any, expert: int | None = None) -> np.ndarray:
+        """A tensor's values in its HF shape (one expert's matrix of a stacked tensor: its own blocks only)."""
+        data, shape = np.asarray(t.data), tuple(int(x) for x in reversed(t.shape))
+        if expert is not None:
+            data, shape = data[expert], shape[1:]
+        return np.asarray(gguf.quants.dequantize(data, t.tensor_type), dtype=np.float32).reshape(shape)
 
     def raw_named(self, gguf_name: str) -> np.ndarray:
         """A tensor's stored blocks by its GGUF name, (rows, row bytes) uint8."""

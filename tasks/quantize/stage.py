@@ -24,7 +24,8 @@ import numpy as np
 import torch
 from safetensors import safe_open
 
-from quantfab.tasks.calibrate import Moments, expert_fallback, measure_layer, structure_from_metadata, widths
+from quantfab.tasks.calibrate import (InputRecorder, Moments, measure_layer, structure_from_metadata, widths,
+                                     with_expert_fallbacks)
 from quantfab.tasks.convert import FORMATS
 from quantfab.tasks.decoder import Decoder, LayerStructure
 from quantfab.tasks.download import materialize
@@ -284,12 +285,9 @@ class HiddenStates:
         structure = self.decoder.structure(i, layer, self.hidden)
         width = widths(tensors, structure)
         for wave in self._waves(i, structure):
-            moments = self._measure(i, layer, structure, wave, width)
-            low = {k: m for k, m in moments.items() if self.decoder.is_expert(i, k)
-                   and m.count < self.calibration.experts.min_tokens}
-            if low:
-                moments |= expert_fallback(self.decoder, i, layer, self.hidden, structure, low, width,
-                                           self.calibration.experts, self.device)
+            moments = with_expert_fallbacks(self.decoder, i, layer, self.hidden, structure,
+                                            self._measure(i, layer, structure, wave, width), width,
+                                            self.calibration.experts, self.device)
             for key in wave:
                 for unit, weight in quantize_group(structure, key, _input_stats(moments[key])).items():
                     self.decoder.set_weight(i, layer, unit, torch.from_numpy(weight))
@@ -312,19 +310,14 @@ class HiddenStates:
     def _measure(self, i: int, layer: torch.nn.Module, structure: LayerStructure, keys: list[str],
                  width: dict[str, int]) -> dict[str, Moments]:
         """The Moments of inputs ``keys``: one pass stopping at the input for a single key, a whole pass otherwise."""
-        moments = {key: Moments(width[key], self.device) for key in keys}
+        recorder = InputRecorder({key: structure.groups[key] for key in keys}, width, self.device)
         if len(keys) == 1:
             for x in self.decoder.inputs_of(i, layer, self.hidden, keys[0]):
-                moments[keys[0]].add(x)
-            return moments
-
-        def add(units: tuple[str, ...], x: torch.Tensor) -> None:
-            if units[0] in moments:
-                moments[units[0]].add(x)
-
-        with self.decoder.reading(i, layer, add):
-            self.decoder.run_layer(i, layer, self.hidden)
-        return moments
+                recorder.add((keys[0],), x)
+        else:
+            with self.decoder.reading(i, layer, recorder.add):
+                self.decoder.run_layer(i, layer, self.hidden)
+        return recorder.moments
 
     def advance(self, i: int, key: str, layer: LayerFile) -> None:
         self.chain = _digest({"after": key})
