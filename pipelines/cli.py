@@ -1,7 +1,8 @@
-"""The `quantfab` command: run, plan, schema, families and deployments.
+"""The `quantfab` command: run, plan, verify, gc, builds, pin, schema, families and deployments.
 
-Exit codes: 0 built, 1 a quality gate or the verification of packed tensors failed (nothing published), 2 bad
-input (message, no traceback).
+Exit codes: 0 built, 1 a quality gate or the verification of packed tensors failed (nothing published) or
+`verify` found a file that does not match or `gc` could not bring the store under --max-size, 2 bad input
+(message, no traceback).
 """
 
 from __future__ import annotations
@@ -40,6 +41,28 @@ def main(argv: list[str] | None = None) -> int:
                        help="override a recipe field, e.g. --set validate.gates.max_kl=0.05 (repeatable)")
         p.add_argument("--store", default=None, help="content-addressed store URL (default: $QUANTFAB_STORE or ~/.cache/quantfab/store)")
         p.add_argument("-v", "--verbose", action="store_true", help="show Prefect's own logs")
+    ver = sub.add_parser("verify", help="re-hash a published package against its manifest.json (exit 1 on any "
+                         "altered, missing or extra file), or with --store every blob of a store")
+    ver.add_argument("package", nargs="?", help="the package folder: a path or any fsspec URL")
+    ver.add_argument("--store", nargs="?", const="", default=None, metavar="URL",
+                     help="check the store instead (default: $QUANTFAB_STORE or ~/.cache/quantfab/store); "
+                          "altered blobs are moved aside to its quarantine/ so the next run rebuilds them")
+    gc = sub.add_parser("gc", help="remove what the retention policy does not keep from the store (see README, "
+                        "\"Operating the store\"); safe while other runs use it")
+    gc.add_argument("--keep-last", type=int, default=3, metavar="N", help="builds kept per recipe (default 3); "
+                    "published packages' builds, pinned builds and live runs are always kept")
+    gc.add_argument("--max-size", type=_size, default=None, metavar="SIZE",
+                    help="cap the store (e.g. 500G, 800MiB): the oldest of the last N builds go first")
+    gc.add_argument("--quarantine-days", type=float, default=14, metavar="D",
+                    help="remove moved-aside damaged blobs older than this (default 14)")
+    gc.add_argument("--dry-run", action="store_true", help="only list what would be removed and the space it frees")
+    builds = sub.add_parser("builds", help="the store's build history: each run of each recipe, its state, size and pin")
+    builds.add_argument("recipe", nargs="*", help="only these recipe names")
+    pin = sub.add_parser("pin", help="keep a build's blobs through every gc (--remove to unpin)")
+    pin.add_argument("build", help="a build id from `quantfab builds`")
+    pin.add_argument("--remove", action="store_true", help="unpin it")
+    for p in (gc, builds, pin):
+        p.add_argument("--store", default=None, help="content-addressed store URL (default: $QUANTFAB_STORE or ~/.cache/quantfab/store)")
     sub.add_parser("schema", help="print the recipe JSON Schema")
     fam = sub.add_parser("families", help="the model families quantfab builds, and which formats and methods work for each")
     fam.add_argument("--all", action="store_true", help="also list every supported model_type")
@@ -56,6 +79,17 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "deployments":
         return _deployments(args)
+    if args.command == "verify":
+        return _verify(args)
+    if args.command in ("gc", "builds", "pin"):
+        from quantfab.pipelines import store_cli
+        from quantfab.tasks.errors import UserError
+
+        try:
+            return getattr(store_cli, args.command)(args)
+        except UserError as exc:
+            console.print(f"[bold red]error:[/] {redact_text(str(exc))}", highlight=False)
+            return 2
     if args.command == "families":
         from quantfab.tasks.families import report
 
@@ -71,6 +105,17 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def _size(text: str) -> int:
+    """500G, 800MiB, 1.5T, 1000000 (bytes): binary units, as du -h and the plan's figures are."""
+    units = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+    number = text.strip().upper().removesuffix("B").removesuffix("I")
+    unit = number[-1] if number and number[-1] in units else ""
+    try:
+        return int(float(number.removesuffix(unit)) * units[unit])
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size (e.g. 500G, 800MiB, 1.5T)") from None
+
+
 def _quiet_prefect(verbose: bool) -> None:
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -82,7 +127,7 @@ def _quiet_prefect(verbose: bool) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from quantfab.pipelines.quantize import LISTENERS, ORDER, quantize
+    from quantfab.pipelines.quantize import LISTENERS, NOTICES, ORDER, quantize
     from quantfab.pipelines.recipe_loading import load_recipe
     from quantfab.tasks.errors import QualityGateFailed, VerificationFailed
 
@@ -97,7 +142,11 @@ def _run(args: argparse.Namespace) -> int:
             progress.console.print(f"  {stage:<10} {status:<6} {seconds:8.2f} s")
             progress.update(bar, advance=1, description=f"{recipe.name}: {stage} {status}")
 
+        def on_notice(text: str) -> None:
+            progress.console.print(f"  [yellow]{text}[/]", highlight=False)
+
         LISTENERS.append(on_stage)
+        NOTICES.append(on_notice)
         try:
             result = quantize(args.recipe[0], args.overrides, args.store)
         except QualityGateFailed as exc:
@@ -110,6 +159,7 @@ def _run(args: argparse.Namespace) -> int:
             return 1
         finally:
             LISTENERS.remove(on_stage)
+            NOTICES.remove(on_notice)
     print(result["table"])
     console.print(f"[green]published[/] {result['destination']}", highlight=False)
     return 0
@@ -157,6 +207,30 @@ def _deployments(args: argparse.Namespace) -> int:
         return 1
     console.print(f"{prefect_yaml}: recipe deployments rewritten", highlight=False)
     return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from quantfab.tasks.errors import UserError
+    from quantfab.tasks.store import Store
+    from quantfab.tasks.verify import verify_package, verify_store
+
+    if (args.package is None) == (args.store is None):
+        console.print("[bold red]error:[/] give a package folder, or --store [URL], not both", highlight=False)
+        return 2
+    try:
+        checks = verify_package(args.package) if args.package else verify_store(Store(args.store or None))
+    except UserError as exc:
+        console.print(f"[bold red]error:[/] {redact_text(str(exc))}", highlight=False)
+        return 2
+    for c in checks:
+        if c.status == "ok" and not args.package:
+            continue  # a store holds thousands of blobs: only the problems, then the counts
+        print(f"{c.status:<8} {c.path}{'  ' + redact_text(c.detail) if c.detail else ''}")
+    bad = [c for c in checks if c.status != "ok"]
+    counts = {s: sum(c.status == s for c in checks) for s in ("ok", "altered", "missing", "extra")}
+    console.print(f"{'[bold red]' if bad else '[green]'}{len(checks)} files:[/] "
+                  + ", ".join(f"{n} {s}" for s, n in counts.items() if n or s == "ok"), highlight=False)
+    return 1 if bad else 0
 
 
 def _plan(args: argparse.Namespace) -> int:

@@ -24,10 +24,10 @@ from quantfab.tasks.convert import FORMATS
 from quantfab.tasks.redact import redact, redact_text
 from quantfab.tasks.errors import UnsupportedModel, UserError
 from quantfab.tasks.manifests import Manifest
-from quantfab.tasks.modelio import (ModelDir, TensorInfo, alias_tied_embeddings, check_against_config,
+from quantfab.tasks.modelio import (ST_DTYPES, ModelDir, TensorInfo, alias_tied_embeddings, check_against_config,
                                     read_safetensors_header)
 from quantfab.tasks.quantize.assign import assign_layers
-from quantfab.tasks.store import Store, filesystem
+from quantfab.tasks.store import Store, filesystem, free_bytes
 
 
 @dataclass
@@ -40,9 +40,30 @@ class StagePlan:
 @dataclass
 class Plan:
     recipe: Recipe
+    store_url: str
     stages: list[StagePlan]
     sizes: dict[str, tuple[int, float] | str] = field(default_factory=dict)  # output -> (bytes, bits/weight) or why unknown
     memory: dict[str, int] = field(default_factory=dict)  # stage -> estimated peak working bytes
+    writes: dict[str, int] = field(default_factory=dict)  # stage -> estimated bytes it adds to the store (or destination)
+
+    def space(self) -> dict[str, int]:
+        """Estimated bytes this run writes to the store and to the destination: the stages that will run."""
+        runs = {s.stage for s in self.stages if s.status != "hit"}
+        return {"store": sum(n for stage, n in self.writes.items() if stage in runs and stage != "package"),
+                "destination": self.writes.get("package", 0) if "package" in runs else 0}
+
+
+def space_report(p: Plan) -> str:
+    """What this run writes where (estimated), beside the free space there now; NOT ENOUGH where short."""
+    dest_fs, dest_root = filesystem(p.recipe.package.destination, "package.destination")
+    store = Store(p.store_url)
+    free = {"store": free_bytes(store.fs, store.root), "destination": free_bytes(dest_fs, dest_root)}
+    parts = []
+    for where, need in p.space().items():
+        have = free[where]
+        room = "" if have is None else f", {have / 2**20:,.1f} MiB free" + (" NOT ENOUGH" if have < need else "")
+        parts.append(f"{where} ~{need / 2**20:,.1f} MiB{room}")
+    return "; ".join(parts)
 
 
 def peak_memory(recipe: Recipe, config: Any, tensors: dict[str, TensorInfo]) -> dict[str, int]:
@@ -86,8 +107,10 @@ def plan(recipe: Recipe, store_url: str | None) -> Plan:
             continue
         key = cache_key(stage, stage_inputs(stage, recipe, store.url, up))
         result = results.read(key).result if key and results.exists(key) else None
-        if isinstance(result, Manifest) and not result.present_in(store):
-            stages.append(StagePlan(stage, "miss", "cached record found, but its blobs left the store"))
+        problems = result.problems(store, move_aside=False) if isinstance(result, Manifest) else []
+        if problems:
+            stages.append(StagePlan(stage, "miss", f"cached record found, but {len(problems)} of its blobs cannot "
+                                                   f"be used: {problems[0]}"))
         elif result is None:
             stages.append(StagePlan(stage, "miss", "no cached result for these inputs"))
         else:
@@ -95,7 +118,7 @@ def plan(recipe: Recipe, store_url: str | None) -> Plan:
             stages.append(StagePlan(stage, "hit", f"key {key[:12]}"))
     for stage in ORDER[len(stages):]:
         stages.append(StagePlan(stage, "blocked", "an upstream stage cannot run"))
-    out = Plan(recipe, stages)
+    out = Plan(recipe, store.url, stages)
     try:
         config, tensors = _headers(recipe, store, up.get("download"))
         check_against_config(config, tensors)
@@ -111,7 +134,25 @@ def plan(recipe: Recipe, store_url: str | None) -> Plan:
         grids = {a.module: a.grid for layer in assign_layers(config, tensors, recipe.quantize, fmt, o) for a in layer.values()}
         size = sum(t.nbytes for t in fmt.plan(o, config, tensors, grids))
         out.sizes[o.key] = (size, size * 8 / params)
+    out.writes = store_writes(recipe, tensors, {k: v[0] for k, v in out.sizes.items() if not isinstance(v, str)})
     return out
+
+
+def store_writes(recipe: Recipe, tensors: dict[str, TensorInfo], sizes: dict[str, int]) -> dict[str, int]:
+    """About how many bytes each stage adds to the store (package: to the destination), from the headers.
+
+    download: the checkpoint; calibrate: float32 XᵀX of each Linear input per layer (Linears under one
+    parent reading one width counted once); quantize: a byte per quantized weight for each output;
+    convert: the output files, plus the largest once more (written in scratch, then copied in).
+    """
+    weights = sum(t.numel * ST_DTYPES.get(t.dtype, 4) for n, t in tensors.items() if n == t.name)
+    layers = [n for n, t in tensors.items() if ".layers." in n and len(t.shape) == 2 and n.endswith(".weight")]
+    inputs = {(n.rsplit(".", 2)[0], tensors[n].shape[1]) for n in layers}
+    return {"download": weights,
+            "calibrate": sum(4 * width * width for _, width in inputs),
+            "quantize": len(recipe.outputs) * sum(tensors[n].numel for n in layers),
+            "convert": sum(sizes.values()) + max(sizes.values(), default=0),
+            "package": sum(sizes.values())}
 
 
 def _headers(recipe: Recipe, store: Store, model) -> tuple[Any, dict[str, TensorInfo]]:
@@ -119,7 +160,7 @@ def _headers(recipe: Recipe, store: Store, model) -> tuple[Any, dict[str, Tensor
     if model is not None:
         from quantfab.tasks.download import materialize
 
-        folder = materialize(store, model.files)
+        folder = materialize(store, model.files, verify=False)  # config and headers only
         return folder.config(), folder.weights().tensors
     source = recipe.model.source
     with tempfile.TemporaryDirectory() as tmp:
@@ -156,6 +197,8 @@ def render(p: Plan) -> str:
     for key, size in p.sizes.items():
         lines.append(f"  {key:<{width}} {size}" if isinstance(size, str)
                      else f"  {key:<{width}} {size[0] / 2**20:10.2f} MiB  {size[1]:.3f} bits/weight")
+    if p.writes:
+        lines += ["", f"space this run writes (estimated from the headers): {space_report(p)}"]
     gates = {k: v for k, v in r.validate_.gates.model_dump().items() if v is not None}
     lines += ["", "quality gates: " + (", ".join(f"{k} {v}" for k, v in gates.items()) or "none")]
     return "\n".join(lines)

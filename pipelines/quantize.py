@@ -12,26 +12,31 @@ import json
 import re
 import time
 from contextlib import nullcontext
+from functools import partial
 from importlib.metadata import version as dist_version
 from typing import Any, Callable
 
 import yaml
-from prefect import flow, tags, task
+from prefect import flow, get_run_logger, tags, task
 from prefect.artifacts import create_markdown_artifact
 
 from quantfab.pipelines.recipe import ExecutionSpec, Recipe
 from quantfab.pipelines.recipe_loading import load_recipe
-from quantfab.pipelines.stages import STAGES, code_digest
+from quantfab.pipelines.stages import STAGES, cache_key, code_digest
 from quantfab.tasks.redact import redact, redact_text
-from quantfab.tasks.errors import QualityGateFailed, UserError
+from quantfab.tasks.builds import BuildLog
+from quantfab.tasks.errors import QualityGateFailed, StoreDamaged, UserError
+from quantfab.tasks.locks import stage_lock
 from quantfab.tasks.manifests import Manifest, ModelManifest, PackageManifest
-from quantfab.tasks.package import published
+from quantfab.tasks.package import publication_problem
 from quantfab.tasks.quantize.stage import reads_statistics
-from quantfab.tasks.store import Store
+from quantfab.tasks.store import Blob, BlobUnavailable, Store, WriteFailed
 
 ORDER = ("download", "calibrate", "quantize", "convert", "validate", "package")
 StageListener = Callable[[str, str, float], None]
 LISTENERS: list[StageListener] = []  # (stage, "ran" | "cached", seconds); the CLI draws progress with it
+NOTICES: list[Callable[[str], None]] = []  # what a run found and repaired (a damaged blob, a changed package)
+REPAIRS = 2  # reruns of the flow after a stage found a blob it reads missing or damaged
 
 
 def recipe_yaml(recipe: Recipe) -> str:
@@ -83,10 +88,12 @@ def stage_inputs(stage: str, recipe: Recipe, store_url: str, up: dict[str, Any])
             "destination": recipe.package.destination, "version": dist_version("quantfab"), **common}
 
 
-def _still_valid(result: Any, store: Store, destination: str) -> bool:
+def _cache_problems(result: Any, store: Store, destination: str) -> list[str]:
+    """Why a cached result cannot be used: its blobs missing or damaged in the store, or its package changed."""
     if isinstance(result, PackageManifest):
-        return published(destination, result)
-    return not isinstance(result, Manifest) or result.present_in(store)
+        problem = publication_problem(destination, result)
+        return [f"{redact(destination)}: {problem}"] if problem else []
+    return result.problems(store) if isinstance(result, Manifest) else []
 
 
 def _call(task: Any, inputs: dict[str, Any], runner: Any) -> Any:
@@ -110,18 +117,68 @@ def _runner(execution: Any) -> Any:
                                           "processes": True, "dashboard_address": None})
 
 
-def _run_stage(stage: str, inputs: dict[str, Any], store: Store, destination: str, runner: Any = None) -> tuple[Any, bool]:
+def _run_stage(stage: str, inputs: dict[str, Any], store: Store, build: BuildLog, destination: str,
+               runner: Any = None) -> tuple[Any, bool]:
+    """One stage, cached or run, under the lock of its cache key: of several runs sharing the store, one
+    computes it and the others wait, then find it cached. Its blobs are recorded in the build's record
+    (so gc keeps them); ones a gc removed meanwhile make it run again."""
     task = STAGES[stage].with_options(result_storage=store.results_dir())
     start = time.perf_counter()
-    state = _call(task, inputs, runner)
-    result = state.result()
-    cached = state.name == "Cached"
-    if cached and not _still_valid(result, store, destination):
-        state = _call(task.with_options(refresh_cache=True), inputs, runner)
-        result, cached = state.result(), False
+    key = cache_key(stage, inputs)
+    with stage_lock(store, f"{stage}-{key}", partial(_notify_waiting, stage)):
+        state = _call(task, inputs, runner)
+        result = state.result()
+        cached = state.name == "Cached"
+        problems = _cache_problems(result, store, destination) if cached else []
+        if not problems:
+            problems = [f"sha256 {b.digest}: removed by gc meanwhile" for b in build.hold(stage, key, _blobs(result))]
+        if problems:
+            _notify(f"{stage}: its cached result cannot be used, rerunning it: " + "; ".join(problems))
+            state = _call(task.with_options(refresh_cache=True), inputs, runner)
+            result, cached = state.result(), False
+            build.hold(stage, key, _blobs(result))
     for listener in LISTENERS:
         listener(stage, "cached" if cached else "ran", time.perf_counter() - start)
     return result, cached
+
+
+def _blobs(result: Any) -> list[Blob]:
+    return list(result.named_blobs().values()) if isinstance(result, Manifest) else []
+
+
+def _run_stages(recipe: Recipe, store: Store, build: BuildLog, runner: Any, up: dict[str, Any],
+                stages: dict[str, str]) -> None:
+    """Every stage in order, each cached or run; ``up`` and ``stages`` fill as they finish."""
+    for stage in ORDER:
+        if stage == "package" and not up["validate"].passed:
+            raise QualityGateFailed(up["validate"].table, up["validate"].failures)
+        up[stage], cached = _run_stage(stage, stage_inputs(stage, recipe, store.url, up), store, build,
+                                       recipe.package.destination, runner)
+        stages[stage] = "cached" if cached else "ran"
+        if stage == "validate":
+            create_markdown_artifact(key=_artifact_key(f"quality-{recipe.name}"), markdown=up[stage].table,
+                                     description=f"Quality of {recipe.name}")
+
+
+def _notify_waiting(stage: str, holder: str) -> None:
+    _notify(f"{stage}: another run ({holder}) is computing it with these inputs: waiting for its result")
+
+
+def _notify(text: str) -> None:
+    """Tell the user (the CLI prints it) and the flow run's log what the run found and did about it."""
+    for notice in NOTICES:
+        notice(redact_text(text))
+    get_run_logger().warning(redact_text(text))
+
+
+def _producer(digest: str, up: dict[str, Any]) -> str:
+    """Which stage's output a blob is, and where in it: for the message when a stage could not read it."""
+    for stage, manifest in up.items():
+        if isinstance(manifest, Manifest):
+            for at, blob in manifest.named_blobs().items():
+                if blob.digest == digest:
+                    return f"{stage}'s {at}"
+    return "a stage checkpoint"
 
 
 def run_name() -> str:
@@ -141,23 +198,32 @@ def quantize(recipe_path: str, overrides: list[str] | None = None, store: str | 
     """Build every output of one recipe; fail (and publish nothing) if a quality gate fails."""
     recipe = load_recipe(recipe_path, overrides)
     store_obj = Store(store)
-    from quantfab.pipelines.plan import plan, render  # plan imports this module
+    from quantfab.pipelines.plan import plan, render, space_report  # plan imports this module
 
-    create_markdown_artifact(key=_artifact_key(f"plan-{recipe.name}"), markdown=f"```\n{redact_text(render(plan(recipe, store_obj.url)))}\n```",
+    planned = plan(recipe, store_obj.url)
+    create_markdown_artifact(key=_artifact_key(f"plan-{recipe.name}"), markdown=f"```\n{redact_text(render(planned))}\n```",
                              description=f"What this run of {recipe.name} will do")
-    up: dict[str, Any] = {}
-    stages: dict[str, str] = {}
+    space = space_report(planned)
+    if "NOT ENOUGH" in space:
+        _notify(f"this run may not fit: {space}")
     runner = _runner(recipe.execution)
-    with runner or nullcontext(), tags(*recipe_tags(recipe)):
-        for stage in ORDER:
-            if stage == "package" and not up["validate"].passed:
-                raise QualityGateFailed(up["validate"].table, up["validate"].failures)
-            up[stage], cached = _run_stage(stage, stage_inputs(stage, recipe, store_obj.url, up), store_obj,
-                                           recipe.package.destination, runner)
-            stages[stage] = "cached" if cached else "ran"
-            if stage == "validate":
-                create_markdown_artifact(key=_artifact_key(f"quality-{recipe.name}"), markdown=up[stage].table,
-                                         description=f"Quality of {recipe.name}")
+    build = BuildLog(store_obj, recipe.name, redact(recipe.package.destination))
+    with runner or nullcontext(), tags(*recipe_tags(recipe)), build:
+        for attempt in range(REPAIRS + 1):
+            up: dict[str, Any] = {}
+            stages: dict[str, str] = {}
+            try:
+                _run_stages(recipe, store_obj, build, runner, up, stages)
+                build.finish("published", up["package"].manifest_sha256)
+                break
+            except WriteFailed as exc:
+                raise WriteFailed(f"{exc} (plan estimated: {space})") from None
+            except BlobUnavailable as exc:
+                # the damaged blob is out of the store now, so the stage that made it misses its cache and reruns
+                what = f"{ORDER[len(up)]} could not read {_producer(exc.digest, up)}: {exc}"
+                if attempt == REPAIRS:
+                    raise StoreDamaged(f"{what}; the store lost it again after {REPAIRS} rebuilds: check its disk") from None
+                _notify(f"{what}; rerunning the stages that make it")
     return {"recipe": recipe.name, "stages": stages, "destination": redact(recipe.package.destination),
             "quality": json.loads(store_obj.read_bytes(up["validate"].report)), "table": up["validate"].table}
 

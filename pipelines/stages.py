@@ -2,6 +2,7 @@
 
 A stage's cache key is Prefect's INPUTS + TASK_SOURCE over its arguments: the recipe section, the
 upstream manifests (blob digests), the store, and ``code``, a digest of the source files the stage runs.
+Each runs inside ``store.writing()``: a full disk while it writes is a clear error, not a traceback.
 """
 
 from __future__ import annotations
@@ -77,41 +78,53 @@ def _stage(name: str, retries: int = 0):
 
 @_stage("download", retries=2)
 def download(model: ModelSpec, store_url: str, code: str) -> ModelManifest:
-    return download_mod.download(model.source, model.revision, model.include, model.allow_pickle, Store(store_url),
-                                 model.sha256)
+    store = Store(store_url)
+    with store.writing():
+        return download_mod.download(model.source, model.revision, model.include, model.allow_pickle, store,
+                                     model.sha256)
 
 
 @_stage("calibrate")
 def calibrate(model: ModelManifest, calibration: CalibrationSpec, statistics: bool, device: str, store_url: str,
               code: str) -> CalibrationManifest:
-    return calibrate_mod.calibrate(model, calibration.source, calibration.samples, calibration.seq_len, calibration.seed,
-                                   calibration.text_field, device, Store(store_url), statistics,
-                                   ExpertFallback(**calibration.experts.model_dump()))
+    store = Store(store_url)
+    with store.writing():
+        return calibrate_mod.calibrate(model, calibration.source, calibration.samples, calibration.seq_len, calibration.seed,
+                                       calibration.text_field, device, store, statistics,
+                                       ExpertFallback(**calibration.experts.model_dump()))
 
 
 @_stage("quantize")
 def quantize(model: ModelManifest, calibration: CalibrationManifest, quantize: QuantizeSpec, outputs: list,
              device: str, store_url: str, code: str) -> QuantizeManifest:
-    return quantize_mod.quantize(model, calibration, quantize, outputs, device, Store(store_url))
+    store = Store(store_url)
+    with store.writing():
+        return quantize_mod.quantize(model, calibration, quantize, outputs, device, store)
 
 
 @_stage("convert")
 def convert(model: ModelManifest, quantized: QuantizeManifest, outputs: list, name: str, store_url: str,
             code: str) -> ConvertManifest:
-    return convert_mod.convert(model, quantized, outputs, name, Store(store_url))
+    store = Store(store_url)
+    with store.writing():
+        return convert_mod.convert(model, quantized, outputs, name, store)
 
 
 @_stage("validate")
 def validate(model: ModelManifest, converted: ConvertManifest, quantized: QuantizeManifest, outputs: list,
              validate: ValidateSpec, device: str, store_url: str, code: str) -> QualityManifest:
-    return validate_mod.validate(model, converted, quantized, outputs, validate, device, Store(store_url))
+    store = Store(store_url)
+    with store.writing():
+        return validate_mod.validate(model, converted, quantized, outputs, validate, device, store)
 
 
 @_stage("package")
 def package(name: str, model: ModelManifest, converted: ConvertManifest, quality: QualityManifest, recipe_yaml: str,
             recipe_digest: str, destination: str, version: str, store_url: str, code: str) -> PackageManifest:
-    return package_mod.package(name, model, converted, quality, recipe_yaml, recipe_digest, destination, version,
-                               Store(store_url))
+    store = Store(store_url)
+    with store.writing():
+        return package_mod.package(name, model, converted, quality, recipe_yaml, recipe_digest, destination, version,
+                                   store)
 
 
 STAGES: dict[str, Task] = {t.name: t for t in (download, calibrate, quantize, convert, validate, package)}

@@ -14,8 +14,6 @@ routed to it, or round to nearest), noted in the structure and, from there, in t
 from __future__ import annotations
 
 import json
-import uuid
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -60,11 +58,9 @@ def calibrate_on(model: ModelManifest, ids: np.ndarray, device: str, store: Stor
     Without ``statistics`` only the windows are stored: a build whose every output runs a sequential
     method (GPTQ) measures its layers' inputs itself, on the quantized model, and would not read them.
     """
-    work = Path(store.scratch())
-    tokens_file = work / f"calib-tokens-{uuid.uuid4().hex}.safetensors"
-    save_file({"input_ids": ids}, str(tokens_file))
-    token_blob = store.put_file(tokens_file)
-    tokens_file.unlink()
+    with store.scratch_file(".safetensors") as tokens_file:
+        save_file({"input_ids": ids}, str(tokens_file))
+        token_blob = store.put_file(tokens_file)
     if not statistics:
         return CalibrationManifest(tokens=token_blob, stats=[], count=int(ids.size), experts=experts)
     keep_freed_memory()
@@ -80,13 +76,12 @@ def calibrate_on(model: ModelManifest, ids: np.ndarray, device: str, store: Stor
         layer = decoder.layer(i, tensors)
         structure = decoder.structure(i, layer, hidden)
         moments, hidden = measure_layer(decoder, i, layer, hidden, structure, widths(tensors, structure), experts, dev)
-        path = work / f"calib-layer{i}-{uuid.uuid4().hex}.safetensors"
         arrays = {}
         for key, m in moments.items():
             arrays |= {f"{key}.hessian": m.hessian(), f"{key}.mean_abs": m.mean_abs(), f"{key}.count": np.array(m.count)}
-        save_file(arrays, str(path), metadata=structure_metadata(structure))
-        stats.append(store.put_file(path))
-        path.unlink()
+        with store.scratch_file(".safetensors") as path:
+            save_file(arrays, str(path), metadata=structure_metadata(structure))
+            stats.append(store.put_file(path))
         del layer
     return CalibrationManifest(tokens=token_blob, stats=stats, count=int(ids.size), experts=experts)
 
@@ -150,13 +145,16 @@ class Moments:
 
 
 def structure_metadata(structure: LayerStructure) -> dict[str, str]:
-    return {"groups": json.dumps(structure.groups), "producers": json.dumps(structure.producers),
-            "fallbacks": json.dumps(structure.fallbacks)}
+    """One metadata key: safetensors writes several in a random order (a Rust HashMap), and the stats
+    file's bytes, hence its digest and every cache key downstream, must not depend on it."""
+    return {"structure": json.dumps({"groups": structure.groups, "producers": structure.producers,
+                                     "fallbacks": structure.fallbacks})}
 
 
 def structure_from_metadata(metadata: dict[str, str]) -> LayerStructure:
-    groups = {k: tuple(v) for k, v in json.loads(metadata["groups"]).items()}
-    return LayerStructure(groups, json.loads(metadata["producers"]), json.loads(metadata.get("fallbacks", "{}")))
+    structure = json.loads(metadata["structure"])
+    groups = {k: tuple(v) for k, v in structure["groups"].items()}
+    return LayerStructure(groups, structure["producers"], structure["fallbacks"])
 
 
 class InputRecorder:

@@ -26,7 +26,7 @@ from quantfab.tasks.manifests import ModelManifest
 from quantfab.tasks.modelio import ModelDir, check_against_config, read_safetensors_header
 from quantfab.tasks.parallel import pmap
 from quantfab.tasks.redact import redact
-from quantfab.tasks.store import Blob, Store, filesystem, sha256_file
+from quantfab.tasks.store import FULL_DISK, Blob, Store, filesystem, sha256_file
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle", ".joblib")
 ATTEMPTS = 4
@@ -148,6 +148,9 @@ def _fetch_one(fs, info: dict, store: Store, work: Path, shown: str, pinned: dic
             tmp.unlink()
             return blob
         except _transient() as exc:
+            if getattr(exc, "errno", None) in FULL_DISK:
+                tmp.unlink(missing_ok=True)
+                raise  # another attempt would fill the same disk: the stage reports it
             last = exc
             if tmp.exists() and expected_size is not None and tmp.stat().st_size >= expected_size:
                 tmp.unlink()  # a whole (or overlong) copy that failed its checks: nothing to resume
@@ -205,16 +208,21 @@ def _content_revision(files: dict[str, Blob], store: Store) -> str:
     return "sha256-" + h.hexdigest()[:16]
 
 
-def materialize(store: Store, files: dict[str, Blob]) -> ModelDir:
-    """A local folder of links to the model's blobs, named as in the source, for the HF loaders."""
+def materialize(store: Store, files: dict[str, Blob], verify: bool = True) -> ModelDir:
+    """A local folder of links to the model's blobs, named as in the source, for the HF loaders.
+
+    Each blob is hashed first (once per process) unless ``verify`` is off, for readers of config and
+    headers only (plan, and the flow deciding what calibrate measures).
+    """
+    paths = {name: store.local_path(blob, verify) for name, blob in files.items()}
     key = hashlib.sha256(json.dumps({k: v.digest for k, v in sorted(files.items())}).encode()).hexdigest()[:16]
     folder = Path(store.scratch()).parent / "models" / key
     if not (folder / ".complete").exists():
         tmp = folder.with_name(f"{key}.tmp-{uuid.uuid4().hex}")
         tmp.mkdir(parents=True)
-        for name, blob in files.items():
+        for name in files:
             (tmp / name).parent.mkdir(parents=True, exist_ok=True)
-            os.symlink(store.local_path(blob), tmp / name)
+            os.symlink(paths[name], tmp / name)
         (tmp / ".complete").touch()
         try:
             os.replace(tmp, folder)

@@ -24,3 +24,7 @@ class VerificationFailed(Exception):
     def __init__(self, failures: list[str]):
         super().__init__("packed tensors do not decode to their codes: " + "; ".join(failures))
         self.failures = failures
+
+
+class StoreDamaged(UserError):
+    """The store keeps losing or altering a blob a stage reads, even after rebuilding it: its disk needs a look."""

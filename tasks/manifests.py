@@ -12,28 +12,35 @@ from quantfab.tasks.store import Blob, Store
 class Manifest(BaseModel):
     model_config = ConfigDict(frozen=True)
 
-    def blobs(self) -> list[Blob]:
-        """Every blob this record refers to, so a cache hit can be checked against the store."""
-        found: list[Blob] = []
+    def named_blobs(self) -> dict[str, Blob]:
+        """Every blob this record refers to, by where it sits in the record (``files/config.json``,
+        ``layers/3``), so a cache hit can be checked against the store and a problem named."""
+        found: dict[str, Blob] = {}
 
-        def walk(value: object) -> None:
+        def walk(value: object, at: str) -> None:
             if isinstance(value, Blob):
-                found.append(value)
+                found[at] = value
             elif isinstance(value, BaseModel):
                 for field in type(value).model_fields:
-                    walk(getattr(value, field))
+                    walk(getattr(value, field), f"{at}/{field}")
             elif isinstance(value, dict):
-                for v in value.values():
-                    walk(v)
+                for k, v in value.items():
+                    walk(v, f"{at}/{k}")
             elif isinstance(value, (list, tuple)):
-                for v in value:
-                    walk(v)
+                for i, v in enumerate(value):
+                    walk(v, f"{at}/{i}")
 
-        walk(self)
-        return found
+        walk(self, "")
+        return {at.lstrip("/"): blob for at, blob in found.items()}
 
-    def present_in(self, store: Store) -> bool:
-        return all(store.has(b) for b in self.blobs())
+    def problems(self, store: Store, move_aside: bool = True) -> list[str]:
+        """What keeps this cached record from being used: each blob missing or damaged (then moved aside)."""
+        problems = []
+        for at, blob in self.named_blobs().items():
+            problem = store.check(blob, move_aside=move_aside)
+            if problem:
+                problems.append(f"{at} (sha256 {blob.digest}): {problem}")
+        return problems
 
 
 class ModelManifest(Manifest):
@@ -140,3 +147,4 @@ class PackageManifest(BaseModel):
     destination: str
     manifest_sha256: str
     files: list[str]
+    stamps: dict[str, str] = {}  # path -> size and modification time when published (the cheap check of a cache hit)

@@ -24,7 +24,7 @@ import uuid
 from quantfab.tasks.redact import redact
 from quantfab.tasks.errors import UserError, VerificationFailed
 from quantfab.tasks.manifests import ConvertManifest, ModelManifest, PackageManifest, QualityManifest
-from quantfab.tasks.store import Blob, Store, filesystem, is_local
+from quantfab.tasks.store import Blob, Store, file_stamp, filesystem, is_local, reporting_full_disks, sha256_of
 
 STAGING = ".quantfab-staging"
 STAGING_NAME = re.compile(r"^\.(?P<dest>.+)\.quantfab-staging-(?P<host>.+)-(?P<pid>\d+)-[0-9a-f]{32}(-old)?$")
@@ -61,10 +61,11 @@ def package(name: str, model: ModelManifest, converted: ConvertManifest, quality
             if "/" in path:  # a folder output's file
                 fs.makedirs(f"{staging}/{path.rsplit('/', 1)[0]}", exist_ok=True)
             if isinstance(data, Blob):
-                fs.put_file(str(store.local_path(data)), f"{staging}/{path}")
+                store.copy_out(data, fs, f"{staging}/{path}")  # hashed as it is copied
                 digest, size = data.digest, data.size
             else:
-                fs.pipe_file(f"{staging}/{path}", data)
+                with reporting_full_disks("package.destination", fs, staging, len(data)):
+                    fs.pipe_file(f"{staging}/{path}", data)
                 digest, size = hashlib.sha256(data).hexdigest(), len(data)
             entries.append({"path": path, "sha256": digest, "size": size})
         manifest = json.dumps({
@@ -73,7 +74,8 @@ def package(name: str, model: ModelManifest, converted: ConvertManifest, quality
             "formats": {k: {"path": f.path, "weight_bytes": f.weight_bytes, "bits_per_weight": f.bits_per_weight}
                         for k, f in converted.files.items()},
             "files": entries}, indent=2, sort_keys=True).encode()
-        fs.pipe_file(f"{staging}/manifest.json", manifest)
+        with reporting_full_disks("package.destination", fs, staging, len(manifest)):
+            fs.pipe_file(f"{staging}/manifest.json", manifest)
         if is_local(fs):
             _swap_into_place(staging, root)  # staging now holds the previous package, if there was one
         else:
@@ -81,8 +83,9 @@ def package(name: str, model: ModelManifest, converted: ConvertManifest, quality
     finally:
         if fs.exists(staging):
             fs.rm(staging, recursive=True)
+    stamps = {e["path"]: (file_stamp(fs, f"{root}/{e['path']}", identity=False) or (0, ""))[1] for e in entries}
     return PackageManifest(destination=redact(destination), manifest_sha256=hashlib.sha256(manifest).hexdigest(),
-                           files=[e["path"] for e in entries])
+                           files=[e["path"] for e in entries], stamps=stamps)
 
 
 def _check_relative(path: str) -> None:
@@ -200,13 +203,29 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def published(destination: str, expected: PackageManifest) -> bool:
-    """Whether the destination still holds the package this manifest describes."""
+def publication_problem(destination: str, expected: PackageManifest) -> str | None:
+    """None when the destination still holds the package this manifest describes, else what changed.
+
+    The cheap check of a cache hit: manifest.json's digest, and each listed file's size and modification
+    time as published; a file whose stamp changed is hashed against the manifest.
+    """
     fs, root = filesystem(destination, "package.destination")
+    root = root.rstrip("/")
     try:
-        return hashlib.sha256(fs.cat_file(f"{root}/manifest.json")).hexdigest() == expected.manifest_sha256
+        manifest = fs.cat_file(f"{root}/manifest.json")
     except FileNotFoundError:
-        return False
+        return "manifest.json is missing"
+    if hashlib.sha256(manifest).hexdigest() != expected.manifest_sha256:
+        return "manifest.json was replaced or altered"
+    listed = {f["path"]: f for f in json.loads(manifest)["files"]}
+    for path in expected.files:
+        found = file_stamp(fs, f"{root}/{path}", identity=False)
+        if found is None:
+            return f"{path} is missing"
+        if found[1] != expected.stamps.get(path) and (
+                found[0] != listed[path]["size"] or sha256_of(fs, f"{root}/{path}") != listed[path]["sha256"]):
+            return f"{path} no longer matches its sha256 in manifest.json"
+    return None
 
 
 def model_card(model: ModelManifest, converted: ConvertManifest, quality: QualityManifest, recipe_yaml: str) -> str:

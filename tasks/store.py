@@ -3,15 +3,25 @@
 Blobs live at ``blobs/sha256/ab/cdef...``; a blob is written to a temporary name and renamed into
 place, so the store never holds a partial blob under a digest. Stages pass ``Blob`` references (digest
 and size), never the bytes.
+
+Nothing leaves the store unchecked. A cache hit costs a cheap check: the blob's size, and its file
+stamp (size, times, inode) against the one recorded when it was last hashed whole (``verified/``);
+a changed stamp is hashed again. A blob read as a stage's input, or copied out, is hashed whole (once
+per process while its stamp holds). A blob that no longer matches its digest is moved aside to
+``quarantine/`` (never deleted) and reported, so the stage that made it runs again.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
-import tempfile
+import shutil
+import time
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import fsspec
 from pydantic import BaseModel, ConfigDict
@@ -21,6 +31,8 @@ from quantfab.tasks.redact import redact
 
 DEFAULT_STORE = "~/.cache/quantfab/store"
 CHUNK = 8 << 20
+FULL_DISK = {errno.ENOSPC: "no space left", errno.EDQUOT: "disk quota exceeded", errno.EFBIG: "file too large"}
+_VERIFIED: dict[str, str] = {}  # blob path -> its stamp when this process last hashed it whole
 
 
 def filesystem(url: str, what: str, **options: object) -> tuple[fsspec.AbstractFileSystem, str]:
@@ -40,12 +52,23 @@ def is_local(fs: fsspec.AbstractFileSystem) -> bool:
     return bool({"file", "local"} & set(protocols))
 
 
-class Blob(BaseModel):
-    """A reference to bytes in the store."""
-
-    model_config = ConfigDict(frozen=True)
-    digest: str  # hex sha256
-    size: int
+def file_stamp(fs: fsspec.AbstractFileSystem, path: str, identity: bool) -> tuple[int, str] | None:
+    """(size, stamp) of a file, None when absent. The stamp changes whenever the file is written:
+    size and modification time, and with ``identity`` the inode and change time, which no copy or
+    ``touch`` can restore (for the store; a destination may legitimately be copied elsewhere)."""
+    if is_local(fs):
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            return None
+        marks = [st.st_mtime_ns, st.st_ctime_ns, st.st_ino] if identity else [st.st_mtime_ns]
+        return st.st_size, ":".join(map(str, [st.st_size, *marks]))
+    try:
+        info = fs.info(path)
+    except FileNotFoundError:
+        return None
+    marks = [info.get(k) for k in ("ETag", "etag", "generation", "mtime", "LastModified", "last_modified", "created")]
+    return int(info["size"]), ":".join(str(m) for m in [info["size"], *marks] if m is not None)
 
 
 def sha256_file(path: str | Path) -> str:
@@ -54,6 +77,67 @@ def sha256_file(path: str | Path) -> str:
         while chunk := f.read(CHUNK):
             h.update(chunk)
     return h.hexdigest()
+
+
+def sha256_of(fs: fsspec.AbstractFileSystem, path: str) -> str:
+    if is_local(fs):
+        return sha256_file(path)
+    h = hashlib.sha256()
+    with fs.open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class Blob(BaseModel):
+    """A reference to bytes in the store."""
+
+    model_config = ConfigDict(frozen=True)
+    digest: str  # hex sha256
+    size: int
+
+
+class BlobUnavailable(Exception):
+    """A blob a stage reads is missing, or no longer matches its digest (then it was moved aside): the
+    flow reruns the stage that made it."""
+
+    def __init__(self, digest: str, problem: str):
+        super().__init__(digest, problem)
+        self.digest, self.problem = digest, problem
+
+    def __str__(self) -> str:
+        return f"blob sha256 {self.digest}: {self.problem}"
+
+
+class WriteFailed(UserError):
+    """A write to the store or the destination failed (a full disk, a quota, an I/O error); what was
+    being written was removed, and the message says where and how much space there was."""
+
+
+def free_bytes(fs: fsspec.AbstractFileSystem, path: str) -> int | None:
+    """Free space on the local filesystem holding ``path`` (its nearest existing folder); None elsewhere."""
+    if not is_local(fs):
+        return None
+    p = Path(path)
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return shutil.disk_usage(p).free
+
+
+@contextmanager
+def reporting_full_disks(what: str, fs: fsspec.AbstractFileSystem, root: str, needed: int | None = None) -> Iterator[None]:
+    """Turn a full disk or an I/O error while writing to ``what`` into a WriteFailed that says so."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno not in (*FULL_DISK, errno.EIO, errno.EROFS):
+            raise
+        free = free_bytes(fs, root)
+        space = f"; {free / 2**20:,.1f} MiB free there" if free is not None else ""
+        need = f", {needed / 2**20:,.1f} MiB needed" if needed is not None else ""
+        raise WriteFailed(f"{what} ({redact(root)}): write failed: "
+                          f"{FULL_DISK.get(exc.errno, os.strerror(exc.errno or 0))}{need}{space}; "
+                          "the partial file was removed") from None
 
 
 class Store:
@@ -68,45 +152,156 @@ class Store:
     def _key(self, digest: str) -> str:
         return f"{self.root}/blobs/sha256/{digest[:2]}/{digest[2:]}"
 
-    def has(self, blob: Blob) -> bool:
+    def _record(self, digest: str) -> str:
+        return f"{self.root}/verified/{digest[:2]}/{digest[2:]}"
+
+    def _recorded_stamp(self, digest: str) -> str | None:
+        try:
+            return self.fs.cat_file(self._record(digest)).decode()
+        except (FileNotFoundError, UnicodeDecodeError):
+            return None
+
+    def _verified(self, key: str, digest: str, stamp: str) -> None:
+        """Remember that the file at ``key`` with ``stamp`` hashed to its digest (here, and in the store)."""
+        _VERIFIED[key] = stamp
+        record = self._record(digest)
+        self.fs.makedirs(os.path.dirname(record), exist_ok=True)
+        self.fs.pipe_file(record, stamp.encode())
+
+    def check(self, blob: Blob, whole: bool = False, move_aside: bool = True) -> str | None:
+        """None when the blob is present and intact, else what is wrong (a damaged blob is moved aside,
+        unless ``move_aside`` is off: plan only looks).
+
+        The cheap check compares size and stamp with those recorded at its last whole hash; ``whole``
+        hashes it unless this process already did at this stamp.
+        """
+        damaged = self.quarantine if move_aside else lambda _blob, why: why
         key = self._key(blob.digest)
-        return self.fs.exists(key) and self.fs.size(key) == blob.size
+        found = file_stamp(self.fs, key, identity=True)
+        if found is None:
+            return "missing from the store"
+        size, stamp = found
+        if size != blob.size:
+            return damaged(blob, f"{'truncated' if size < blob.size else 'grown'} to {size:,} bytes "
+                                         f"(written as {blob.size:,})")
+        if _VERIFIED.get(key) == stamp or (not whole and self._recorded_stamp(blob.digest) == stamp):
+            return None
+        actual = sha256_of(self.fs, key)
+        if actual != blob.digest:
+            return damaged(blob, f"altered: its {size:,} bytes now hash to sha256 {actual}")
+        self._verified(key, blob.digest, stamp)
+        return None
+
+    def exists(self, blob: Blob) -> bool:
+        """Whether the blob's file is there at all (no check of its bytes)."""
+        return self.fs.exists(self._key(blob.digest))
+
+    def has(self, blob: Blob) -> bool:
+        return self.check(blob) is None
+
+    def quarantine(self, blob: Blob, why: str) -> str:
+        """Move a damaged blob aside (kept for inspection, out of every build's way); ``why``, and where it went."""
+        aside = f"{self.root}/quarantine/{blob.digest}.{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{uuid.uuid4().hex[:6]}"
+        self.fs.makedirs(os.path.dirname(aside), exist_ok=True)
+        try:
+            self.fs.mv(self._key(blob.digest), aside)
+        except FileNotFoundError:
+            return f"{why}; already moved aside by another run"
+        if self.fs.exists(self._record(blob.digest)):
+            self.fs.rm(self._record(blob.digest))
+        return f"{why}; moved aside to {redact(aside)}"
 
     def put_file(self, path: str | Path) -> Blob:
-        """Add a local file; returns its reference. An existing blob is not written again."""
+        """Add a local file; returns its reference. An intact existing blob is not written again."""
         digest, size = sha256_file(path), os.path.getsize(path)
         blob = Blob(digest=digest, size=size)
         if self.has(blob):
             return blob
         key = self._key(digest)
         tmp = f"{key}.tmp-{uuid.uuid4().hex}"
-        self.fs.makedirs(os.path.dirname(key), exist_ok=True)
-        self.fs.put_file(str(path), tmp)
-        self.fs.mv(tmp, key)
+        with self.writing(size):  # outside: free space is measured once the partial copy is gone
+            try:
+                self.fs.makedirs(os.path.dirname(key), exist_ok=True)
+                self.fs.put_file(str(path), tmp)
+                self.fs.mv(tmp, key)
+            finally:
+                if self.fs.exists(tmp):
+                    self.fs.rm(tmp)
+        found = file_stamp(self.fs, key, identity=True)
+        if found is not None and found[0] == size:
+            self._verified(key, digest, found[1])
         return blob
 
     def put_bytes(self, data: bytes) -> Blob:
-        with tempfile.NamedTemporaryFile(dir=self.scratch(), delete=False) as f:
-            f.write(data)
-        try:
-            return self.put_file(f.name)
-        finally:
-            os.unlink(f.name)
+        with self.scratch_file() as path:
+            with self.writing(len(data)):
+                path.write_bytes(data)
+            return self.put_file(path)
 
-    def local_path(self, blob: Blob) -> Path:
-        """A local file holding the blob: the blob itself for a local store, else a cached copy."""
+    def writing(self, needed: int | None = None):
+        """Where store writes fail on a full disk: a WriteFailed naming the store and its free space."""
+        return reporting_full_disks("the store", self.fs, self.root, needed)
+
+    @contextmanager
+    def scratch_file(self, suffix: str = "") -> Iterator[Path]:
+        """A fresh work file's path in scratch, removed afterwards whatever happens (a full disk included)."""
+        path = Path(self.scratch()) / f"work-{uuid.uuid4().hex}{suffix}"
+        try:
+            yield path
+        finally:
+            path.unlink(missing_ok=True)
+
+    def local_path(self, blob: Blob, verify: bool = True) -> Path:
+        """A local file holding the blob (the blob itself for a local store, else a cached copy),
+        hashed whole first unless ``verify`` is off (for readers of headers only, such as plan)."""
         if self.is_local:
-            path = Path(self._key(blob.digest))
-            if not path.is_file():
-                raise FileNotFoundError(f"store {self.url} has lost blob {blob.digest}")
-            return path
+            problem = self.check(blob, whole=True) if verify else (
+                None if os.path.isfile(self._key(blob.digest)) else "missing from the store")
+            if problem:
+                raise BlobUnavailable(blob.digest, f"{problem} (store {redact(self.url)})")
+            return Path(self._key(blob.digest))
         cached = Path(self.scratch()).parent / "blob-cache" / blob.digest
-        if not cached.is_file():
-            cached.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cached.with_suffix(f".tmp-{uuid.uuid4().hex}")
-            self.fs.get_file(self._key(blob.digest), str(tmp))
+        found = file_stamp(fsspec.filesystem("file"), str(cached), identity=True)
+        if found is not None and (not verify or _VERIFIED.get(str(cached)) == found[1]):
+            return cached
+        if found is not None and found[0] == blob.size and sha256_file(cached) == blob.digest:
+            _VERIFIED[str(cached)] = found[1]
+            return cached
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cached.with_suffix(f".tmp-{uuid.uuid4().hex}")
+        try:
+            h = hashlib.sha256()
+            with reporting_full_disks("the local copy of a remote store's blob", fsspec.filesystem("file"),
+                                      str(cached.parent), blob.size):
+                with self.fs.open(self._key(blob.digest), "rb") as src, open(tmp, "wb") as dst:
+                    while chunk := src.read(CHUNK):
+                        h.update(chunk)
+                        dst.write(chunk)
+            if h.hexdigest() != blob.digest:
+                raise BlobUnavailable(blob.digest, self.quarantine(blob, f"altered: its bytes hash to sha256 {h.hexdigest()}"))
             os.replace(tmp, cached)
+        except FileNotFoundError:
+            raise BlobUnavailable(blob.digest, f"missing from the store {redact(self.url)}") from None
+        finally:
+            tmp.unlink(missing_ok=True)
+        _VERIFIED[str(cached)] = file_stamp(fsspec.filesystem("file"), str(cached), identity=True)[1]
         return cached
+
+    def copy_out(self, blob: Blob, fs: fsspec.AbstractFileSystem, path: str) -> None:
+        """Copy a blob to ``path`` on ``fs`` (a package being published), hashing the bytes as they go:
+        a blob that no longer matches its digest is moved aside and nothing of it is left at ``path``."""
+        h = hashlib.sha256()
+        try:
+            with reporting_full_disks("package.destination", fs, path, blob.size):
+                with self.fs.open(self._key(blob.digest), "rb") as src, fs.open(path, "wb") as dst:
+                    while chunk := src.read(CHUNK):
+                        h.update(chunk)
+                        dst.write(chunk)
+        except FileNotFoundError:
+            raise BlobUnavailable(blob.digest, f"missing from the store {redact(self.url)}") from None
+        if h.hexdigest() != blob.digest:
+            fs.rm(path)
+            raise BlobUnavailable(blob.digest, self.quarantine(blob, f"altered: its bytes hash to sha256 {h.hexdigest()}"))
 
     def _ref(self, kind: str, key: str) -> str:
         return f"{self.root}/refs/{kind}/{key}.json"
@@ -116,9 +311,14 @@ class Store:
         path = self._ref(kind, key)
         tmp = f"{path}.tmp-{uuid.uuid4().hex}"
         self.fs.makedirs(os.path.dirname(path), exist_ok=True)
-        with self.fs.open(tmp, "wb") as f:
-            f.write(blob.model_dump_json().encode())
-        self.fs.mv(tmp, path)
+        try:
+            with self.writing():
+                with self.fs.open(tmp, "wb") as f:
+                    f.write(blob.model_dump_json().encode())
+                self.fs.mv(tmp, path)
+        finally:
+            if self.fs.exists(tmp):
+                self.fs.rm(tmp)
 
     def get_ref(self, kind: str, key: str) -> Blob | None:
         """The blob named ``kind/key``, or None when there is none or its bytes left the store."""
@@ -145,4 +345,3 @@ class Store:
         path = base / "results"
         path.mkdir(parents=True, exist_ok=True)
         return path
-

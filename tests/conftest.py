@@ -75,3 +75,37 @@ def run_stages(recipe: Any, store: Any) -> Built:
 def stages() -> Callable[[Any, Any], Built]:
     """``run_stages``, for test modules (conftest is not importable under --import-mode=importlib)."""
     return run_stages
+
+
+class Damage:
+    """Ways stored and published files get damaged: a stray write, and bit rot (the bytes change, the
+    store's stamp record still vouches for them), and a process that forgets what it hashed."""
+
+    @staticmethod
+    def flip(path: Path, at: int | None = None) -> None:
+        data = bytearray(path.read_bytes())
+        data[len(data) // 2 if at is None else at] ^= 0x01
+        path.write_bytes(bytes(data))
+
+    @staticmethod
+    def rot(store: Any, digest: str) -> Path:
+        import fsspec
+
+        from quantfab.tasks.store import file_stamp
+
+        path = Path(store._key(digest))
+        Damage.flip(path)
+        Path(store._record(digest)).write_text(file_stamp(fsspec.filesystem("file"), str(path), identity=True)[1])
+        return path
+
+    @staticmethod
+    def forget_hashes() -> None:
+        """As a new process: no memory of blobs hashed whole before."""
+        from quantfab.tasks import store as store_mod
+
+        store_mod._VERIFIED.clear()
+
+
+@pytest.fixture(scope="session")
+def damage() -> type[Damage]:
+    return Damage

@@ -3,6 +3,8 @@
 Two runs of the same recipe (one destination) and two different recipes must all finish; every store
 write is a temporary file renamed into place, so neither run ever sees a partial blob, and the package
 left at the destination is whole: its manifest lists exactly the files there, with their sha256.
+Each stage is computed once: a run holds its stage's lock (tasks/locks.py) while the others wait for it,
+so of two runs of one recipe exactly one says "ran" for each stage and the other "cached".
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
+STAGES = ("download", "calibrate", "quantize", "convert", "validate", "package")
 VARIANT = """\
 extends: {demo}
 name: demo-rtn
@@ -41,6 +44,25 @@ def whole(package: Path) -> bool:
     return listed == present
 
 
+def finished(proc: subprocess.Popen) -> dict[str, str]:
+    """The run's status of each stage (its progress lines), once it has exited 0."""
+    stdout, stderr = proc.communicate(timeout=600)
+    assert proc.returncode == 0, stdout + stderr
+    return {p[0]: p[1] for p in (line.split() for line in stderr.splitlines()) if len(p) >= 2 and p[1] in ("ran", "cached")}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("attempt", range(2))
+def test_two_runs_of_one_recipe_started_together_compute_each_stage_once(tmp_path: Path, attempt: int) -> None:
+    """Again on a fresh store, where a race between the two would show."""
+    demo, store, out = REPO / "recipes" / "demo.yaml", tmp_path / "store", tmp_path / "out"
+    runs = [start(demo, store, tmp_path / f"home-{i}", out) for i in range(2)]
+    statuses = [finished(proc) for proc in runs]
+    for stage in STAGES:
+        assert sorted([statuses[0][stage], statuses[1][stage]]) == ["cached", "ran"], statuses
+    assert whole(out / "demo")
+
+
 @pytest.mark.slow
 def test_concurrent_runs_on_one_store_all_finish_whole(tmp_path: Path) -> None:
     store, out = tmp_path / "store", tmp_path / "out"
@@ -50,9 +72,10 @@ def test_concurrent_runs_on_one_store_all_finish_whole(tmp_path: Path) -> None:
     variant.write_text(VARIANT.format(demo="demo.yaml", out=out / "demo-rtn"))
     runs = [start(demo, store, tmp_path / f"home-{i}", out) for i in range(2)]  # the same recipe twice
     runs.append(start(variant, store, tmp_path / "home-2", out))  # and another recipe, same store
-    for proc in runs:
-        stdout, stderr = proc.communicate(timeout=600)
-        assert proc.returncode == 0, stdout + stderr
+    statuses = [finished(proc) for proc in runs]
+    assert [s["download"] for s in statuses].count("ran") == 1  # one model, downloaded once for all three
+    for stage in STAGES:  # the other recipe may have computed a stage both share (then both runs find it cached)
+        assert [statuses[0][stage], statuses[1][stage]].count("ran") <= 1, statuses
     assert whole(out / "demo") and whole(out / "demo-rtn")
     assert sorted(p.name for p in out.iterdir()) == ["demo", "demo-rtn"]  # no staging folder or old package left
     leftovers = [p for p in store.rglob("*") if p.is_file() and (".tmp" in p.name or p.name.endswith(".part"))]

@@ -1,5 +1,6 @@
 """Two cold runs of one recipe, each into a fresh store, publish files with the same sha256, every one of
-them: GGUF files with their metadata in the same order, quality.json, the model card and manifest.json."""
+them: GGUF files with their metadata in the same order, quality.json, the model card and manifest.json;
+and every blob of their stores (calibration statistics, layer files) is the same."""
 
 from __future__ import annotations
 
@@ -29,5 +30,7 @@ def test_two_cold_runs_publish_identical_files(tmp_path: Path) -> None:
         published.append(digests(out))
         shutil.rmtree(out)
     assert published[0] == published[1]
+    # every stage's outputs, not only the published ones: a cache key downstream hashes their digests
+    assert digests(tmp_path / "first" / "blobs") == digests(tmp_path / "second" / "blobs")
     assert {"manifest.json", "quality.json", "README.md"} <= set(published[0])
     assert sum(name.endswith(".gguf") for name in published[0]) == 3

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -94,7 +93,7 @@ def reads_statistics(model: ModelManifest, quant: Any, outputs: list, store: Sto
     An output with a module on a sequential method carries hidden states through the quantized model
     and measures every layer's inputs there, for all its methods; only outputs without one read them.
     """
-    model_dir = materialize(store, model.files)
+    model_dir = materialize(store, model.files, verify=False)  # config and headers only
     config, weights = model_dir.config(), model_dir.weights()
     return any(not _sequential(assign_layers(config, weights.tensors, quant, FORMATS[o.format], o))
                for o in outputs if FORMATS[o.format].stores_codes(o))
@@ -204,13 +203,10 @@ def _commit(result: LayerResult, plan: dict[str, Assignment], tensors: dict[str,
         reports.append(ModuleReport(name=prefix + lin, grid=a.grid, method=a.method,
                                     note="; ".join(filter(None, (a.note, result.notes.get(lin)))),
                                     relative_output_error=error))
-    path = Path(store.scratch()) / f"quant-{uuid.uuid4().hex}.safetensors"
-    try:
+    with store.scratch_file(".safetensors") as path:
         write_layer_file(path, {prefix + lin: enc for lin, enc in result.encoded.items()},
                          {prefix + k: v for k, v in result.floats.items()}, reports)
         return store.put_file(path)
-    finally:
-        path.unlink(missing_ok=True)
 
 
 class CalibrationStats:
