@@ -14,6 +14,7 @@ import os
 import sys
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from quantfab.tasks.redact import redact_text
@@ -88,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             return getattr(store_cli, args.command)(args)
         except UserError as exc:
-            console.print(f"[bold red]error:[/] {redact_text(str(exc))}", highlight=False)
+            console.print(f"[bold red]error:[/] {escape(redact_text(str(exc)))}", highlight=False)
             return 2
     if args.command == "families":
         from quantfab.tasks.families import report
@@ -101,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _run(args) if args.command == "run" else _plan(args)
     except UserError as exc:
-        console.print(f"[bold red]error:[/] {redact_text(str(exc))}", highlight=False)
+        console.print(f"[bold red]error:[/] {escape(redact_text(str(exc)))}", highlight=False)
         return 2
 
 
@@ -143,7 +144,7 @@ def _run(args: argparse.Namespace) -> int:
             progress.update(bar, advance=1, description=f"{recipe.name}: {stage} {status}")
 
         def on_notice(text: str) -> None:
-            progress.console.print(f"  [yellow]{text}[/]", highlight=False)
+            progress.console.print(f"  [yellow]{escape(text)}[/]", highlight=False)
 
         LISTENERS.append(on_stage)
         NOTICES.append(on_notice)
@@ -151,10 +152,10 @@ def _run(args: argparse.Namespace) -> int:
             result = quantize(args.recipe[0], args.overrides, args.store)
         except QualityGateFailed as exc:
             print(exc.table)
-            console.print(f"[bold red]quality gate failed:[/] {'; '.join(exc.failures)}; nothing was published", highlight=False)
+            console.print(f"[bold red]quality gate failed:[/] {escape('; '.join(exc.failures))}; nothing was published", highlight=False)
             return 1
         except VerificationFailed as exc:
-            console.print(f"[bold red]verification failed:[/] {'; '.join(exc.failures)}; nothing was published",
+            console.print(f"[bold red]verification failed:[/] {escape('; '.join(exc.failures))}; nothing was published",
                           highlight=False)
             return 1
         finally:
@@ -175,7 +176,7 @@ def _run_many(args: argparse.Namespace) -> int:
     try:
         results = quantize_many(args.recipe, args.overrides, args.store, args.dask_address, args.dask_workers)
     except (QualityGateFailed, VerificationFailed) as exc:
-        console.print(f"[bold red]failed:[/] {exc}; that recipe published nothing", highlight=False)
+        console.print(f"[bold red]failed:[/] {escape(str(exc))}; that recipe published nothing", highlight=False)
         return 1
     for result in results:
         print(f"## {result['recipe']}\n{result['table']}")
@@ -196,7 +197,7 @@ def _deployments(args: argparse.Namespace) -> int:
     try:
         agrees = sync(prefect_yaml, args.check)
     except UserError as exc:
-        console.print(f"[bold red]error:[/] {redact_text(str(exc))}", highlight=False)
+        console.print(f"[bold red]error:[/] {escape(redact_text(str(exc)))}", highlight=False)
         return 2
     if agrees:
         console.print(f"{prefect_yaml}: deployments agree with recipes/", highlight=False)
@@ -220,7 +221,7 @@ def _verify(args: argparse.Namespace) -> int:
     try:
         checks = verify_package(args.package) if args.package else verify_store(Store(args.store or None))
     except UserError as exc:
-        console.print(f"[bold red]error:[/] {redact_text(str(exc))}", highlight=False)
+        console.print(f"[bold red]error:[/] {escape(redact_text(str(exc)))}", highlight=False)
         return 2
     for c in checks:
         if c.status == "ok" and not args.package:

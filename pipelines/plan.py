@@ -26,6 +26,7 @@ from quantfab.tasks.errors import UnsupportedModel, UserError
 from quantfab.tasks.manifests import Manifest
 from quantfab.tasks.modelio import (ST_DTYPES, ModelDir, TensorInfo, alias_tied_embeddings, check_against_config,
                                     read_safetensors_header)
+from quantfab.tasks.convert import differences
 from quantfab.tasks.quantize.assign import assign_layers
 from quantfab.tasks.store import Store, filesystem, free_bytes
 
@@ -45,6 +46,18 @@ class Plan:
     sizes: dict[str, tuple[int, float] | str] = field(default_factory=dict)  # output -> (bytes, bits/weight) or why unknown
     memory: dict[str, int] = field(default_factory=dict)  # stage -> estimated peak working bytes
     writes: dict[str, int] = field(default_factory=dict)  # stage -> estimated bytes it adds to the store (or destination)
+    nominal: dict[str, float] = field(default_factory=dict)  # output -> bits/weight had nothing fallen back
+    fallbacks: dict[str, list[str]] = field(default_factory=dict)  # output -> "tensor: why" for each that differs
+
+    def notes(self, key: str) -> list[str]:
+        """What the plan says under an output's size: its fallbacks by reason, and a warning when oversized."""
+        size = self.sizes.get(key)
+        if isinstance(size, str) or size is None:
+            return []
+        found = self.fallbacks.get(key, [])
+        lines = [f"{len(found)} tensors differ from the recipe: " + "; ".join(differences.summary(found))] if found else []
+        warning = differences.oversize(size[1], self.nominal.get(key, 0.0))
+        return lines + ([f"WARNING: {warning}"] if warning else [])
 
     def space(self) -> dict[str, int]:
         """Estimated bytes this run writes to the store and to the destination: the stages that will run."""
@@ -131,9 +144,12 @@ def plan(recipe: Recipe, store_url: str | None) -> Plan:
     out.memory = peak_memory(recipe, config, tensors)
     for o in recipe.outputs:
         fmt = FORMATS[o.format]
-        grids = {a.module: a.grid for layer in assign_layers(config, tensors, recipe.quantize, fmt, o) for a in layer.values()}
-        size = sum(t.nbytes for t in fmt.plan(o, config, tensors, grids))
+        assigned = [a for layer in assign_layers(config, tensors, recipe.quantize, fmt, o) for a in layer.values()]
+        size = sum(t.nbytes for t in fmt.plan(o, config, tensors, {a.module: a.grid for a in assigned}))
         out.sizes[o.key] = (size, size * 8 / params)
+        nominal = differences.nominal_bytes(fmt, o, config, tensors, {a.module: a.asked or a.grid for a in assigned})
+        out.nominal[o.key] = nominal * 8 / params
+        out.fallbacks[o.key] = differences.fallbacks(fmt, o, config, tensors, {a.module: a.fallback for a in assigned})
     out.writes = store_writes(recipe, tensors, {k: v[0] for k, v in out.sizes.items() if not isinstance(v, str)})
     return out
 
@@ -196,7 +212,9 @@ def render(p: Plan) -> str:
     width = max(map(len, p.sizes), default=0)
     for key, size in p.sizes.items():
         lines.append(f"  {key:<{width}} {size}" if isinstance(size, str)
-                     else f"  {key:<{width}} {size[0] / 2**20:10.2f} MiB  {size[1]:.3f} bits/weight")
+                     else f"  {key:<{width}} {size[0] / 2**20:10.2f} MiB  {size[1]:.3f} bits/weight "
+                          f"(nominal {p.nominal[key]:.3f})")
+        lines += [f"  {'':<{width}}   {note}" for note in p.notes(key)]
     if p.writes:
         lines += ["", f"space this run writes (estimated from the headers): {space_report(p)}"]
     gates = {k: v for k, v in r.validate_.gates.model_dump().items() if v is not None}

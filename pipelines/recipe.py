@@ -119,6 +119,12 @@ class QuantizeSpec(Section):
     group_size: int | None = Field(None, ge=1, description="Elements per scale along the input dimension; "
                                    "empty means the output type's block.")
     symmetric: bool | None = Field(None, description="Symmetric codes (no zero/min); empty means the output type's.")
+    indivisible: Literal["refuse", "largest_group", "keep_float"] = Field(
+        "refuse", description="When a group or block does not divide a Linear's row (its input dimension), e.g. group "
+        "128 on hidden 576: refuse (at plan time, naming the Linears and the group sizes that would divide every row), "
+        "largest_group (the largest power-of-two group that divides every quantized row and the format accepts, for "
+        "the whole output), or keep_float (those Linears stay in the source's float type). Every such difference is "
+        "reported with its reason.")
     ignore: list[ModuleGlob] = Field(default_factory=list, description="Globs of decoder-layer Linear names kept in float. "
                               "No method quantizes the embedding or the output head; HF formats keep them in "
                               "float and GGUF file types round them to nearest as llama-quantize does.")
@@ -143,6 +149,8 @@ class GatesSpec(Section):
     max_ppl_increase: float | None = Field(None, ge=0, description="Largest allowed relative PPL rise (0.05 = 5 %).")
     max_kl: float | None = Field(None, ge=0, description="Largest allowed mean KL(fp32 || quantized), nats per token.")
     min_top1: float | None = Field(None, ge=0, le=1, description="Smallest allowed top-1 agreement with fp32.")
+    max_bits_per_weight: float | None = Field(None, gt=0, description="Largest allowed size of each output file, in "
+                                              "bits per model parameter (what the report's bits/weight column shows).")
 
 
 class ValidateSpec(Section):

@@ -138,10 +138,11 @@ def render_markdown(changes: list[RecipeChange], ref: str) -> str:
             for s in p.stages:
                 mem = f"{p.memory[s.stage] / 2**20:,.0f} MiB" if p.memory.get(s.stage) else "— (streams files)"
                 out.append(f"| {s.stage} | {c.stages.get(s.stage, 'unchanged')} | {s.status} | {mem} |")
-            out += ["", "| output | est. size | bits/weight |", "|---|---:|---:|"]
+            out += ["", "| output | est. size | bits/weight | nominal | differences from the recipe |", "|---|---:|---:|---:|---|"]
             for key, size in p.sizes.items():
-                out.append(f"| `{key}` | {size} | |" if isinstance(size, str)
-                           else f"| `{key}` | {size[0] / 2**20:,.2f} MiB | {size[1]:.3f} |")
+                out.append(f"| `{key}` | {size} | | | |" if isinstance(size, str)
+                           else f"| `{key}` | {size[0] / 2**20:,.2f} MiB | {size[1]:.3f} | {p.nominal[key]:.3f} | "
+                                f"{'<br>'.join(p.notes(key)) or 'none'} |")
             gates = {k: v for k, v in p.recipe.validate_.gates.model_dump().items() if v is not None}
             out += ["", "Quality gates: " + (", ".join(f"`{k}` {v}" for k, v in gates.items()) or "none")]
         out.append("")
@@ -156,7 +157,8 @@ def render_json(changes: list[RecipeChange], ref: str) -> str:
                 "reruns": c.stages,
                 "stages": [{"stage": s.stage, "cache": s.status, "why": s.why, "peak_memory_bytes": p.memory.get(s.stage)}
                            for s in p.stages] if p else [],
-                "outputs": {k: ({"bytes": v[0], "bits_per_weight": round(v[1], 4)} if not isinstance(v, str) else {"unknown": v})
+                "outputs": {k: ({"bytes": v[0], "bits_per_weight": round(v[1], 4), "nominal_bits_per_weight": round(p.nominal[k], 4),
+                                 "fallbacks": p.fallbacks[k]} if not isinstance(v, str) else {"unknown": v})
                             for k, v in p.sizes.items()} if p else {},
                 "gates": {k: v for k, v in p.recipe.validate_.gates.model_dump().items() if v is not None} if p else {}}
 

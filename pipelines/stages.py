@@ -40,7 +40,7 @@ STAGE_SOURCES = {
     "convert": ["tasks/convert", *GRID_SOURCES, "tasks/quantize/layer_file.py", "kernels"],
     "validate": ["tasks/validate.py", "tasks/texts.py", "tasks/convert", *GRID_SOURCES, "tasks/quantize/layer_file.py",
                  "kernels"],
-    "package": ["tasks/package.py"],
+    "package": ["tasks/package.py", "tasks/convert/differences.py"],
 }
 SOURCE_SUFFIXES = (".py", ".cu", ".h")
 

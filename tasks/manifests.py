@@ -74,6 +74,8 @@ class ModuleReport(BaseModel):
     grid: str | None  # None: kept in float
     method: str | None = None
     note: str = ""
+    asked: str | None = None  # the grid asked for, where a fallback changed it
+    fallback: str = ""  # why this module is not what the recipe asked (a fallback type, group or method)
     relative_output_error: float = 0.0
 
 
@@ -123,8 +125,9 @@ class FormatFile(BaseModel):
     path: str  # the file or folder name in the package
     files: dict[str, Blob]  # path in the package -> blob, every file of this output
     tensor_types: dict[str, int]  # type name -> tensor count
-    fallbacks: list[str]  # "tensor: why"
+    fallbacks: list[str]  # "tensor: why", every tensor that is not what the recipe asked
     bits_per_weight: float  # weight files' bytes x 8 / parameters
+    nominal_bits_per_weight: float  # the same, as planned had nothing fallen back
     verification: Verification
 
     @property

@@ -21,6 +21,7 @@ import shutil
 import socket
 import uuid
 
+from quantfab.tasks.convert.differences import summary
 from quantfab.tasks.redact import redact
 from quantfab.tasks.errors import UserError, VerificationFailed
 from quantfab.tasks.manifests import ConvertManifest, ModelManifest, PackageManifest, QualityManifest
@@ -229,12 +230,14 @@ def publication_problem(destination: str, expected: PackageManifest) -> str | No
 
 
 def model_card(model: ModelManifest, converted: ConvertManifest, quality: QualityManifest, recipe_yaml: str) -> str:
-    sizes = "\n".join(f"| {f.path} | {f.weight_bytes:,} | {f.bits_per_weight:.3f} | "
-                      f"{', '.join(f'{k}×{v}' for k, v in sorted(f.tensor_types.items()))} |"
+    sizes = "\n".join(f"| {f.path} | {f.weight_bytes:,} | {f.bits_per_weight:.3f} | {f.nominal_bits_per_weight:.3f} | "
+                      f"{', '.join(f'{k}×{v}' for k, v in sorted(f.tensor_types.items()))} | "
+                      f"{'<br>'.join(summary(f.fallbacks)) or 'none'} |"
                       for f in converted.files.values())
     return (f"# Quantized build of `{redact(model.source)}`\n\n"
             f"Source revision `{model.revision}`, {model.parameters:,} parameters, built by quantfab.\n\n"
             f"## Quality\n\n{quality.table}\n\n"
-            f"## Files\n\n| file or folder | weight bytes | bits/weight | tensor types |\n|---|---|---|---|\n{sizes}\n\n"
+            f"## Files\n\n| file or folder | weight bytes | bits/weight | nominal | tensor types | differences from the recipe "
+            f"(tensors × reason) |\n|---|---|---|---|---|---|\n{sizes}\n\n"
             f"## Recipe\n\n```yaml\n{recipe_yaml}```\n")
 

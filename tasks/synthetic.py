@@ -1,6 +1,6 @@
 """synthetic:// sources: deterministic random-weight models of any family, and random token streams.
 
-``synthetic://llama?layers=2&hidden=256&intermediate=688&heads=4&kv_heads=2&vocab=512&seed=0`` writes a
+``synthetic://llama?layers=2&hidden=256&intermediate=768&heads=4&kv_heads=2&vocab=512&seed=0`` writes a
 real HF Llama folder (config, a Llama-style byte-fallback BPE tokenizer, one safetensors shard per
 decoder layer) without ever holding more than one layer in memory. Linear weights are N(0, 1/fan_in),
 so activations keep unit scale and logits stay peaked enough for KL and top-1 agreement to mean
@@ -23,7 +23,7 @@ from safetensors.numpy import save_file
 from quantfab.tasks.errors import UserError
 from quantfab.tasks.modelio import TensorInfo
 
-LLAMA_DEFAULTS = {"layers": 2, "hidden": 256, "intermediate": 688, "heads": 4, "kv_heads": 2, "vocab": 512,
+LLAMA_DEFAULTS = {"layers": 2, "hidden": 256, "intermediate": 768, "heads": 4, "kv_heads": 2, "vocab": 512,
                   "seed": 0, "context": 2048}
 SPECIALS = ["<unk>", "<s>", "</s>"]
 PRINTABLE = [chr(c) for c in range(33, 127)]

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from quantfab.tasks.convert import FORMATS
+from quantfab.tasks.convert.differences import summary
 from quantfab.tasks.download import materialize
 from quantfab.tasks.manifests import ConvertManifest, ModelManifest, QuantizeManifest, QualityManifest
 from quantfab.tasks.decoder import Decoder
@@ -137,20 +138,22 @@ def judge(metrics: dict[str, Any], gates, converted: ConvertManifest, quantized:
               "baseline_perplexity": metrics["baseline_perplexity"], "outputs": {}}
     for key, m in metrics["outputs"].items():
         results = {}
-        for gate, (_, metric) in GATES.items():
+        built = converted.files[key]
+        measured = {**m, "bits_per_weight": built.bits_per_weight}  # the size gate reads the file, not the eval
+        for gate, (_, metric) in {**GATES, "max_bits_per_weight": ("size", "bits_per_weight")}.items():
             limit = getattr(gates, gate)
             if limit is None:
                 continue
-            value = m[metric]
+            value = measured[metric]
             ok = value >= limit if gate.startswith("min_") else value <= limit
             results[gate] = {"value": value, "limit": limit, "passed": ok}
             if not ok:
                 failures.append(f"{key} {gate}: {value:.4f} vs limit {limit}")
         q = quantized.outputs.get(key)
         modules = sorted(q.modules, key=lambda r: -r.relative_output_error) if q else []
-        report["outputs"][key] = {**m, "bits_per_weight": converted.files[key].bits_per_weight, "gates": results,
-                                  "passed": all(r["passed"] for r in results.values()),
-                                  "fallbacks": converted.files[key].fallbacks,
+        report["outputs"][key] = {**m, "bits_per_weight": built.bits_per_weight,
+                                  "nominal_bits_per_weight": built.nominal_bits_per_weight, "gates": results,
+                                  "passed": all(r["passed"] for r in results.values()), "fallbacks": built.fallbacks,
                                   "modules": [r.model_dump() for r in modules]}
     report["passed"] = not failures
     blob = store.put_bytes(json.dumps(report, indent=2, sort_keys=True).encode())
@@ -161,7 +164,7 @@ def quality_table(report: dict[str, Any]) -> str:
     p = report["protocol"]
     lines = [f"Quality on {p['tokens']} tokens ({p['windows']} windows of {p['window']}, BOS first); "
              f"FP32 perplexity {report['baseline_perplexity']:.4f}", "",
-             "| output | bits/weight | perplexity | Δ PPL | KL (nats/token) | top-1 agreement | gates |",
+             "| output | bits/weight (nominal) | perplexity | Δ PPL | KL (nats/token) | top-1 agreement | gates |",
              "|---|---|---|---|---|---|---|"]
     for key, m in report["outputs"].items():
         gates = ", ".join(f"{g} {'pass' if r['passed'] else 'FAIL'} ({r['value']:.4f} vs {r['limit']})"
@@ -169,7 +172,11 @@ def quality_table(report: dict[str, Any]) -> str:
         ppl = f"{m['perplexity']:.4f} | {m['ppl_increase'] * 100:+.2f} %" if "perplexity" in m else "- | -"
         kl = f"{m['kl_divergence']:.5f}" if "kl_divergence" in m else "-"
         top1 = f"{m['top1_agreement'] * 100:.2f} %" if "top1_agreement" in m else "-"
-        lines.append(f"| {key} | {m['bits_per_weight']:.3f} | {ppl} | {kl} | {top1} | {gates} |")
+        lines.append(f"| {key} | {m['bits_per_weight']:.3f} ({m['nominal_bits_per_weight']:.3f}) | {ppl} | {kl} | {top1} | {gates} |")
+    for key, m in report["outputs"].items():
+        if m["fallbacks"]:
+            lines += ["", f"{key}: {len(m['fallbacks'])} tensors differ from the recipe (each listed in quality.json): "
+                      + "; ".join(summary(m["fallbacks"]))]
     for key, m in report["outputs"].items():
         worst = [r for r in m["modules"] if r["grid"]][:WORST_MODULES]
         if worst:

@@ -82,7 +82,7 @@ def test_the_destination_filling_up_keeps_the_previous_package(tmp_path: Path, p
     store, out = tmp_path / "store", tmp_path / "out"
     env = user_env(prefect_env, tmp_path)
     base = ["run", REPO / "recipes" / "demo.yaml", "--store", store, "--set", f"package.destination={out}/demo"]
-    # the package is about 10 MiB: one fits, a second one staged beside it does not
+    # the package is about 7.5 MiB: one fits, a second one staged beside it does not
     script = (f"{quantfab(*base)} || exit 3\n"
               f"{sys.executable} -c 'import json,hashlib,pathlib; print(\"BEFORE \" + json.dumps("
               f"{{p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in pathlib.Path(\"{out}/demo\").iterdir()}}))'\n"
@@ -91,7 +91,7 @@ def test_the_destination_filling_up_keeps_the_previous_package(tmp_path: Path, p
               f"{quantfab('verify', out / 'demo')}\necho VERIFY=$?\n"
               f"{sys.executable} -c 'import json,hashlib,pathlib; print(\"AFTER \" + json.dumps("
               f"{{p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in pathlib.Path(\"{out}/demo\").iterdir()}}))'\n")
-    proc = in_small_tmpfs(out, "16m", script, env)
+    proc = in_small_tmpfs(out, "12m", script, env)
     assert "RC=2" in proc.stdout, proc.stdout + proc.stderr
     error = next(line for line in proc.stderr.splitlines() if line.startswith("error:"))
     assert "package.destination (" in error and "no space left" in error, error

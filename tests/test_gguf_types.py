@@ -9,6 +9,10 @@ from __future__ import annotations
 
 from quantfab.tasks.convert.gguf_types import ModelFacts, choose_types
 
+def types_of(*args, **kwargs) -> dict[str, str | None]:
+    return {name: choice.type for name, choice in choose_types(*args, **kwargs).items()}
+
+
 LINEARS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
 
 
@@ -33,7 +37,7 @@ MORE_BITS_32 = {0, 1, 2, 3, 6, 9, 12, 15, 18, 21, 24, 27, 28, 29, 30, 31}
 
 
 def test_q4_k_m_raises_attn_v_and_ffn_down_in_the_use_more_bits_layers() -> None:
-    types = choose_types("Q4_K_M", llama(32, 4096, 11008), ModelFacts(32, 32, 8), pure=False)
+    types = types_of("Q4_K_M", llama(32, 4096, 11008), ModelFacts(32, 32, 8), pure=False)
     assert layers_of(types, "attn_v", "Q6_K") == MORE_BITS_32
     assert layers_of(types, "attn_v", "Q4_K") == set(range(32)) - MORE_BITS_32
     assert layers_of(types, "ffn_down", "Q6_K") == MORE_BITS_32
@@ -45,43 +49,54 @@ def test_q4_k_m_raises_attn_v_and_ffn_down_in_the_use_more_bits_layers() -> None
 
 def test_q3_k_m_q5_k_m_and_q4_k_s_mixes() -> None:
     shapes, facts = llama(32, 4096, 11008), ModelFacts(32, 32, 8)
-    q3 = choose_types("Q3_K_M", shapes, facts, pure=False)
+    q3 = types_of("Q3_K_M", shapes, facts, pure=False)
     assert layers_of(q3, "attn_v", "Q5_K") == {0, 1} and layers_of(q3, "attn_v", "Q4_K") == set(range(2, 32))
     assert layers_of(q3, "ffn_down", "Q5_K") == {0, 1} and layers_of(q3, "ffn_down", "Q4_K") == set(range(2, 32))
     assert layers_of(q3, "attn_output", "Q4_K") == set(range(32)) and layers_of(q3, "attn_q", "Q3_K") == set(range(32))
-    q5 = choose_types("Q5_K_M", shapes, facts, pure=False)
+    q5 = types_of("Q5_K_M", shapes, facts, pure=False)
     assert layers_of(q5, "attn_v", "Q6_K") == MORE_BITS_32 and layers_of(q5, "ffn_down", "Q6_K") == MORE_BITS_32
     assert layers_of(q5, "attn_q", "Q5_K") == set(range(32))
-    q4s = choose_types("Q4_K_S", shapes, facts, pure=False)
+    q4s = types_of("Q4_K_S", shapes, facts, pure=False)
     assert layers_of(q4s, "attn_v", "Q5_K") == {0, 1, 2, 3} and layers_of(q4s, "ffn_down", "Q5_K") == {0, 1, 2, 3}
     assert layers_of(q4s, "ffn_down", "Q4_K") == set(range(4, 32))
-    q2 = choose_types("Q2_K", shapes, facts, pure=False)
+    q2 = types_of("Q2_K", shapes, facts, pure=False)
     assert layers_of(q2, "attn_v", "Q4_K") == set(range(32))  # 4 query heads per KV head
     assert layers_of(q2, "ffn_down", "Q3_K") == set(range(32)) and layers_of(q2, "attn_output", "Q3_K") == set(range(32))
 
 
 def test_70b_gives_attn_v_q5_k_and_q2_k_without_gqa_gives_q3_k() -> None:
-    seventy = choose_types("Q4_K_S", llama(80, 8192, 28672), ModelFacts(80, 64, 8), pure=False)
+    seventy = types_of("Q4_K_S", llama(80, 8192, 28672), ModelFacts(80, 64, 8), pure=False)
     assert layers_of(seventy, "attn_v", "Q5_K") == set(range(80))
-    no_gqa = choose_types("Q2_K", llama(16, 2048, 5632), ModelFacts(16, 16, 16), pure=False)
+    no_gqa = types_of("Q2_K", llama(16, 2048, 5632), ModelFacts(16, 16, 16), pure=False)
     assert layers_of(no_gqa, "attn_v", "Q3_K") == set(range(16))
 
 
 def test_rows_that_do_not_divide_fall_back_as_llama_cpp_does() -> None:
     """TinyStories-656K: rows of 128 (and 384 for ffn_down) fit no 256-block; a tied embedding is the head."""
     shapes, facts = llama(2, 128, 384, tied=True), ModelFacts(2, 8, 4)
-    q4km = choose_types("Q4_K_M", shapes, facts, pure=False)
+    q4km = types_of("Q4_K_M", shapes, facts, pure=False)
     assert q4km["token_embd.weight"] == "Q8_0"  # the head's rule: 128 % 256 != 0 -> Q8_0
     assert q4km["blk.0.attn_q.weight"] == "Q5_0" and q4km["blk.0.attn_v.weight"] == "Q5_0"
     assert q4km["blk.1.attn_v.weight"] == "Q8_0" and q4km["blk.1.ffn_down.weight"] == "Q8_0"  # Q6_K -> Q8_0
-    assert choose_types("Q5_K_S", shapes, facts, pure=True)["blk.0.ffn_up.weight"] == "Q5_1"
-    assert choose_types("Q3_K_S", shapes, facts, pure=True)["blk.0.ffn_up.weight"] == "Q4_0"
-    assert choose_types("Q4_0", shapes, facts, pure=False)["token_embd.weight"] == "Q8_0"
-    odd = choose_types("Q4_0", llama(1, 48, 96), ModelFacts(1, 4, 4), pure=False)
+    assert types_of("Q5_K_S", shapes, facts, pure=True)["blk.0.ffn_up.weight"] == "Q5_1"
+    assert types_of("Q3_K_S", shapes, facts, pure=True)["blk.0.ffn_up.weight"] == "Q4_0"
+    assert types_of("Q4_0", shapes, facts, pure=False)["token_embd.weight"] == "Q8_0"
+    odd = types_of("Q4_0", llama(1, 48, 96), ModelFacts(1, 4, 4), pure=False)
     assert odd["blk.0.attn_q.weight"] is None  # 48 % 32 != 0: F16, as llama.cpp
     assert odd["blk.0.ffn_down.weight"] == "Q4_0"
 
 
+def test_each_fallback_says_what_the_mix_wanted_and_why() -> None:
+    """A 576-wide Llama (SmolLM-135M's shape): rows of 576 fit no 256-block, ffn_down's 1536 do."""
+    choices = choose_types("Q4_K_M", llama(2, 576, 1536), ModelFacts(2, 9, 3), pure=False)
+    assert choices["blk.0.attn_q.weight"].fallback == "row 576 not a multiple of 256 (Q4_K) -> Q5_0"
+    assert choices["blk.1.attn_v.weight"].fallback == "row 576 not a multiple of 256 (Q6_K) -> Q8_0"
+    assert choices["output.weight"].fallback == "row 576 not a multiple of 256 (Q6_K) -> Q8_0"
+    assert choices["blk.1.ffn_down.weight"].fallback == "" and choices["blk.1.ffn_down.weight"].type == "Q6_K"
+    assert choose_types("Q4_0", llama(1, 48, 96), ModelFacts(1, 4, 4), pure=False)["blk.0.attn_q.weight"].fallback \
+        == "row 48 not a multiple of 32 (Q4_0) -> float"
+
+
 def test_pure_keeps_the_default_type_everywhere() -> None:
-    types = choose_types("Q4_K_M", llama(8, 512, 1024), ModelFacts(8, 8, 2), pure=True)
+    types = types_of("Q4_K_M", llama(8, 512, 1024), ModelFacts(8, 8, 2), pure=True)
     assert {t for t in types.values() if t} == {"Q4_K"}

@@ -24,7 +24,7 @@ pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parent.parent
 QUANTFAB = Path(sys.executable).parent / "quantfab"
 SETS = ["quantize.method=rtn", "outputs=[{gguf: Q8_0}, {gguf: Q4_0}]", "calibration.samples=32", "validate.tokens=2048",
-        "model.source=synthetic://llama?layers=8&hidden=256&intermediate=688&heads=4&kv_heads=2&vocab=512&seed=0"]
+        "model.source=synthetic://llama?layers=8&hidden=256&intermediate=768&heads=4&kv_heads=2&vocab=512&seed=0"]
 
 
 def launch(root: Path, prefect_env: dict[str, str]) -> subprocess.Popen:

@@ -37,6 +37,11 @@ BUILDS = {  # name -> (model source or None for TinyStories, method, file types)
     "tinystories-gptq": (None, "gptq", ["Q4_0", "Q4_K_M"]),
     "synthetic-rtn": (SYNTHETIC, "rtn", ["F32", "Q8_0", "Q4_0", *K_TYPES]),
     "synthetic-gptq": (SYNTHETIC, "gptq", ["Q4_K_M", "Q3_K_M"]),
+    # rows that K-quant blocks do not cover: SmolLM-135M's width, and hidden 1536 with 1344-wide down_proj rows
+    "w576-rtn": ("synthetic://llama?layers=4&hidden=576&intermediate=1536&heads=9&kv_heads=3&vocab=512", "rtn",
+                 ["F32", "Q4_K_M", "Q3_K_M", "Q5_K_M"]),
+    "w1536-rtn": ("synthetic://llama?layers=4&hidden=1536&intermediate=1344&heads=12&kv_heads=2&vocab=512", "rtn",
+                  ["F32", "Q4_K_M"]),
 }
 PPL_RTOL = 0.01
 
@@ -65,6 +70,27 @@ class Build:
 def builds(data_dir: Path, tmp_path_factory: pytest.TempPathFactory, stages) -> dict[str, Build]:
     store = Store(str(tmp_path_factory.mktemp("llama-cpp-store")))
     return {name: Build(*spec, store, stages) for name, spec in BUILDS.items()}
+
+
+@pytest.mark.parametrize("name", ["w576-rtn", "w1536-rtn"])
+def test_fallbacks_are_reported_exactly_where_llama_quantize_falls_back(builds: dict[str, Build], name: str,
+                                                                        tmp_path: Path) -> None:
+    """llama-quantize on our F32 file gives every tensor the type we wrote, and the tensors whose type is
+    not the mix's are exactly the ones our report lists, with the type llama.cpp chose."""
+    b = builds[name]
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, int(b.config.num_hidden_layers))
+    for file_type in BUILDS[name][2][1:]:
+        theirs_path = tmp_path / f"{name}-{file_type}.gguf"
+        llama_quantize(b.path("F32"), theirs_path, file_type, threads=2)
+        theirs = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(theirs_path)).tensors}
+        ours = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(b.path(file_type))).tensors}
+        assert ours == theirs, file_type
+        reported = {names.get_name(line.split(": ")[0]) + ".weight": line.rsplit("-> ", 1)[1]
+                    for line in b.converted.files[f"gguf-{file_type}"].fallbacks}
+        assert reported and all(theirs[t] == built for t, built in reported.items()), (file_type, reported)
+        mix = {"Q4_K_M": "Q4_K", "Q3_K_M": "Q3_K", "Q5_K_M": "Q5_K"}[file_type]
+        unreported = {t: k for t, k in theirs.items() if t not in reported and k not in ("F32", mix, "Q6_K", "Q4_K", "Q5_K")}
+        assert not unreported, unreported  # every other tensor holds a type of the mix (or a norm's F32)
 
 
 @pytest.mark.parametrize("name", ["tinystories-rtn", "synthetic-rtn"])

@@ -28,7 +28,7 @@ def build(store: Store, n: int, extra: dict[str, bytes] | None = None) -> tuple[
     blobs.update({k: store.put_bytes(v) for k, v in (extra or {}).items()})
     verification = Verification(backend="numpy", tensors=0, elements=0, max_abs_error=0.0, mismatches=[])
     fmt = FormatFile(output="gguf-Q8_0", path="part-00.gguf", files=blobs, tensor_types={}, fallbacks=[],
-                     bits_per_weight=8.0, verification=verification)
+                     bits_per_weight=8.0, nominal_bits_per_weight=8.0, verification=verification)
     model = ModelManifest(source="synthetic://llama", revision=f"r{n}", files={}, model_type="llama", num_layers=1,
                           parameters=1)
     quality = QualityManifest(report=store.put_bytes(b"{}"), passed=True, table="", failures=[])

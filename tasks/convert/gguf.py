@@ -27,7 +27,7 @@ from pydantic import BaseModel, ConfigDict
 from quantfab.kernels.gguf_blocks import pack_gguf, verify_gguf
 from quantfab.kernels.verdict import Verdict
 from quantfab.tasks.convert.gguf_layouts import METADATA, SPLITS, split_of
-from quantfab.tasks.convert.gguf_types import DEFAULT_TYPE, ModelFacts, choose_types
+from quantfab.tasks.convert.gguf_types import DEFAULT_TYPE, ModelFacts, TypeChoice, choose_types
 from quantfab.tasks.errors import UserError
 from quantfab.tasks.families import GGUFArch, family
 from quantfab.tasks.modelio import ModelDir, TensorInfo
@@ -97,6 +97,15 @@ class GGUFFormat:
         listed = list(_file_tensors(config, tensors))
         return _presets(options, listed, _types(options, config, listed))
 
+    def fallbacks(self, options: GGUFOptions, config, tensors: dict[str, TensorInfo]) -> dict[str, str]:
+        """Module (or tensor) -> why llama-quantize's row-length rules moved it off the file type's mix."""
+        if not self.stores_codes(options):
+            return {}
+        listed = list(_file_tensors(config, tensors))
+        types = _types(options, config, listed)
+        return {hf.removesuffix(".weight"): types[g].fallback.replace("-> float", f"-> {options.float_type}")
+                for hf, g, _, _, _, _ in listed if types[g].fallback}
+
     def grid_for(self, options: GGUFOptions, want: GridRequest, preset: str | None = None) -> Grid | None:
         """The grid that holds this request for a tensor whose file-type choice is ``preset``.
 
@@ -135,11 +144,12 @@ class GGUFFormat:
         return None
 
     def plan(self, options: GGUFOptions, config, tensors: dict[str, TensorInfo],
-             grids: dict[str, str | None]) -> list[PlannedTensor]:
+             grids: dict[str, str | None], as_asked: bool = False) -> list[PlannedTensor]:
         """Every tensor the file will hold, in file order, with its GGUF name and type.
 
         Layer Linears take the grid quantize used (``grids``; None there means kept in float); other 2-D
-        weights take the file type's choice.
+        weights take the file type's choice. ``as_asked``: the file had no row-length rule moved any tensor
+        off the mix (for the nominal size).
         """
         floating = QTYPE.F32 if options.type == "F32" or options.float_type == "F32" else QTYPE.F16
         listed = list(_file_tensors(config, tensors))
@@ -151,7 +161,12 @@ class GGUFFormat:
         out = []
         for name, gname, expert, part, shape, dims in listed:
             module = name.removesuffix(".weight")
-            chosen = types.get(gname) if part is not None else grids[module] if module in grids else presets.get(module)
+            if part is not None:
+                chosen = types[gname].type if gname in types else None
+            else:
+                chosen = grids[module] if module in grids else presets.get(module)
+            if as_asked and gname in types and types[gname].fallback and chosen in (types[gname].type, options.float_type):
+                chosen = types[gname].wanted
             if chosen in GRIDS:
                 qtype = QTYPE[chosen]
             elif len(shape) == 1 or gname.endswith(F32_ROUTERS):
@@ -229,16 +244,16 @@ class GGUFFormat:
 SPLIT_PRESET = "split"  # presets' value for a tensor the file holds split (gguf_layouts): no method's codes fit
 
 
-def _types(options: GGUFOptions, config, listed: list[FileTensor]) -> dict[str, str | None]:
+def _types(options: GGUFOptions, config, listed: list[FileTensor]) -> dict[str, TypeChoice]:
     """GGUF name -> llama-quantize's type for it (None: float), an expert set or split part once, in file order."""
     stacked = list({g: shape for _, g, _, _, shape, _ in listed}.items())
     return choose_types(options.type, stacked, ModelFacts.of(config), options.pure)
 
 
-def _presets(options: GGUFOptions, listed: list[FileTensor], types: dict[str, str | None]) -> dict[str, str | None]:
+def _presets(options: GGUFOptions, listed: list[FileTensor], types: dict[str, TypeChoice]) -> dict[str, str | None]:
     """Module -> its preset type (``float_type`` where llama-quantize keeps it float; SPLIT_PRESET where the
     file holds it split)."""
-    out = {hf.removesuffix(".weight"): types[g] or options.float_type for hf, g, _, part, shape, _ in listed
+    out = {hf.removesuffix(".weight"): types[g].type or options.float_type for hf, g, _, part, shape, _ in listed
            if len(shape) == 2 and part is None}
     return out | {hf.removesuffix(".weight"): SPLIT_PRESET for hf, _, _, part, _, _ in listed if part is not None}
 

@@ -29,6 +29,15 @@ def block_of(type_name: str) -> int:
 
 
 @dataclass(frozen=True)
+class TypeChoice:
+    """A tensor's GGML type (None: float), and when a row-length rule moved it off the mix's type, why."""
+
+    type: str | None
+    wanted: str | None  # the mix's type for it, before row-length rules
+    fallback: str = ""  # e.g. "row 576 not a multiple of 256 (Q4_K) -> Q5_0"
+
+
+@dataclass(frozen=True)
 class ModelFacts:
     """What llama.cpp's rules read from the model besides tensor names and shapes."""
 
@@ -63,8 +72,9 @@ def use_more_bits(i_layer: int, n_layers: int) -> bool:
 
 
 def choose_types(file_type: str, tensors: list[tuple[str, tuple[int, ...]]], facts: ModelFacts,
-                 pure: bool) -> dict[str, str | None]:
-    """GGUF name -> GGML type name for every tensor, None for those llama-quantize leaves in float.
+                 pure: bool) -> dict[str, TypeChoice]:
+    """GGUF name -> its GGML type for every tensor (None for those llama-quantize leaves in float), with
+    the fallback that moved it off the mix's type, if one did.
 
     ``tensors`` are (GGUF name, HF shape (rows, cols)) in file order.
     """
@@ -73,19 +83,21 @@ def choose_types(file_type: str, tensors: list[tuple[str, tuple[int, ...]]], fac
     n_attn_v = sum(1 for name, _ in tensors if "attn_v.weight" in name)
     n_ffn_down = sum(1 for name, _ in tensors if "ffn_down" in name)
     i_attn_v = i_ffn_down = 0
-    out: dict[str, str | None] = {}
+    out: dict[str, TypeChoice] = {}
     for name, shape in tensors:
         if not quantizable(name, shape):
-            out[name] = None
+            out[name] = TypeChoice(None, None)
             continue
         cols = shape[-1]
         new = default
         if not pure:
             if name == "output.weight" or (tied and name == "token_embd.weight"):
-                if cols % block_of(new):
-                    new = "Q8_0"
-                elif new != "Q8_0":
-                    new = "Q6_K"
+                wanted = "Q6_K" if new != "Q8_0" else new
+                if cols % block_of(new):  # the head's own rule, then the usual fallback
+                    built = _fallback("Q8_0", cols).type
+                    out[name] = TypeChoice(built, wanted, _why(cols, wanted, built) if built != wanted else "")
+                    continue
+                new = wanted
             elif "attn_v.weight" in name:
                 new = _attn_v(file_type, new, i_attn_v, n_attn_v, facts)
                 i_attn_v += 1
@@ -138,8 +150,12 @@ def _ffn_down(file_type: str, new: str, i: int, n: int) -> str:
     return new
 
 
-def _fallback(new: str, cols: int) -> str | None:
+def _fallback(wanted: str, cols: int) -> TypeChoice:
     """tensor_type_fallback: a type whose block does not divide the row, then the float type."""
-    if cols % block_of(new):
-        new = FALLBACK.get(new, new)
-    return None if cols % block_of(new) else new
+    new = FALLBACK.get(wanted, wanted) if cols % block_of(wanted) else wanted
+    new = None if cols % block_of(new) else new
+    return TypeChoice(new, wanted, _why(cols, wanted, new) if new != wanted else "")
+
+
+def _why(cols: int, wanted: str, new: str | None) -> str:
+    return f"row {cols} not a multiple of {block_of(wanted)} ({wanted}) -> {new or 'float'}"

@@ -24,6 +24,7 @@ SHARD_BYTES = 5 << 30  # save_pretrained's default max_shard_size
 TOKENIZER_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "tokenizer.model")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+SOURCE_FLOATS = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}  # safetensors dtype -> torch
 
 
 @dataclass(frozen=True)
@@ -46,13 +47,15 @@ def model_dtype(config) -> torch.dtype:
 
 def plan_tensors(config, tensors: dict[str, TensorInfo], grids: dict[str, str | None],
                  quantized_bytes: Callable[[tuple[int, ...], str, torch.dtype], int]) -> list[PlannedTensor]:
-    """Every stored tensor: a tied head is stored once, as the embedding, like save_pretrained does."""
-    dtype = model_dtype(config)
+    """Every stored tensor: a tied head is stored once, as the embedding, like save_pretrained does. A tensor
+    kept in float keeps the checkpoint's own float type (a bf16 tensor stays bf16 under a float32 config)."""
+    model = model_dtype(config)
     out = []
     for name in sorted(tensors):
         if name.endswith("rotary_emb.inv_freq") or (name == "lm_head.weight" and config.tie_word_embeddings):
             continue
         shape, grid = tensors[name].shape, grids.get(name.removesuffix(".weight"))
+        dtype = model if grid else SOURCE_FLOATS.get(tensors[name].dtype, model)
         nbytes = quantized_bytes(shape, grid, dtype) if grid else int(np.prod(shape)) * dtype.itemsize
         out.append(PlannedTensor(name, shape, grid, dtype, nbytes))
     return out
@@ -74,7 +77,9 @@ class HFFolderFormat:
         """No per-tensor choice: every Linear takes the grid ``grid_for`` gives the recipe's request."""
         return {}
 
-    def plan(self, options: Any, config, tensors: dict[str, TensorInfo], grids: dict[str, str | None]) -> list[PlannedTensor]:
+    def plan(self, options: Any, config, tensors: dict[str, TensorInfo], grids: dict[str, str | None],
+             as_asked: bool = False) -> list[PlannedTensor]:
+        """Every stored tensor (``as_asked`` changes nothing here: only the Linears' ``grids`` can fall back)."""
         return plan_tensors(config, tensors, grids, type(self).packed_bytes)
 
     def float_codes(self, t: PlannedTensor, load: Callable[[], np.ndarray]) -> None:

@@ -17,9 +17,9 @@ from typing import Any, Callable
 import numpy as np
 
 from quantfab.kernels.backends import current
-from quantfab.tasks.convert import FORMATS
+from quantfab.tasks.convert import FORMATS, differences
 from quantfab.tasks.download import materialize
-from quantfab.tasks.manifests import (EXPERT_FALLBACK, ConvertManifest, FormatFile, Mismatch, ModelManifest, QuantizedOutput,
+from quantfab.tasks.manifests import (ConvertManifest, FormatFile, Mismatch, ModelManifest, QuantizedOutput,
                                       QuantizeManifest, Verification, weight_bytes)
 from quantfab.tasks.parallel import pmap
 from quantfab.tasks.quantize.grids import Encoded, Grid, grid_named
@@ -81,11 +81,13 @@ def convert_output(job: OutputJob) -> FormatFile:
     types: dict[str, int] = {}
     for t in planned:
         types[t.type_name] = types.get(t.type_name, 0) + 1
-    fallbacks = [f"{m.name}: {m.note}" for m in (q.modules if q else [])
-                 if (m.grid is None and "row length" in m.note) or EXPERT_FALLBACK in m.note]
-    return FormatFile(output=o.key, path=out_name, files=blobs, tensor_types=types, fallbacks=fallbacks,
+    modules = q.modules if q else []
+    added = sum(t.nbytes for t in planned) - differences.nominal_bytes(fmt, o, config, weights.tensors,
+                                                                       {m.name: m.asked or m.grid for m in modules})
+    return FormatFile(output=o.key, path=out_name, files=blobs, tensor_types=types,
+                      fallbacks=differences.fallbacks(fmt, o, config, weights.tensors, {m.name: m.fallback for m in modules}),
                       bits_per_weight=round(weight_bytes(blobs) * 8 / job.model.parameters, 4),
-                      verification=verification)
+                      nominal_bits_per_weight=round((weight_bytes(blobs) - added) * 8 / job.model.parameters, 4), verification=verification)
 
 
 def verify_output(fmt: Any, written: Any, planned: list, codes: Callable[[Any], tuple[Grid, Encoded] | None]) -> Verification:

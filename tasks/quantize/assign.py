@@ -1,17 +1,22 @@
 """Which grid and method each Linear gets for one output: ignore globs, overrides, row-length fallback.
 
-Plan and quantize both call this, so what plan shows is what quantize does.
+Plan and quantize both call this, so what plan shows is what quantize does. Every Linear that ends up
+other than the recipe asked (a format's fallback type, a smaller group, kept in float) carries the
+reason in ``fallback``. A group or block that does not divide a row is never turned into float
+silently: ``quantize.indivisible`` refuses (the default, naming the Linears and the group sizes that
+would fit), picks the largest group that divides every row, or keeps those Linears in float.
 """
 
 from __future__ import annotations
 
 import fnmatch
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from quantfab.tasks.decoder import layout, model_units
 from quantfab.tasks.modelio import TensorInfo
-from quantfab.tasks.quantize.grids import GridRequest
+from quantfab.tasks.errors import UserError
+from quantfab.tasks.quantize.grids import GridRequest, grid_named
 
 
 @dataclass(frozen=True)
@@ -20,6 +25,8 @@ class Assignment:
     method: str
     grid: str | None  # None: kept in float
     note: str = ""
+    asked: str | None = None  # the grid the recipe asked for, where a fallback changed it
+    fallback: str = ""  # why this differs from what the recipe asked ("" when it does not)
 
 
 def matches(module: str, pattern: str) -> bool:
@@ -39,9 +46,11 @@ def keeps_floats(options: Any, preset: str | None, cols: int) -> str:
     return f"{options.key} keeps floats" + (f" (row length {cols} fits no block of its type)" if preset else "")
 
 
-def assign(module: str, cols: int, quant: Any, fmt: Any, options: Any, preset: str | None = None) -> Assignment:
+def assign(module: str, cols: int, quant: Any, fmt: Any, options: Any, preset: str | None = None,
+           preset_fallback: str = "") -> Assignment:
     """``quant`` is the recipe's QuantizeSpec; ``fmt``/``options`` the output's format and options; ``preset``
-    the type the format's own per-tensor rules give this module (``fmt.presets``), if it has any."""
+    the type the format's own per-tensor rules give this module (``fmt.presets``), if it has any, and
+    ``preset_fallback`` why those rules moved it off the type asked for."""
     if any(matches(module, pat) for pat in quant.ignore):
         return Assignment(module, quant.method, None, "ignored by quantize.ignore")
     method, bits, group_size, symmetric = quant.method, quant.bits, quant.group_size, quant.symmetric
@@ -54,20 +63,72 @@ def assign(module: str, cols: int, quant: Any, fmt: Any, options: Any, preset: s
     grid = fmt.grid_for(options, request(method, bits, group_size, symmetric, quant), preset)
     if grid is None:  # a format may say why itself (GGUF's split tensors)
         note = fmt.float_note(options, preset) if hasattr(fmt, "float_note") else None
-        return Assignment(module, method, None, note or keeps_floats(options, preset, cols))
+        return Assignment(module, method, None, note or keeps_floats(options, preset, cols), fallback=preset_fallback)
     grid = grid.for_row(cols)
     if cols % grid.span:
+        kept = getattr(options, "float_type", "float")
         return Assignment(module, method, None, f"row length {cols} is not a multiple of the {grid.name} block "
-                          f"{grid.span}: kept as {getattr(options, 'float_type', 'float')}")
-    return Assignment(module, method, grid.name)
+                          f"{grid.span}: kept as {kept}", asked=grid.name,
+                          fallback=f"row {cols} not a multiple of {grid.span} ({grid.name}) -> {kept}")
+    return Assignment(module, method, grid.name, fallback=preset_fallback if grid.name == preset else "")
 
 
 def assign_layers(config, tensors: dict[str, TensorInfo], quant: Any, fmt: Any, options: Any) -> list[dict[str, Assignment]]:
     """Per decoder layer, every unit's assignment for one output (what plan shows and quantize does): units are
-    the checkpoint's matrices (Linears, and each expert's), named as on disk."""
+    the checkpoint's matrices (Linears, and each expert's), named as on disk. Linears a group or block would
+    leave in float are handled by ``quant.indivisible``."""
     presets = fmt.presets(options, config, tensors)
+    format_fallbacks = fmt.fallbacks(options, config, tensors) if hasattr(fmt, "fallbacks") else {}
     shape = layout(config)
     units = model_units(config, {n: t.shape for n, t in tensors.items()})
-    return [{lin: assign(f"{shape.prefix(i)}{lin}", tensors[f"{shape.prefix(i)}{lin}.weight"].shape[1], quant, fmt,
-                         options, presets.get(f"{shape.prefix(i)}{lin}")) for lin in linears}
-            for i, linears in enumerate(units)]
+
+    def assign_all(q: Any) -> list[dict[str, Assignment]]:
+        named = [{lin: f"{shape.prefix(i)}{lin}" for lin in linears} for i, linears in enumerate(units)]
+        return [{lin: assign(m, tensors[f"{m}.weight"].shape[1], q, fmt, options, presets.get(m),
+                             format_fallbacks.get(m, "")) for lin, m in layer.items()} for layer in named]
+
+    layers = assign_all(quant)
+    stuck = [a for layer in layers for a in layer.values() if a.grid is None and a.fallback]
+    if not stuck or quant.indivisible == "keep_float":
+        return layers
+    rows = {a.module: tensors[f"{a.module}.weight"].shape[1] for layer in layers for a in layer.values()
+            if a.grid or a in stuck}
+    group = quant.group_size or max((grid_named(a.asked).span for a in stuck if a.asked), default=0)
+    fits = _dividing_groups(rows.values(), group, options, fmt, quant)
+    if quant.indivisible == "largest_group" and fits:
+        asked = {a.module: a.grid or a.asked for layer in layers for a in layer.values()}
+        why = (f"group {group} -> {fits[0]}: rows of {', '.join(map(str, sorted({rows[a.module] for a in stuck})))} "
+               f"are not multiples of {group} (quantize.indivisible: largest_group)")
+        return [{lin: replace(a, asked=asked[a.module], fallback=a.fallback or why) if a.grid else a
+                 for lin, a in layer.items()} for layer in assign_all(quant.model_copy(update={"group_size": fits[0]}))]
+    raise UserError(_refusal(options.key, stuck, rows, fits, quant.indivisible))
+
+
+def _dividing_groups(rows: Any, group: int, options: Any, fmt: Any, quant: Any) -> list[int]:
+    """Group sizes below ``group`` (powers of two down to 16, largest first) that divide every quantized row and
+    that the format accepts for this request; none where no group was asked (a format's fixed blocks)."""
+    rows = list(rows)
+    found = []
+    for g in (256, 128, 64, 32, 16):
+        if g >= group or any(r % g for r in rows):
+            continue
+        try:
+            grid = fmt.grid_for(options, request(quant.method, quant.bits, g, quant.symmetric, quant), None)
+        except ValueError:
+            continue
+        if grid is not None and grid.span == g:
+            found.append(g)
+    return found
+
+
+def _refusal(key: str, stuck: list[Assignment], rows: dict[str, int], fits: list[int], policy: str) -> str:
+    by_row: dict[int, list[str]] = {}
+    for a in stuck:
+        by_row.setdefault(rows[a.module], []).append(a.module)
+    listed = "; ".join(f"row {r}: {len(m)} ({', '.join(m[:3])}{', ...' if len(m) > 3 else ''})" for r, m in sorted(by_row.items()))
+    hint = (f"group sizes that divide every quantized row: {', '.join(map(str, fits))} (quantize.group_size), or "
+            "quantize.indivisible: largest_group picks the first" if fits else
+            "no group size this format accepts divides every row")
+    done = "largest_group found none that fits; " if policy == "largest_group" else ""
+    return (f"outputs[{key}]: {len(stuck)} Linears would be kept in float ({stuck[0].fallback}): {listed}; "
+            f"{done}{hint}; or quantize.indivisible: keep_float to keep them in float")

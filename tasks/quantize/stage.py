@@ -142,7 +142,8 @@ def with_fallbacks(plan: dict[str, Assignment], structure: LayerStructure, rtn: 
         for lin in structure.groups[key]:
             a = plan[lin]
             if a.grid is not None:
-                out[lin] = Assignment(a.module, "rtn" if rtn else a.method, a.grid, "; ".join(filter(None, (a.note, note))))
+                out[lin] = Assignment(a.module, "rtn" if rtn else a.method, a.grid, "; ".join(filter(None, (a.note, note))),
+                                      a.asked, "; ".join(filter(None, (a.fallback, note))))
     return out
 
 
@@ -192,7 +193,7 @@ def _commit(result: LayerResult, plan: dict[str, Assignment], tensors: dict[str,
     reports = []
     for lin, a in plan.items():
         if a.grid is None:
-            reports.append(ModuleReport(name=prefix + lin, grid=None, note=a.note))
+            reports.append(ModuleReport(name=prefix + lin, grid=None, note=a.note, asked=a.asked, fallback=a.fallback))
             continue
         enc = result.encoded[lin]
         grid = grid_named(a.grid)
@@ -201,7 +202,7 @@ def _commit(result: LayerResult, plan: dict[str, Assignment], tensors: dict[str,
         fitted = result.fitted.get(lin, tensors[f"{lin}.weight"])
         error = result.stats[lin].relative_output_error(fitted, grid.decode(enc), device)
         reports.append(ModuleReport(name=prefix + lin, grid=a.grid, method=a.method,
-                                    note="; ".join(filter(None, (a.note, result.notes.get(lin)))),
+                                    note="; ".join(filter(None, (a.note, result.notes.get(lin)))), asked=a.asked, fallback=a.fallback,
                                     relative_output_error=error))
     with store.scratch_file(".safetensors") as path:
         write_layer_file(path, {prefix + lin: enc for lin, enc in result.encoded.items()},
