@@ -1,19 +1,23 @@
 """The six stages as Prefect tasks: thin wrappers over the plain functions in quantfab.tasks.
 
-A stage's cache key is Prefect's INPUTS + TASK_SOURCE over its arguments: the recipe section, the
-upstream manifests (blob digests), the store, and ``code``, a digest of the source files the stage runs.
+A stage's cache key is ours, not Prefect's input hashing: sha256 of the stage's name and the canonical
+JSON of its arguments (the recipe section, the upstream manifests with their blob digests, the store, and
+``code``, a digest of the source files the stage runs) and of the stage's wrapper below. Prefect stores
+and finds the result record under it; anything else can compute it without Prefect.
 Each runs inside ``store.writing()``: a full disk while it writes is a clear error, not a traceback.
 """
 
 from __future__ import annotations
 
+import ast
 import hashlib
+import json
+from functools import lru_cache
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 from prefect import Task, task
-from prefect.cache_policies import INPUTS, TASK_SOURCE
+from pydantic import BaseModel
 
 from quantfab.pipelines.recipe import CalibrationSpec, ModelSpec, QuantizeSpec, ValidateSpec
 from quantfab.tasks import calibrate as calibrate_mod
@@ -27,7 +31,6 @@ from quantfab.tasks.manifests import (CalibrationManifest, ConvertManifest, Expe
 from quantfab.tasks.quantize import stage as quantize_mod
 from quantfab.tasks.store import Store
 
-CACHE_POLICY = INPUTS + TASK_SOURCE
 ROOT = Path(__file__).resolve().parent.parent  # where tasks/ and kernels/ live (the repo, or site-packages)
 COMMON = ["tasks/errors.py", "tasks/store.py", "tasks/manifests.py", "tasks/modelio.py", "tasks/decoder.py",
           "tasks/families.py", "tasks/checkpoint_map.py", "tasks/download.py"]
@@ -60,6 +63,35 @@ def code_digest(stage: str) -> str:
     return h.hexdigest()[:16]
 
 
+def cache_key(stage: str, inputs: dict[str, Any]) -> str:
+    """The stage's cache key for these inputs: sha256 of its name, its wrapper's source and their canonical JSON."""
+    text = json.dumps({"stage": stage, "wrapper": _wrapper_source(stage), "inputs": _plain(inputs)}, sort_keys=True,
+                      separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+@lru_cache(maxsize=None)
+def _wrapper_source(stage: str) -> str:
+    """The source of the stage's function in this file (what Prefect's TASK_SOURCE hashed), read without importing."""
+    source = Path(__file__).read_text()
+    node = next(n for n in ast.parse(source).body if isinstance(n, ast.FunctionDef) and n.name == stage)
+    return ast.get_source_segment(source, node) or ""
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, BaseModel):
+        return value.model_dump(mode="json")
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _task_key(context: Any, parameters: dict[str, Any]) -> str:
+    return cache_key(context.task.name, parameters)
+
+
 def _worth_retrying(task: Task, task_run: Any, state: Any) -> bool:
     """A user's mistake (a UserError: bad file, bad tensor) fails at once; other failures are retried."""
     try:
@@ -72,7 +104,7 @@ def _worth_retrying(task: Task, task_run: Any, state: Any) -> bool:
 
 
 def _stage(name: str, retries: int = 0):
-    return task(name=name, cache_policy=CACHE_POLICY, persist_result=True, result_serializer="json",
+    return task(name=name, cache_key_fn=_task_key, persist_result=True, result_serializer="json",
                 retries=retries, retry_delay_seconds=[2, 8, 30][:retries] or 0, retry_condition_fn=_worth_retrying)
 
 
@@ -128,8 +160,3 @@ def package(name: str, model: ModelManifest, converted: ConvertManifest, quality
 
 
 STAGES: dict[str, Task] = {t.name: t for t in (download, calibrate, quantize, convert, validate, package)}
-
-
-def cache_key(stage: str, inputs: dict[str, Any]) -> str | None:
-    """The key Prefect will compute for this stage and these inputs (plan uses it to predict hits)."""
-    return CACHE_POLICY.compute_key(task_ctx=SimpleNamespace(task=STAGES[stage]), inputs=inputs, flow_parameters={})
