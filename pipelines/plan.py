@@ -20,13 +20,12 @@ from quantfab.pipelines.quantize import ORDER, stage_inputs
 from quantfab.pipelines.recipe import Recipe
 from quantfab.pipelines.stages import cache_key
 from quantfab.tasks import synthetic
-from quantfab.tasks.convert import FORMATS
+from quantfab.tasks.convert import FORMATS, differences
 from quantfab.tasks.redact import redact, redact_text
 from quantfab.tasks.errors import UnsupportedModel, UserError
 from quantfab.tasks.manifests import Manifest
 from quantfab.tasks.modelio import (ST_DTYPES, ModelDir, TensorInfo, alias_tied_embeddings, check_against_config,
                                     read_safetensors_header)
-from quantfab.tasks.convert import differences
 from quantfab.tasks.quantize.assign import assign_layers
 from quantfab.tasks.store import Store, filesystem, free_bytes
 

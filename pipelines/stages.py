@@ -4,7 +4,7 @@ A stage's cache key is ours, not Prefect's input hashing: sha256 of the stage's 
 JSON of its arguments (the recipe section, the upstream manifests with their blob digests, the store, and
 ``code``, a digest of the source files the stage runs) and of the stage's wrapper below. Prefect stores
 and finds the result record under it; anything else can compute it without Prefect.
-Each runs inside ``store.writing()``: a full disk while it writes is a clear error, not a traceback.
+Each runs inside ``store.writing()`` (``_store_writing``): a full disk while it writes is a clear error, not a traceback.
 """
 
 from __future__ import annotations
@@ -12,9 +12,10 @@ from __future__ import annotations
 import ast
 import hashlib
 import json
+from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from prefect import Task, task
 from pydantic import BaseModel
@@ -103,6 +104,14 @@ def _worth_retrying(task: Task, task_run: Any, state: Any) -> bool:
     return True
 
 
+@contextmanager
+def _store_writing(store_url: str) -> Iterator[Store]:
+    """The run's store, where a full disk while the stage writes is a clear error (``Store.writing``)."""
+    store = Store(store_url)
+    with store.writing():
+        yield store
+
+
 def _stage(name: str, retries: int = 0):
     return task(name=name, cache_key_fn=_task_key, persist_result=True, result_serializer="json",
                 retries=retries, retry_delay_seconds=[2, 8, 30][:retries] or 0, retry_condition_fn=_worth_retrying)
@@ -110,8 +119,7 @@ def _stage(name: str, retries: int = 0):
 
 @_stage("download", retries=2)
 def download(model: ModelSpec, store_url: str, code: str) -> ModelManifest:
-    store = Store(store_url)
-    with store.writing():
+    with _store_writing(store_url) as store:
         return download_mod.download(model.source, model.revision, model.include, model.allow_pickle, store,
                                      model.sha256)
 
@@ -119,8 +127,7 @@ def download(model: ModelSpec, store_url: str, code: str) -> ModelManifest:
 @_stage("calibrate")
 def calibrate(model: ModelManifest, calibration: CalibrationSpec, statistics: bool, device: str, store_url: str,
               code: str) -> CalibrationManifest:
-    store = Store(store_url)
-    with store.writing():
+    with _store_writing(store_url) as store:
         return calibrate_mod.calibrate(model, calibration.source, calibration.samples, calibration.seq_len, calibration.seed,
                                        calibration.text_field, device, store, statistics,
                                        ExpertFallback(**calibration.experts.model_dump()))
@@ -129,32 +136,28 @@ def calibrate(model: ModelManifest, calibration: CalibrationSpec, statistics: bo
 @_stage("quantize")
 def quantize(model: ModelManifest, calibration: CalibrationManifest, quantize: QuantizeSpec, outputs: list,
              device: str, store_url: str, code: str) -> QuantizeManifest:
-    store = Store(store_url)
-    with store.writing():
+    with _store_writing(store_url) as store:
         return quantize_mod.quantize(model, calibration, quantize, outputs, device, store)
 
 
 @_stage("convert")
 def convert(model: ModelManifest, quantized: QuantizeManifest, outputs: list, name: str, store_url: str,
             code: str) -> ConvertManifest:
-    store = Store(store_url)
-    with store.writing():
+    with _store_writing(store_url) as store:
         return convert_mod.convert(model, quantized, outputs, name, store)
 
 
 @_stage("validate")
 def validate(model: ModelManifest, converted: ConvertManifest, quantized: QuantizeManifest, outputs: list,
              validate: ValidateSpec, device: str, store_url: str, code: str) -> QualityManifest:
-    store = Store(store_url)
-    with store.writing():
+    with _store_writing(store_url) as store:
         return validate_mod.validate(model, converted, quantized, outputs, validate, device, store)
 
 
 @_stage("package")
 def package(name: str, model: ModelManifest, converted: ConvertManifest, quality: QualityManifest, recipe_yaml: str,
             recipe_digest: str, destination: str, version: str, store_url: str, code: str) -> PackageManifest:
-    store = Store(store_url)
-    with store.writing():
+    with _store_writing(store_url) as store:
         return package_mod.package(name, model, converted, quality, recipe_yaml, recipe_digest, destination, version,
                                    store)
 

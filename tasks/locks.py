@@ -18,7 +18,7 @@ import threading
 import time
 import uuid
 from contextlib import contextmanager
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 from quantfab.tasks.store import Store
 
@@ -91,12 +91,9 @@ def _lease(store: Store, name: str, on_wait: Callable[[str], None]) -> Iterator[
             break
         except FileExistsError:
             pass
-        try:
-            owner = json.loads(fs.cat_file(path))
-        except FileNotFoundError:
+        owner = _lease_owner(fs, path)
+        if owner is None:
             continue  # released meanwhile
-        except ValueError:
-            owner = {}  # torn or foreign: stale once old enough
         if _stale(owner):
             try:
                 fs.rm(path)
@@ -142,10 +139,15 @@ def held(store: Store, name: str) -> bool:
             return True
         finally:
             os.close(fd)
+    owner = _lease_owner(store.fs, f"{store.root}/locks/{name}.lease")
+    return owner is not None and not _stale(owner)
+
+
+def _lease_owner(fs: Any, path: str) -> dict | None:
+    """Who holds the lease at ``path`` (``{}`` for a torn or foreign one: stale once old enough); None when free."""
     try:
-        owner = json.loads(store.fs.cat_file(f"{store.root}/locks/{name}.lease"))
+        return json.loads(fs.cat_file(path))
     except FileNotFoundError:
-        return False
+        return None
     except ValueError:
-        owner = {}
-    return not _stale(owner)
+        return {}

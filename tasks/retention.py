@@ -115,10 +115,9 @@ def collect(store: Store, policy: Policy, dry_run: bool = False) -> Collection:
         live = [v.record for v in verdicts if v.state == "running"]
         margin = 0 if store.is_local else SKEW_SECONDS
         horizon = min((r.started for r in live), default=time.time()) - margin
-        sizes = {path.rsplit("/", 2)[-2] + path.rsplit("/", 1)[-1]: int(info["size"]) for path, info in blobs.items()
-                 if ".tmp-" not in path}
-        recent = {path.rsplit("/", 2)[-2] + path.rsplit("/", 1)[-1] for path, info in blobs.items()
-                  if ".tmp-" not in path and _mtime(info) >= horizon}
+        digests = {path: store.digest_at(path) for path in blobs}
+        sizes = {d: int(blobs[path]["size"]) for path, d in digests.items() if d}
+        recent = {d for path, d in digests.items() if d and _mtime(blobs[path]) >= horizon}
         out = Collection(builds=verdicts, size_before=sum(sizes.values()))
         keeper = _Keeper(_checkpoints(store), recent, horizon, margin)
         if policy.max_size is not None:
@@ -226,13 +225,13 @@ def _plan_removals(store: Store, out: Collection, blobs: dict[str, dict], keep: 
     kept_checkpoints = keeper.kept_checkpoints(out.builds)
     removed["checkpoints"] += [(path, 0) for path in keeper.checkpoints if path not in kept_checkpoints]
     for path, info in blobs.items():
-        digest = path.rsplit("/", 2)[-2] + path.rsplit("/", 1)[-1]
-        if ".tmp-" in path:
+        digest = store.digest_at(path)
+        if digest is None:
             if _mtime(info) < keeper.horizon:
                 removed["leftovers"].append((path, int(info["size"])))
         elif digest not in keep:
             removed["blobs"].append((path, int(info["size"])))
-            removed["verified"].append((f"{store.root}/verified/{digest[:2]}/{digest[2:]}", 0))
+            removed["verified"].append((store.verified_path(digest), 0))
     results = {key for v in out.builds if v.keep for key in v.record.results.values()}
     for path, info in _files(store, "results").items():
         if os.path.basename(path) not in results and _mtime(info) < keeper.horizon:
@@ -254,8 +253,8 @@ def _dangling(folder: str, keep: set[str]) -> bool:
     """Whether a model folder of links points at a blob gc removes (it is rebuilt when needed)."""
     for base, _, names in os.walk(folder):
         for name in names:
-            target = os.readlink(os.path.join(base, name)) if os.path.islink(os.path.join(base, name)) else ""
-            parts = target.rsplit("/", 2)
-            if target and len(parts) == 3 and parts[-2] + parts[-1] not in keep:
+            link = os.path.join(base, name)
+            digest = Store.digest_at(os.readlink(link)) if os.path.islink(link) else None
+            if digest is not None and digest not in keep:
                 return True
     return False

@@ -21,7 +21,7 @@ import time
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import fsspec
 from pydantic import BaseModel, ConfigDict
@@ -71,22 +71,26 @@ def file_stamp(fs: fsspec.AbstractFileSystem, path: str, identity: bool) -> tupl
     return int(info["size"]), ":".join(str(m) for m in [info["size"], *marks] if m is not None)
 
 
-def sha256_file(path: str | Path) -> str:
+def _copy_hashing(src: Any, dst: Any = None) -> str:
+    """sha256 of what ``src`` holds, read in chunks (and written to ``dst`` as it goes, if given)."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(CHUNK):
-            h.update(chunk)
+    while chunk := src.read(CHUNK):
+        h.update(chunk)
+        if dst is not None:
+            dst.write(chunk)
     return h.hexdigest()
+
+
+def sha256_file(path: str | Path) -> str:
+    with open(path, "rb") as f:
+        return _copy_hashing(f)
 
 
 def sha256_of(fs: fsspec.AbstractFileSystem, path: str) -> str:
     if is_local(fs):
         return sha256_file(path)
-    h = hashlib.sha256()
     with fs.open(path, "rb") as f:
-        while chunk := f.read(CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
+        return _copy_hashing(f)
 
 
 class Blob(BaseModel):
@@ -152,19 +156,26 @@ class Store:
     def _key(self, digest: str) -> str:
         return f"{self.root}/blobs/sha256/{digest[:2]}/{digest[2:]}"
 
-    def _record(self, digest: str) -> str:
+    @staticmethod
+    def digest_at(path: str) -> str | None:
+        """The digest a blob path (``.../ab/cdef...``) names; None for anything else (a write's temporary file)."""
+        digest = "".join(path.rstrip("/").split("/")[-2:])
+        return digest if len(digest) == 64 and all(c in "0123456789abcdef" for c in digest) else None
+
+    def verified_path(self, digest: str) -> str:
+        """Where the stamp of the blob's last whole hash is recorded."""
         return f"{self.root}/verified/{digest[:2]}/{digest[2:]}"
 
     def _recorded_stamp(self, digest: str) -> str | None:
         try:
-            return self.fs.cat_file(self._record(digest)).decode()
+            return self.fs.cat_file(self.verified_path(digest)).decode()
         except (FileNotFoundError, UnicodeDecodeError):
             return None
 
     def _verified(self, key: str, digest: str, stamp: str) -> None:
         """Remember that the file at ``key`` with ``stamp`` hashed to its digest (here, and in the store)."""
         _VERIFIED[key] = stamp
-        record = self._record(digest)
+        record = self.verified_path(digest)
         self.fs.makedirs(os.path.dirname(record), exist_ok=True)
         self.fs.pipe_file(record, stamp.encode())
 
@@ -207,8 +218,8 @@ class Store:
             self.fs.mv(self._key(blob.digest), aside)
         except FileNotFoundError:
             return f"{why}; already moved aside by another run"
-        if self.fs.exists(self._record(blob.digest)):
-            self.fs.rm(self._record(blob.digest))
+        if self.fs.exists(self.verified_path(blob.digest)):
+            self.fs.rm(self.verified_path(blob.digest))
         return f"{why}; moved aside to {redact(aside)}"
 
     def put_file(self, path: str | Path) -> Blob:
@@ -270,18 +281,11 @@ class Store:
         cached.parent.mkdir(parents=True, exist_ok=True)
         tmp = cached.with_suffix(f".tmp-{uuid.uuid4().hex}")
         try:
-            h = hashlib.sha256()
             with reporting_full_disks("the local copy of a remote store's blob", fsspec.filesystem("file"),
                                       str(cached.parent), blob.size):
-                with self.fs.open(self._key(blob.digest), "rb") as src, open(tmp, "wb") as dst:
-                    while chunk := src.read(CHUNK):
-                        h.update(chunk)
-                        dst.write(chunk)
-            if h.hexdigest() != blob.digest:
-                raise BlobUnavailable(blob.digest, self.quarantine(blob, f"altered: its bytes hash to sha256 {h.hexdigest()}"))
+                with open(tmp, "wb") as dst:
+                    self._copy_checked(blob, dst)
             os.replace(tmp, cached)
-        except FileNotFoundError:
-            raise BlobUnavailable(blob.digest, f"missing from the store {redact(self.url)}") from None
         finally:
             tmp.unlink(missing_ok=True)
         _VERIFIED[str(cached)] = file_stamp(fsspec.filesystem("file"), str(cached), identity=True)[1]
@@ -290,18 +294,25 @@ class Store:
     def copy_out(self, blob: Blob, fs: fsspec.AbstractFileSystem, path: str) -> None:
         """Copy a blob to ``path`` on ``fs`` (a package being published), hashing the bytes as they go:
         a blob that no longer matches its digest is moved aside and nothing of it is left at ``path``."""
-        h = hashlib.sha256()
         try:
             with reporting_full_disks("package.destination", fs, path, blob.size):
-                with self.fs.open(self._key(blob.digest), "rb") as src, fs.open(path, "wb") as dst:
-                    while chunk := src.read(CHUNK):
-                        h.update(chunk)
-                        dst.write(chunk)
+                with fs.open(path, "wb") as dst:
+                    self._copy_checked(blob, dst)
+        except BlobUnavailable:
+            if fs.exists(path):
+                fs.rm(path)
+            raise
+
+    def _copy_checked(self, blob: Blob, dst: Any) -> None:
+        """Write the blob's bytes to the open file ``dst``, hashing them as they go: a blob that is missing, or
+        no longer matches its digest (then moved aside), raises BlobUnavailable once its bytes are written."""
+        try:
+            with self.fs.open(self._key(blob.digest), "rb") as src:
+                actual = _copy_hashing(src, dst)
         except FileNotFoundError:
             raise BlobUnavailable(blob.digest, f"missing from the store {redact(self.url)}") from None
-        if h.hexdigest() != blob.digest:
-            fs.rm(path)
-            raise BlobUnavailable(blob.digest, self.quarantine(blob, f"altered: its bytes hash to sha256 {h.hexdigest()}"))
+        if actual != blob.digest:
+            raise BlobUnavailable(blob.digest, self.quarantine(blob, f"altered: its bytes hash to sha256 {actual}"))
 
     def _ref(self, kind: str, key: str) -> str:
         return f"{self.root}/refs/{kind}/{key}.json"

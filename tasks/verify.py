@@ -63,8 +63,8 @@ def verify_store(store: Store) -> list[FileCheck]:
     checks = []
     for path in paths:
         name = path[len(base) + 1:]
-        digest = name.replace("/", "")
-        if ".tmp-" in name or len(digest) != 64:
+        digest = store.digest_at(path)
+        if digest is None:
             checks.append(FileCheck(f"blobs/sha256/{name}", "extra", "not a blob: a write that never finished"))
             continue
         problem = store.check(Blob(digest=digest, size=store.fs.size(path)), whole=True)

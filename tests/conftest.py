@@ -95,7 +95,7 @@ class Damage:
 
         path = Path(store._key(digest))
         Damage.flip(path)
-        Path(store._record(digest)).write_text(file_stamp(fsspec.filesystem("file"), str(path), identity=True)[1])
+        Path(store.verified_path(digest)).write_text(file_stamp(fsspec.filesystem("file"), str(path), identity=True)[1])
         return path
 
     @staticmethod
