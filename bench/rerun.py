@@ -1,22 +1,26 @@
-"""Cold run vs no-op rerun of recipes/demo.yaml, with the fixed costs that bound the rerun.
+"""Cold run vs the no-op answers of recipes/demo.yaml: `quantfab run` and `plan` on an up-to-date build.
 
-1. cold: ``quantfab run recipes/demo.yaml`` with a fresh temporary ``--store`` and a fresh
-   ``package.destination`` (every stage runs);
-2. rerun: the same command again, in a new process, same store and destination (every stage should be
-   a cache hit);
-3. baselines, each in a fresh process with the same environment:
-   * import: ``import quantfab.pipelines.quantize`` (torch, transformers, prefect, the tasks);
-   * prefect: the import above plus an empty Prefect flow with one task, which starts the ephemeral
-     API server (``python -m uvicorn ... prefect.server.api.server:create_app``) just as a real run does.
+1. cold: ``quantfab run recipes/demo.yaml`` with a fresh temporary ``--store`` and ``package.destination``
+   (every stage runs, on the ephemeral Prefect API);
+2. no-op run: the same command again in a new process (every stage cached and the package published, so it
+   answers from the store without torch or Prefect: pipelines/uptodate.py);
+3. the flow's no-op: the ``quantize`` flow itself on the same store, as a deployment run executes it (every
+   stage a Prefect cache hit, the ephemeral API started): what a no-op cost before the up-to-date check;
+4. ``quantfab plan`` on the same store and recipe;
+5. ten recipes: ten copies of the demo publishing to ten destinations (built once by one flow process), then
+   one ``quantfab run`` of all ten, all up to date;
+6. baselines, each in a fresh process: ``import quantfab.pipelines.quantize`` (torch, transformers,
+   Prefect, the tasks), and that import plus an empty Prefect flow (starts the ephemeral API).
 
 The script prints the wall times and the ratios side by side; it asserts nothing about time.
 
-    /work/venv/bin/python bench/rerun.py [--repeat N]
+    .venv/bin/python bench/rerun.py [--repeat N]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import statistics
 import subprocess
@@ -26,9 +30,10 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _proc import REPO, bench_env, run_quantfab  # noqa: E402
+from _proc import QUANTFAB, REPO, bench_env, run_quantfab  # noqa: E402
 
 RECIPE = "recipes/demo.yaml"
+MANY = 10
 
 IMPORT_ONLY = "import quantfab.pipelines.quantize"
 PREFECT_ONLY = """
@@ -45,69 +50,65 @@ def empty():
 
 empty()
 """
+FLOW = ("import json, sys\nfrom quantfab.pipelines.quantize import quantize\n"
+        "for r in sys.argv[3:]:\n    quantize(r, json.loads(sys.argv[2]), sys.argv[1])")  # store, overrides, recipes
 
 
-def timed_python(code: str) -> float:
+def timed(argv: list[str]) -> float:
     start = time.perf_counter()
-    subprocess.run([sys.executable, "-c", code], cwd=REPO, env=bench_env(), check=True,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    subprocess.run(argv, cwd=REPO, env=bench_env(), check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return time.perf_counter() - start
+
+
+def many_recipes(work: Path) -> list[str]:
+    """Ten copies of the demo, each publishing to its own destination (all other stages shared)."""
+    text = (REPO / RECIPE).read_text()
+    paths = []
+    for i in range(MANY):
+        path = work / "recipes" / f"demo-{i}.yaml"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text.replace("destination: ${QUANTFAB_OUT:-../out}/demo", f"destination: {work / 'many' / str(i)}"))
+        paths.append(str(path))
+    return paths
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--repeat", type=int, default=1, help="cold/rerun pairs to run (medians are printed)")
-    ap.add_argument("--no-baselines", action="store_true", help="skip the import / empty-flow baselines")
+    ap.add_argument("--repeat", type=int, default=1, help="rounds to run (medians are printed)")
     ap.add_argument("--keep", action="store_true", help="keep the temporary store, package and logs")
     args = ap.parse_args(argv)
 
     tmp_root = Path(tempfile.mkdtemp(prefix="quantfab-bench-rerun-"))
     print(f"recipe {RECIPE}; work dir {tmp_root}", flush=True)
-    colds, reruns, imps, pres = [], [], [], []
+    rows: dict[str, list[float]] = {}
     for i in range(args.repeat):  # interleaved, so a busy machine skews every figure alike
-        work = tmp_root / f"pair{i}"
-        cmd = ["run", RECIPE, "--store", str(work / "store"), "--set", f"package.destination={work / 'out'}"]
-        for label, into in (("cold", colds), ("rerun", reruns)):
-            res = run_quantfab(cmd, sample=False, log_dir=work / f"logs-{label}")
-            stages = res.stages
-            print(f"  {label:<5} #{i + 1}: {res.wall_s:6.2f} s, rc {res.returncode} (startup {res.startup_s:.2f} s, "
-                  f"teardown {res.teardown_s:.2f} s); stages "
-                  + ", ".join(f"{k} {v[0]} {v[1]:.2f}s" for k, v in stages.items()), flush=True)
-            if res.returncode != 0:
-                print(res.stderr[-3000:])
+        work = tmp_root / f"round{i}"
+        store, dest = str(work / "store"), f"package.destination={work / 'out'}"
+        cmd = ["run", RECIPE, "--store", store, "--set", dest]
+        for label, expected in (("cold run (fresh store)", "ran"), ("no-op `quantfab run`", "cached")):
+            res = run_quantfab(cmd, sample=False, log_dir=work / f"logs-{expected}")
+            if res.returncode != 0 or len(res.stages) != 6 or any(s != expected for s, _ in res.stages.values()):
+                print(f"{label}: rc {res.returncode}, stages {res.stages}\n{res.stderr[-3000:]}")
                 return 1
-            expected = "ran" if label == "cold" else "cached"
-            if len(stages) != 6 or any(s != expected for s, _ in stages.values()):
-                print(f"  warning: {label} expected every stage {expected!r}, got {stages}")
-            into.append(res)
-        if not args.no_baselines:
-            imps.append(timed_python(IMPORT_ONLY))
-            pres.append(timed_python(PREFECT_ONLY))
-            print(f"  baselines #{i + 1}: import {imps[-1]:.2f} s, import + empty Prefect flow {pres[-1]:.2f} s",
-                  flush=True)
+            rows.setdefault(label, []).append(res.wall_s)
+        rows.setdefault("no-op through the flow (Prefect cache hits)", []).append(
+            timed([sys.executable, "-c", FLOW, store, json.dumps([dest]), RECIPE]))
+        rows.setdefault("`quantfab plan`", []).append(timed(QUANTFAB + ["plan", RECIPE, "--store", store, "--set", dest]))
+        recipes = many_recipes(work)
+        timed([sys.executable, "-c", FLOW, store, "[]", *recipes])  # builds the ten packages
+        rows.setdefault(f"no-op `quantfab run` of {MANY} recipes", []).append(
+            timed(QUANTFAB + ["run", *recipes, "--store", store]))
+        rows.setdefault("baseline: import quantfab flow", []).append(timed([sys.executable, "-c", IMPORT_ONLY]))
+        rows.setdefault("baseline: import + empty Prefect flow", []).append(timed([sys.executable, "-c", PREFECT_ONLY]))
+        print(f"  round {i + 1}: " + ", ".join(f"{k} {v[-1]:.2f} s" for k, v in rows.items()), flush=True)
 
-    med = statistics.median
-    cold = med(r.wall_s for r in colds)
-    rerun = med(r.wall_s for r in reruns)
-    print()
-    rows = [("cold run (fresh store)", cold), ("no-op rerun (same store)", rerun)]
-    if not args.no_baselines:
-        imp, pre = med(imps), med(pres)
-        rows += [("baseline: import quantfab flow", imp), ("baseline: import + empty Prefect flow", pre)]
-    print(f"medians of {args.repeat}:")
-    print("| what | wall s | / cold | / rerun |")
+    med = {label: statistics.median(v) for label, v in rows.items()}
+    cold, noop = med["cold run (fresh store)"], med["no-op `quantfab run`"]
+    print(f"\nmedians of {args.repeat}:")
+    print("| what | wall s | / cold | / no-op run |")
     print("|---|---:|---:|---:|")
-    for label, secs in rows:
-        print(f"| {label} | {secs:.2f} | {secs / cold:.2f} | {secs / rerun:.2f} |")
-    print()
-    print(f"rerun/cold = {rerun / cold:.2f}  ({rerun:.2f} s vs {cold:.2f} s)")
-    hits = med(sum(v[1] for v in r.stages.values()) for r in reruns)
-    up, down = med(r.startup_s for r in reruns), med(r.teardown_s for r in reruns)
-    print(f"rerun breakdown: startup to the first stage {up:.2f} s, the six cache hits {hits:.2f} s, "
-          f"after the last stage to exit {down:.2f} s")
-    if not args.no_baselines:
-        print(f"the empty Prefect flow alone is {pre / rerun:.0%} of the rerun (imports alone {imp / rerun:.0%}): "
-              f"a no-op rerun is dominated by process start-up, imports and the Prefect ephemeral API server")
+    for label, secs in med.items():
+        print(f"| {label} | {secs:.2f} | {secs / cold:.2f} | {secs / noop:.2f} |")
     if not args.keep:
         shutil.rmtree(tmp_root, ignore_errors=True)
     return 0

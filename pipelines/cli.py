@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import sys
+from typing import Any
 
 from rich.console import Console
 from rich.markup import escape
@@ -128,13 +129,17 @@ def _quiet_prefect(verbose: bool) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from quantfab.pipelines.quantize import LISTENERS, NOTICES, ORDER, quantize
     from quantfab.pipelines.recipe_loading import load_recipe
-    from quantfab.tasks.errors import QualityGateFailed, VerificationFailed
 
     if len(args.recipe) > 1:
         return _run_many(args)
     recipe = load_recipe(args.recipe[0], args.overrides)  # fail fast, before Prefect starts
+    if _reported_up_to_date(recipe, args.store):
+        return 0
+    from quantfab.pipelines.keys import ORDER
+    from quantfab.pipelines.quantize import LISTENERS, NOTICES, quantize
+    from quantfab.tasks.errors import QualityGateFailed, VerificationFailed
+
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                   TimeElapsedColumn(), console=console, transient=True) as progress:
         bar = progress.add_task(f"{recipe.name}: starting Prefect", total=len(ORDER))
@@ -166,15 +171,39 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _reported_up_to_date(recipe: Any, store_url: str | None) -> bool:
+    """Print the build as the flow would and say True when every stage is cached and the package published
+    (pipelines/uptodate.py); then neither torch nor Prefect is imported. False: the flow must run."""
+    from quantfab.pipelines.uptodate import record_build, up_to_date
+    from quantfab.tasks.redact import redact
+    from quantfab.tasks.store import Store
+
+    store = Store(store_url)
+    stages = up_to_date(recipe, store)
+    if stages is None or not record_build(recipe, store, stages):
+        return False
+    console.print(f"{recipe.name}: up to date (no stage to run, Prefect not started)", highlight=False)
+    for stage, cached in stages.items():
+        console.print(f"  {stage:<10} {'cached':<6} {cached.seconds:8.2f} s", highlight=False)
+    print(stages["validate"].result.table)
+    console.print(f"[green]published[/] {escape(redact(recipe.package.destination))}", highlight=False)
+    return True
+
+
 def _run_many(args: argparse.Namespace) -> int:
-    from quantfab.pipelines.quantize import check_recipes, quantize_many
+    from quantfab.pipelines.recipe_loading import check_recipes
+
+    recipes = check_recipes(args.recipe, args.overrides)  # fail fast, before Prefect starts
+    stale = [path for path, recipe in zip(args.recipe, recipes) if not _reported_up_to_date(recipe, args.store)]
+    if not stale:
+        return 0
+    from quantfab.pipelines.quantize import quantize_many
     from quantfab.tasks.errors import QualityGateFailed, VerificationFailed
 
-    check_recipes(args.recipe, args.overrides)  # fail fast, before Prefect starts
-    console.print(f"{len(args.recipe)} recipes on Dask ({args.dask_address or f'LocalCluster of {args.dask_workers}'})",
+    console.print(f"{len(stale)} recipes on Dask ({args.dask_address or f'LocalCluster of {args.dask_workers}'})",
                   highlight=False)
     try:
-        results = quantize_many(args.recipe, args.overrides, args.store, args.dask_address, args.dask_workers)
+        results = quantize_many(stale, args.overrides, args.store, args.dask_address, args.dask_workers)
     except (QualityGateFailed, VerificationFailed) as exc:
         console.print(f"[bold red]failed:[/] {escape(str(exc))}; that recipe published nothing", highlight=False)
         return 1

@@ -12,13 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from prefect.filesystems import LocalFileSystem
-from prefect.results import ResultStore
-from prefect.serializers import JSONSerializer
-
-from quantfab.pipelines.quantize import ORDER, stage_inputs
+from quantfab.pipelines.keys import ORDER, cache_key, cached_result, stage_inputs
 from quantfab.pipelines.recipe import Recipe
-from quantfab.pipelines.stages import cache_key
 from quantfab.tasks import synthetic
 from quantfab.tasks.convert import FORMATS, differences
 from quantfab.tasks.redact import redact, redact_text
@@ -107,7 +102,6 @@ def peak_memory(recipe: Recipe, config: Any, tensors: dict[str, TensorInfo]) -> 
 
 def plan(recipe: Recipe, store_url: str | None) -> Plan:
     store = Store(store_url)
-    results = ResultStore(result_storage=LocalFileSystem(basepath=str(store.results_dir())), serializer=JSONSerializer())
     up: dict[str, Any] = {}
     stages: list[StagePlan] = []
     for stage in ORDER:
@@ -118,7 +112,7 @@ def plan(recipe: Recipe, store_url: str | None) -> Plan:
             stages.append(StagePlan(stage, "miss", "an upstream stage will run"))
             continue
         key = cache_key(stage, stage_inputs(stage, recipe, store.url, up))
-        result = results.read(key).result if key and results.exists(key) else None
+        result = cached_result(store, key)
         problems = result.problems(store, move_aside=False) if isinstance(result, Manifest) else []
         if problems:
             stages.append(StagePlan(stage, "miss", f"cached record found, but {len(problems)} of its blobs cannot "

@@ -7,85 +7,37 @@ package has left the destination, is recomputed rather than trusted.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import time
 from contextlib import nullcontext
 from functools import partial
-from importlib.metadata import version as dist_version
 from typing import Any, Callable
 
-import yaml
 from prefect import flow, get_run_logger, tags, task
 from prefect.artifacts import create_markdown_artifact
 
 from quantfab.pipelines.recipe import ExecutionSpec, Recipe
-from quantfab.pipelines.recipe_loading import load_recipe
-from quantfab.pipelines.stages import STAGES, cache_key, code_digest
+from quantfab.pipelines.recipe_loading import check_recipes, load_recipe
+from quantfab.pipelines.keys import ORDER, cache_key, stage_inputs
+from quantfab.pipelines.stages import STAGES
 from quantfab.tasks.redact import redact, redact_text
 from quantfab.tasks.builds import BuildLog
-from quantfab.tasks.errors import QualityGateFailed, StoreDamaged, UserError
+from quantfab.tasks.errors import QualityGateFailed, StoreDamaged
 from quantfab.tasks.locks import stage_lock
-from quantfab.tasks.manifests import Manifest, ModelManifest, PackageManifest
+from quantfab.tasks.manifests import Manifest, PackageManifest
 from quantfab.tasks.package import publication_problem
-from quantfab.tasks.quantize.stage import reads_statistics
 from quantfab.tasks.store import Blob, BlobUnavailable, Store, WriteFailed
 
-ORDER = ("download", "calibrate", "quantize", "convert", "validate", "package")
 StageListener = Callable[[str, str, float], None]
 LISTENERS: list[StageListener] = []  # (stage, "ran" | "cached", seconds); the CLI draws progress with it
 NOTICES: list[Callable[[str], None]] = []  # what a run found and repaired (a damaged blob, a changed package)
 REPAIRS = 2  # reruns of the flow after a stage found a blob it reads missing or damaged
 
 
-def recipe_yaml(recipe: Recipe) -> str:
-    data = recipe.model_dump(mode="json", by_alias=True, exclude={"extends"})
-    for section, key in (("model", "source"), ("calibration", "source"), ("validate", "source"), ("package", "destination")):
-        data[section][key] = redact(data[section][key])
-    return yaml.safe_dump(data, sort_keys=False)
-
-
 def recipe_tags(recipe: Recipe) -> list[str]:
     """Tags of a build's task runs (and of its deployment): its method and formats."""
     return [f"method:{recipe.quantize.method}", *(f"format:{f}" for f in sorted({o.format for o in recipe.outputs}))]
-
-
-def recipe_digest(recipe: Recipe) -> str:
-    return hashlib.sha256(recipe_yaml(recipe).encode()).hexdigest()
-
-
-def weights_only(model: ModelManifest) -> ModelManifest:
-    """The download manifest without its source and revision labels.
-
-    The stages between download and package read only the files, so they key on their content: a new
-    revision label over the same bytes (a watch run, a moved mirror) reruns download and package only.
-    """
-    return model.model_copy(update={"source": "", "revision": ""})
-
-
-def stage_inputs(stage: str, recipe: Recipe, store_url: str, up: dict[str, Any]) -> dict[str, Any]:
-    """Every argument of a stage's task, by keyword, from the recipe and the upstream manifests."""
-    common = {"store_url": store_url, "code": code_digest(stage)}
-    device = recipe.execution.device
-    if stage == "download":
-        return {"model": recipe.model, **common}
-    files = weights_only(up["download"])
-    if stage == "calibrate":
-        statistics = reads_statistics(files, recipe.quantize, list(recipe.outputs), Store(store_url))
-        return {"model": files, "calibration": recipe.calibration, "statistics": statistics, "device": device, **common}
-    if stage == "quantize":
-        return {"model": files, "calibration": up["calibrate"], "quantize": recipe.quantize,
-                "outputs": list(recipe.outputs), "device": device, **common}
-    if stage == "convert":
-        return {"model": files, "quantized": up["quantize"], "outputs": list(recipe.outputs),
-                "name": recipe.name, **common}
-    if stage == "validate":
-        return {"model": files, "converted": up["convert"], "quantized": up["quantize"],
-                "outputs": list(recipe.outputs), "validate": recipe.validate_, "device": device, **common}
-    return {"name": recipe.name, "model": up["download"], "converted": up["convert"], "quality": up["validate"],
-            "recipe_yaml": recipe_yaml(recipe), "recipe_digest": recipe_digest(recipe),
-            "destination": recipe.package.destination, "version": dist_version("quantfab"), **common}
 
 
 def _cache_problems(result: Any, store: Store, destination: str) -> list[str]:
@@ -226,17 +178,6 @@ def quantize(recipe_path: str, overrides: list[str] | None = None, store: str | 
                 _notify(f"{what}; rerunning the stages that make it")
     return {"recipe": recipe.name, "stages": stages, "destination": redact(recipe.package.destination),
             "quality": json.loads(store_obj.read_bytes(up["validate"].report)), "table": up["validate"].table}
-
-
-def check_recipes(recipe_paths: list[str], overrides: list[str] | None) -> None:
-    """Every recipe loads, and no two publish to one destination (checked before any starts)."""
-    destinations: dict[str, str] = {}
-    for path in recipe_paths:
-        recipe = load_recipe(path, overrides)
-        if recipe.package.destination in destinations:
-            raise UserError(f"{path} and {destinations[recipe.package.destination]} would both publish to "
-                            f"{redact(recipe.package.destination)}: give each recipe its own package.destination")
-        destinations[recipe.package.destination] = str(path)
 
 
 @task(name="build-recipe")

@@ -10,7 +10,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validat
 from quantfab.tasks.convert import FORMATS
 from quantfab.tasks.quantize import METHODS
 from quantfab.tasks.quantize.assign import request
-from quantfab.tasks.validate import GATES
+from quantfab.tasks.gates import GATES
 
 MethodName = Literal[tuple(METHODS)]  # type: ignore[valid-type]
 NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,63}$"

@@ -226,3 +226,17 @@ def _nearest_mark(loc: Loc, marks: dict[Loc, Mark], err_type: str) -> Mark | Non
         if loc[:n] in marks:
             return marks[loc[:n]]
     return None
+
+
+def check_recipes(recipe_paths: list[str], overrides: list[str] | None) -> list[Recipe]:
+    """Every recipe loads, and no two publish to one destination (checked before any starts)."""
+    destinations: dict[str, str] = {}
+    recipes = []
+    for path in recipe_paths:
+        recipe = load_recipe(path, overrides)
+        if recipe.package.destination in destinations:
+            raise UserError(f"{path} and {destinations[recipe.package.destination]} would both publish to "
+                            f"{redact(recipe.package.destination)}: give each recipe its own package.destination")
+        destinations[recipe.package.destination] = str(path)
+        recipes.append(recipe)
+    return recipes

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from quantfab.pipelines.plan import Plan, plan, render
-from quantfab.pipelines.quantize import ORDER
+from quantfab.pipelines.keys import ORDER
 from quantfab.pipelines.recipe import Recipe
 from quantfab.pipelines.recipe_loading import load_recipe
 from quantfab.tasks.errors import UserError

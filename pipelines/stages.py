@@ -1,25 +1,18 @@
 """The six stages as Prefect tasks: thin wrappers over the plain functions in quantfab.tasks.
 
-A stage's cache key is ours, not Prefect's input hashing: sha256 of the stage's name and the canonical
-JSON of its arguments (the recipe section, the upstream manifests with their blob digests, the store, and
-``code``, a digest of the source files the stage runs) and of the stage's wrapper below. Prefect stores
-and finds the result record under it; anything else can compute it without Prefect.
+A stage's cache key is ours (pipelines/keys.py), not Prefect's input hashing: Prefect stores and finds
+the result record under it, and anything else can compute it without Prefect.
 Each runs inside ``store.writing()`` (``_store_writing``): a full disk while it writes is a clear error, not a traceback.
 """
 
 from __future__ import annotations
 
-import ast
-import hashlib
-import json
 from contextlib import contextmanager
-from functools import lru_cache
-from pathlib import Path
 from typing import Any, Iterator
 
 from prefect import Task, task
-from pydantic import BaseModel
 
+from quantfab.pipelines.keys import cache_key
 from quantfab.pipelines.recipe import CalibrationSpec, ModelSpec, QuantizeSpec, ValidateSpec
 from quantfab.tasks import calibrate as calibrate_mod
 from quantfab.tasks import download as download_mod
@@ -31,63 +24,6 @@ from quantfab.tasks.manifests import (CalibrationManifest, ConvertManifest, Expe
                                       QualityManifest, QuantizeManifest)
 from quantfab.tasks.quantize import stage as quantize_mod
 from quantfab.tasks.store import Store
-
-ROOT = Path(__file__).resolve().parent.parent  # where tasks/ and kernels/ live (the repo, or site-packages)
-COMMON = ["tasks/errors.py", "tasks/store.py", "tasks/manifests.py", "tasks/modelio.py", "tasks/decoder.py",
-          "tasks/families.py", "tasks/checkpoint_map.py", "tasks/download.py"]
-GRID_SOURCES = ["tasks/quantize/grids.py", "tasks/quantize/grid_base.py", "tasks/quantize/kquants.py"]
-STAGE_SOURCES = {
-    "download": ["tasks/synthetic.py"],
-    "calibrate": ["tasks/calibrate.py", "tasks/gram.py", "tasks/texts.py"],
-    "quantize": ["tasks/quantize", "tasks/calibrate.py", "tasks/gram.py", "tasks/texts.py",
-                 "tasks/convert", "kernels"],  # formats decide each Linear's grid
-    "convert": ["tasks/convert", *GRID_SOURCES, "tasks/quantize/layer_file.py", "kernels"],
-    "validate": ["tasks/validate.py", "tasks/texts.py", "tasks/convert", *GRID_SOURCES, "tasks/quantize/layer_file.py",
-                 "kernels"],
-    "package": ["tasks/package.py", "tasks/convert/differences.py"],
-}
-SOURCE_SUFFIXES = (".py", ".cu", ".h")
-
-
-# imported by stages but unable to change what they write: scheduling, the allocator, log redaction
-NO_OUTPUT_EFFECT = ["tasks/__init__.py", "tasks/parallel.py", "tasks/malloc.py", "tasks/redact.py"]
-
-
-def code_digest(stage: str) -> str:
-    """sha256 of the stage's source files (and the shared ones), so editing them invalidates its cache."""
-    h = hashlib.sha256()
-    for rel in COMMON + STAGE_SOURCES[stage]:
-        path = ROOT / rel
-        files = sorted(f for f in path.rglob("*") if f.suffix in SOURCE_SUFFIXES) if path.is_dir() else [path]
-        for f in files:
-            h.update(f.relative_to(ROOT).as_posix().encode() + b"\0" + f.read_bytes())
-    return h.hexdigest()[:16]
-
-
-def cache_key(stage: str, inputs: dict[str, Any]) -> str:
-    """The stage's cache key for these inputs: sha256 of its name, its wrapper's source and their canonical JSON."""
-    text = json.dumps({"stage": stage, "wrapper": _wrapper_source(stage), "inputs": _plain(inputs)}, sort_keys=True,
-                      separators=(",", ":"))
-    return hashlib.sha256(text.encode()).hexdigest()
-
-
-@lru_cache(maxsize=None)
-def _wrapper_source(stage: str) -> str:
-    """The source of the stage's function in this file (what Prefect's TASK_SOURCE hashed), read without importing."""
-    source = Path(__file__).read_text()
-    node = next(n for n in ast.parse(source).body if isinstance(n, ast.FunctionDef) and n.name == stage)
-    return ast.get_source_segment(source, node) or ""
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, BaseModel):
-        return value.model_dump(mode="json")
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
-
 
 def _task_key(context: Any, parameters: dict[str, Any]) -> str:
     return cache_key(context.task.name, parameters)

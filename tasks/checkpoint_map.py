@@ -16,9 +16,11 @@ import functools
 import re
 from dataclasses import dataclass
 
-import torch
 
 from quantfab.tasks.errors import UserError
+from quantfab.tasks.lazy import lazy
+
+torch = lazy("torch")
 
 
 @dataclass(frozen=True)

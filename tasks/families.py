@@ -14,10 +14,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-
-from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_MASKED_LM_MAPPING_NAMES,
-                                                     MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES,
-                                                     MODEL_FOR_SPEECH_SEQ_2_SEQ_MAPPING_NAMES)
+from functools import cache
 
 from quantfab.tasks.checkpoint_map import checkpoint_map
 from quantfab.tasks.errors import UnsupportedModel, UserError
@@ -106,8 +103,15 @@ def family(model_type: str) -> Family:
     return FAMILIES.get(model_type, DEFAULT)
 
 
-ENCODERS = {*MODEL_FOR_MASKED_LM_MAPPING_NAMES, *MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES,
-            *MODEL_FOR_SPEECH_SEQ_2_SEQ_MAPPING_NAMES}  # in the causal-LM table too, as encoders given an LM head
+@cache
+def _auto_tables() -> tuple[frozenset[str], frozenset[str]]:
+    """transformers' causal-LM model types, and its encoders and encoder-decoders (in the causal-LM table
+    too, as encoders given an LM head); imported when first asked, as transformers imports torch."""
+    from transformers.models.auto import modeling_auto as auto
+
+    encoders = {*auto.MODEL_FOR_MASKED_LM_MAPPING_NAMES, *auto.MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES,
+                *auto.MODEL_FOR_SPEECH_SEQ_2_SEQ_MAPPING_NAMES}
+    return frozenset(auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES), frozenset(encoders)
 
 
 def supported_model_types() -> list[str]:
@@ -119,19 +123,21 @@ def supported_model_types() -> list[str]:
         except UserError:
             return False
         return True
-    return sorted(t for t in set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES) - ENCODERS if mapped(t))
+    causal, encoders = _auto_tables()
+    return sorted(t for t in causal - encoders if mapped(t))
 
 
 def check_supported(config, where: str) -> None:
     """Refuse, naming ``model_type`` and ``where``, what the layer-by-layer engine cannot run."""
     model_type = getattr(config, "model_type", None)
-    if getattr(config, "is_encoder_decoder", False) or model_type in ENCODERS:
+    causal, encoders = _auto_tables()
+    if getattr(config, "is_encoder_decoder", False) or model_type in encoders:
         raise UnsupportedModel(f"{where}: model_type {model_type!r} is an encoder or encoder-decoder model; quantfab "
                         "builds decoder-only causal LMs (`quantfab families` lists them)")
-    if getattr(config, "auto_map", None) and model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+    if getattr(config, "auto_map", None) and model_type not in causal:
         raise UnsupportedModel(f"{where}: model_type {model_type!r} needs the model's own code (auto_map); quantfab runs "
                         "only models transformers ships, without remote code (`quantfab families` lists them)")
-    if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+    if model_type not in causal:
         raise UnsupportedModel(f"{where}: model_type {model_type!r} is not a causal LM transformers can build (encoder-only "
                         "and multimodal-only models are not supported; `quantfab families` lists what is)")
     try:

@@ -10,7 +10,10 @@ at 2816).
 from __future__ import annotations
 
 import numpy as np
-import torch
+
+from quantfab.tasks.lazy import lazy
+
+torch = lazy("torch")
 
 PANEL = 256
 

@@ -14,12 +14,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 from safetensors import safe_open
 
 from quantfab.tasks.checkpoint_map import Placement, checkpoint_map
 from quantfab.tasks.errors import UserError
 from quantfab.tasks.families import check_supported
+from quantfab.tasks.lazy import lazy
+
+torch = lazy("torch")
 
 ST_DTYPES = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 MAX_HEADER = 100 << 20
@@ -198,14 +200,14 @@ class ModelDir:
                            config.model_type)
 
 
-CPU = torch.device("cpu")
+CPU = "cpu"  # a device torch takes by name; a torch.device would import torch with this module
 
 
 def pick_device(setting: str) -> torch.device:
     if setting == "cuda" and not torch.cuda.is_available():
         raise UserError("execution.device: cuda was asked for but no CUDA device is present")
     if setting == "cpu" or not torch.cuda.is_available():
-        return CPU
+        return torch.device("cpu")
     return torch.device("cuda")
 
 

@@ -19,15 +19,12 @@ from quantfab.tasks.convert.differences import summary
 from quantfab.tasks.download import materialize
 from quantfab.tasks.manifests import ConvertManifest, ModelManifest, QuantizeManifest, QualityManifest
 from quantfab.tasks.decoder import Decoder
+from quantfab.tasks.gates import GATES
 from quantfab.tasks.modelio import pick_device, relative
 from quantfab.tasks.store import Store
 from quantfab.tasks.texts import read_tokens, windows
 
 # gate -> (the recipe metric it needs, the report value it limits)
-GATES = {"max_ppl_increase": ("perplexity", "ppl_increase"), "max_kl": ("kl_divergence", "kl_divergence"),
-         "min_top1": ("top1_agreement", "top1_agreement")}
-
-
 def eval_windows(model: ModelManifest, spec, store: Store) -> np.ndarray:
     model_dir = materialize(store, model.files)
     config = model_dir.config()

@@ -124,8 +124,8 @@ def _cached(stage: str, store: Store, recipe, up: dict):
     from prefect.results import ResultStore
     from prefect.serializers import JSONSerializer
 
-    from quantfab.pipelines.quantize import stage_inputs
-    from quantfab.pipelines.stages import cache_key
+    from quantfab.pipelines.keys import stage_inputs
+    from quantfab.pipelines.keys import cache_key
 
     results = ResultStore(result_storage=LocalFileSystem(basepath=str(store.results_dir())), serializer=JSONSerializer())
     return results.read(cache_key(stage, stage_inputs(stage, recipe, store.url, up))).result
@@ -175,6 +175,37 @@ def test_rerun_in_a_new_process_hits_every_stage_without_running_bodies(built: d
     assert proc.returncode == 0, proc.stderr[-3000:]
     for stage in ("download", "calibrate", "quantize", "convert", "validate", "package"):
         assert any(line.split()[:2] == [stage, "cached"] for line in proc.stderr.splitlines()), proc.stderr
+
+
+def test_an_up_to_date_build_is_found_by_the_flows_keys_without_torch_or_prefect(built: dict, prefect_env) -> None:
+    """`quantfab run` on an unchanged, published build answers from the store alone. The keys it finds are
+    the ones the flow recorded, calibrate's included (rtn reads the statistics and gptq does not, and both
+    records are in this store), and neither torch, transformers nor Prefect is imported."""
+    from quantfab.pipelines.uptodate import up_to_date
+    from quantfab.tasks.builds import read_builds
+
+    store = Store(str(built["store"]))
+    keys = {}
+    for method in ("rtn", "gptq"):
+        b = built[method]
+        found = up_to_date(load_recipe(RECIPE, b["overrides"]), store)
+        assert found is not None, method
+        keys[method] = {stage: cached.key for stage, cached in found.items()}
+        flow = [r for r in read_builds(store) if r.destination == str(b["dest"]) and r.status == "published"][-1]
+        assert keys[method] == flow.results
+    assert keys["rtn"]["download"] == keys["gptq"]["download"] and keys["rtn"]["calibrate"] != keys["gptq"]["calibrate"]
+    assert up_to_date(load_recipe(RECIPE, [*built["gptq"]["overrides"], "validate.tokens=2048"]), store) is None
+
+    code = ("import sys\nfrom quantfab.pipelines.cli import main\nrc = main(sys.argv[1:])\n"
+            "print('imported:', sorted(m for m in ('torch', 'transformers', 'prefect') if m in sys.modules))\n"
+            "sys.exit(rc)")
+    args = [sys.executable, "-c", code, "run", str(RECIPE), "--store", str(built["store"])]
+    for o in built["gptq"]["overrides"]:
+        args += ["--set", o]
+    proc = subprocess.run(args, capture_output=True, text=True, env={**os.environ, **prefect_env}, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "imported: []" in proc.stdout and "up to date" in proc.stderr
+    assert [line.split()[:2] for line in proc.stderr.splitlines()[1:7]] == [[s, "cached"] for s in keys["gptq"]]
 
 
 def test_changing_only_a_gate_reruns_only_validate_and_package(built: dict) -> None:

@@ -137,7 +137,7 @@ def test_nf4_double_quant_codes_equal_bitsandbytes_and_nested_codes_are_nearest(
     """4-bit codes and the nested absmax/offset equal bitsandbytes'. Its CPU kernel picks the nested 8-bit codes
     through a 65,536-entry lookup table; ours are the exact nearest dynamic-map value, so where the two differ
     ours is strictly closer."""
-    from quantfab.tasks.quantize.grids import DYNAMIC_MAP
+    from quantfab.tasks.quantize.grids import dynamic_map
 
     w = weights(rows=96, cols=320, seed=5)
     ours = grid_named("NF4_B64_DQ").reference(w)
@@ -150,8 +150,8 @@ def test_nf4_double_quant_codes_equal_bitsandbytes_and_nested_codes_are_nearest(
     theirs = state.absmax.numpy()
     differ = ours.extra["nested_codes"] != theirs
     assert differ.mean() < 0.05
-    ours_err = np.abs(DYNAMIC_MAP[ours.extra["nested_codes"][differ]] - target[differ])
-    assert np.all(ours_err < np.abs(DYNAMIC_MAP[theirs[differ]] - target[differ]))
+    ours_err = np.abs(dynamic_map()[ours.extra["nested_codes"][differ]] - target[differ])
+    assert np.all(ours_err < np.abs(dynamic_map()[theirs[differ]] - target[differ]))
 
 
 @pytest.mark.parametrize("name", ["INT4_G32_SYM", "INT4_G128_ASYM", "INT8_G64_SYM", "INT4_CH_ASYM"])

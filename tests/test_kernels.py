@@ -26,7 +26,7 @@ from quantfab.kernels.backends import (KERNEL_SOURCES, NVRTC_OPTIONS, SOURCES, K
                                        cuda_available, current)
 from quantfab.kernels.verdict import Verdict
 from quantfab.kernels.words import PackedInts, WordLayout
-from quantfab.tasks.quantize.grids import DYNAMIC_MAP, GRIDS, Encoded, NF4Grid, grid_named
+from quantfab.tasks.quantize.grids import GRIDS, Encoded, NF4Grid, dynamic_map, grid_named
 
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
 SHAPES = [(1, 1), (1, 33), (3, 7), (5, 64), (7, 100), (16, 256)]
@@ -242,7 +242,7 @@ def test_nf4_pack_and_verify_equal_reference(double_quant: bool, n: int, both: B
     expected = grid.decode(enc).reshape(-1)
     if double_quant:
         absmax = enc.extra["nested_codes"]
-        nested = (enc.extra["nested_absmax"], DYNAMIC_MAP, NF4Grid.NESTED_BLOCK, float(enc.extra["offset"][0]))
+        nested = (enc.extra["nested_absmax"], dynamic_map(), NF4Grid.NESTED_BLOCK, float(enc.extra["offset"][0]))
     else:
         absmax, nested = enc.d.reshape(-1), None
     ref, got = both(nf4.verify_nf4, packed, absmax, NF4Grid.CODEBOOK, 64, expected, nested)

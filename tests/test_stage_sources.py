@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from quantfab.pipelines.stages import COMMON, NO_OUTPUT_EFFECT, ROOT, STAGE_SOURCES
+from quantfab.pipelines.keys import COMMON, NO_OUTPUT_EFFECT, ROOT, STAGE_SOURCES
 
 
 def listed(rels: list[str]) -> set[Path]:

@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 
 from quantfab.pipelines.quantize import LISTENERS, NOTICES, quantize
+from quantfab.pipelines.recipe_loading import load_recipe
+from quantfab.pipelines.uptodate import up_to_date
 from quantfab.tasks.store import Store
 
 pytestmark = pytest.mark.slow
@@ -23,6 +25,9 @@ RECIPE = str(REPO / "recipes" / "demo.yaml")
 
 
 def run(root: Path) -> tuple[dict[str, str], list[str]]:
+    """The flow, which repairs; before it, the up-to-date check `quantfab run` makes must not vouch for the
+    damage, and after it, the repaired build must be up to date again."""
+    assert not fresh(root)
     seen: dict[str, str] = {}
     notices: list[str] = []
     listener = lambda stage, status, _s: seen.__setitem__(stage, status)  # noqa: E731
@@ -33,7 +38,14 @@ def run(root: Path) -> tuple[dict[str, str], list[str]]:
     finally:
         LISTENERS.remove(listener)
         NOTICES.remove(notices.append)
+    assert fresh(root)
     return seen, notices
+
+
+def fresh(root: Path) -> bool:
+    """What `quantfab run` checks before starting Prefect: every stage cached and usable, the package published."""
+    recipe = load_recipe(RECIPE, [f"package.destination={root / 'out'}"])
+    return up_to_date(recipe, Store(str(root / "store"))) is not None
 
 
 def files(out: Path) -> dict[str, str]:

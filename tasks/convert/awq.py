@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Callable, Literal
 
 import numpy as np
-import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from quantfab.kernels.verdict import Verdict
@@ -21,6 +20,9 @@ from quantfab.kernels.words import PackedInts, WordLayout, decode_reference, pac
 from quantfab.tasks.convert.hf_folder import FolderWeights, HFFolderFormat, PlannedTensor, write_folder
 from quantfab.tasks.modelio import ModelDir
 from quantfab.tasks.quantize.grids import Encoded, Grid, GridRequest, grid_named
+from quantfab.tasks.lazy import lazy
+
+torch = lazy("torch")
 
 ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # AutoAWQ's AWQ_ORDER: word slot k holds column ORDER[k] of 8
 LAYOUT = WordLayout(4, 0, True, 8, ORDER)  # codes and zero points alike: along the output dim, one line per input

@@ -15,14 +15,16 @@ from pathlib import Path
 from typing import Callable, Literal
 
 import numpy as np
-import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from quantfab.kernels.nf4 import pack_nf4, verify_nf4
 from quantfab.kernels.verdict import Verdict
 from quantfab.tasks.convert.hf_folder import FolderWeights, HFFolderFormat, PlannedTensor, write_folder
 from quantfab.tasks.modelio import ModelDir
-from quantfab.tasks.quantize.grids import DYNAMIC_MAP, Encoded, Grid, GridRequest, NF4Grid, grid_named
+from quantfab.tasks.quantize.grids import Encoded, Grid, GridRequest, NF4Grid, dynamic_map, grid_named
+from quantfab.tasks.lazy import lazy
+
+torch = lazy("torch")
 
 BLOCKSIZES = (64, 128, 256, 512, 1024, 2048, 4096)  # what bitsandbytes' blockwise kernels accept
 
@@ -90,7 +92,7 @@ class BnbNF4Format(HFFolderFormat):
         if grid.double_quant:
             out[f"{w}.absmax"] = torch.from_numpy(enc.extra["nested_codes"].astype(np.uint8))
             out[f"{w}.nested_absmax"] = torch.from_numpy(enc.extra["nested_absmax"].astype(np.float32))
-            out[f"{w}.nested_quant_map"] = torch.from_numpy(DYNAMIC_MAP.copy())
+            out[f"{w}.nested_quant_map"] = torch.from_numpy(dynamic_map().copy())
             state.update({"nested_blocksize": NF4Grid.NESTED_BLOCK, "nested_dtype": "float32",
                           "nested_offset": float(enc.extra["offset"][0])})
         else:

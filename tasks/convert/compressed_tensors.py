@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Callable, Literal
 
 import numpy as np
-import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from quantfab.kernels.verdict import Verdict
@@ -25,6 +24,9 @@ from quantfab.tasks.convert.hf_folder import FolderWeights, HFFolderFormat, Plan
 from quantfab.tasks.errors import UserError
 from quantfab.tasks.modelio import ModelDir
 from quantfab.tasks.quantize.grids import Encoded, Grid, GridRequest, grid_named
+from quantfab.tasks.lazy import lazy
+
+torch = lazy("torch")
 
 DEFAULT_GROUP = {"int4": 128, "int8": "channel"}  # llm-compressor's W4A16 and W8A16 presets
 

@@ -21,7 +21,6 @@ from typing import Any, Callable, Iterator, Literal
 
 import gguf
 import numpy as np
-import torch
 from pydantic import BaseModel, ConfigDict
 
 from quantfab.kernels.gguf_blocks import pack_gguf, verify_gguf
@@ -32,6 +31,9 @@ from quantfab.tasks.errors import UserError
 from quantfab.tasks.families import GGUFArch, family
 from quantfab.tasks.modelio import ModelDir, TensorInfo
 from quantfab.tasks.quantize.grids import GRIDS, Encoded, Grid, GridRequest
+from quantfab.tasks.lazy import lazy
+
+torch = lazy("torch")
 
 QTYPE = gguf.GGMLQuantizationType
 EXPERT = re.compile(r"\.experts\.(\d+)\.")  # a checkpoint's per-expert tensor name; gguf-py maps the stacked name

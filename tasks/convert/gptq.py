@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Callable, Literal
 
 import numpy as np
-import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from quantfab.kernels.verdict import Verdict
@@ -24,6 +23,9 @@ from quantfab.tasks.convert.hf_folder import FolderWeights, HFFolderFormat, Plan
 from quantfab.tasks.errors import UserError
 from quantfab.tasks.modelio import ModelDir
 from quantfab.tasks.quantize.grids import Encoded, Grid, GridRequest, grid_named
+from quantfab.tasks.lazy import lazy
+
+torch = lazy("torch")
 
 BITS = {"int4": 4, "int8": 8}  # widths that pack whole codes into an int32
 

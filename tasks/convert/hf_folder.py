@@ -14,17 +14,19 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
-import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from quantfab.tasks.modelio import ModelDir, TensorInfo, WeightIndex
+from quantfab.tasks.lazy import lazy
+
+torch = lazy("torch")
+safetensors_torch = lazy("safetensors.torch")
 
 SHARD_BYTES = 5 << 30  # save_pretrained's default max_shard_size
 TOKENIZER_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "tokenizer.model")
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-SOURCE_FLOATS = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}  # safetensors dtype -> torch
+DTYPES = {"float32": "float32", "float16": "float16", "bfloat16": "bfloat16"}  # recipe name -> torch attribute
+SOURCE_FLOATS = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}  # safetensors dtype -> torch attribute
 
 
 @dataclass(frozen=True)
@@ -42,7 +44,7 @@ class PlannedTensor:
 
 def model_dtype(config) -> torch.dtype:
     name = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or "float32"
-    return name if isinstance(name, torch.dtype) else DTYPES[str(name)]
+    return name if isinstance(name, torch.dtype) else getattr(torch, DTYPES[str(name)])
 
 
 def plan_tensors(config, tensors: dict[str, TensorInfo], grids: dict[str, str | None],
@@ -55,7 +57,8 @@ def plan_tensors(config, tensors: dict[str, TensorInfo], grids: dict[str, str | 
         if name.endswith("rotary_emb.inv_freq") or (name == "lm_head.weight" and config.tie_word_embeddings):
             continue
         shape, grid = tensors[name].shape, grids.get(name.removesuffix(".weight"))
-        dtype = model if grid else SOURCE_FLOATS.get(tensors[name].dtype, model)
+        source = SOURCE_FLOATS.get(tensors[name].dtype)
+        dtype = model if grid or source is None else getattr(torch, source)
         nbytes = quantized_bytes(shape, grid, dtype) if grid else int(np.prod(shape)) * dtype.itemsize
         out.append(PlannedTensor(name, shape, grid, dtype, nbytes))
     return out
@@ -110,7 +113,7 @@ def _write_shards(path: Path, planned: list[PlannedTensor], tensor_data: Callabl
 
     def flush() -> None:
         shards.append(path / f"part-{len(shards) + 1}.safetensors")
-        save_file(current, str(shards[-1]), metadata={"format": "pt"})
+        safetensors_torch.save_file(current, str(shards[-1]), metadata={"format": "pt"})
         current.clear()
 
     for t in planned:

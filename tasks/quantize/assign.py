@@ -13,10 +13,12 @@ import fnmatch
 from dataclasses import dataclass, replace
 from typing import Any
 
-from quantfab.tasks.decoder import layout, model_units
 from quantfab.tasks.modelio import TensorInfo
 from quantfab.tasks.errors import UserError
 from quantfab.tasks.quantize.grids import GridRequest, grid_named
+from quantfab.tasks.lazy import lazy
+
+decoder = lazy("quantfab.tasks.decoder")  # reads the module tree with torch: only when assigning
 
 
 @dataclass(frozen=True)
@@ -79,8 +81,8 @@ def assign_layers(config, tensors: dict[str, TensorInfo], quant: Any, fmt: Any, 
     leave in float are handled by ``quant.indivisible``."""
     presets = fmt.presets(options, config, tensors)
     format_fallbacks = fmt.fallbacks(options, config, tensors) if hasattr(fmt, "fallbacks") else {}
-    shape = layout(config)
-    units = model_units(config, {n: t.shape for n, t in tensors.items()})
+    shape = decoder.layout(config)
+    units = decoder.model_units(config, {n: t.shape for n, t in tensors.items()})
 
     def assign_all(q: Any) -> list[dict[str, Assignment]]:
         named = [{lin: f"{shape.prefix(i)}{lin}" for lin in linears} for i, linears in enumerate(units)]

@@ -22,7 +22,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 from quantfab.tasks.gram import hessian_weighted
 from quantfab.tasks.modelio import CPU
@@ -30,6 +29,9 @@ from quantfab.tasks.quantize.grids import Encoded, Grid
 from quantfab.tasks.quantize.group import clip_search
 from quantfab.tasks.quantize.layer import LayerInput, LayerResult, PerModule
 from quantfab.tasks.quantize.stats import InputStats
+from quantfab.tasks.lazy import lazy
+
+torch = lazy("torch")
 
 NO_CLIP = ("q_proj", "k_proj")  # AutoAWQ leaves these unclipped: attention scores are sensitive
 

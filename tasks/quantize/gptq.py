@@ -19,7 +19,6 @@ Float32 throughout; a test checks its codes against a one-column-at-a-time float
 from __future__ import annotations
 
 import numpy as np
-import torch
 
 from quantfab.tasks.errors import UserError
 from quantfab.tasks.modelio import CPU
@@ -27,6 +26,9 @@ from quantfab.tasks.quantize.grids import Encoded, Grid
 from quantfab.tasks.quantize.group import clip_search, weighted_squares
 from quantfab.tasks.quantize.layer import LayerInput, LayerResult, PerModule
 from quantfab.tasks.quantize.stats import InputStats
+from quantfab.tasks.lazy import lazy
+
+torch = lazy("torch")
 
 DAMP_RETRIES = 4  # multiply the dampening by 10 up to this many times before giving up
 TRIANGULAR_BASE = 128  # upper_triangular_inverse solves blocks this small directly

@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import re
 from typing import Iterator
-from functools import lru_cache
+from functools import cache, lru_cache
 
 import numpy as np
-import torch
 
 from quantfab.tasks.quantize.grid_base import (AsymmetricGrid, Encoded, Grid, GridRequest, SymmetricGrid,
                                                inverse_or_zero)
 from quantfab.tasks.quantize.kquants import K_GRIDS
+from quantfab.tasks.lazy import lazy
+
+torch = lazy("torch")
 
 __all__ = ["GRIDS", "Encoded", "Grid", "GridRequest", "grid_named"]
 
@@ -213,8 +215,10 @@ class NF4Grid(Grid):
                        {"nested_codes": codes, "nested_absmax": nested_absmax, "offset": np.array([offset], np.float32)})
 
 
+@cache
 def dynamic_map() -> np.ndarray:
-    """bitsandbytes' signed 8-bit dynamic map (create_dynamic_map(signed=True)), the same float32 values."""
+    """bitsandbytes' signed 8-bit dynamic map (create_dynamic_map(signed=True)), the same float32 values
+    (torch's float32 linspace, which numpy's does not round alike); made on first use."""
     data: list[float] = []
     for i in range(7):
         boundaries = torch.linspace(0.1, 1, 2 ** i + 1, dtype=torch.float32)
@@ -226,7 +230,7 @@ def dynamic_map() -> np.ndarray:
 
 def blockwise_8bit(x: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray]:
     """Nearest dynamic-map index of x / absmax per block of ``block`` (the last block may be short)."""
-    code = DYNAMIC_MAP
+    code = dynamic_map()
     n = x.size
     pad = (-n) % block
     xb = np.concatenate([x, np.zeros(pad, np.float32)]).reshape(-1, block)
@@ -240,14 +244,13 @@ def blockwise_8bit(x: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray]:
 
 def blockwise_8bit_decode(codes: np.ndarray, absmax: np.ndarray, block: int) -> np.ndarray:
     n = codes.size
-    values = DYNAMIC_MAP[codes.astype(np.int64)]
+    values = dynamic_map()[codes.astype(np.int64)]
     pad = (-n) % block
     vb = np.concatenate([values, np.zeros(pad, np.float32)]).reshape(-1, block)
     return (vb * absmax[:, None]).astype(np.float32).reshape(-1)[:n]
 
 
 GRIDS: dict[str, Grid] = {g.name: g for g in (Q8_0(), Q4_0(), Q4_1(), Q5_0(), Q5_1(), *K_GRIDS)}
-DYNAMIC_MAP = dynamic_map()
 _PARAMETRIC = re.compile(r"^(?:INT(?P<bits>[2-8])_(?:G(?P<group>\d+)|(?P<ch>CH))_(?P<sym>SYM|ASYM)"
                          r"|NF4_B(?P<nf4>\d+)(?P<dq>_DQ)?)$")
 

@@ -10,11 +10,13 @@ from __future__ import annotations
 from typing import Callable
 
 import numpy as np
-import torch
 
 from quantfab.tasks.quantize.grids import Encoded, Grid
 from quantfab.tasks.quantize.layer import PerModule
 from quantfab.tasks.quantize.stats import InputStats
+from quantfab.tasks.lazy import lazy
+
+torch = lazy("torch")
 
 RATIOS = np.linspace(1.0, 0.5, 20, dtype=np.float32)
 

@@ -8,16 +8,19 @@ layer (``self_attn.q_proj.weight``); modules are named without ``.weight`` (``se
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
-from quantfab.tasks.decoder import LayerStructure
 from quantfab.tasks.families import DEFAULT, Family
 from quantfab.tasks.modelio import CPU
 from quantfab.tasks.quantize.grids import Encoded, Grid
 from quantfab.tasks.quantize.stats import InputStats
+from quantfab.tasks.lazy import lazy
+
+torch = lazy("torch")
+if TYPE_CHECKING:
+    from quantfab.tasks.decoder import LayerStructure  # the decoder imports torch
 
 
 @dataclass(frozen=True)

@@ -12,12 +12,14 @@ import json
 from pathlib import Path
 
 import numpy as np
-import torch
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from quantfab.tasks.manifests import ModuleReport
 from quantfab.tasks.quantize.grids import Encoded, grid_named
+from quantfab.tasks.lazy import lazy
+
+torch = lazy("torch")
 
 FLOAT = "float:"
 

@@ -5,10 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 from quantfab.tasks.gram import hessian_weighted
 from quantfab.tasks.modelio import CPU
+from quantfab.tasks.lazy import lazy
+
+torch = lazy("torch")
 
 
 @dataclass(frozen=True)
