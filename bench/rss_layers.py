@@ -43,7 +43,8 @@ def fp32_mib(source: str) -> float:
     """The model's weights in fp32, from the synthetic source's headers."""
     from quantfab.tasks.synthetic import headers
 
-    return sum(t.numel for t in headers(source, Path("unused"))[1].values()) * 4 / MiB
+    with tempfile.TemporaryDirectory() as folder:
+        return sum(t.numel for t in headers(source, Path(folder)).values()) * 4 / MiB
 
 
 def _import_hwm() -> int:

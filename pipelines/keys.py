@@ -21,18 +21,17 @@ import yaml
 from pydantic import BaseModel
 
 from quantfab.pipelines.recipe import Recipe
-from quantfab.tasks.lazy import lazy
 from quantfab.tasks import manifests
+from quantfab.tasks.download import materialize
 from quantfab.tasks.manifests import ModelManifest
+from quantfab.tasks.quantize.assign import reads_statistics
 from quantfab.tasks.redact import redact
 from quantfab.tasks.store import Store
-
-quantize_stage = lazy("quantfab.tasks.quantize.stage")  # reads the model's module tree with transformers
 
 ORDER = ("download", "calibrate", "quantize", "convert", "validate", "package")
 ROOT = Path(__file__).resolve().parent.parent  # where tasks/ and kernels/ live (the repo, or site-packages)
 COMMON = ["tasks/errors.py", "tasks/store.py", "tasks/manifests.py", "tasks/modelio.py", "tasks/decoder.py",
-          "tasks/families.py", "tasks/checkpoint_map.py", "tasks/download.py"]
+          "tasks/model_structure.py", "tasks/families.py", "tasks/checkpoint_map.py", "tasks/download.py"]
 GRID_SOURCES = ["tasks/quantize/grids.py", "tasks/quantize/grid_base.py", "tasks/quantize/kquants.py"]
 STAGE_SOURCES = {
     "download": ["tasks/synthetic.py"],
@@ -107,20 +106,19 @@ def weights_only(model: ModelManifest) -> ModelManifest:
     return model.model_copy(update={"source": "", "revision": ""})
 
 
-def stage_inputs(stage: str, recipe: Recipe, store_url: str, up: dict[str, Any],
-                 statistics: bool | None = None) -> dict[str, Any]:
+def stage_inputs(stage: str, recipe: Recipe, store_url: str, up: dict[str, Any]) -> dict[str, Any]:
     """Every argument of a stage's task, by keyword, from the recipe and the upstream manifests.
 
     calibrate's ``statistics`` (whether any output reads the unquantized model's statistics) is decided
-    from the model's module tree, which needs transformers; a caller that must not import it passes it."""
+    from the model's layout, read from the memo of its frozen config (tasks/model_structure.py): torch
+    and transformers are imported only the first time a model is seen."""
     common = {"store_url": store_url, "code": code_digest(stage)}
     device = recipe.execution.device
     if stage == "download":
         return {"model": recipe.model, **common}
     files = weights_only(up["download"])
     if stage == "calibrate":
-        if statistics is None:
-            statistics = quantize_stage.reads_statistics(files, recipe.quantize, list(recipe.outputs), Store(store_url))
+        statistics = _reads_statistics(files, recipe, Store(store_url))
         return {"model": files, "calibration": recipe.calibration, "statistics": statistics, "device": device, **common}
     if stage == "quantize":
         return {"model": files, "calibration": up["calibrate"], "quantize": recipe.quantize,
@@ -136,6 +134,9 @@ def stage_inputs(stage: str, recipe: Recipe, store_url: str, up: dict[str, Any],
             "destination": recipe.package.destination, "version": dist_version("quantfab"), **common}
 
 
+def _reads_statistics(model: ModelManifest, recipe: Recipe, store: Store) -> bool:
+    config, tensors = materialize(store, model.files, verify=False).frozen(store.memo_dir())  # config and headers only
+    return reads_statistics(config, tensors, recipe.quantize, list(recipe.outputs))
 
 
 def cached_result(store: Store, key: str) -> BaseModel | None:

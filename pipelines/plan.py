@@ -17,10 +17,11 @@ from quantfab.pipelines.recipe import Recipe
 from quantfab.tasks import synthetic
 from quantfab.tasks.convert import FORMATS, differences
 from quantfab.tasks.redact import redact, redact_text
+from quantfab.tasks.download import materialize
 from quantfab.tasks.errors import UnsupportedModel, UserError
 from quantfab.tasks.manifests import Manifest
-from quantfab.tasks.modelio import (ST_DTYPES, ModelDir, TensorInfo, alias_tied_embeddings, check_against_config,
-                                    read_safetensors_header)
+from quantfab.tasks.modelio import ST_DTYPES, ModelDir, TensorInfo, check_against_config, read_headers
+from quantfab.tasks.model_structure import FrozenConfig, alias_tied_embeddings, frozen_config
 from quantfab.tasks.quantize.assign import assign_layers
 from quantfab.tasks.store import Store, filesystem, free_bytes
 
@@ -164,33 +165,31 @@ def store_writes(recipe: Recipe, tensors: dict[str, TensorInfo], sizes: dict[str
             "package": sum(sizes.values())}
 
 
-def _headers(recipe: Recipe, store: Store, model) -> tuple[Any, dict[str, TensorInfo]]:
-    """Config and tensor headers: from the cached download, a synthetic spec, or ranged reads of the source."""
+def _headers(recipe: Recipe, store: Store, model) -> tuple[FrozenConfig, dict[str, TensorInfo]]:
+    """Config (frozen: from the memo, for a model seen before) and tensor headers: from the cached download, a
+    synthetic spec, or ranged reads of the source."""
     if model is not None:
-        from quantfab.tasks.download import materialize
-
-        folder = materialize(store, model.files, verify=False)  # config and headers only
-        return folder.config(), folder.weights().tensors
+        return materialize(store, model.files, verify=False).frozen(store.memo_dir())  # config and headers only
     source = recipe.model.source
     with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(tmp)
+        folder = ModelDir(Path(tmp), redact(source))
         if source.startswith("synthetic://"):
-            return synthetic.headers(source, folder)
-        fs, root = filesystem(source, "model.source")
-        fs.get_file(f"{root}/config.json", str(folder / "config.json"))
-        config = ModelDir(folder, redact(source)).config()
-        tensors: dict[str, TensorInfo] = {}
-        for info in fs.ls(root, detail=True):
-            if info["name"].endswith(".safetensors"):
-                local = folder / Path(info["name"]).name
-                with fs.open(info["name"], "rb") as src:
-                    head = src.read(8)
-                    n = int.from_bytes(head, "little")
-                    local.write_bytes(head + src.read(n))
-                tensors.update(read_safetensors_header(local, header_only=True))
-        if config.tie_word_embeddings:
-            alias_tied_embeddings(tensors)
-        return config, tensors
+            tensors = synthetic.headers(source, folder.path)
+        else:
+            fs, root = filesystem(source, "model.source")
+            fs.get_file(f"{root}/config.json", str(folder.path / "config.json"))
+            files = []
+            for info in fs.ls(root, detail=True):
+                if info["name"].endswith(".safetensors"):
+                    files.append(folder.path / Path(info["name"]).name)
+                    with fs.open(info["name"], "rb") as src:
+                        head = src.read(8)
+                        files[-1].write_bytes(head + src.read(int.from_bytes(head, "little")))
+            tensors = read_headers(files, header_only=True)
+        config = frozen_config(folder, tensors, store.memo_dir())
+    if config.tie_word_embeddings:
+        alias_tied_embeddings(tensors)
+    return config, tensors
 
 
 def render(p: Plan) -> str:

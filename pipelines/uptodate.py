@@ -5,11 +5,6 @@ flow computes it (pipelines/keys.py), the record Prefect wrote under it read fro
 checked as a cache hit checks them (present, size and file stamp), and the published package checked
 against its manifest. Anything short of that (a missing or unreadable record, a damaged blob, a changed
 package, a failed gate) answers None, and the caller runs the flow, which finds and repairs it.
-
-calibrate's key holds whether any output reads the statistics of the unquantized model, which only the
-model's module tree (transformers) tells. Both values are tried: the chain of records a run would use is
-the one whose downstream stages are all there, since their keys hold every input of that decision; when
-none or both are complete, the flow decides.
 """
 
 from __future__ import annotations
@@ -38,19 +33,15 @@ class Cached:
 
 def up_to_date(recipe: Recipe, store: Store) -> dict[str, Cached] | None:
     """Every stage's cache hit, by stage, when the build is up to date and published; else None."""
-    chains: list[dict[str, Cached]] = [{}]
+    found: dict[str, Cached] = {}
     for stage in ORDER:
         start = time.perf_counter()
-        grown = []
-        for chain in chains:
-            up = {s: c.result for s, c in chain.items()}
-            for statistics in ((False, True) if stage == "calibrate" else (None,)):
-                key = cache_key(stage, stage_inputs(stage, recipe, store.url, up, statistics))
-                result = cached_result(store, key)
-                if result is not None and _usable(result, store, recipe.package.destination):
-                    grown.append({**chain, stage: Cached(key, result, time.perf_counter() - start)})
-        chains = grown
-    return chains[0] if len(chains) == 1 else None
+        key = cache_key(stage, stage_inputs(stage, recipe, store.url, {s: c.result for s, c in found.items()}))
+        result = cached_result(store, key)
+        if result is None or not _usable(result, store, recipe.package.destination):
+            return None
+        found[stage] = Cached(key, result, time.perf_counter() - start)
+    return found
 
 
 def _usable(result: Any, store: Store, destination: str) -> bool:

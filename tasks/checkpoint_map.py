@@ -97,20 +97,6 @@ class CheckpointMap:
                 start += rows
         return out
 
-    def memory_shapes(self, shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[tuple[int, ...], str]]:
-        """The parameters checkpoint tensors ``shapes`` (name -> shape) make in memory: name -> (shape, the first
-        checkpoint tensor of it), experts stacked as transformers stacks them."""
-        out: dict[str, tuple[tuple[int, ...], str]] = {}
-        stacked: dict[str, tuple[int, int, int, str]] = {}  # name -> experts, rows, columns, first tensor
-        for name, p in self.placements(shapes).items():
-            if p.expert is None:
-                out[p.name] = (tuple(shapes[name]), name)
-                continue
-            experts, rows, cols, first = stacked.get(p.name, (0, 0, shapes[name][1], name))
-            stacked[p.name] = (max(experts, p.expert + 1), max(rows, p.rows[1] if p.rows else shapes[name][0]), cols,
-                               first)
-        return out | {name: ((e, r, c), first) for name, (e, r, c, first) in stacked.items()}
-
     def checkpoint_shapes(self, memory: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
         """What a checkpoint of parameters ``memory`` (name -> shape) holds, as transformers saves it: each
         expert's matrices apart (stacked row blocks split evenly), renames undone; checked by mapping back."""
@@ -124,7 +110,7 @@ class CheckpointMap:
             for e in range(shape[0]):
                 for source in merge.source_names:
                     out[self._unrenamed(name.replace(merge.target, source.replace("*", str(e))))] = (rows, shape[2])
-        if {name: shape for name, (shape, _) in self.memory_shapes(out).items()} != memory:
+        if {name: shape for name, (shape, _) in memory_shapes(out, self.placements(out)).items()} != memory:
             raise UserError("transformers' conversion rules do not map this model's checkpoint names back to its "
                             "parameters one to one")
         return out
@@ -153,6 +139,21 @@ class CheckpointMap:
             out[name] = torch.stack([torch.cat([t for _, t in sorted(experts[e], key=lambda rt: rt[0] or (0, 0))])
                                      for e in range(len(experts))])
         return out
+
+
+def memory_shapes(shapes: dict[str, tuple[int, ...]],
+                  placements: dict[str, Placement]) -> dict[str, tuple[tuple[int, ...], str]]:
+    """The parameters checkpoint tensors ``shapes`` (name -> shape) placed at ``placements`` make in memory:
+    name -> (shape, the first checkpoint tensor of it), experts stacked as transformers stacks them."""
+    out: dict[str, tuple[tuple[int, ...], str]] = {}
+    stacked: dict[str, tuple[int, int, int, str]] = {}  # name -> experts, rows, columns, first tensor
+    for name, p in placements.items():
+        if p.expert is None:
+            out[p.name] = (tuple(shapes[name]), name)
+            continue
+        experts, rows, cols, first = stacked.get(p.name, (0, 0, shapes[name][1], name))
+        stacked[p.name] = (max(experts, p.expert + 1), max(rows, p.rows[1] if p.rows else shapes[name][0]), cols, first)
+    return out | {name: ((e, r, c), first) for name, (e, r, c, first) in stacked.items()}
 
 
 @functools.lru_cache(maxsize=None)

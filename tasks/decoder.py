@@ -29,6 +29,7 @@ from torch.overrides import TorchFunctionMode
 
 from quantfab.tasks.checkpoint_map import Placement, checkpoint_map
 from quantfab.tasks.errors import UserError
+from quantfab.tasks.model_structure import Layout, layer_units, layout
 
 BATCH = 8  # samples per layer call
 
@@ -85,29 +86,18 @@ def set_tensor(root: torch.nn.Module, name: str, value: torch.Tensor) -> None:
         module._buffers[leaf] = value
 
 
-@dataclass(frozen=True)
-class Layout:
-    """Where a family keeps its decoder layers and which Linears each holds (names relative to the layer)."""
-
-    layers_name: str
-    linears: tuple[tuple[str, ...], ...]
-
-    def prefix(self, i: int) -> str:
-        return f"{self.layers_name}.{i}."
-
-
-def layout(config) -> Layout:
-    """The layout of ``config``'s model, read off its meta skeleton (no weights)."""
-    return _layout(config.to_json_string(use_diff=False), type(config))
-
-
 @functools.lru_cache(maxsize=8)
-def _layout(config_json: str, config_class: type) -> Layout:
+def _skeleton_layout(config_json: str, config_class: type) -> Layout:
     import json
 
     config = config_class.from_dict(json.loads(config_json))
     name, layers = decoder_layers(skeleton(config), config)
     return Layout(name, tuple(tuple(linear_names(layer)) for layer in layers))
+
+
+def skeleton_layout(config) -> Layout:
+    """The layout of ``config``'s model, read off its meta skeleton (no weights)."""
+    return _skeleton_layout(config.to_json_string(use_diff=False), type(config))
 
 
 @dataclass
@@ -137,41 +127,6 @@ class LayerStructure:
             if module in members:
                 return key
         raise KeyError(f"{module} reads no recorded input")
-
-
-def layer_units(config, shapes: dict[str, tuple[int, ...]], i: int,
-                placed: dict[str, Placement] | None = None) -> dict[str, Placement]:
-    """Layer ``i``'s quantizable matrices, by checkpoint name relative to the layer and without ``.weight``,
-    each with where it lives in memory (relative to the layer): the Linears' weights, and every expert's
-    matrices. ``shapes``: the layer's checkpoint tensors (relative names); ``placed``: their placements (full
-    names), where the caller has them already. Linears first, in module order."""
-    shape = layout(config)
-    prefix = shape.prefix(i)
-    linears = {name: k for k, name in enumerate(shape.linears[i])}
-    placed = placed or checkpoint_map(config.model_type).placements({prefix + k: v for k, v in shapes.items()})
-    found: list[tuple[tuple, str, Placement]] = []
-    for name, p in placed.items():
-        rel, memory = name[len(prefix):], p.name.removeprefix(prefix)
-        if not rel.endswith(".weight") or len(shapes[rel]) != 2:
-            continue
-        if p.expert is not None:
-            found.append(((len(linears), p.expert, memory, p.rows or (0, 0)), rel, Placement(memory, p.expert, p.rows)))
-        elif memory.removesuffix(".weight") in linears:
-            found.append(((linears[memory.removesuffix(".weight")],), rel, Placement(memory)))
-    return {rel.removesuffix(".weight"): p for _, rel, p in sorted(found)}
-
-
-def model_units(config, shapes: dict[str, tuple[int, ...]]) -> list[list[str]]:
-    """Every layer's units (see ``layer_units``), from the checkpoint's tensor names and shapes."""
-    shape = layout(config)
-    by_layer: list[dict[str, tuple[int, ...]]] = [{} for _ in shape.linears]
-    inner = shape.layers_name + "."
-    for name, dims in shapes.items():
-        if name.startswith(inner):
-            index, _, rest = name[len(inner):].partition(".")
-            if index.isdigit() and int(index) < len(by_layer):
-                by_layer[int(index)][rest] = tuple(dims)
-    return [list(layer_units(config, layer, i)) for i, layer in enumerate(by_layer)]
 
 
 def expert_index(view: torch.Tensor, param: torch.Tensor) -> int | None:

@@ -16,9 +16,10 @@ from pathlib import Path
 import numpy as np
 from safetensors import safe_open
 
-from quantfab.tasks.checkpoint_map import Placement, checkpoint_map
+from quantfab.tasks.checkpoint_map import Placement, checkpoint_map, memory_shapes
 from quantfab.tasks.errors import UserError
 from quantfab.tasks.families import check_supported
+from quantfab.tasks.model_structure import FrozenConfig, alias_tied_embeddings, frozen_config, layout, placements
 from quantfab.tasks.lazy import lazy
 
 torch = lazy("torch")
@@ -79,19 +80,28 @@ def read_safetensors_header(path: Path, header_only: bool = False) -> dict[str, 
     return out
 
 
-def check_against_config(config, tensors: dict[str, TensorInfo]) -> None:
-    """Every parameter the config implies is present, floating point and of the shape the config implies
-    (experts stored per expert are checked as transformers stacks them)."""
+def expected_shapes(config) -> dict[str, tuple[int, ...]]:
+    """Every parameter's shape in the model transformers builds from ``config`` (a tied head left out)."""
+    if isinstance(config, FrozenConfig):
+        return config.expected
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
         expected = {k: tuple(v.shape) for k, v in AutoModelForCausalLM.from_config(config).state_dict().items()}
     if config.tie_word_embeddings:
         expected.pop("lm_head.weight", None)
+    return expected
+
+
+def check_against_config(config, tensors: dict[str, TensorInfo]) -> None:
+    """Every parameter the config implies is present, floating point and of the shape the config implies
+    (experts stored per expert are checked as transformers stacks them)."""
+    expected = expected_shapes(config)
     for t in tensors.values():
         if t.dtype not in FLOAT_DTYPES:
             raise UserError(f"{t.file.name}: tensor {t.name} is {t.dtype}; weights must be F32, F16 or BF16")
-    found = checkpoint_map(config.model_type).memory_shapes({n: t.shape for n, t in tensors.items()})
+    shapes = {n: t.shape for n, t in tensors.items()}
+    found = memory_shapes(shapes, placements(config, shapes))
     missing = sorted(set(expected) - set(found))
     if missing:
         more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
@@ -104,13 +114,12 @@ def check_against_config(config, tensors: dict[str, TensorInfo]) -> None:
             raise UserError(f"{t.file.name}: {what} has shape {list(got)}, but config.json implies {list(shape)}")
 
 
-def alias_tied_embeddings(tensors: dict[str, TensorInfo]) -> None:
-    """A tied model may store either the embedding or the head; make both names answer."""
-    embed, head = "model.embed_tokens.weight", "lm_head.weight"
-    if embed not in tensors and head in tensors:
-        tensors[embed] = tensors[head]
-    elif head not in tensors and embed in tensors:
-        tensors[head] = tensors[embed]
+def read_headers(files: list[Path], header_only: bool = False) -> dict[str, TensorInfo]:
+    """Every tensor's header across a checkpoint's shards (see read_safetensors_header)."""
+    tensors: dict[str, TensorInfo] = {}
+    for path in sorted(files):
+        tensors.update(read_safetensors_header(path, header_only))
+    return tensors
 
 
 class WeightIndex:
@@ -119,9 +128,7 @@ class WeightIndex:
     def __init__(self, files: list[Path], tied_embeddings: bool = False, layers_name: str = "model.layers",
                  model_type: str = "llama"):
         self.layers_name, self.model_type = layers_name, model_type
-        self.tensors: dict[str, TensorInfo] = {}
-        for path in sorted(files):
-            self.tensors.update(read_safetensors_header(path))
+        self.tensors = read_headers(files)
         if tied_embeddings:
             alias_tied_embeddings(self.tensors)
 
@@ -189,15 +196,25 @@ class ModelDir:
         except (OSError, ValueError) as exc:
             raise UserError(f"{self.path / 'tokenizer_config.json'}: cannot load the tokenizer: {exc}") from None
 
+    def frozen(self, memo: Path) -> tuple[FrozenConfig, dict[str, TensorInfo]]:
+        """The config frozen (tasks/model_structure.py, memoized in ``memo``) and the tensor headers, as
+        ``weights()`` names them: without torch or transformers for a model seen before."""
+        tensors = read_headers(self._safetensors())
+        config = frozen_config(self, tensors, memo)
+        if config.tie_word_embeddings:
+            alias_tied_embeddings(tensors)
+        return config, tensors
+
     def weights(self) -> WeightIndex:
+        config = self.config()
+        return WeightIndex(self._safetensors(), bool(getattr(config, "tie_word_embeddings", False)),
+                           layout(config).layers_name, config.model_type)
+
+    def _safetensors(self) -> list[Path]:
         files = sorted(self.path.glob("*.safetensors"))
         if not files:
             raise UserError(f"{self.path}: no .safetensors files")
-        from quantfab.tasks.decoder import layout
-
-        config = self.config()
-        return WeightIndex(files, bool(getattr(config, "tie_word_embeddings", False)), layout(config).layers_name,
-                           config.model_type)
+        return files
 
 
 CPU = "cpu"  # a device torch takes by name; a torch.device would import torch with this module

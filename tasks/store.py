@@ -352,7 +352,15 @@ class Store:
 
     def results_dir(self) -> Path:
         """Where Prefect persists stage results (the cache records), beside a local store."""
+        return self._local_dir("results")
+
+    def memo_dir(self) -> Path:
+        """Where plan memoizes what it derives from a model's config (tasks/model_structure.py)."""
+        return self._local_dir("memo")
+
+    def _local_dir(self, name: str) -> Path:
+        """A folder in a local store, or under the default store's remote-results/ for a remote one."""
         base = Path(self.root) if self.is_local else Path(DEFAULT_STORE).expanduser() / "remote-results"
-        path = base / "results"
+        path = base / name
         path.mkdir(parents=True, exist_ok=True)
         return path

@@ -93,7 +93,8 @@ def _family(url: str) -> tuple[dict[str, Any], dict[str, int], list[dict[str, tu
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     from quantfab.tasks.checkpoint_map import checkpoint_map
-    from quantfab.tasks.decoder import layout, skeleton
+    from quantfab.tasks.decoder import skeleton
+    from quantfab.tasks.model_structure import layout
     from quantfab.tasks.families import EXPERT_KEYS, supported_model_types
 
     model_type = urlsplit(url).netloc
@@ -142,17 +143,16 @@ def _spec(url: str) -> tuple[dict[str, Any], dict[str, int], list[dict[str, tupl
     return _family(url)
 
 
-def headers(url: str, folder: Path) -> tuple[Any, dict[str, TensorInfo]]:
-    """Config and tensor headers of a synthetic model, without generating any weights (for plan)."""
-    from transformers import AutoConfig
-
+def headers(url: str, folder: Path) -> dict[str, TensorInfo]:
+    """The config.json (written into ``folder``) and tensor headers of a synthetic model, without generating any
+    weights (for plan)."""
     saved, _, shards = _spec(url)
-    config = AutoConfig.for_model(**{k: v for k, v in saved.items() if k != "architectures"})
+    (folder / "config.json").write_text(json.dumps(saved, indent=2))
     tensors = {}
     for idx, shard in enumerate(shards):
         for name, shape in shard.items():
             tensors[name] = TensorInfo(name, "F32", shape, folder / f"shard{idx}")
-    return config, tensors
+    return tensors
 
 
 def write_model(url: str, out: Path) -> str:

@@ -15,7 +15,7 @@ import torch
 from quantfab.tasks.calibrate import calibrate_on
 from quantfab.tasks.download import download, materialize
 from quantfab.tasks.manifests import QuantizedOutput
-from quantfab.tasks.decoder import layout, model_units
+from quantfab.tasks.model_structure import layout, model_units
 from quantfab.tasks.quantize.assign import Assignment
 from quantfab.tasks.quantize.layer_file import LayerFile, QuantizedWeights
 from quantfab.tasks.quantize.stage import quantize_model

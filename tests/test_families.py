@@ -7,7 +7,9 @@ written by ``save_pretrained``, with the synthetic byte-fallback tokenizer; noth
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pytest
@@ -15,7 +17,8 @@ import torch
 from safetensors import safe_open
 
 from quantfab.pipelines.recipe import QuantizeSpec
-from quantfab.tasks.decoder import Decoder, layout, model_units
+from quantfab.tasks.decoder import Decoder
+from quantfab.tasks.model_structure import layout, model_units
 from quantfab.tasks.errors import UserError
 from quantfab.tasks.modelio import CPU, ModelDir, relative
 from quantfab.tasks.store import Store
@@ -387,3 +390,59 @@ def test_plan_refuses_an_encoder_naming_the_users_path_before_any_download(tmp_p
     out = done.stdout + done.stderr
     assert done.returncode == 2 and f"{tmp_path}/config.json: model_type 'bert' is an encoder" in out, out
     assert "Traceback" not in out and not (tmp_path / "store" / "blobs").exists()
+
+
+OUTPUTS = {method: "[{gguf: Q4_K_M}, {gguf: Q8_0}, {compressed-tensors: int4}, {format: compressed-tensors, type: int4, "
+                   "group_size: 32, symmetric: false}, {gptq: int4}, {awq: int4}]" for method in ("rtn", "gptq", "awq")}
+OUTPUTS["nf4"] = "[{bnb-nf4: nf4}]"
+
+
+def outcome(compute: Callable[[], object]) -> object:
+    """What a call returns, or the message it refuses with."""
+    try:
+        return compute()
+    except UserError as exc:
+        return f"refused: {exc}"
+
+
+@pytest.mark.parametrize("model_type", sorted(FAMILIES))
+def test_plan_reads_the_memoized_frozen_config_as_it_reads_the_transformers_config(trials: dict[str, Trial],
+                                                                                     tmp_path: Path, model_type: str) -> None:
+    """plan and the cache keys read a model through its frozen config (tasks/model_structure.py), read from the
+    memo without torch the second time: layout, placements, expected shapes, every method's assignment for
+    every format, the formats' planned tensors and whether calibrate gathers statistics are the ones the
+    transformers config gives."""
+    from quantfab.pipelines.recipe_loading import load_recipe
+    from quantfab.tasks.convert import FORMATS
+    from quantfab.tasks.model_structure import FrozenConfig, placements
+    from quantfab.tasks.modelio import expected_shapes
+    from quantfab.tasks.quantize.assign import assign_layers, reads_statistics
+
+    trial = trials[model_type]
+    real, weights = trial.config, trial.weights
+    derived, _ = trial.folder.frozen(tmp_path)
+    frozen, tensors = trial.folder.frozen(tmp_path)
+    assert len(list(tmp_path.glob("*.json"))) == 1 and frozen is not derived  # the second came from the memo
+    assert isinstance(frozen, FrozenConfig) and tensors == weights.tensors
+    plain = {k: v for k, v in real.to_dict().items() if not k.startswith("_") and json.loads(json.dumps(v)) == v}
+    assert {k: getattr(frozen, k) for k in plain} == plain  # all but id2label (int keys) and dtype
+    assert {k for k in set(real.to_dict()) - set(plain) if not k.startswith("_")} <= {"id2label", "dtype"}
+    assert frozen.dtype == str(real.dtype).removeprefix("torch.")
+    assert layout(frozen) == layout(real) and expected_shapes(frozen) == expected_shapes(real)
+    assert placements(frozen, {n: t.shape for n, t in tensors.items()}) == weights.placements
+    assert model_units(frozen, {n: t.shape for n, t in tensors.items()}) == \
+           model_units(real, {n: t.shape for n, t in tensors.items()})
+    for method, outputs in OUTPUTS.items():
+        recipe = load_recipe(REPO / "recipes" / "demo.yaml", [f"quantize.method={method}", f"outputs={outputs}"])
+        fitting = []
+        for o in recipe.outputs:
+            fmt = FORMATS[o.format]
+            assigned = outcome(lambda: assign_layers(real, weights.tensors, recipe.quantize, fmt, o))
+            assert outcome(lambda: assign_layers(frozen, tensors, recipe.quantize, fmt, o)) == assigned, (method, o.key)
+            if isinstance(assigned, str):
+                continue
+            fitting.append(o)
+            grids = {a.module: a.grid for layer in assigned for a in layer.values()}
+            assert fmt.plan(o, frozen, tensors, grids) == fmt.plan(o, real, weights.tensors, grids), (method, o.key)
+        assert reads_statistics(frozen, tensors, recipe.quantize, fitting) == \
+               reads_statistics(real, weights.tensors, recipe.quantize, fitting)

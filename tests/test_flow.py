@@ -206,6 +206,16 @@ def test_an_up_to_date_build_is_found_by_the_flows_keys_without_torch_or_prefect
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "imported: []" in proc.stdout and "up to date" in proc.stderr
     assert [line.split()[:2] for line in proc.stderr.splitlines()[1:7]] == [[s, "cached"] for s in keys["gptq"]]
+    # plan too, of the build and of a change to it (the model's frozen config is memoized since the run): awq
+    # reads the statistics, which rtn's calibrate record holds
+    for more in ([], ["--set", "quantize.method=awq"]):
+        proc = subprocess.run([*args[:3], "plan", *args[4:], *more], capture_output=True, text=True,
+                              env={**os.environ, **prefect_env}, timeout=300)
+        assert proc.returncode == 0 and "imported: []" in proc.stdout, proc.stdout + proc.stderr[-3000:]
+        status = {line.split()[0]: line.split()[1] for line in proc.stdout.splitlines() if line.startswith("  ")
+                  and line.split()[0] in keys["gptq"]}
+        assert status == ({s: "hit" for s in keys["gptq"]} if not more else
+                          {"download": "hit", "calibrate": "hit", **{s: "miss" for s in list(keys["gptq"])[2:]}})
 
 
 def test_changing_only_a_gate_reruns_only_validate_and_package(built: dict) -> None:

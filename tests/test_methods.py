@@ -240,21 +240,22 @@ def test_gptq_builds_calibrate_tokens_only_and_fit_the_same_codes(tiny: Trial, d
     the token windows for an output with a GPTQ module; its codes equal a run's that had the statistics."""
     from quantfab.pipelines.recipe_loading import load_recipe
     from quantfab.tasks.calibrate import calibrate_on
-    from quantfab.tasks.quantize.stage import quantize, reads_statistics
+    from quantfab.tasks.quantize.assign import reads_statistics
+    from quantfab.tasks.quantize.stage import quantize
 
     def spec(*sets: str):
         recipe = load_recipe(REPO / "recipes" / "tinystories-656k-q4_0.yaml", ["outputs=[{gguf: Q4_0}]", *sets])
-        return recipe.quantize, list(recipe.outputs)
+        return tiny.config, tiny.weights.tensors, recipe.quantize, list(recipe.outputs)
 
-    assert not reads_statistics(tiny.model, *spec("quantize.method=gptq"), tiny.store)
-    assert not reads_statistics(tiny.model, *spec("quantize.method=gptq", "quantize.overrides={'*.down_proj': {method: awq}}"), tiny.store)
-    assert reads_statistics(tiny.model, *spec("quantize.method=awq"), tiny.store)
-    assert reads_statistics(tiny.model, *spec("quantize.method=gptq", "quantize.overrides={'*': {method: rtn}}"), tiny.store)
+    assert not reads_statistics(*spec("quantize.method=gptq"))
+    assert not reads_statistics(*spec("quantize.method=gptq", "quantize.overrides={'*.down_proj': {method: awq}}"))
+    assert reads_statistics(*spec("quantize.method=awq"))
+    assert reads_statistics(*spec("quantize.method=gptq", "quantize.overrides={'*': {method: rtn}}"))
 
     fresh = Trial(data_dir / "tinystories-656k", Store(str(tmp_path / "store")), *protocol)
     tokens_only = calibrate_on(fresh.model, protocol[0], "cpu", fresh.store, statistics=False)
     assert tokens_only.stats == [] and tokens_only.tokens == fresh.calibration.tokens
-    quant, outputs = spec("quantize.method=gptq")
+    _, _, quant, outputs = spec("quantize.method=gptq")
     without = quantize(fresh.model, tokens_only, quant, outputs, "cpu", fresh.store).outputs["gguf-Q4_0"]
     with_stats = quantize(tiny.model, tiny.calibration, quant, outputs, "cpu", tiny.store).outputs["gguf-Q4_0"]
     assert without.layers == with_stats.layers  # the same blobs (digests), fitted in two stores

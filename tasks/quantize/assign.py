@@ -16,9 +16,8 @@ from typing import Any
 from quantfab.tasks.modelio import TensorInfo
 from quantfab.tasks.errors import UserError
 from quantfab.tasks.quantize.grids import GridRequest, grid_named
-from quantfab.tasks.lazy import lazy
+from quantfab.tasks.model_structure import layout, model_units
 
-decoder = lazy("quantfab.tasks.decoder")  # reads the module tree with torch: only when assigning
 
 
 @dataclass(frozen=True)
@@ -81,8 +80,8 @@ def assign_layers(config, tensors: dict[str, TensorInfo], quant: Any, fmt: Any, 
     leave in float are handled by ``quant.indivisible``."""
     presets = fmt.presets(options, config, tensors)
     format_fallbacks = fmt.fallbacks(options, config, tensors) if hasattr(fmt, "fallbacks") else {}
-    shape = decoder.layout(config)
-    units = decoder.model_units(config, {n: t.shape for n, t in tensors.items()})
+    shape = layout(config)
+    units = model_units(config, {n: t.shape for n, t in tensors.items()})
 
     def assign_all(q: Any) -> list[dict[str, Assignment]]:
         named = [{lin: f"{shape.prefix(i)}{lin}" for lin in linears} for i, linears in enumerate(units)]
@@ -104,6 +103,25 @@ def assign_layers(config, tensors: dict[str, TensorInfo], quant: Any, fmt: Any, 
         return [{lin: replace(a, asked=asked[a.module], fallback=a.fallback or why) if a.grid else a
                  for lin, a in layer.items()} for layer in assign_all(quant.model_copy(update={"group_size": fits[0]}))]
     raise UserError(_refusal(options.key, stuck, rows, fits, quant.indivisible))
+
+
+def reads_statistics(config, tensors: dict[str, TensorInfo], quant: Any, outputs: list) -> bool:
+    """Whether any output fits its layers to the calibrate stage's statistics of the unquantized model.
+
+    An output with a module on a sequential method carries hidden states through the quantized model
+    and measures every layer's inputs there, for all its methods; only outputs without one read them.
+    """
+    from quantfab.tasks.convert import FORMATS  # on demand: loading a recipe imports this module, not the formats
+
+    return any(not sequential(assign_layers(config, tensors, quant, FORMATS[o.format], o))
+               for o in outputs if FORMATS[o.format].stores_codes(o))
+
+
+def sequential(plans: list[dict[str, Assignment]]) -> bool:
+    """Whether any Linear of these layers is quantized by a sequential method (GPTQ)."""
+    from quantfab.tasks.quantize import METHODS
+
+    return any(METHODS[a.method].sequential for plan in plans for a in plan.values() if a.grid)
 
 
 def _dividing_groups(rows: Any, group: int, options: Any, fmt: Any, quant: Any) -> list[int]:

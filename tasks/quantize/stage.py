@@ -34,7 +34,7 @@ from quantfab.tasks.families import Family, family
 from quantfab.tasks.modelio import ModelDir, pick_device, relative
 from quantfab.tasks.parallel import pmap
 from quantfab.tasks.quantize import METHODS
-from quantfab.tasks.quantize.assign import Assignment, assign_layers
+from quantfab.tasks.quantize.assign import Assignment, assign_layers, sequential
 from quantfab.tasks.quantize.grids import grid_named
 from quantfab.tasks.quantize.layer import LayerInput, LayerResult
 from quantfab.tasks.quantize.layer_file import LayerFile, write_layer_file
@@ -69,7 +69,7 @@ def quantize_model(model: ModelManifest, model_dir: ModelDir, calibration: Calib
     keep_freed_memory()
     methods = {name: cls(quant, device) for name, cls in METHODS.items()}
     settings = _settings(quant, device)
-    if _sequential(plans):
+    if sequential(plans):
         inputs = HiddenStates(model, model_dir, calibration, device, store)
         layers: list[Blob] = []
         for i, plan in enumerate(plans):
@@ -85,22 +85,6 @@ def quantize_model(model: ModelManifest, model_dir: ModelDir, calibration: Calib
         layers = pmap(quantize_independent_layer, jobs)
     reports = [r for blob in layers for r in LayerFile(store.local_path(blob)).reports()]
     return QuantizedOutput(output=key, layers=layers, modules=reports)
-
-
-def reads_statistics(model: ModelManifest, quant: Any, outputs: list, store: Store) -> bool:
-    """Whether any output fits its layers to the calibrate stage's statistics of the unquantized model.
-
-    An output with a module on a sequential method carries hidden states through the quantized model
-    and measures every layer's inputs there, for all its methods; only outputs without one read them.
-    """
-    model_dir = materialize(store, model.files, verify=False)  # config and headers only
-    config, weights = model_dir.config(), model_dir.weights()
-    return any(not _sequential(assign_layers(config, weights.tensors, quant, FORMATS[o.format], o))
-               for o in outputs if FORMATS[o.format].stores_codes(o))
-
-
-def _sequential(plans: list[dict[str, Assignment]]) -> bool:
-    return any(METHODS[a.method].sequential for plan in plans for a in plan.values() if a.grid)
 
 
 def _layer(model: ModelManifest, model_dir: ModelDir, inputs: Any, plan: dict[str, Assignment], i: int,
