@@ -1,7 +1,8 @@
 """Our GGUF files beside llama.cpp's own llama-quantize output of the same F16 model, measured side by side.
 
-For each file type: llama_model_quantize on our F16 file (llama.cpp's RTN, one thread), and quantfab's
-quantize + convert stages from the fp32 weights (one thread) with rtn, gptq and awq. Every file is
+For each file type: llama_model_quantize on our F16 file (llama.cpp's RTN), and quantfab's quantize +
+convert stages from the fp32 weights with rtn, gptq and awq, both on ``--threads`` threads (torch's, and the
+C build of kernels/ through QUANTFAB_THREADS). Every file is
 decoded by gguf-py and scored by the same forward on the recipe's validation windows (PPL, KL against
 fp32, top-1); llama.cpp's own perplexity of each file is printed beside ours. Needs llama-cpp-python.
 
@@ -11,6 +12,7 @@ fp32, top-1); llama.cpp's own perplexity of each file is printed beside ours. Ne
 from __future__ import annotations
 
 import argparse
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -37,8 +39,10 @@ def main() -> None:
     ap.add_argument("--types", default="Q8_0,Q4_0,Q4_K_M")
     ap.add_argument("--methods", default="rtn,gptq,awq")
     ap.add_argument("--tokens", type=int, help="validation tokens instead of the recipe's")
+    ap.add_argument("--threads", type=int, default=1, help="threads for llama.cpp and for us alike (default 1)")
     args = ap.parse_args()
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
+    os.environ["QUANTFAB_THREADS"] = str(args.threads)
     types = args.types.split(",")
     overrides = [f"model.source={args.model}", "calibration.source=synthetic://tokens",
                  "validate.source=synthetic://tokens"] if args.model else []
@@ -56,7 +60,7 @@ def main() -> None:
         files: dict[tuple[str, str], tuple[Path, float]] = {}
         for t in types:
             path = Path(tmp) / f"llama-cpp-{t}.gguf"
-            files[(t, "llama.cpp rtn")] = (path, llama_quantize(f16_path, path, t))
+            files[(t, "llama.cpp rtn")] = (path, llama_quantize(f16_path, path, t, args.threads))
             print(f"llama.cpp rtn {t}: {files[(t, 'llama.cpp rtn')][1]:.2f} s", flush=True)
         for method in args.methods.split(","):
             for t in types:

@@ -1,8 +1,9 @@
 """Where kernels run: CuPy on a CUDA device, the same .cu sources built for the CPU by g++, or NumPy.
 
-``QUANTFAB_KERNELS`` picks one: ``auto`` (default: CuPy when a CUDA device is present, else NumPy),
-``cupy``, ``numpy``, or ``cpu`` (the g++ build, which the tests use to prove the kernels' logic without
-a GPU). The NumPy backend launches nothing: every kernel's NumPy reference answers instead.
+``QUANTFAB_KERNELS`` picks one: ``auto`` (default: CuPy when a CUDA device is present, else the g++ build
+when g++ is there, else NumPy), ``cupy``, ``numpy``, or ``cpu`` (the g++ build, on every core: how the CPU
+path packs at C speed, and how the tests prove the kernels' logic without a GPU). The NumPy backend
+launches nothing: every kernel's NumPy reference answers instead.
 
 A launch passes arrays of the backend's array module, Python ints (as 64-bit) and floats (as float32),
 in the order of the kernel's parameters. The host calls in words.py, nf4.py and gguf_blocks.py take
@@ -17,6 +18,7 @@ import hashlib
 import os
 import subprocess
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 from pathlib import Path
 from types import ModuleType
@@ -26,7 +28,7 @@ import numpy as np
 
 SOURCES = Path(__file__).resolve().parent
 NVRTC_OPTIONS = ("--std=c++17", "--fmad=false", f"-I{SOURCES}")  # no fused multiply-add: rounding as on the CPU
-KERNEL_SOURCES = ("words.cu", "nf4.cu", "gguf_blocks.cu", "kquant_blocks.cu")
+KERNEL_SOURCES = ("words.cu", "nf4.cu", "gguf_blocks.cu", "kquant_blocks.cu", "kquant_search.cu")
 BLOCK = 256  # threads per block on the GPU; kernels loop grid-stride, so any shape covers every item
 MAX_BLOCKS = 65535 * 8
 
@@ -58,25 +60,43 @@ class NumpyBackend(Backend):
 
 
 class CpuBuild(Backend):
-    """Each .cu file built by g++ into a shared library, the grid walked one (block, thread) at a time.
+    """Each .cu file built by g++ into a shared library, the grid run on the CPU's cores.
 
-    The launch shape is small on purpose (``blocks`` x ``threads``, 2 x 3 by default): every kernel loops
-    grid-stride, so six interleaved "threads" exercise the same indexing a GPU grid does.
+    A launch is ``blocks`` blocks of ``threads`` threads: each block on a thread of a pool (ctypes lets go
+    of the GIL during the call), its threads one after another. Every kernel loops grid-stride, so the
+    interleaved threads exercise the same indexing a GPU grid does, and the result does not depend on the
+    shape. ``blocks`` defaults to the cores this process may use (``QUANTFAB_THREADS`` overrides it).
     """
 
     name, xp = "cpu", np
 
-    def __init__(self, blocks: int = 2, threads: int = 3):
-        self.blocks, self.threads = blocks, threads
+    def __init__(self, blocks: int | None = None, threads: int = 3):
+        self.blocks, self.threads = blocks or cpu_threads(), threads
 
     def launch(self, source: str, kernel: str, items: int, *args: Any) -> None:
-        lib = _cpu_library(source)
-        fn = getattr(lib, kernel)
+        fn = getattr(_cpu_library(source), kernel)
         c_args = [_c_arg(a) for a in args]
-        for b in range(self.blocks):
+        blocks = max(1, min(self.blocks, -(-items // self.threads)))
+
+        def run_block(b: int) -> None:
             for t in range(self.threads):
-                lib.qf_set_launch(b, t, self.threads, self.blocks)
+                _cpu_library(source).qf_set_launch(b, t, self.threads, blocks)
                 fn(*c_args)
+
+        if blocks == 1:
+            run_block(0)
+        else:
+            list(_pool(self.blocks).map(run_block, range(blocks)))
+
+
+def cpu_threads() -> int:
+    """The cores this process may use, or ``QUANTFAB_THREADS``."""
+    return int(os.environ.get("QUANTFAB_THREADS") or 0) or len(os.sched_getaffinity(0))
+
+
+@lru_cache(maxsize=None)
+def _pool(workers: int) -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(workers, thread_name_prefix="quantfab-kernel")
 
 
 def _c_arg(a: Any) -> Any:
@@ -175,7 +195,14 @@ def backend_named(name: str) -> Backend:
                                      "(install the gpu extra on a machine with one, or use auto/numpy/cpu)")
         return CupyBackend()
     if name == "auto":
-        return backend_named("cupy") if cuda_available() else NumpyBackend()
+        if cuda_available():
+            return backend_named("cupy")
+        try:
+            for source in KERNEL_SOURCES:
+                _cpu_library(source)  # built once per source text, kept under the kernel cache
+        except KernelBackendError:
+            return NumpyBackend()  # no g++ here: the references answer
+        return backend_named("cpu")
     raise KernelBackendError(f"QUANTFAB_KERNELS={name!r}: expected auto, cupy, numpy or cpu")
 
 

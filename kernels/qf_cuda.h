@@ -1,11 +1,11 @@
 // What every kernel source includes: under NVRTC (CuPy) the CUDA built-ins as they are; under g++ a shim
-// that makes the same .cu file plain C++, so the CPU build tests the logic the GPU runs.
+// that makes the same .cu file plain C++, so the CPU build runs the logic the GPU runs.
 //
-// The CPU build sets blockIdx/threadIdx/blockDim/gridDim through qf_set_launch() and calls the kernel
-// once per (block, thread), one at a time: kernels index with grid-stride loops and reduce with atomics,
-// never with warp-synchronous tricks or shared memory, so running the threads in sequence is one legal
-// schedule of the GPU's. Float rounding is kept identical on both: NVRTC compiles with --fmad=false and
-// g++ with -ffp-contract=off, so a*b+c is never fused on one side only.
+// The CPU build sets blockIdx/threadIdx/blockDim/gridDim (per OS thread) through qf_set_launch() and calls
+// the kernel once per (block, thread): kernels index with grid-stride loops and reduce with atomics, never
+// with warp-synchronous tricks or shared memory, so running the threads of a block in sequence, blocks on
+// several OS threads at once, is one legal schedule of the GPU's. Float rounding is kept identical on both:
+// NVRTC compiles with --fmad=false and g++ with -ffp-contract=off, so a*b+c is never fused on one side only.
 #pragma once
 
 typedef signed char i8;
@@ -33,7 +33,7 @@ QF_DEVICE bool qf_isinf(float x) { return isinf(x); }
 #define QF_KERNEL extern "C"
 #define QF_DEVICE static inline
 struct qf_dim3 { unsigned int x, y, z; };
-static qf_dim3 blockIdx, threadIdx, blockDim, gridDim;
+static thread_local qf_dim3 blockIdx, threadIdx, blockDim, gridDim;
 
 extern "C" void qf_set_launch(unsigned int block, unsigned int thread, unsigned int block_dim, unsigned int grid_dim) {
     blockIdx = {block, 0, 0};
@@ -46,10 +46,18 @@ QF_DEVICE u32 qf_float_bits(float x) { u32 b; std::memcpy(&b, &x, 4); return b; 
 QF_DEVICE float qf_bits_float(u32 b) { float x; std::memcpy(&x, &b, 4); return x; }
 QF_DEVICE bool qf_isnan(float x) { return std::isnan(x); }
 QF_DEVICE bool qf_isinf(float x) { return std::isinf(x); }
-// One thread runs at a time, so the atomics are plain read-modify-writes.
-QF_DEVICE u64 atomicAdd(u64* p, u64 v) { u64 old = *p; *p = old + v; return old; }
-QF_DEVICE u64 atomicMin(u64* p, u64 v) { u64 old = *p; if (v < old) *p = v; return old; }
-QF_DEVICE u32 atomicMax(u32* p, u32 v) { u32 old = *p; if (v > old) *p = v; return old; }
+// Blocks run on several OS threads at once: the atomics are the compiler's.
+QF_DEVICE u64 atomicAdd(u64* p, u64 v) { return __atomic_fetch_add(p, v, __ATOMIC_RELAXED); }
+QF_DEVICE u64 atomicMin(u64* p, u64 v) {
+    u64 old = __atomic_load_n(p, __ATOMIC_RELAXED);
+    while (v < old && !__atomic_compare_exchange_n(p, &old, v, true, __ATOMIC_RELAXED, __ATOMIC_RELAXED)) {}
+    return old;
+}
+QF_DEVICE u32 atomicMax(u32* p, u32 v) {
+    u32 old = __atomic_load_n(p, __ATOMIC_RELAXED);
+    while (v > old && !__atomic_compare_exchange_n(p, &old, v, true, __ATOMIC_RELAXED, __ATOMIC_RELAXED)) {}
+    return old;
+}
 
 #endif
 

@@ -17,7 +17,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from quantfab.tasks.lazy import lazy
 from quantfab.tasks.quantize.grid_base import AsymmetricGrid, Encoded, Grid, SymmetricGrid
+
+search = lazy("quantfab.kernels.kquant_search")  # the searches below as kernels (C on the CPU, CUDA on a GPU)
 
 F = np.float32
 GROUP_MAX_EPS = F(1e-15)
@@ -42,7 +45,7 @@ def _columns(x: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(x.T, dtype=F)
 
 
-def search_min_scale(x: np.ndarray, weights: np.ndarray, nmax: int, rmin: float, rdelta: float, nstep: int,
+def search_min_scale_reference(x: np.ndarray, weights: np.ndarray, nmax: int, rmin: float, rdelta: float, nstep: int,
                      use_mad: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """make_qkx2_quants for every row of ``x`` (one sub-block each): (scale, min as a positive offset, codes)."""
     n = x.shape[1]
@@ -53,7 +56,7 @@ def search_min_scale(x: np.ndarray, weights: np.ndarray, nmax: int, rmin: float,
     for i in range(1, n):
         sum_w = sum_w + wc[i]
         sum_x = sum_x + wc[i] * xc[i]
-    lo = np.minimum(lo, F(0))
+    lo = np.where(lo > 0, F(0), lo).astype(F)  # llama.cpp: if (min > 0) min = 0 (a -0 stays -0)
     flat = hi == lo
     iscale = F(nmax) / _safe(hi - lo)
     scale = F(1) / iscale
@@ -114,7 +117,7 @@ def _weighted_sums(xc: np.ndarray, qc: np.ndarray) -> tuple[np.ndarray, np.ndarr
     return sumlx, suml2
 
 
-def search_signed_scale(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
+def search_signed_scale_reference(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
     """make_qx_quants(n, nmax, x, L, rmse_type=1, NULL) per row: (scale, codes in [0, 2 nmax))."""
     extreme = _signed_extreme(x)
     zero = np.abs(extreme) < GROUP_MAX_EPS
@@ -229,7 +232,7 @@ class MinKGrid(KGrid, AsymmetricGrid):
     def reference(self, w: np.ndarray) -> Encoded:
         x = self.subblocks(w)
         rmin, rdelta, nstep, use_mad = self.search
-        scales, mins, codes = search_min_scale(x, self.weights(x), self.qmax, rmin, rdelta, nstep, use_mad)
+        scales, mins, codes = search.search_min_scale(x, self.weights(x), self.qmax, rmin, rdelta, nstep, use_mad)
         d, m = self.quantize_scales(scales, mins)
         return self.finish(w, self.codes_for(x, d, m, codes), d, m)
 
@@ -337,7 +340,7 @@ class Q6_K(SignedKGrid):
     scale_min, scale_max, zero_scale = -128, 127, 0
 
     def search_scales(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        return search_signed_scale(x, 32)
+        return search.search_signed_scale(x, 32)
 
     def zero_super(self, top: np.ndarray) -> np.ndarray:
         return np.abs(top) < GROUP_MAX_EPS
