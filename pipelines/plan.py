@@ -22,7 +22,7 @@ from quantfab.tasks.errors import UnsupportedModel, UserError
 from quantfab.tasks.manifests import Manifest
 from quantfab.tasks.modelio import ST_DTYPES, ModelDir, TensorInfo, check_against_config, read_headers
 from quantfab.tasks.model_structure import FrozenConfig, alias_tied_embeddings, frozen_config
-from quantfab.tasks.quantize.assign import assign_layers
+from quantfab.tasks.quantize.assign import assign_layers, reads_statistics
 from quantfab.tasks.store import Store, filesystem, free_bytes
 
 
@@ -43,6 +43,7 @@ class Plan:
     writes: dict[str, int] = field(default_factory=dict)  # stage -> estimated bytes it adds to the store (or destination)
     nominal: dict[str, float] = field(default_factory=dict)  # output -> bits/weight had nothing fallen back
     fallbacks: dict[str, list[str]] = field(default_factory=dict)  # output -> "tensor: why" for each that differs
+    statistics: bool | None = None  # whether calibrate gathers the unquantized model's statistics (None: unknown)
 
     def notes(self, key: str) -> list[str]:
         """What the plan says under an output's size: its fallbacks by reason, and a warning when oversized."""
@@ -145,6 +146,7 @@ def plan(recipe: Recipe, store_url: str | None) -> Plan:
         out.nominal[o.key] = nominal * 8 / params
         out.fallbacks[o.key] = differences.fallbacks(fmt, o, config, tensors, {a.module: a.fallback for a in assigned})
     out.writes = store_writes(recipe, tensors, {k: v[0] for k, v in out.sizes.items() if not isinstance(v, str)})
+    out.statistics = reads_statistics(config, tensors, recipe.quantize, list(recipe.outputs))
     return out
 
 

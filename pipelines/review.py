@@ -85,6 +85,23 @@ def invalidated(fields: dict[str, tuple[Any, Any]]) -> dict[str, str]:
     return out
 
 
+def _gathering(before: bool | None, after: bool | None) -> dict[str, str]:
+    """calibrate reruns when a change of method or outputs changes whether it gathers the unquantized
+    model's statistics (sequential methods measure their own inputs), although no calibration field changed."""
+    if before is None or after is None or before == after:
+        return {}
+    return {"calibrate": "the outputs " + ("now read" if after else "no longer read") +
+                         " the unquantized model's statistics (quantize.method, quantize.overrides or outputs)"}
+
+
+def _statistics(path: Path, root: Path, store_url: str | None) -> bool | None:
+    """Whether the base version's calibrate gathers statistics (None where it cannot be planned)."""
+    try:
+        return plan(load_recipe(path, root=root), store_url).statistics
+    except UserError:
+        return None
+
+
 def review(root: Path, ref: str, only: list[str], store_url: str | None) -> list[RecipeChange]:
     head = {p.relative_to(root).as_posix(): p for p in sorted((root / "recipes").glob("*.y*ml"))}
     with tempfile.TemporaryDirectory() as tmp:
@@ -101,8 +118,10 @@ def review(root: Path, ref: str, only: list[str], store_url: str | None) -> list
                 continue
             status = "added" if before is None else "removed" if after is None else "changed"
             stages = invalidated(fields) if status == "changed" else {s: status for s in ORDER} if after else {}
-            changes.append(RecipeChange(rel, status, fields, stages,
-                                        plan(load_recipe(head[rel], root=root), store_url) if after else None))
+            new_plan = plan(load_recipe(head[rel], root=root), store_url) if after else None
+            if new_plan and stages and "calibrate" not in stages and "download" not in stages:
+                stages = _gathering(_statistics(base[rel], Path(tmp), store_url), new_plan.statistics) | stages
+            changes.append(RecipeChange(rel, status, fields, stages, new_plan))
     return changes
 
 

@@ -81,6 +81,17 @@ def test_plan_base_limits_to_named_recipes_and_renders_a_pull_request_comment(pr
     assert "| download | unchanged | miss |" in md
 
 
+def test_plan_base_says_calibrate_reruns_when_a_method_change_changes_what_it_gathers(
+        project: Path, capsys: pytest.CaptureFixture) -> None:
+    """group and rtn read the unquantized model's statistics, gptq measures its own inputs: no calibration
+    field changes, but calibrate's work does."""
+    demo = project / "recipes" / "demo.yaml"
+    demo.write_text(demo.read_text().replace("method: rtn", "method: gptq"))
+    reruns = plan_json(project, capsys, "demo.yaml")["recipes"][0]["reruns"]
+    assert list(reruns) == ["calibrate", "quantize", "convert", "validate", "package"]
+    assert reruns["calibrate"].startswith("the outputs no longer read the unquantized model's statistics")
+
+
 def test_plan_base_with_nothing_changed_says_so(project: Path, capsys: pytest.CaptureFixture) -> None:
     git(project, "add", "-A")
     git(project, "commit", "-qm", "edit")
