@@ -130,6 +130,10 @@ class QuantizeSpec(Section):
                               "float and GGUF file types round them to nearest as llama-quantize does.")
     overrides: dict[ModuleGlob, ModuleOverride] = Field(default_factory=dict,
                                                  description="Per-module settings by glob, e.g. '*.mlp.down_proj': {bits: 8}.")
+    module_report: bool = Field(False, description="Also for rtn and nf4: each Linear's relative output error on the "
+        "calibration inputs (run table, quality.json). group, awq and gptq fit to those inputs and always report it; "
+        "rtn and nf4 quantize from the weights alone, so for them it costs a calibration pass over the unquantized "
+        "model and a Hessian product per Linear, and runs only when this is true.")
     gptq: GPTQSpec = Field(default_factory=GPTQSpec, description="Options of method gptq.")
     awq: AWQSpec = Field(default_factory=AWQSpec, description="Options of method awq.")
     nf4: NF4Spec = Field(default_factory=NF4Spec, description="Options of method nf4.")

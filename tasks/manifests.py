@@ -76,7 +76,7 @@ class ModuleReport(BaseModel):
     note: str = ""
     asked: str | None = None  # the grid asked for, where a fallback changed it
     fallback: str = ""  # why this module is not what the recipe asked (a fallback type, group or method)
-    relative_output_error: float = 0.0
+    relative_output_error: float | None = None  # None: not measured (rtn and nf4 without quantize.module_report)
 
 
 class QuantizedOutput(BaseModel):

@@ -147,7 +147,7 @@ def judge(metrics: dict[str, Any], gates, converted: ConvertManifest, quantized:
             if not ok:
                 failures.append(f"{key} {gate}: {value:.4f} vs limit {limit}")
         q = quantized.outputs.get(key)
-        modules = sorted(q.modules, key=lambda r: -r.relative_output_error) if q else []
+        modules = sorted(q.modules, key=lambda r: -(r.relative_output_error or 0.0)) if q else []
         report["outputs"][key] = {**m, "bits_per_weight": built.bits_per_weight,
                                   "nominal_bits_per_weight": built.nominal_bits_per_weight, "gates": results,
                                   "passed": all(r["passed"] for r in results.values()), "fallbacks": built.fallbacks,
@@ -175,7 +175,7 @@ def quality_table(report: dict[str, Any]) -> str:
             lines += ["", f"{key}: {len(m['fallbacks'])} tensors differ from the recipe (each listed in quality.json): "
                       + "; ".join(summary(m["fallbacks"]))]
     for key, m in report["outputs"].items():
-        worst = [r for r in m["modules"] if r["grid"]][:WORST_MODULES]
+        worst = [r for r in m["modules"] if r["grid"] and r["relative_output_error"] is not None][:WORST_MODULES]
         if worst:
             lines += ["", f"{key}: modules with the largest relative output error on the calibration inputs "
                       f"(all {len(m['modules'])} in quality.json)", "", "| module | method | grid | relative error |",

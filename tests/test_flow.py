@@ -157,6 +157,24 @@ def test_quality_report_has_every_metric_and_gate(built: dict) -> None:
     assert {(r["method"], r["grid"]) for r in q4["modules"]} == {("group", "Q4_0")}
 
 
+def test_rtn_gathers_no_statistics_unless_the_recipe_asks_for_the_module_report(built: dict, tmp_path: Path) -> None:
+    """rtn quantizes from the weights alone: its calibrate stores token windows only and its modules carry no
+    error; quantize.module_report: true gathers the statistics and reports every quantized Linear's error."""
+    store = Store(str(built["store"]))
+    b = built["rtn"]
+    recipe = load_recipe(RECIPE, b["overrides"])
+    assert _cached("calibrate", store, recipe, {"download": _cached_model(store, recipe)}).stats == []
+    report = json.loads((b["dest"] / "quality.json").read_text())
+    modules = report["outputs"]["gguf-Q4_0"]["modules"]
+    assert len(modules) == 14 and all(r["relative_output_error"] is None for r in modules)
+    dest = tmp_path / "reported"
+    _, stages = run([*b["overrides"], "quantize.module_report=true", f"package.destination={dest}"], built["store"])
+    # calibrate with statistics: the group build's record in this store; quantize runs again, with them
+    assert stages["calibrate"] == "cached" and stages["quantize"] == "ran"
+    modules = json.loads((dest / "quality.json").read_text())["outputs"]["gguf-Q4_0"]["modules"]
+    assert len(modules) == 14 and all(r["relative_output_error"] > 0 for r in modules)
+
+
 def test_rerun_in_a_new_process_hits_every_stage_without_running_bodies(built: dict, prefect_env) -> None:
     """A fresh interpreter whose stage implementations all raise still completes: every stage is a cache hit."""
     b = built["rtn"]
@@ -179,21 +197,22 @@ def test_rerun_in_a_new_process_hits_every_stage_without_running_bodies(built: d
 
 def test_an_up_to_date_build_is_found_by_the_flows_keys_without_torch_or_prefect(built: dict, prefect_env) -> None:
     """`quantfab run` on an unchanged, published build answers from the store alone. The keys it finds are
-    the ones the flow recorded, calibrate's included (rtn reads the statistics and gptq does not, and both
-    records are in this store), and neither torch, transformers nor Prefect is imported."""
+    the ones the flow recorded, calibrate's included (group reads the statistics, gptq and rtn do not, and
+    both records are in this store), and neither torch, transformers nor Prefect is imported."""
     from quantfab.pipelines.uptodate import up_to_date
     from quantfab.tasks.builds import read_builds
 
     store = Store(str(built["store"]))
     keys = {}
-    for method in ("rtn", "gptq"):
+    for method in ("rtn", "group", "gptq"):
         b = built[method]
         found = up_to_date(load_recipe(RECIPE, b["overrides"]), store)
         assert found is not None, method
         keys[method] = {stage: cached.key for stage, cached in found.items()}
         flow = [r for r in read_builds(store) if r.destination == str(b["dest"]) and r.status == "published"][-1]
         assert keys[method] == flow.results
-    assert keys["rtn"]["download"] == keys["gptq"]["download"] and keys["rtn"]["calibrate"] != keys["gptq"]["calibrate"]
+    assert keys["group"]["download"] == keys["gptq"]["download"] and keys["group"]["calibrate"] != keys["gptq"]["calibrate"]
+    assert keys["rtn"]["calibrate"] == keys["gptq"]["calibrate"]  # neither reads the unquantized model's statistics
     assert up_to_date(load_recipe(RECIPE, [*built["gptq"]["overrides"], "validate.tokens=2048"]), store) is None
 
     code = ("import sys\nfrom quantfab.pipelines.cli import main\nrc = main(sys.argv[1:])\n"
@@ -207,7 +226,7 @@ def test_an_up_to_date_build_is_found_by_the_flows_keys_without_torch_or_prefect
     assert "imported: []" in proc.stdout and "up to date" in proc.stderr
     assert [line.split()[:2] for line in proc.stderr.splitlines()[1:7]] == [[s, "cached"] for s in keys["gptq"]]
     # plan too, of the build and of a change to it (the model's frozen config is memoized since the run): awq
-    # reads the statistics, which rtn's calibrate record holds
+    # reads the statistics, which group's calibrate record holds
     for more in ([], ["--set", "quantize.method=awq"]):
         proc = subprocess.run([*args[:3], "plan", *args[4:], *more], capture_output=True, text=True,
                               env={**os.environ, **prefect_env}, timeout=300)

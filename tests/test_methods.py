@@ -250,7 +250,8 @@ def test_gptq_builds_calibrate_tokens_only_and_fit_the_same_codes(tiny: Trial, d
     assert not reads_statistics(*spec("quantize.method=gptq"))
     assert not reads_statistics(*spec("quantize.method=gptq", "quantize.overrides={'*.down_proj': {method: awq}}"))
     assert reads_statistics(*spec("quantize.method=awq"))
-    assert reads_statistics(*spec("quantize.method=gptq", "quantize.overrides={'*': {method: rtn}}"))
+    assert not reads_statistics(*spec("quantize.method=gptq", "quantize.overrides={'*': {method: rtn}}"))  # rtn reads none
+    assert reads_statistics(*spec("quantize.method=rtn", "quantize.module_report=true"))  # unless the report is asked
 
     fresh = Trial(data_dir / "tinystories-656k", Store(str(tmp_path / "store")), *protocol)
     tokens_only = calibrate_on(fresh.model, protocol[0], "cpu", fresh.store, statistics=False)

@@ -56,7 +56,8 @@ def test_plan_base_reports_fields_stages_memory_sizes_and_gates(project: Path, c
     assert demo["status"] == "changed"
     assert demo["fields"] == {"quantize.method": {"before": "group", "after": "rtn"},
                               "validate.gates.max_kl": {"before": 0.5, "after": 0.25}}
-    assert demo["reruns"] == {"quantize": "quantize.method changed", "convert": "an upstream stage reruns",
+    assert demo["reruns"] == {"calibrate": "the outputs no longer read the unquantized model's statistics (quantize.method, "
+                                           "quantize.overrides or outputs)", "quantize": "quantize.method changed", "convert": "an upstream stage reruns",
                               "validate": "validate.gates.max_kl changed", "package": "an upstream stage reruns"}
     assert [s["stage"] for s in demo["stages"]] == ["download", "calibrate", "quantize", "convert", "validate", "package"]
     assert all(s["peak_memory_bytes"] > 0 for s in demo["stages"] if s["stage"] in ("calibrate", "quantize", "validate"))

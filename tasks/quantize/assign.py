@@ -109,12 +109,20 @@ def reads_statistics(config, tensors: dict[str, TensorInfo], quant: Any, outputs
     """Whether any output fits its layers to the calibrate stage's statistics of the unquantized model.
 
     An output with a module on a sequential method carries hidden states through the quantized model
-    and measures every layer's inputs there, for all its methods; only outputs without one read them.
+    and measures every layer's inputs there, for all its methods; of the others, those with a method that
+    reads its inputs (group, awq) read them, and those of rtn or nf4 alone only for the module report.
     """
     from quantfab.tasks.convert import FORMATS  # on demand: loading a recipe imports this module, not the formats
+    from quantfab.tasks.quantize import METHODS
 
-    return any(not sequential(assign_layers(config, tensors, quant, FORMATS[o.format], o))
-               for o in outputs if FORMATS[o.format].stores_codes(o))
+    for o in outputs:
+        if not FORMATS[o.format].stores_codes(o):
+            continue
+        layers = assign_layers(config, tensors, quant, FORMATS[o.format], o)
+        if not sequential(layers) and (quant.module_report or any(
+                METHODS[a.method].reads_inputs for layer in layers for a in layer.values() if a.grid)):
+            return True
+    return False
 
 
 def sequential(plans: list[dict[str, Assignment]]) -> bool:

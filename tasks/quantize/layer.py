@@ -35,8 +35,9 @@ class LayerInput:
     def weight(self, module: str) -> np.ndarray:
         return self.weights[f"{module}.weight"]
 
-    def stats_of(self, module: str) -> InputStats:
-        return self.stats[self.structure.group_of(module)]
+    def stats_of(self, module: str) -> InputStats | None:
+        """The inputs ``module`` reads; None where the calibration gathered none (a method that reads none)."""
+        return self.stats[self.structure.group_of(module)] if self.stats else None
 
 
 @dataclass
@@ -53,6 +54,7 @@ class PerModule:
     """Adapter for methods that quantize each Linear on its own: ``quantize(w, grid, stats) -> Encoded``."""
 
     sequential = False  # True: fit each layer to the outputs of the layers before it as quantized
+    reads_inputs = True  # False: quantizes from the weights alone (the inputs serve only the module report)
     stepwise = True  # its Linears reading one input depend on nothing else: a layer can be fitted input by input
 
     def __init__(self, spec: Any = None, device: torch.device = CPU):
@@ -67,5 +69,6 @@ class PerModule:
         for module, grid in layer.grids.items():
             st = layer.stats_of(module)
             result.encoded[module] = grid.finalize(self.quantize(layer.weight(module), grid, st))
-            result.stats[module] = st
+            if st is not None:
+                result.stats[module] = st
         return result

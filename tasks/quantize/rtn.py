@@ -11,6 +11,7 @@ from quantfab.tasks.quantize.stats import InputStats
 
 class RoundToNearest(PerModule):
     name = "rtn"
+    reads_inputs = False
 
     def quantize(self, w: np.ndarray, grid: Grid, stats: InputStats | None) -> Encoded:
         return grid.reference(w)

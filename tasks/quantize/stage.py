@@ -77,9 +77,10 @@ def quantize_model(model: ModelManifest, model_dir: ModelDir, calibration: Calib
             layers.append(blob)
             inputs.advance(i, checkpoint, LayerFile(store.local_path(blob)))
     else:
-        if len(calibration.stats) != len(plans):
-            raise RuntimeError(f"{key}: the calibration holds no statistics for its layers, but no module runs a "
-                               "sequential method: reads_statistics decided otherwise")
+        reading = [a.method for plan in plans for a in plan.values() if a.grid and METHODS[a.method].reads_inputs]
+        if reading and len(calibration.stats) != len(plans):
+            raise RuntimeError(f"{key}: the calibration holds no statistics for its layers, but {reading[0]} reads "
+                               "them: reads_statistics decided otherwise")
         jobs = [IndependentLayer(model, model_dir.path, calibration, quant, plan, i, settings, store.url)
                 for i, plan in enumerate(plans)]
         layers = pmap(quantize_independent_layer, jobs)
@@ -184,7 +185,7 @@ def _commit(result: LayerResult, plan: dict[str, Assignment], tensors: dict[str,
         # The error against the float weight the codes stand for, on the inputs they were fitted to
         # (AWQ: the scaled weight and the scaled inputs, whose product is the original's).
         fitted = result.fitted.get(lin, tensors[f"{lin}.weight"])
-        error = result.stats[lin].relative_output_error(fitted, grid.decode(enc), device)
+        error = result.stats[lin].relative_output_error(fitted, grid.decode(enc), device) if lin in result.stats else None
         reports.append(ModuleReport(name=prefix + lin, grid=a.grid, method=a.method,
                                     note="; ".join(filter(None, (a.note, result.notes.get(lin)))), asked=a.asked, fallback=a.fallback,
                                     relative_output_error=error))
@@ -203,9 +204,11 @@ class CalibrationStats:
         self.calibration, self.store = calibration, store
 
     def digest(self, i: int) -> str:
-        return self.calibration.stats[i].digest
+        return self.calibration.stats[i].digest if self.calibration.stats else "no statistics"
 
     def stats(self, i: int, tensors: dict[str, np.ndarray]) -> tuple[dict[str, InputStats], LayerStructure]:
+        if not self.calibration.stats:  # methods that quantize from the weights alone, without a module report
+            return {}, LayerStructure()
         with safe_open(str(self.store.local_path(self.calibration.stats[i])), framework="numpy") as f:
             structure = structure_from_metadata(f.metadata())
             return ({k: InputStats(f.get_tensor(f"{k}.mean_abs"), f.get_tensor(f"{k}.hessian"),
