@@ -9,6 +9,7 @@ so the output does not depend on where it ran.
 
 from __future__ import annotations
 
+import sys
 from functools import partial
 from typing import Callable, Iterable, TypeVar
 
@@ -17,6 +18,8 @@ R = TypeVar("R")
 
 
 def on_dask_worker() -> bool:
+    if "distributed" not in sys.modules:  # a Dask worker imported it long before it runs a stage; importing costs ~0.4 s
+        return False
     try:
         from distributed import get_worker
 
