@@ -22,10 +22,10 @@ from safetensors.numpy import save_file
 from quantfab.tasks.decoder import Decoder, LayerStructure
 from quantfab.tasks.download import materialize
 from quantfab.tasks.gram import add_gram_upper, mirror_upper
-from quantfab.tasks.malloc import keep_freed_memory
+from quantfab.tasks.malloc import freed_memory_kept
 from quantfab.tasks.manifests import EXPERT_FALLBACK, CalibrationManifest, ExpertFallback, ModelManifest
 from quantfab.tasks.modelio import pick_device, relative
-from quantfab.tasks.store import Store
+from quantfab.tasks.store import Blob, Store
 from quantfab.tasks.texts import read_tokens, sampled_windows
 
 
@@ -63,7 +63,14 @@ def calibrate_on(model: ModelManifest, ids: np.ndarray, device: str, store: Stor
         token_blob = store.put_file(tokens_file)
     if not statistics:
         return CalibrationManifest(tokens=token_blob, stats=[], count=int(ids.size), experts=experts)
-    keep_freed_memory()
+    with freed_memory_kept():
+        stats = _layer_statistics(model, ids, device, store, experts)
+    return CalibrationManifest(tokens=token_blob, stats=stats, count=int(ids.size), experts=experts)
+
+
+def _layer_statistics(model: ModelManifest, ids: np.ndarray, device: str, store: Store,
+                      experts: ExpertFallback) -> list[Blob]:
+    """Per decoder layer, a stored file of its Linear inputs' moments."""
     model_dir = materialize(store, model.files)
     config, weights = model_dir.config(), model_dir.weights()
     dev = pick_device(device)
@@ -83,7 +90,7 @@ def calibrate_on(model: ModelManifest, ids: np.ndarray, device: str, store: Stor
             save_file(arrays, str(path), metadata=structure_metadata(structure))
             stats.append(store.put_file(path))
         del layer
-    return CalibrationManifest(tokens=token_blob, stats=stats, count=int(ids.size), experts=experts)
+    return stats
 
 
 def widths(tensors: dict, structure: LayerStructure) -> dict[str, int]:

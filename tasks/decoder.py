@@ -179,6 +179,9 @@ class Decoder:
         head = self.model.get_output_embeddings()
         self.head_names = {n for n, p in self.model.named_parameters(remove_duplicate=False)
                            if head is not None and any(p is q for q in head.parameters())}
+        embedding = self.model.get_input_embeddings()
+        self.embedding_names = {n for n, p in self.model.named_parameters(remove_duplicate=False)
+                                if any(p is q for q in embedding.parameters())} - self.head_names
         self.calls: list[dict[int, LayerCall]] = [{} for _ in self.layers]
         self.units: dict[int, dict[str, Placement]] = {}  # per loaded layer: layer_units
         self.checkpoint_modules: dict[int, dict[str, str]] = {}  # per loaded layer: module in memory -> on disk
@@ -195,6 +198,10 @@ class Decoder:
     def entry_names(self) -> list[str]:
         """Outer tensors the forward reads before the first layer: all but the head's."""
         return [n for n in self.outer_names if n not in self.head_names]
+
+    def exit_names(self) -> list[str]:
+        """Outer tensors ``logits`` reads: all but the input embedding's (a tied one is the head's too)."""
+        return [n for n in self.outer_names if n not in self.embedding_names]
 
     def layer(self, i: int, weights: dict[str, torch.Tensor]) -> torch.nn.Module:
         """Decoder layer ``i`` holding ``weights`` (checkpoint names relative to the layer)."""
@@ -424,11 +431,13 @@ class Decoder:
 
     @torch.no_grad()
     def logits(self, ids: torch.Tensor, final: torch.Tensor) -> torch.Tensor:
-        """The model's logits for windows ``ids`` whose last layer outputs ``final``; needs every outer tensor."""
+        """The model's logits for windows ``ids`` whose last layer outputs ``final``; needs the ``exit_names``
+        tensors. The layers are skipped, so no token is embedded: zeros stand in for the embeddings."""
         last = self.num_layers - 1
 
         def hand_over(i: int, args: tuple, kwargs: dict) -> torch.Tensor:
             return final.to(self.device, args[0].dtype) if i == last else args[0]
 
+        zeros = torch.zeros((*ids.shape, final.shape[-1]), dtype=final.dtype, device=self.device)
         with self._stubbed(hand_over):
-            return self.model(input_ids=ids.to(self.device), use_cache=False).logits.float()
+            return self.model(inputs_embeds=zeros, use_cache=False).logits.float()

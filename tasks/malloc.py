@@ -5,22 +5,54 @@ kernel when they are freed, and trims the free top of its heap beyond twice that
 and matmul outputs are such blocks, so every layer page-faulted and zeroed them again (bench/peer/
 run_ours.py --synthetic spent 15 s of its 161 s in the kernel). Raising both limits keeps freed memory
 for the next layer, whose shapes are the same: GPTQ on 2 layers of the synthetic 1024-wide Llama went
-from 16.2 to 14.5 s. The price is a higher peak (bench/rss_layers.py: +140-240 MiB at that width).
+from 16.2 to 14.5 s. The price is a higher peak while the stage runs, so the limits hold only inside
+``freed_memory_kept``, which hands every free page back when the stage ends: kept for the whole run, the
+1.1B Llama's heap grew to 4.2 GiB by its validate stage, against 2.3 GiB without (bench/end_to_end_1b.py).
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import threading
+from typing import Iterator
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt parameters, from glibc's malloc.h
-KEEP = 1 << 30  # blocks up to this size come from the heap; this much free heap top is kept
+KEEP = 1 << 30  # inside a stage: blocks up to this size come from the heap; this much free heap top is kept
+MMAP_AFTER, TRIM_AFTER = 32 << 20, 64 << 20  # afterwards: where glibc's dynamic thresholds end up at most
+
+_lock = threading.Lock()
+_depth = 0  # stages (threads of one process) inside freed_memory_kept
 
 
-def keep_freed_memory() -> bool:
-    """Whether the limits were set: False where the C library is not glibc (nothing to tune there)."""
+def _libc() -> ctypes.CDLL | None:
     try:
         libc = ctypes.CDLL("libc.so.6")
-        mallopt = libc.mallopt
+        libc.mallopt, libc.malloc_trim  # noqa: B018 (glibc has both; musl has neither)
     except (OSError, AttributeError):
-        return False
-    return bool(mallopt(M_MMAP_THRESHOLD, KEEP)) and bool(mallopt(M_TRIM_THRESHOLD, KEEP))
+        return None
+    return libc
+
+
+@contextlib.contextmanager
+def freed_memory_kept() -> Iterator[None]:
+    """Keep freed memory for the next layer while the block runs; then return every free page to the kernel."""
+    global _depth
+    libc = _libc()
+    if libc is None:  # not glibc: nothing to tune
+        yield
+        return
+    with _lock:
+        if _depth == 0:
+            libc.mallopt(M_MMAP_THRESHOLD, KEEP)
+            libc.mallopt(M_TRIM_THRESHOLD, KEEP)
+        _depth += 1
+    try:
+        yield
+    finally:
+        with _lock:
+            _depth -= 1
+            if _depth == 0:
+                libc.mallopt(M_MMAP_THRESHOLD, MMAP_AFTER)
+                libc.mallopt(M_TRIM_THRESHOLD, TRIM_AFTER)
+                libc.malloc_trim(0)

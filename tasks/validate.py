@@ -81,27 +81,34 @@ def _forward(config, sources: dict[str, Any], fp32: Any, ids: torch.Tensor, dev:
     return decoder, hidden
 
 
+LOGPROB_CHUNK = 1 << 22  # float64 log-probabilities per source at a time (32 MiB): memory independent of tokens
+
+
 def _metrics(decoder: Decoder, sources: dict[str, Any], hidden: dict, ids: torch.Tensor) -> dict[str, Any]:
+    """Sums of NLL, KL and top-1 agreement over every predicted token, a chunk of positions at a time: the
+    head runs per position, so no source's logits over all tokens x vocabulary are ever held."""
+    inputs = ids[:, :-1].reshape(1, -1)  # the last position of a window predicts nothing
     targets = ids[:, 1:].reshape(-1).to(decoder.device)
-    sums = {k: {"nll": 0.0, "kl": 0.0, "top1": 0} for k in hidden}
-    n = 0
-    names = sources["fp32"].checkpoint_names(decoder.outer_names)
+    finals = {key: h[:, :-1].reshape(1, -1, h.shape[-1]) for key, h in hidden.items()}
+    names = sources["fp32"].checkpoint_names(decoder.exit_names())
     outer = {key: src.load(names) for key, src in sources.items()}
-    step = max(1, (1 << 25) // (ids.shape[1] * int(decoder.config.vocab_size)))  # ~256 MB of float64 logits
-    for s in range(0, ids.shape[0], step):
-        logp = {}
-        for key in hidden:
+    sums = {k: {"nll": 0.0, "kl": 0.0, "top1": 0} for k in hidden}
+    n = targets.numel()
+    # no longer than a window: the skeleton's forward still numbers the positions (learned position tables)
+    step = max(1, min(LOGPROB_CHUNK // int(decoder.config.vocab_size), ids.shape[1] - 1))
+    for s in range(0, n, step):
+        t = targets[s:s + step]
+        for key in ["fp32", *(k for k in hidden if k != "fp32")]:
             decoder.load_outer(outer[key])
-            lg = decoder.logits(ids[s:s + step, :-1], hidden[key][s:s + step, :-1])  # the last position predicts nothing
-            logp[key] = torch.log_softmax(lg.reshape(-1, lg.shape[-1]).double(), dim=-1)
-        t = targets[s * (ids.shape[1] - 1):(s + step) * (ids.shape[1] - 1)]
-        base = logp["fp32"]
-        top_base = base.argmax(dim=-1)
-        for key, lp in logp.items():
+            lg = decoder.logits(inputs[:, s:s + step], finals[key][:, s:s + step])[0]
+            lp = torch.log_softmax(lg.double(), dim=-1)
+            del lg
             sums[key]["nll"] -= lp.gather(1, t[:, None]).sum().item()
-            sums[key]["kl"] += (base.exp() * (base - lp)).sum().item()
+            if key == "fp32":
+                base, p, top_base = lp, lp.exp(), lp.argmax(dim=-1)
+                continue
             sums[key]["top1"] += int((lp.argmax(dim=-1) == top_base).sum().item())
-        n += t.numel()
+            sums[key]["kl"] += torch.sub(base, lp, out=lp).mul_(p).sum().item()
     base_ppl = math.exp(sums["fp32"]["nll"] / n)
     out: dict[str, Any] = {"tokens": n, "windows": int(ids.shape[0]), "window": int(ids.shape[1]),
                            "baseline_perplexity": base_ppl, "outputs": {}}

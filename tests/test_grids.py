@@ -11,6 +11,7 @@ from quantfab.kernels.gguf_blocks import PACKERS
 from quantfab.tasks.quantize import METHODS
 from quantfab.tasks.quantize.gptq import gptq
 from quantfab.tasks.quantize.grids import GRIDS, Encoded, grid_named
+from quantfab.tasks.quantize.grid_base import reference_by_rows
 from quantfab.tasks.quantize.stats import InputStats
 
 K_TYPES = ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]
@@ -164,3 +165,20 @@ def test_int_round_trip_is_bitwise_decode_of_encode(name: str) -> None:
     grid = grid_named(name).for_row(w.shape[1])
     d, m = grid.scale_candidates(w, 0.7)
     assert np.array_equal(grid.round_trip(w, d, m), grid.decode(Encoded(grid.encode(w, d, m), d, m)))
+
+
+@pytest.mark.parametrize("name", [*GRIDS, "NF4_B64", "NF4_B64_DQ", "INT4_G32_ASYM"])
+def test_reference_by_rows_equals_the_whole_tensors_reference(name: str) -> None:
+    """Encoding a slice of rows at a time (how rtn and GGUF's float tensors bound their memory) changes no code,
+    scale or min, also where the slices do not divide the rows."""
+    grid = grid_named(name)
+    w = weights(rows=37, cols=512, seed=9)
+    whole, sliced = grid.reference(w), reference_by_rows(grid, w, elements=5 * 512)
+    np.testing.assert_array_equal(sliced.codes, whole.codes)
+    np.testing.assert_array_equal(sliced.d, whole.d)
+    assert (sliced.m is None) == (whole.m is None)
+    if whole.m is not None:
+        np.testing.assert_array_equal(sliced.m, whole.m)
+    assert sliced.extra.keys() == whole.extra.keys()
+    for key in whole.extra:
+        np.testing.assert_array_equal(sliced.extra[key], whole.extra[key])

@@ -30,6 +30,7 @@ from quantfab.tasks.convert.gguf_types import DEFAULT_TYPE, ModelFacts, TypeChoi
 from quantfab.tasks.errors import UserError
 from quantfab.tasks.families import GGUFArch, family
 from quantfab.tasks.modelio import ModelDir, TensorInfo
+from quantfab.tasks.quantize.grid_base import reference_by_rows
 from quantfab.tasks.quantize.grids import GRIDS, Encoded, Grid, GridRequest
 from quantfab.tasks.lazy import lazy
 
@@ -230,7 +231,7 @@ class GGUFFormat:
             return None
         grid = GRIDS[t.type_name]
         w = _part(t, load().astype(np.float32))
-        return grid, grid.reference(w.reshape(-1, w.shape[-1]))
+        return grid, reference_by_rows(grid, w.reshape(-1, w.shape[-1]))
 
     def float_tensor(self, t: PlannedTensor, w: np.ndarray) -> np.ndarray:
         return _part(t, w).astype(np.float32 if t.qtype == QTYPE.F32 else np.float16)

@@ -40,6 +40,21 @@ class GridRequest:
     double_quant: bool = False  # NF4 only: quantize the absmax values too
 
 
+REFERENCE_ELEMENTS = 1 << 22  # weights ``reference_by_rows`` encodes at once (a search's temporaries are ~10x)
+
+
+def reference_by_rows(grid: "Grid", w: np.ndarray, elements: int = REFERENCE_ELEMENTS) -> Encoded:
+    """``grid.reference(w)`` a slice of rows at a time, so a search's temporaries scale with the slice, not with an
+    embedding of 128k rows or a 70B MLP. Scales are per block within a row, so the codes are the same; a grid whose
+    ``finalize`` spans rows (NF4's nested absmax) is encoded whole."""
+    rows = max(1, elements // w.shape[1])
+    if rows >= w.shape[0] or type(grid).finalize is not Grid.finalize:
+        return grid.reference(w)
+    parts = [grid.reference(w[s:s + rows]) for s in range(0, w.shape[0], rows)]
+    m = None if parts[0].m is None else np.concatenate([p.m for p in parts])
+    return Encoded(np.concatenate([p.codes for p in parts]), np.concatenate([p.d for p in parts]), m)
+
+
 class Grid:
     """Base class: a grid of ``bits``-bit codes in blocks of ``block`` along the input dimension.
 

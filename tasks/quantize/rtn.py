@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from quantfab.tasks.quantize.grid_base import reference_by_rows
 from quantfab.tasks.quantize.grids import Encoded, Grid
 from quantfab.tasks.quantize.layer import PerModule
 from quantfab.tasks.quantize.stats import InputStats
@@ -14,7 +15,7 @@ class RoundToNearest(PerModule):
     reads_inputs = False
 
     def quantize(self, w: np.ndarray, grid: Grid, stats: InputStats | None) -> Encoded:
-        return grid.reference(w)
+        return reference_by_rows(grid, w)
 
 
 class NormalFloat4(RoundToNearest):

@@ -28,7 +28,7 @@ from quantfab.tasks.calibrate import (InputRecorder, Moments, measure_layer, str
 from quantfab.tasks.convert import FORMATS
 from quantfab.tasks.decoder import Decoder, LayerStructure
 from quantfab.tasks.download import materialize
-from quantfab.tasks.malloc import keep_freed_memory
+from quantfab.tasks.malloc import freed_memory_kept
 from quantfab.tasks.manifests import CalibrationManifest, ModelManifest, ModuleReport, QuantizedOutput, QuantizeManifest
 from quantfab.tasks.families import Family, family
 from quantfab.tasks.modelio import ModelDir, pick_device, relative
@@ -55,7 +55,8 @@ def quantize(model: ModelManifest, calibration: CalibrationManifest, quant: Any,
         if not fmt.stores_codes(o):
             continue
         plans = assign_layers(config, weights.tensors, quant, fmt, o)
-        out[o.key] = quantize_model(model, model_dir, calibration, quant, plans, o.key, pick_device(device), store)
+        with freed_memory_kept():
+            out[o.key] = quantize_model(model, model_dir, calibration, quant, plans, o.key, pick_device(device), store)
     return QuantizeManifest(method=quant.method, outputs=out)
 
 
@@ -66,7 +67,6 @@ def quantize_model(model: ModelManifest, model_dir: ModelDir, calibration: Calib
     Layers of non-sequential methods do not depend on each other: they go through ``pmap``, which spreads
     them over the Dask cluster when the stage runs on one.
     """
-    keep_freed_memory()
     methods = {name: cls(quant, device) for name, cls in METHODS.items()}
     settings = _settings(quant, device)
     if sequential(plans):
@@ -147,7 +147,11 @@ class IndependentLayer:
 
 
 def quantize_independent_layer(job: IndependentLayer) -> Blob:
-    keep_freed_memory()
+    with freed_memory_kept():
+        return _independent_layer(job)
+
+
+def _independent_layer(job: IndependentLayer) -> Blob:
     store = Store(job.store_url)
     device = torch.device(job.settings["device"])
     methods = {name: cls(job.quant, device) for name, cls in METHODS.items()}
