@@ -56,7 +56,6 @@ class RunResult:
     peak_server_rss: int = 0       # max over samples of the server's RSS (for reference)
     samples: int = 0
     stage_times: list[tuple[float, str]] = field(default_factory=list)  # (s since start, stderr stage line)
-    timeline: list[tuple[float, int]] = field(default_factory=list)  # (s since start, tree RSS) per sample
     excluded: dict[int, str] = field(default_factory=dict)   # pid -> command line of what was left out
     included: dict[int, str] = field(default_factory=dict)   # pid -> command line of children counted
 
@@ -74,16 +73,6 @@ class RunResult:
         m = STAGE_LINE.search(self.stage_times[0][1])
         return float(m[3]) if m else 0.0
 
-    def stage_peaks(self) -> dict[str, int]:
-        """Peak tree RSS while each stage ran: the samples between a stage's start (its end line's time less
-        its reported seconds) and its end line."""
-        peaks = {}
-        for t_end, line in self.stage_times:
-            m = STAGE_LINE.search(line)
-            t_start = t_end - float(m[3])
-            peaks[m[1]] = max((rss for t, rss in self.timeline if t_start <= t <= t_end), default=0)
-        return peaks
-
     @property
     def stages(self) -> dict[str, tuple[str, float]]:
         return {m[0]: (m[1], float(m[2])) for m in STAGE_LINE.findall(self.stderr)}
@@ -99,12 +88,7 @@ def _read(path: Path) -> str:
 def run_quantfab(args: list[str], *, sample: bool, interval: float = 0.05, log_dir: Path,
                  env: dict[str, str] | None = None) -> RunResult:
     """Run ``quantfab <args>`` from the repo root; with ``sample``, poll the tree's RSS every ``interval`` s."""
-    return run_command(QUANTFAB + args, sample=sample, interval=interval, log_dir=log_dir, env=env)
-
-
-def run_command(argv: list[str], *, sample: bool, interval: float = 0.05, log_dir: Path,
-                env: dict[str, str] | None = None) -> RunResult:
-    """Run ``argv`` from the repo root, stdout and stderr logged in ``log_dir``; RSS sampled as for quantfab."""
+    argv = QUANTFAB + args
     log_dir.mkdir(parents=True, exist_ok=True)
     out_path, err_path = log_dir / "stdout.txt", log_dir / "stderr.txt"
     with open(out_path, "wb") as out, open(err_path, "wb") as err:
@@ -128,7 +112,7 @@ def run_command(argv: list[str], *, sample: bool, interval: float = 0.05, log_di
             if pid:
                 break
             if sample:
-                _sample(root, cmdlines, res, time.perf_counter() - start)
+                _sample(root, cmdlines, res)
             time.sleep(interval)
         res.wall_s = time.perf_counter() - start
         reader.join()
@@ -139,7 +123,7 @@ def run_command(argv: list[str], *, sample: bool, interval: float = 0.05, log_di
     return res
 
 
-def _sample(root: psutil.Process, cmdlines: dict[int, list[str]], res: RunResult, now: float) -> None:
+def _sample(root: psutil.Process, cmdlines: dict[int, list[str]], res: RunResult) -> None:
     try:
         procs = [root] + root.children(recursive=True)
     except psutil.Error:
@@ -164,7 +148,6 @@ def _sample(root: psutil.Process, cmdlines: dict[int, list[str]], res: RunResult
             tree += rss
             res.included[proc.pid] = " ".join(cmd)
     res.samples += 1
-    res.timeline.append((now, tree))
     res.peak_tree_rss = max(res.peak_tree_rss, tree)
     res.peak_main_rss = max(res.peak_main_rss, main)
     res.peak_server_rss = max(res.peak_server_rss, server)

@@ -430,14 +430,13 @@ class Decoder:
         return seen
 
     @torch.no_grad()
-    def logits(self, ids: torch.Tensor, final: torch.Tensor) -> torch.Tensor:
-        """The model's logits for windows ``ids`` whose last layer outputs ``final``; needs the ``exit_names``
-        tensors. The layers are skipped, so no token is embedded: zeros stand in for the embeddings."""
+    def logits(self, final: torch.Tensor) -> torch.Tensor:
+        """The model's logits where its last layer outputs ``final`` (windows, positions, hidden); needs the
+        ``exit_names`` tensors. The layers are skipped, so no token is embedded: zeros stand in for the embeddings."""
         last = self.num_layers - 1
 
         def hand_over(i: int, args: tuple, kwargs: dict) -> torch.Tensor:
             return final.to(self.device, args[0].dtype) if i == last else args[0]
 
-        zeros = torch.zeros((*ids.shape, final.shape[-1]), dtype=final.dtype, device=self.device)
         with self._stubbed(hand_over):
-            return self.model(inputs_embeds=zeros, use_cache=False).logits.float()
+            return self.model(inputs_embeds=torch.zeros_like(final, device=self.device), use_cache=False).logits.float()

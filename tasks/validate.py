@@ -61,7 +61,7 @@ def logits(config, source: Any, fp32: Any, ids: np.ndarray, device: str = "cpu")
     dev = pick_device(device)
     decoder, hidden = _forward(config, {"q": source}, fp32, torch.from_numpy(ids), dev)
     decoder.load_outer(source.load(fp32.checkpoint_names(decoder.outer_names)))
-    return decoder.logits(torch.from_numpy(ids), hidden["q"]).cpu()
+    return decoder.logits(hidden["q"]).cpu()
 
 
 def _forward(config, sources: dict[str, Any], fp32: Any, ids: torch.Tensor, dev: torch.device) -> tuple[Decoder, dict]:
@@ -85,30 +85,26 @@ LOGPROB_CHUNK = 1 << 22  # float64 log-probabilities per source at a time (32 Mi
 
 
 def _metrics(decoder: Decoder, sources: dict[str, Any], hidden: dict, ids: torch.Tensor) -> dict[str, Any]:
-    """Sums of NLL, KL and top-1 agreement over every predicted token, a chunk of positions at a time: the
-    head runs per position, so no source's logits over all tokens x vocabulary are ever held."""
-    inputs = ids[:, :-1].reshape(1, -1)  # the last position of a window predicts nothing
-    targets = ids[:, 1:].reshape(-1).to(decoder.device)
-    finals = {key: h[:, :-1].reshape(1, -1, h.shape[-1]) for key, h in hidden.items()}
+    """Sums of NLL, KL and top-1 agreement over every predicted token, a chunk of one window's positions at a time:
+    the head runs per position, so no source's logits over all tokens x vocabulary are ever held."""
     names = sources["fp32"].checkpoint_names(decoder.exit_names())
     outer = {key: src.load(names) for key, src in sources.items()}
     sums = {k: {"nll": 0.0, "kl": 0.0, "top1": 0} for k in hidden}
-    n = targets.numel()
-    # no longer than a window: the skeleton's forward still numbers the positions (learned position tables)
-    step = max(1, min(LOGPROB_CHUNK // int(decoder.config.vocab_size), ids.shape[1] - 1))
-    for s in range(0, n, step):
-        t = targets[s:s + step]
-        for key in ["fp32", *(k for k in hidden if k != "fp32")]:
-            decoder.load_outer(outer[key])
-            lg = decoder.logits(inputs[:, s:s + step], finals[key][:, s:s + step])[0]
-            lp = torch.log_softmax(lg.double(), dim=-1)
-            del lg
-            sums[key]["nll"] -= lp.gather(1, t[:, None]).sum().item()
-            if key == "fp32":
-                base, p, top_base = lp, lp.exp(), lp.argmax(dim=-1)
-                continue
-            sums[key]["top1"] += int((lp.argmax(dim=-1) == top_base).sum().item())
-            sums[key]["kl"] += torch.sub(base, lp, out=lp).mul_(p).sum().item()
+    width = ids.shape[1] - 1  # the last position of a window predicts nothing
+    step = max(1, min(LOGPROB_CHUNK // int(decoder.config.vocab_size), width))
+    for w in range(ids.shape[0]):
+        for s in range(0, width, step):
+            t = ids[w, s + 1:s + 1 + step].to(decoder.device)
+            for key in ["fp32", *(k for k in hidden if k != "fp32")]:
+                decoder.load_outer(outer[key])
+                lp = torch.log_softmax(decoder.logits(hidden[key][w:w + 1, s:s + step])[0].double(), dim=-1)
+                sums[key]["nll"] -= lp.gather(1, t[:, None]).sum().item()
+                if key == "fp32":
+                    base, p, top_base = lp, lp.exp(), lp.argmax(dim=-1)
+                    continue
+                sums[key]["top1"] += int((lp.argmax(dim=-1) == top_base).sum().item())
+                sums[key]["kl"] += torch.sub(base, lp, out=lp).mul_(p).sum().item()
+    n = ids.shape[0] * width
     base_ppl = math.exp(sums["fp32"]["nll"] / n)
     out: dict[str, Any] = {"tokens": n, "windows": int(ids.shape[0]), "window": int(ids.shape[1]),
                            "baseline_perplexity": base_ppl, "outputs": {}}
