@@ -56,6 +56,7 @@ class RunResult:
     peak_server_rss: int = 0       # max over samples of the server's RSS (for reference)
     samples: int = 0
     stage_times: list[tuple[float, str]] = field(default_factory=list)  # (s since start, stderr stage line)
+    timeline: list[tuple[float, int]] = field(default_factory=list)  # (s since start, tree RSS) per sample
     excluded: dict[int, str] = field(default_factory=dict)   # pid -> command line of what was left out
     included: dict[int, str] = field(default_factory=dict)   # pid -> command line of children counted
 
@@ -73,6 +74,16 @@ class RunResult:
         m = STAGE_LINE.search(self.stage_times[0][1])
         return float(m[3]) if m else 0.0
 
+    def stage_peaks(self) -> dict[str, int]:
+        """Peak tree RSS while each stage ran: the samples between a stage's start (its end line's time less
+        its reported seconds) and its end line."""
+        peaks = {}
+        for t_end, line in self.stage_times:
+            m = STAGE_LINE.search(line)
+            t_start = t_end - float(m[3])
+            peaks[m[1]] = max((rss for t, rss in self.timeline if t_start <= t <= t_end), default=0)
+        return peaks
+
     @property
     def stages(self) -> dict[str, tuple[str, float]]:
         return {m[0]: (m[1], float(m[2])) for m in STAGE_LINE.findall(self.stderr)}
@@ -88,7 +99,12 @@ def _read(path: Path) -> str:
 def run_quantfab(args: list[str], *, sample: bool, interval: float = 0.05, log_dir: Path,
                  env: dict[str, str] | None = None) -> RunResult:
     """Run ``quantfab <args>`` from the repo root; with ``sample``, poll the tree's RSS every ``interval`` s."""
-    argv = QUANTFAB + args
+    return run_command(QUANTFAB + args, sample=sample, interval=interval, log_dir=log_dir, env=env)
+
+
+def run_command(argv: list[str], *, sample: bool, interval: float = 0.05, log_dir: Path,
+                env: dict[str, str] | None = None) -> RunResult:
+    """Run ``argv`` from the repo root, stdout and stderr logged in ``log_dir``; RSS sampled as for quantfab."""
     log_dir.mkdir(parents=True, exist_ok=True)
     out_path, err_path = log_dir / "stdout.txt", log_dir / "stderr.txt"
     with open(out_path, "wb") as out, open(err_path, "wb") as err:
@@ -112,7 +128,7 @@ def run_quantfab(args: list[str], *, sample: bool, interval: float = 0.05, log_d
             if pid:
                 break
             if sample:
-                _sample(root, cmdlines, res)
+                _sample(root, cmdlines, res, time.perf_counter() - start)
             time.sleep(interval)
         res.wall_s = time.perf_counter() - start
         reader.join()
@@ -123,7 +139,7 @@ def run_quantfab(args: list[str], *, sample: bool, interval: float = 0.05, log_d
     return res
 
 
-def _sample(root: psutil.Process, cmdlines: dict[int, list[str]], res: RunResult) -> None:
+def _sample(root: psutil.Process, cmdlines: dict[int, list[str]], res: RunResult, now: float) -> None:
     try:
         procs = [root] + root.children(recursive=True)
     except psutil.Error:
@@ -148,6 +164,7 @@ def _sample(root: psutil.Process, cmdlines: dict[int, list[str]], res: RunResult
             tree += rss
             res.included[proc.pid] = " ".join(cmd)
     res.samples += 1
+    res.timeline.append((now, tree))
     res.peak_tree_rss = max(res.peak_tree_rss, tree)
     res.peak_main_rss = max(res.peak_main_rss, main)
     res.peak_server_rss = max(res.peak_server_rss, server)

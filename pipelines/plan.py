@@ -21,7 +21,7 @@ from quantfab.tasks.download import materialize
 from quantfab.tasks.errors import UnsupportedModel, UserError
 from quantfab.tasks.manifests import Manifest
 from quantfab.tasks.modelio import ST_DTYPES, ModelDir, TensorInfo, check_against_config, read_headers
-from quantfab.tasks.model_structure import FrozenConfig, alias_tied_embeddings, frozen_config
+from quantfab.tasks.model_structure import FrozenConfig, alias_tied_embeddings, frozen_config, layout
 from quantfab.tasks.quantize.assign import assign_layers, reads_statistics
 from quantfab.tasks.store import Store, filesystem, free_bytes
 
@@ -55,6 +55,14 @@ class Plan:
         warning = differences.oversize(size[1], self.nominal.get(key, 0.0))
         return lines + ([f"WARNING: {warning}"] if warning else [])
 
+    @property
+    def peak_rss(self) -> int | None:
+        """The run's estimated peak RSS: the process itself plus the largest stage that will run."""
+        if not self.memory:
+            return None
+        runs = {s.stage for s in self.stages if s.status != "hit"}
+        return RUNTIME + max((n for stage, n in self.memory.items() if stage in runs), default=0)
+
     def space(self) -> dict[str, int]:
         """Estimated bytes this run writes to the store and to the destination: the stages that will run."""
         runs = {s.stage for s in self.stages if s.status != "hit"}
@@ -75,29 +83,43 @@ def space_report(p: Plan) -> str:
     return "; ".join(parts)
 
 
-def peak_memory(recipe: Recipe, config: Any, tensors: dict[str, TensorInfo]) -> dict[str, int]:
-    """Peak working memory per stage from the tensor shapes, for the stages' one-layer-at-a-time design.
+RUNTIME = 400 * 2**20  # RSS of a process that has imported the flow (torch, transformers, Prefect), measured
+LOGPROB_TEMPS = 6 * 8 * 2**22  # validate's float64 chunks per source pair (tasks/validate.py LOGPROB_CHUNK)
+GRID_TEMPS = 10 * 4 * 2**22  # a grid's float32 temporaries over reference_by_rows' slice of rows
+
+
+def peak_memory(recipe: Recipe, config: Any, tensors: dict[str, TensorInfo], sizes: dict[str, int],
+                statistics: bool) -> dict[str, int]:
+    """Peak working memory per stage from the tensor shapes, for the stages' one-layer-at-a-time design,
+    above the process's own ``RUNTIME``.
 
     On the host, or on the GPU for the stages that run there (calibrate, quantize, validate) when
-    execution.device is cuda: one decoder layer in fp32, the hidden states in and out, XᵀX of each
-    distinct Linear input (float32), and each stage's own largest buffer. An estimate, not a bound.
+    execution.device is cuda. The terms are what each stage holds at its peak: one decoder layer in fp32 per
+    model it runs side by side, the hidden states of its tokens, XᵀX of each distinct Linear input (float32),
+    the embedding or head in fp32, and files it maps (a converted output is read back through mmap).
+    An estimate of what bench/end_to_end_1b.py measures, not a bound.
     """
     hidden, vocab = int(config.hidden_size), int(config.vocab_size)
-    layer0 = {n: t for n, t in tensors.items() if n.startswith("model.layers.0.")}
+    prefix = layout(config).prefix(0)
+    layer0 = {n: t for n, t in tensors.items() if n.startswith(prefix)}
     layer = 4 * sum(t.numel for t in layer0.values())
     inputs = {t.shape[1] for n, t in layer0.items() if len(t.shape) == 2}  # distinct Linear input widths
     hessians = 4 * sum(i * i for i in inputs)
     largest = 4 * max((t.numel for t in tensors.values()), default=0)
+    matrix = 4 * vocab * hidden  # the embedding, or the head, in fp32
     cal = recipe.calibration
-    states = 2 * 4 * cal.samples * cal.seq_len * hidden
+    states = 2 * 4 * cal.samples * cal.seq_len * hidden  # a layer's input and output
+    models = 1 + len(recipe.outputs)  # validate runs the unquantized model beside each output
     val = recipe.validate_
-    windows = val.tokens // max(val.window - 1, 1)
+    tokens = max(val.tokens // val.window, 1) * val.window
+    gathers = states + hessians if statistics else 0
     return {
         "download": 0,  # streams files into the store
-        "calibrate": 4 * vocab * hidden + layer + states + hessians,
-        "quantize": layer + states + hessians + 3 * 4 * max(t.numel for t in layer0.values()),
-        "convert": 3 * largest,  # a float tensor, its codes' reconstruction and the decoded file for verify
-        "validate": layer + 2 * 4 * val.tokens * hidden + 4 * windows * val.window * vocab,
+        "calibrate": matrix + layer + gathers if statistics else 0,
+        "quantize": layer + gathers + GRID_TEMPS,
+        "convert": 3 * largest + max(sizes.values(), default=0),  # a tensor, its codes, its decoding; the file read back
+        "validate": max(models * (layer + 4 * tokens * hidden) + matrix,  # the layers, each model's hidden states
+                        models * (matrix + 4 * tokens * hidden) + LOGPROB_TEMPS + sum(sizes.values())),  # the heads
         "package": 0,  # copies files
     }
 
@@ -136,7 +158,6 @@ def plan(recipe: Recipe, store_url: str | None) -> Plan:
         out.sizes = {o.key: f"unknown: cannot read the model's headers ({redact_text(str(exc))})" for o in recipe.outputs}
         return out
     params = sum(t.numel for n, t in tensors.items() if n == t.name)
-    out.memory = peak_memory(recipe, config, tensors)
     for o in recipe.outputs:
         fmt = FORMATS[o.format]
         assigned = [a for layer in assign_layers(config, tensors, recipe.quantize, fmt, o) for a in layer.values()]
@@ -147,6 +168,8 @@ def plan(recipe: Recipe, store_url: str | None) -> Plan:
         out.fallbacks[o.key] = differences.fallbacks(fmt, o, config, tensors, {a.module: a.fallback for a in assigned})
     out.writes = store_writes(recipe, tensors, {k: v[0] for k, v in out.sizes.items() if not isinstance(v, str)})
     out.statistics = reads_statistics(config, tensors, recipe.quantize, list(recipe.outputs))
+    out.memory = peak_memory(recipe, config, tensors, {k: v[0] for k, v in out.sizes.items() if not isinstance(v, str)},
+                             out.statistics)
     return out
 
 
@@ -202,6 +225,9 @@ def render(p: Plan) -> str:
     for s in p.stages:
         mem = f"~{p.memory[s.stage] / 2**20:,.0f} MiB peak" if p.memory.get(s.stage) else ""
         lines.append(f"  {s.stage:<10} {s.status:<8} {mem:<18} {s.why}")
+    if p.peak_rss:
+        lines.append(f"  peak RSS of this run ~{p.peak_rss / 2**20:,.0f} MiB (the process ~{RUNTIME / 2**20:,.0f} MiB "
+                     "+ the largest stage that runs)")
     lines += ["", "outputs (estimated from safetensors headers):"]
     width = max(map(len, p.sizes), default=0)
     for key, size in p.sizes.items():

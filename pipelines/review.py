@@ -155,8 +155,10 @@ def render_markdown(changes: list[RecipeChange], ref: str) -> str:
             p = c.plan
             out += ["", "| stage | reruns because | cache now | est. peak memory |", "|---|---|---|---|"]
             for s in p.stages:
-                mem = f"{p.memory[s.stage] / 2**20:,.0f} MiB" if p.memory.get(s.stage) else "— (streams files)"
+                mem = f"{p.memory[s.stage] / 2**20:,.0f} MiB" if p.memory.get(s.stage) else "—"
                 out.append(f"| {s.stage} | {c.stages.get(s.stage, 'unchanged')} | {s.status} | {mem} |")
+            if p.peak_rss:
+                out += ["", f"Est. peak RSS of this run: {p.peak_rss / 2**20:,.0f} MiB"]
             out += ["", "| output | est. size | bits/weight | nominal | differences from the recipe |", "|---|---:|---:|---:|---|"]
             for key, size in p.sizes.items():
                 out.append(f"| `{key}` | {size} | | | |" if isinstance(size, str)
@@ -176,6 +178,7 @@ def render_json(changes: list[RecipeChange], ref: str) -> str:
                 "reruns": c.stages,
                 "stages": [{"stage": s.stage, "cache": s.status, "why": s.why, "peak_memory_bytes": p.memory.get(s.stage)}
                            for s in p.stages] if p else [],
+                "peak_rss_bytes": p.peak_rss if p else None,
                 "outputs": {k: ({"bytes": v[0], "bits_per_weight": round(v[1], 4), "nominal_bits_per_weight": round(p.nominal[k], 4),
                                  "fallbacks": p.fallbacks[k]} if not isinstance(v, str) else {"unknown": v})
                             for k, v in p.sizes.items()} if p else {},

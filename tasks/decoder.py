@@ -315,7 +315,8 @@ class Decoder:
     @torch.no_grad()
     def embed(self, ids: torch.Tensor, batch: int = BATCH) -> torch.Tensor:
         """The first layer's input for token windows ``ids`` (samples, seq), as the model computes it; records
-        every layer's call arguments for the batch sizes seen. Needs the outer tensors ``entry_names`` loaded."""
+        every layer's call arguments for the batch sizes seen. Needs the outer tensors ``entry_names`` loaded; the
+        input embedding goes back to meta afterwards (nothing else reads it: vocab x hidden floats freed)."""
         out: torch.Tensor | None = None
 
         def record(i: int, args: tuple, kwargs: dict) -> torch.Tensor:
@@ -340,6 +341,8 @@ class Decoder:
             with self._stubbed(record), contextlib.suppress(_Stop):
                 first = []
                 self.model(input_ids=ids[:1].to(self.device), use_cache=False)
+        for name in self.embedding_names:
+            set_tensor(self.model, name, self.model.get_parameter(name).to("meta"))
         assert out is not None
         return out
 

@@ -60,7 +60,7 @@ def logits(config, source: Any, fp32: Any, ids: np.ndarray, device: str = "cpu")
     """float32 logits (windows, tokens, vocab) of ``source`` as ``compare`` computes them; ``fp32`` names the tensors."""
     dev = pick_device(device)
     decoder, hidden = _forward(config, {"q": source}, fp32, torch.from_numpy(ids), dev)
-    decoder.load_outer(source.load(fp32.checkpoint_names(decoder.outer_names)))
+    decoder.load_outer(source.load(fp32.checkpoint_names(decoder.exit_names())))
     return decoder.logits(hidden["q"]).cpu()
 
 
