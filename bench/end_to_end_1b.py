@@ -34,6 +34,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _proc import MiB, RunResult, bench_env, run_command, run_quantfab  # noqa: E402
 
+from quantfab.pipelines.plan import RUNTIME  # noqa: E402
+
 RTN = "bench/recipes/llama-1b-rtn-q4km.yaml"
 GPTQ = "bench/recipes/llama-1b-gptq-int4.yaml"
 PARTS = ["ours-rtn", "ours-gptq", "llama-cpp", "peer", "forward"]
@@ -66,10 +68,10 @@ def show_ours(name: str, res: RunResult) -> None:
           f"server {res.peak_server_rss / MiB:,.0f} MiB), main HWM {res.main_hwm_rss / MiB:,.0f} MiB")
     print(f"  plan predicted peak RSS {planned['run'] / MiB:,.0f} MiB: measured / predicted "
           f"{res.main_hwm_rss / planned['run']:.2f}")
-    print("  | stage | ran | seconds | peak RSS MiB | plan's peak MiB |\n  |---|---|---|---|---|")
+    print("  | stage | ran | seconds | peak RSS MiB | plan's RSS MiB (process + stage) |\n  |---|---|---|---|---|")
     for stage, (how, secs) in res.stages.items():
         print(f"  | {stage} | {how} | {secs:.1f} | {peaks.get(stage, 0) / MiB:,.0f} | "
-              f"{planned.get(stage, 0) / MiB:,.0f} |")
+              f"{(RUNTIME + planned.get(stage, 0)) / MiB:,.0f} |")
 
 
 def build_seconds(res: RunResult) -> float:

@@ -26,9 +26,9 @@ from quantfab.tasks.store import Store
 
 RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "tinystories-656k-q4_0.yaml"
 BUILDS = {  # method (and options) -> outputs
-    ("gptq",): "[{compressed-tensors: int4}, {gptq: int4}, {gguf: Q4_0}, {gguf: Q4_K_M}]",
+    ("gptq",): "[{compressed-tensors: int4}, {gptq: int4}, {gguf: Q4_0}, {gguf: Q4_K_M}, {compressed-tensors: fp8}]",
     ("awq",): "[{awq: int4}, {compressed-tensors: int4}, {gguf: Q4_0}, {gguf: Q4_K_M}]",
-    ("rtn",): "[{compressed-tensors: int8}, {compressed-tensors: int4}, {gguf: Q8_0}, {gguf: Q4_0}]",
+    ("rtn",): "[{compressed-tensors: int8}, {compressed-tensors: int4}, {gguf: Q8_0}, {gguf: Q4_0}, {compressed-tensors: fp8}]",
     ("nf4",): "[{bnb-nf4: nf4}]",
     ("nf4", "quantize.nf4.double_quant=true"): "[{bnb-nf4: nf4}]",
 }

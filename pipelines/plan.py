@@ -21,8 +21,9 @@ from quantfab.tasks.download import materialize
 from quantfab.tasks.errors import UnsupportedModel, UserError
 from quantfab.tasks.manifests import Manifest
 from quantfab.tasks.modelio import ST_DTYPES, ModelDir, TensorInfo, check_against_config, read_headers
-from quantfab.tasks.model_structure import FrozenConfig, alias_tied_embeddings, frozen_config, layout
-from quantfab.tasks.quantize.assign import assign_layers, reads_statistics
+from quantfab.tasks.model_structure import BATCH, FrozenConfig, alias_tied_embeddings, frozen_config, layout
+from quantfab.tasks.malloc import KEEP
+from quantfab.tasks.quantize.assign import assign_layers, reads_statistics, sequential
 from quantfab.tasks.store import Store, filesystem, free_bytes
 
 
@@ -89,15 +90,18 @@ GRID_TEMPS = 10 * 4 * 2**22  # a grid's float32 temporaries over reference_by_ro
 
 
 def peak_memory(recipe: Recipe, config: Any, tensors: dict[str, TensorInfo], sizes: dict[str, int],
-                statistics: bool) -> dict[str, int]:
+                statistics: bool, sequential: bool) -> dict[str, int]:
     """Peak working memory per stage from the tensor shapes, for the stages' one-layer-at-a-time design,
     above the process's own ``RUNTIME``.
 
     On the host, or on the GPU for the stages that run there (calibrate, quantize, validate) when
     execution.device is cuda. The terms are what each stage holds at its peak: one decoder layer in fp32 per
     model it runs side by side, the hidden states of its tokens, XᵀX of each distinct Linear input (float32),
-    the embedding or head in fp32, and files it maps (a converted output is read back through mmap).
-    An estimate of what bench/end_to_end_1b.py measures, not a bound.
+    the embedding or head in fp32, and files it maps (a converted output is read back through mmap). A
+    sequential method (GPTQ) also holds the widest Linear input over every calibration token, that input's XᵀX
+    with its factor and inverse, four copies of the largest Linear, a batch's attention scores, and the freed
+    memory glibc keeps for the next layer (tasks/malloc.py KEEP). An estimate of what bench/end_to_end_1b.py
+    measures, not a bound.
     """
     hidden, vocab = int(config.hidden_size), int(config.vocab_size)
     prefix = layout(config).prefix(0)
@@ -113,6 +117,11 @@ def peak_memory(recipe: Recipe, config: Any, tensors: dict[str, TensorInfo], siz
     val = recipe.validate_
     tokens = max(val.tokens // val.window, 1) * val.window
     gathers = states + hessians if statistics else 0
+    if sequential:
+        tokens_c, widest = cal.samples * cal.seq_len, max(inputs, default=0)
+        heads = int(getattr(config, "num_attention_heads", 0) or 0)
+        gathers = (states + 4 * tokens_c * widest + 3 * 4 * widest * widest + 4 * largest_linear(layer0)
+                   + 3 * 4 * BATCH * heads * cal.seq_len ** 2 + KEEP)
     return {
         "download": 0,  # streams files into the store
         "calibrate": matrix + layer + gathers if statistics else 0,
@@ -122,6 +131,10 @@ def peak_memory(recipe: Recipe, config: Any, tensors: dict[str, TensorInfo], siz
                         models * (matrix + 4 * tokens * hidden) + LOGPROB_TEMPS + sum(sizes.values())),  # the heads
         "package": 0,  # copies files
     }
+
+
+def largest_linear(layer: dict[str, TensorInfo]) -> int:
+    return 4 * max((t.numel for t in layer.values() if len(t.shape) == 2), default=0)
 
 
 def plan(recipe: Recipe, store_url: str | None) -> Plan:
@@ -158,9 +171,12 @@ def plan(recipe: Recipe, store_url: str | None) -> Plan:
         out.sizes = {o.key: f"unknown: cannot read the model's headers ({redact_text(str(exc))})" for o in recipe.outputs}
         return out
     params = sum(t.numel for n, t in tensors.items() if n == t.name)
+    runs_sequential = False
     for o in recipe.outputs:
         fmt = FORMATS[o.format]
-        assigned = [a for layer in assign_layers(config, tensors, recipe.quantize, fmt, o) for a in layer.values()]
+        layers = assign_layers(config, tensors, recipe.quantize, fmt, o)
+        runs_sequential |= sequential(layers)
+        assigned = [a for layer in layers for a in layer.values()]
         size = sum(t.nbytes for t in fmt.plan(o, config, tensors, {a.module: a.grid for a in assigned}))
         out.sizes[o.key] = (size, size * 8 / params)
         nominal = differences.nominal_bytes(fmt, o, config, tensors, {a.module: a.asked or a.grid for a in assigned})
@@ -169,7 +185,7 @@ def plan(recipe: Recipe, store_url: str | None) -> Plan:
     out.writes = store_writes(recipe, tensors, {k: v[0] for k, v in out.sizes.items() if not isinstance(v, str)})
     out.statistics = reads_statistics(config, tensors, recipe.quantize, list(recipe.outputs))
     out.memory = peak_memory(recipe, config, tensors, {k: v[0] for k, v in out.sizes.items() if not isinstance(v, str)},
-                             out.statistics)
+                             out.statistics, runs_sequential)
     return out
 
 

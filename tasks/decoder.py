@@ -29,9 +29,7 @@ from torch.overrides import TorchFunctionMode
 
 from quantfab.tasks.checkpoint_map import Placement, checkpoint_map
 from quantfab.tasks.errors import UserError
-from quantfab.tasks.model_structure import Layout, layer_units, layout
-
-BATCH = 8  # samples per layer call
+from quantfab.tasks.model_structure import BATCH, Layout, layer_units, layout
 
 
 class _Stop(Exception):

@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from quantfab.tasks.modelio import ModelDir, TensorInfo
 
 ROOT = Path(__file__).resolve().parent.parent
+BATCH = 8  # samples per layer call of the decoder (here, so that plan can size a batch without torch)
 SOURCES = ["tasks/model_structure.py", "tasks/modelio.py", "tasks/decoder.py", "tasks/families.py",
            "tasks/checkpoint_map.py"]  # the code that derives the facts: editing it invalidates the memo
 

@@ -2,18 +2,22 @@
 
 The unquantized model and every decoded output run side by side, one decoder layer at a time, on
 non-overlapping windows (BOS, then window - 1 text tokens). Metrics: perplexity of each, mean
-KL(fp32 || quantized) per predicted token in nats, and top-1 agreement with the unquantized model.
+KL(fp32 || quantized) per predicted token in nats, and top-1 agreement with the unquantized model. An output
+whose runtime quantizes activations too (FP8 W8A8) runs with its Linears' inputs quantized the same way
+(tasks/activations.py), and the report says so.
 """
 
 from __future__ import annotations
 
 import json
 import math
+from collections import Counter
 from typing import Any
 
 import numpy as np
 import torch
 
+from quantfab.tasks.activations import SCHEMES, simulate_inputs
 from quantfab.tasks.convert import FORMATS
 from quantfab.tasks.convert.differences import summary
 from quantfab.tasks.download import materialize
@@ -44,7 +48,15 @@ def measure(model: ModelManifest, converted: ConvertManifest, outputs: list, spe
     for o in outputs:
         f = converted.files[o.key]
         sources[o.key] = FORMATS[o.format].reader(materialize(store, f.files).path / f.path, config)
-    return compare(config, sources, eval_windows(model, spec, store), device)
+    metrics = compare(config, sources, eval_windows(model, spec, store), device)
+    metrics["simulated"] = {key: served_as(src) for key, src in sources.items() if key != "fp32"}
+    return metrics
+
+
+def served_as(source: Any) -> list[str]:
+    """What validate simulated beyond the stored weights, e.g. activations quantized as the runtime does."""
+    used = Counter(getattr(source, "inputs", {}).values())
+    return [f"{SCHEMES[s][1]} ({n} Linears), as compressed-tensors computes them" for s, n in sorted(used.items())]
 
 
 @torch.no_grad()
@@ -76,6 +88,9 @@ def _forward(config, sources: dict[str, Any], fp32: Any, ids: torch.Tensor, dev:
         names = fp32.layer_names(i)
         for key, src in sources.items():
             layer = decoder.layer(i, relative(src.load(names), fp32.prefix(i)))
+            if hasattr(src, "input_schemes"):  # activations quantized as the runtime quantizes them
+                schemes = src.input_schemes(fp32.prefix(i))
+                simulate_inputs(layer, {m: schemes[c] for m, c in decoder.checkpoint_modules[i].items() if c in schemes})
             hidden[key] = decoder.run_layer(i, layer, hidden[key])
             del layer
     return decoder, hidden
@@ -126,7 +141,8 @@ def validate(model: ModelManifest, converted: ConvertManifest, quantized: Quanti
              device: str, store: Store) -> QualityManifest:
     metrics = measure(model, converted, outputs, spec, device, store)
     keep = {k for name in spec.metrics for k in METRIC_KEYS[name]}
-    metrics["outputs"] = {key: {k: v for k, v in m.items() if k in keep} for key, m in metrics["outputs"].items()}
+    metrics["outputs"] = {key: {**{k: v for k, v in m.items() if k in keep}, "simulated": metrics["simulated"][key]}
+                          for key, m in metrics["outputs"].items()}
     return judge(metrics, spec.gates, converted, quantized, store)
 
 
@@ -173,6 +189,9 @@ def quality_table(report: dict[str, Any]) -> str:
         kl = f"{m['kl_divergence']:.5f}" if "kl_divergence" in m else "-"
         top1 = f"{m['top1_agreement'] * 100:.2f} %" if "top1_agreement" in m else "-"
         lines.append(f"| {key} | {m['bits_per_weight']:.3f} ({m['nominal_bits_per_weight']:.3f}) | {ppl} | {kl} | {top1} | {gates} |")
+    for key, m in report["outputs"].items():
+        if m.get("simulated"):
+            lines += ["", f"{key}: measured as served, simulating " + "; ".join(m["simulated"])]
     for key, m in report["outputs"].items():
         if m["fallbacks"]:
             lines += ["", f"{key}: {len(m['fallbacks'])} tensors differ from the recipe (each listed in quality.json): "

@@ -43,7 +43,10 @@ BUILDS = {  # name -> recipe overrides
     "nf4-dq": ["quantize.method=nf4", "quantize.nf4.double_quant=true", "outputs=[{bnb-nf4: nf4}]"],
     "gptq-asym": ["quantize.method=gptq", "outputs=[{format: gptq, type: int4, group_size: 32, symmetric: false}, "
                   "{format: gptq, type: int8, group_size: 64}]"],
+    "fp8": ["quantize.method=rtn", "outputs=[{compressed-tensors: fp8}]"],
+    "gptq-fp8": ["quantize.method=gptq", "outputs=[{compressed-tensors: fp8}]"],
 }
+FP8 = "compressed-tensors-fp8-channel"
 LOGIT_ATOL = 2e-4  # fp32 logits of transformers' forward against validate's layer-at-a-time forward
 
 
@@ -144,7 +147,7 @@ def consumer_cases() -> list:
     cases = []
     for build, overrides in BUILDS.items():
         for o in load_recipe(RECIPE, overrides).outputs:
-            if o.format == "compressed-tensors":
+            if o.format == "compressed-tensors" and o.type != "fp8":
                 cases += [(build, o.key, c) for c in CONSUMERS if c != "transformers" or o.symmetric]
     return cases
 
@@ -169,6 +172,48 @@ def test_compressed_tensors_consumer_reproduces_our_logits(builds: dict[str, Bui
     diff = (theirs - ours).abs().max().item()
     print(f"{build} {key} via {consumer}: max |logit difference| {diff:.3g} over {eval_ids.size} tokens")
     assert diff <= LOGIT_ATOL
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("build", ["fp8", "gptq-fp8"])
+def test_fp8_dynamic_is_served_by_transformers_and_compressed_tensors_as_validate_measures_it(
+        builds: dict[str, Build], eval_ids: np.ndarray, build: str) -> None:
+    """FP8_DYNAMIC: E4M3 weights per channel, activations quantized per token at run time. Both consumers hold
+    our codes bit for bit and run the activation quantization themselves; validate, simulating it, computes
+    their logits exactly, and the simulation matters (weights alone give other logits)."""
+    b = builds[build]
+    path = b.written(FP8)
+    qc = json.loads((path / "config.json").read_text())["quantization_config"]
+    assert qc["format"] == "float-quantized" and list(qc["config_groups"]) == ["group_0"]
+    group = qc["config_groups"]["group_0"]
+    assert {k: group["weights"][k] for k in ("num_bits", "type", "strategy", "symmetric", "dynamic")} == \
+        {"num_bits": 8, "type": "float", "strategy": "channel", "symmetric": True, "dynamic": False}
+    assert {k: group["input_activations"][k] for k in ("num_bits", "type", "strategy", "symmetric", "dynamic")} == \
+        {"num_bits": 8, "type": "float", "strategy": "token", "symmetric": True, "dynamic": True}
+    reader = FORMATS["compressed-tensors"].reader(path, b.folder.config())
+    assert len(reader.inputs) == 14 and set(reader.inputs.values()) == {"fp8-token"}
+    assert validate_mod.served_as(reader) == ["inputs of the quantized Linears as FP8 E4M3, a dynamic scale per token "
+                                              "(14 Linears), as compressed-tensors computes them"]
+    served = validate_mod.logits(b.folder.config(), reader, b.folder.weights(), eval_ids)
+    reader.inputs = {}
+    weights_only = validate_mod.logits(b.folder.config(), reader, b.folder.weights(), eval_ids)
+    assert (served - weights_only).abs().max().item() > 0.1
+    for consumer in (compressed_tensors_decompress, fp8_from_pretrained):
+        model = consumer(path)
+        with torch.no_grad():
+            theirs = model(torch.from_numpy(eval_ids)).logits
+        state = model.state_dict()
+        for name, value in b.reconstruction(FP8).items():
+            assert torch.equal(state[name], torch.from_numpy(value)), name
+        assert torch.equal(theirs, served), consumer.__name__
+
+
+def fp8_from_pretrained(path: Path) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    assert sum(v.dtype == torch.float8_e4m3fn for v in hf.state_dict().values()) == 14, "not loaded as float8"
+    return hf
 
 
 @pytest.mark.slow

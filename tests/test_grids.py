@@ -182,3 +182,43 @@ def test_reference_by_rows_equals_the_whole_tensors_reference(name: str) -> None
     assert sliced.extra.keys() == whole.extra.keys()
     for key in whole.extra:
         np.testing.assert_array_equal(sliced.extra[key], whole.extra[key])
+
+
+def test_fp8_codes_are_torchs_e4m3_rounding_on_every_tie_and_edge() -> None:
+    """E4M3 in NumPy rounds as torch's float8_e4m3fn cast: every finite code value, every midpoint between two
+    neighbours (ties to even) and the floats either side of it, saturation past 448, subnormals, signed zeros."""
+    import torch
+
+    from quantfab.tasks.quantize.float_grids import e4m3_decode, e4m3_encode
+
+    values = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
+    values = values[~values.isnan()].sort().values
+    mids = (values[1:] + values[:-1]) / 2
+    x = torch.cat([values, mids, mids.nextafter(torch.tensor(np.inf)), mids.nextafter(torch.tensor(-np.inf)),
+                   torch.tensor([1e9, -1e9, 449.0, -464.0, 1e-12, -1e-12, 0.0, -0.0]),
+                   torch.from_numpy(np.random.default_rng(0).standard_normal(50_000).astype(np.float32) * 100)])
+    theirs = x.clamp(-448, 448).to(torch.float8_e4m3fn)
+    ours = e4m3_encode(x.numpy())
+    assert np.array_equal(ours.view(np.uint8), theirs.view(torch.uint8).numpy())
+    assert np.array_equal(e4m3_decode(ours), theirs.float().numpy())
+
+
+def test_fp8_channel_scales_codes_and_decode_equal_compressed_tensors() -> None:
+    """FP8_CH picks compressed-tensors' own scale (its observer's absmax / 448, eps for an all-zero row), codes
+    (``quantize`` to float8_e4m3fn) and decode (``dequantize``), bit for bit."""
+    import torch
+    from compressed_tensors.quantization import QuantizationArgs
+    from compressed_tensors.quantization.lifecycle.forward import dequantize, quantize
+    from compressed_tensors.quantization.utils import calculate_qparams
+
+    w = weights()
+    w[6] = 0.0  # scale 0 becomes float32 eps
+    grid = grid_named("FP8_CH").for_row(w.shape[1])
+    enc = grid.reference(w)
+    args = QuantizationArgs(num_bits=8, type="float", strategy="channel", symmetric=True)
+    wt = torch.from_numpy(w)
+    scale, _ = calculate_qparams(wt.amin(dim=1, keepdim=True), wt.amax(dim=1, keepdim=True), args)
+    codes = quantize(wt, scale, None, args, dtype=torch.float8_e4m3fn)
+    assert np.array_equal(enc.d, scale.numpy())
+    assert np.array_equal(enc.codes.view(np.uint8), codes.view(torch.uint8).numpy())
+    assert np.array_equal(grid.decode(enc), dequantize(codes, scale, None, args).numpy())

@@ -1,4 +1,5 @@
-"""compressed-tensors: the pack-quantized HF checkpoint vLLM and transformers load (int2..int8 weights, fp activations).
+"""compressed-tensors: the HF checkpoint vLLM and transformers load, pack-quantized (int2..int8 weights, float
+activations) or float-quantized (FP8 E4M3 weights, FP8 activations quantized per token at run time).
 
 A folder like the one llm-compressor saves: config.json with the ``quantization_config`` built by the
 ``compressed-tensors`` package's own classes, model safetensors (sharded past ``SHARD_BYTES``), and the
@@ -7,6 +8,11 @@ packed by kernels/words exactly as the package's ``pack_to_int32`` packs them), 
 ``weight_zero_point`` when asymmetric (packed along the output dim), and ``weight_shape``. Scales are written in float32 for a float32 model,
 else float16: both hold the grid's fp16 scales exactly. The reader decodes with the package's own
 ``PackedQuantizationCompressor``, so validate measures what vLLM would load.
+
+FP8 (llm-compressor's FP8_DYNAMIC scheme): each Linear stores ``weight`` as float8_e4m3fn (the grid's codes, bit
+for bit) and a float32 ``weight_scale`` per row (or per group); the config group adds dynamic per-token FP8
+``input_activations``. Scales stay float32 whatever the model dtype: the codes were chosen against them, and
+vLLM keeps FP8 weight scales in float32 anyway. Decoded by compressed-tensors' ``FloatQuantizationCompressor``.
 """
 
 from __future__ import annotations
@@ -18,17 +24,18 @@ from typing import Callable, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from quantfab.kernels.verdict import Verdict
+from quantfab.kernels.verdict import Verdict, compare
 from quantfab.kernels.words import PackedInts, WordLayout, pack_words, verify_words
 from quantfab.tasks.convert.hf_folder import FolderWeights, HFFolderFormat, PlannedTensor, write_folder
 from quantfab.tasks.errors import UserError
 from quantfab.tasks.modelio import ModelDir
+from quantfab.tasks.quantize.float_grids import FP8Grid
 from quantfab.tasks.quantize.grids import Encoded, Grid, GridRequest, grid_named
 from quantfab.tasks.lazy import lazy
 
 torch = lazy("torch")
 
-DEFAULT_GROUP = {"int4": 128, "int8": "channel"}  # llm-compressor's W4A16 and W8A16 presets
+DEFAULT_GROUP = {"int4": 128, "int8": "channel", "fp8": "channel"}  # llm-compressor's W4A16, W8A16, FP8_DYNAMIC
 
 
 class CompressedTensorsOptions(BaseModel):
@@ -36,7 +43,9 @@ class CompressedTensorsOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     format: Literal["compressed-tensors"] = "compressed-tensors"
-    type: Literal["int4", "int8"] = Field(description="Default code width; quantize.bits and overrides may differ per module.")
+    type: Literal["int4", "int8", "fp8"] = Field(
+        description="int4/int8: integer codes (quantize.bits and overrides may differ per module), activations left "
+        "in float. fp8: FP8 E4M3 weights and FP8 activations quantized per token at run time (FP8_DYNAMIC).")
     group_size: int | Literal["channel"] | None = Field(
         None, description="Default elements per scale, or 'channel' for one scale per row; empty: 128 for int4, "
         "channel for int8. quantize.group_size overrides it.")
@@ -53,6 +62,8 @@ def packed_bytes(shape: tuple[int, ...], grid_name: str, dtype: torch.dtype) -> 
     grid = grid_named(grid_name)
     rows, cols = shape
     groups = cols // grid.block
+    if isinstance(grid, FP8Grid):
+        return rows * cols + rows * groups * 4  # float8 weight, float32 weight_scale
     zeros = 0 if grid.symmetric else -(-rows * grid.bits // 32) * groups * 4
     scale_size = 4 if dtype == torch.float32 else 2
     return rows * -(-cols * grid.bits // 32) * 4 + rows * groups * scale_size + zeros + 2 * 8  # + weight_shape
@@ -69,8 +80,16 @@ class CompressedTensorsFormat(HFFolderFormat):
     def grid_for(self, options: CompressedTensorsOptions, want: GridRequest, preset: str | None = None) -> Grid | None:
         if want.nf4:
             raise ValueError("compressed-tensors pack-quantized holds integer codes, not NF4 (use output bnb-nf4)")
-        bits = want.bits or int(options.type.removeprefix("int"))
         group = want.group_size or options.group_size or DEFAULT_GROUP[options.type]
+        if options.type == "fp8":
+            if want.bits not in (None, 8) or want.symmetric is False or not options.symmetric:
+                raise ValueError("compressed-tensors fp8 holds symmetric 8-bit float codes: drop quantize.bits and "
+                                 "quantize.symmetric (or their overrides), or use type int4/int8")
+            if group != "channel":
+                raise ValueError(f"compressed-tensors fp8 scales each row (group_size channel), not groups of {group}: "
+                                 "vLLM's FP8 Linear reads per-tensor, per-channel or 128x128-block weight scales")
+            return grid_named("FP8_CH")
+        bits = want.bits or int(options.type.removeprefix("int"))
         symmetric = options.symmetric if want.symmetric is None else want.symmetric
         side = "SYM" if symmetric else "ASYM"
         return grid_named(f"INT{bits}_CH_{side}" if group == "channel" else f"INT{bits}_G{group}_{side}")
@@ -82,6 +101,9 @@ class CompressedTensorsFormat(HFFolderFormat):
     def pack(self, t: PlannedTensor, enc: Encoded) -> dict[str, torch.Tensor]:
         grid = grid_named(t.grid or "")
         module = t.hf_name.removesuffix(".weight")
+        if isinstance(grid, FP8Grid):
+            return {t.hf_name: torch.from_numpy(enc.codes.view(np.uint8)).view(torch.float8_e4m3fn),
+                    f"{module}.weight_scale": torch.from_numpy(enc.d)}
         scale_dtype = torch.float32 if t.dtype == torch.float32 else torch.float16
         code_layout, zero_layout = layouts(grid.bits)
         out = {f"{module}.weight_packed": torch.from_numpy(pack_words(enc.codes, code_layout)),
@@ -98,6 +120,10 @@ class CompressedTensorsFormat(HFFolderFormat):
     def verify(self, folder: FolderWeights, t: PlannedTensor, expected: np.ndarray) -> Verdict:
         grid = grid_named(t.grid or "")
         module = t.hf_name.removesuffix(".weight")
+        if isinstance(grid, FP8Grid):
+            codes = folder.raw(t.hf_name).view(torch.uint8).numpy()
+            scale = folder.raw(f"{module}.weight_scale").numpy()
+            return compare(grid.decode(Encoded(codes.view(np.int8), scale, None)), expected)
         code_layout, zero_layout = layouts(grid.bits)
         zeros = folder.raw(f"{module}.weight_zero_point").numpy() if not grid.symmetric else None
         return verify_words(PackedInts(folder.raw(f"{module}.weight_packed").numpy(), code_layout,
@@ -117,31 +143,41 @@ def quantization_config(weights: list[PlannedTensor]) -> dict:
     from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
 
     linears = [t for t in weights if len(t.shape) == 2 and "embed_tokens" not in t.hf_name]
-    by_args: dict[tuple, list[str]] = {}  # (bits, symmetric, group size or None for channel) -> modules
+    by_args: dict[tuple, list[str]] = {}  # (type, bits, symmetric, group size or None for channel) -> modules
     for t in linears:
         if t.grid:
             grid = grid_named(t.grid)
-            key = (grid.bits, grid.symmetric, None if grid.block == t.shape[1] else grid.block)
+            kind = "float" if isinstance(grid, FP8Grid) else "int"
+            key = (kind, grid.bits, grid.symmetric, None if grid.block == t.shape[1] else grid.block)
             by_args.setdefault(key, []).append(t.hf_name.removesuffix(".weight"))
     groups = {}
-    for i, ((bits, symmetric, group), modules) in enumerate(sorted(by_args.items(), key=str)):
-        args = QuantizationArgs(num_bits=bits, type="int", symmetric=symmetric,
+    for i, ((kind, bits, symmetric, group), modules) in enumerate(sorted(by_args.items(), key=str)):
+        args = QuantizationArgs(num_bits=bits, type=kind, symmetric=symmetric,
                                 strategy="channel" if group is None else "group", group_size=group)
-        groups[f"group_{i}"] = QuantizationScheme(targets=["Linear"] if len(by_args) == 1 else modules, weights=args)
+        tokens = QuantizationArgs(num_bits=8, type="float", symmetric=True, strategy="token", dynamic=True) \
+            if kind == "float" else None  # FP8_DYNAMIC: each token's activations scaled by their absmax at run time
+        groups[f"group_{i}"] = QuantizationScheme(targets=["Linear"] if len(by_args) == 1 else modules, weights=args,
+                                                  input_activations=tokens)
+    kinds = {kind for kind, *_ in by_args}
+    if len(kinds) > 1:
+        raise ValueError("compressed-tensors: one output holds either integer or fp8 codes, not both")
     ignore = [t.hf_name.removesuffix(".weight") for t in linears if not t.grid]
     if not any(t.hf_name == "lm_head.weight" for t in linears):
         ignore.append("lm_head")  # tied to the embedding, so not stored, but the loader still builds the Linear
-    qc = QuantizationConfig(config_groups=groups, format="pack-quantized", quantization_status="compressed",
+    fmt = "float-quantized" if kinds == {"float"} else "pack-quantized"
+    qc = QuantizationConfig(config_groups=groups, format=fmt, quantization_status="compressed",
                             ignore=ignore)
     return {"version": ct_version, **qc.model_dump(mode="json", exclude_none=False)}
 
 
 def compressed_tensors_weights(path: Path) -> FolderWeights:
-    """The folder's weights decoded by compressed-tensors' own PackedQuantizationCompressor."""
+    """The folder's weights decoded by compressed-tensors' own compressor for its format (packed or float)."""
+    from compressed_tensors.compressors.naive_quantized.base import FloatQuantizationCompressor
     from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
     from compressed_tensors.quantization import QuantizationConfig
 
     stored = json.loads((path / "config.json").read_text())["quantization_config"]
+    floats = stored.get("format") == "float-quantized"
     schemes = list(QuantizationConfig.model_validate(
         {k: v for k, v in stored.items() if k in QuantizationConfig.model_fields}).config_groups.values())
 
@@ -149,8 +185,26 @@ def compressed_tensors_weights(path: Path) -> FolderWeights:
         scheme = next((s for s in schemes if module in s.targets or s.targets == ["Linear"]), None)
         if scheme is None:
             raise UserError(f"{path / 'config.json'}: no config group of quantization_config targets {module}")
+        if floats:
+            state = {"weight": folder.raw(f"{module}.weight"), "weight_scale": folder.raw(f"{module}.weight_scale")}
+            return FloatQuantizationCompressor.decompress(state, scheme)["weight"]
         parts = [f"{module}.weight_{k}" for k in ("packed", "scale", "shape", "zero_point")]
         state = {p.rsplit(".", 1)[1]: folder.raw(p) for p in parts if folder.has(p)}
         return PackedQuantizationCompressor.decompress(state, scheme)["weight"]
 
-    return FolderWeights(path, "weight_packed", decode)
+    folder = FolderWeights(path, "weight_scale" if floats else "weight_packed", decode)
+    modules = [n.removesuffix(".weight_scale") for n in folder.index.tensors if n.endswith(".weight_scale")]
+    folder.inputs = {m: s for m in modules if (s := input_scheme(path, m, schemes)) is not None}
+    return folder
+
+
+def input_scheme(path: Path, module: str, schemes: list) -> str | None:
+    """The activations.SCHEMES name of how the runtime quantizes ``module``'s input (None: left in float)."""
+    scheme = next((s for s in schemes if module in s.targets or s.targets == ["Linear"]), None)
+    a = scheme.input_activations if scheme else None
+    if a is None:
+        return None
+    if (a.type, a.num_bits, a.strategy, a.dynamic) == ("float", 8, "token", True):
+        return "fp8-token"
+    raise UserError(f"{path / 'config.json'}: input_activations {a.model_dump(exclude_none=True)} of {module} cannot "
+                    "be simulated by validate yet (it simulates dynamic per-token FP8)")

@@ -142,8 +142,9 @@ def _write_shards(path: Path, planned: list[PlannedTensor], tensor_data: Callabl
 class FolderWeights:
     """A written folder's weights as float32 under HF names; ``decode`` turns a packed Linear into its weight."""
 
-    def __init__(self, path: Path, packed_suffix: str, decode: Callable[[str, "FolderWeights"], torch.Tensor]):
-        self.path = path
+    def __init__(self, path: Path, packed_suffix: str, decode: Callable[[str, "FolderWeights"], torch.Tensor],
+                 inputs: dict[str, str] | None = None):
+        self.path, self.inputs = path, inputs or {}  # inputs: module -> how the runtime quantizes its input
         self.config = json.loads((path / "config.json").read_text())
         self.index = WeightIndex(sorted(path.glob("*.safetensors")), bool(self.config.get("tie_word_embeddings")))
         self.packed_suffix, self.decode = packed_suffix, decode
@@ -152,6 +153,10 @@ class FolderWeights:
         """A stored tensor as written (packed integers stay integers)."""
         with safe_open(str(self.index.tensors[name].file), framework="pt") as f:
             return f.get_tensor(name)
+
+    def input_schemes(self, prefix: str) -> dict[str, str]:
+        """How the runtime quantizes the inputs of the Linears under ``prefix`` (names relative to it)."""
+        return {m.removeprefix(prefix): s for m, s in self.inputs.items() if m.startswith(prefix)}
 
     def has(self, name: str) -> bool:
         return name in self.index.tensors
