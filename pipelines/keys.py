@@ -32,14 +32,15 @@ ORDER = ("download", "calibrate", "quantize", "convert", "validate", "package")
 ROOT = Path(__file__).resolve().parent.parent  # where tasks/ and kernels/ live (the repo, or site-packages)
 COMMON = ["tasks/errors.py", "tasks/store.py", "tasks/manifests.py", "tasks/modelio.py", "tasks/decoder.py",
           "tasks/model_structure.py", "tasks/families.py", "tasks/checkpoint_map.py", "tasks/download.py"]
-GRID_SOURCES = ["tasks/quantize/grids.py", "tasks/quantize/grid_base.py", "tasks/quantize/kquants.py"]
+GRID_SOURCES = ["tasks/quantize/grids.py", "tasks/quantize/grid_base.py", "tasks/quantize/kquants.py",
+                "tasks/quantize/float_grids.py"]
 STAGE_SOURCES = {
     "download": ["tasks/synthetic.py"],
     "calibrate": ["tasks/calibrate.py", "tasks/gram.py", "tasks/texts.py"],
     "quantize": ["tasks/quantize", "tasks/calibrate.py", "tasks/gram.py", "tasks/texts.py",
                  "tasks/convert", "kernels"],  # formats decide each Linear's grid
     "convert": ["tasks/convert", *GRID_SOURCES, "tasks/quantize/layer_file.py", "kernels"],
-    "validate": ["tasks/validate.py", "tasks/gates.py", "tasks/texts.py", "tasks/convert", *GRID_SOURCES, "tasks/quantize/layer_file.py",
+    "validate": ["tasks/validate.py", "tasks/activations.py", "tasks/gates.py", "tasks/texts.py", "tasks/convert", *GRID_SOURCES, "tasks/quantize/layer_file.py",
                  "kernels"],
     "package": ["tasks/package.py", "tasks/convert/differences.py"],
 }
