@@ -182,10 +182,10 @@ def plan(recipe: Recipe, store_url: str | None) -> Plan:
         nominal = differences.nominal_bytes(fmt, o, config, tensors, {a.module: a.asked or a.grid for a in assigned})
         out.nominal[o.key] = nominal * 8 / params
         out.fallbacks[o.key] = differences.fallbacks(fmt, o, config, tensors, {a.module: a.fallback for a in assigned})
-    out.writes = store_writes(recipe, tensors, {k: v[0] for k, v in out.sizes.items() if not isinstance(v, str)})
+    sizes = {k: v[0] for k, v in out.sizes.items() if not isinstance(v, str)}
+    out.writes = store_writes(recipe, tensors, sizes)
     out.statistics = reads_statistics(config, tensors, recipe.quantize, list(recipe.outputs))
-    out.memory = peak_memory(recipe, config, tensors, {k: v[0] for k, v in out.sizes.items() if not isinstance(v, str)},
-                             out.statistics, runs_sequential)
+    out.memory = peak_memory(recipe, config, tensors, sizes, out.statistics, runs_sequential)
     return out
 
 

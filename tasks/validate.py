@@ -49,13 +49,14 @@ def measure(model: ModelManifest, converted: ConvertManifest, outputs: list, spe
         f = converted.files[o.key]
         sources[o.key] = FORMATS[o.format].reader(materialize(store, f.files).path / f.path, config)
     metrics = compare(config, sources, eval_windows(model, spec, store), device)
-    metrics["simulated"] = {key: served_as(src) for key, src in sources.items() if key != "fp32"}
+    for key, m in metrics["outputs"].items():
+        m["simulated"] = served_as(sources[key])
     return metrics
 
 
 def served_as(source: Any) -> list[str]:
     """What validate simulated beyond the stored weights, e.g. activations quantized as the runtime does."""
-    used = Counter(getattr(source, "inputs", {}).values())
+    used = Counter(source.input_schemes("").values() if hasattr(source, "input_schemes") else ())
     return [f"{SCHEMES[s][1]} ({n} Linears), as compressed-tensors computes them" for s, n in sorted(used.items())]
 
 
@@ -140,9 +141,8 @@ METRIC_KEYS = {"perplexity": ("perplexity", "baseline_perplexity", "ppl_increase
 def validate(model: ModelManifest, converted: ConvertManifest, quantized: QuantizeManifest, outputs: list, spec,
              device: str, store: Store) -> QualityManifest:
     metrics = measure(model, converted, outputs, spec, device, store)
-    keep = {k for name in spec.metrics for k in METRIC_KEYS[name]}
-    metrics["outputs"] = {key: {**{k: v for k, v in m.items() if k in keep}, "simulated": metrics["simulated"][key]}
-                          for key, m in metrics["outputs"].items()}
+    keep = {k for name in spec.metrics for k in METRIC_KEYS[name]} | {"simulated"}
+    metrics["outputs"] = {key: {k: v for k, v in m.items() if k in keep} for key, m in metrics["outputs"].items()}
     return judge(metrics, spec.gates, converted, quantized, store)
 
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Any, Callable, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
@@ -182,9 +182,7 @@ def compressed_tensors_weights(path: Path) -> FolderWeights:
         {k: v for k, v in stored.items() if k in QuantizationConfig.model_fields}).config_groups.values())
 
     def decode(module: str, folder: FolderWeights) -> torch.Tensor:
-        scheme = next((s for s in schemes if module in s.targets or s.targets == ["Linear"]), None)
-        if scheme is None:
-            raise UserError(f"{path / 'config.json'}: no config group of quantization_config targets {module}")
+        scheme = scheme_of(path, module, schemes)
         if floats:
             state = {"weight": folder.raw(f"{module}.weight"), "weight_scale": folder.raw(f"{module}.weight_scale")}
             return FloatQuantizationCompressor.decompress(state, scheme)["weight"]
@@ -194,14 +192,21 @@ def compressed_tensors_weights(path: Path) -> FolderWeights:
 
     folder = FolderWeights(path, "weight_scale" if floats else "weight_packed", decode)
     modules = [n.removesuffix(".weight_scale") for n in folder.index.tensors if n.endswith(".weight_scale")]
-    folder.inputs = {m: s for m in modules if (s := input_scheme(path, m, schemes)) is not None}
+    folder.inputs = {m: s for m in modules if (s := input_scheme(path, m, scheme_of(path, m, schemes))) is not None}
     return folder
 
 
-def input_scheme(path: Path, module: str, schemes: list) -> str | None:
-    """The activations.SCHEMES name of how the runtime quantizes ``module``'s input (None: left in float)."""
+def scheme_of(path: Path, module: str, schemes: list) -> Any:
+    """The config group of quantization_config that targets ``module``."""
     scheme = next((s for s in schemes if module in s.targets or s.targets == ["Linear"]), None)
-    a = scheme.input_activations if scheme else None
+    if scheme is None:
+        raise UserError(f"{path / 'config.json'}: no config group of quantization_config targets {module}")
+    return scheme
+
+
+def input_scheme(path: Path, module: str, scheme: Any) -> str | None:
+    """The activations.SCHEMES name of how the runtime quantizes ``module``'s input (None: left in float)."""
+    a = scheme.input_activations
     if a is None:
         return None
     if (a.type, a.num_bits, a.strategy, a.dynamic) == ("float", 8, "token", True):

@@ -142,9 +142,9 @@ def _write_shards(path: Path, planned: list[PlannedTensor], tensor_data: Callabl
 class FolderWeights:
     """A written folder's weights as float32 under HF names; ``decode`` turns a packed Linear into its weight."""
 
-    def __init__(self, path: Path, packed_suffix: str, decode: Callable[[str, "FolderWeights"], torch.Tensor],
-                 inputs: dict[str, str] | None = None):
-        self.path, self.inputs = path, inputs or {}  # inputs: module -> how the runtime quantizes its input
+    def __init__(self, path: Path, packed_suffix: str, decode: Callable[[str, "FolderWeights"], torch.Tensor]):
+        self.path = path
+        self.inputs: dict[str, str] = {}  # module -> how the runtime quantizes its input (a format may fill it)
         self.config = json.loads((path / "config.json").read_text())
         self.index = WeightIndex(sorted(path.glob("*.safetensors")), bool(self.config.get("tie_word_embeddings")))
         self.packed_suffix, self.decode = packed_suffix, decode
