@@ -25,12 +25,18 @@ from quantfab.tasks.quantize.stage import quantize
 from quantfab.tasks.store import Store
 
 RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "tinystories-656k-q4_0.yaml"
-BUILDS = {  # method (and options) -> outputs
-    ("gptq",): "[{compressed-tensors: int4}, {gptq: int4}, {gguf: Q4_0}, {gguf: Q4_K_M}, {compressed-tensors: fp8}]",
-    ("awq",): "[{awq: int4}, {compressed-tensors: int4}, {gguf: Q4_0}, {gguf: Q4_K_M}]",
-    ("rtn",): "[{compressed-tensors: int8}, {compressed-tensors: int4}, {gguf: Q8_0}, {gguf: Q4_0}, {compressed-tensors: fp8}]",
-    ("nf4",): "[{bnb-nf4: nf4}]",
-    ("nf4", "quantize.nf4.double_quant=true"): "[{bnb-nf4: nf4}]",
+W8A8 = "{format: compressed-tensors, type: int8, activations: int8}"
+SMOOTH = "quantize.smoothquant={alpha: 0.8}"
+BUILDS = {  # label -> recipe overrides (method and options), outputs
+    "gptq": (["quantize.method=gptq"], "[{compressed-tensors: int4}, {gptq: int4}, {gguf: Q4_0}, {gguf: Q4_K_M}, "
+             f"{{compressed-tensors: fp8}}, {W8A8}]"),
+    "gptq, smoothquant 0.8": (["quantize.method=gptq", SMOOTH], f"[{W8A8}]"),
+    "awq": (["quantize.method=awq"], "[{awq: int4}, {compressed-tensors: int4}, {gguf: Q4_0}, {gguf: Q4_K_M}]"),
+    "rtn": (["quantize.method=rtn"], "[{compressed-tensors: int8}, {compressed-tensors: int4}, {gguf: Q8_0}, "
+            f"{{gguf: Q4_0}}, {{compressed-tensors: fp8}}, {W8A8}]"),
+    "rtn, smoothquant 0.8": (["quantize.method=rtn", SMOOTH], f"[{W8A8}]"),
+    "nf4": (["quantize.method=nf4"], "[{bnb-nf4: nf4}]"),
+    "nf4, double quant": (["quantize.method=nf4", "quantize.nf4.double_quant=true"], "[{bnb-nf4: nf4}]"),
 }
 CONSUMERS = {"compressed-tensors": "transformers + compressed-tensors 0.20 (asymmetric: compressed-tensors' decompressor)",
              "gptq": "transformers + gptqmodel 7.6 (bench/consumers); v1 layout decoder (tests)",
@@ -46,8 +52,8 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         store = Store(tmp)
-        for (method, *extra), outputs in BUILDS.items():
-            r = load_recipe(RECIPE, [f"quantize.method={method}", *extra, f"outputs={outputs}"])
+        for label, (sets, outputs) in BUILDS.items():
+            r = load_recipe(RECIPE, [*sets, f"outputs={outputs}"])
             t = time.perf_counter()
             model = download_mod.download(r.model.source, None, r.model.include, False, store)
             cal = calibrate_mod.calibrate(model, r.calibration.source, r.calibration.samples, r.calibration.seq_len,
@@ -55,7 +61,6 @@ def main() -> None:
             quantized = quantize(model, cal, r.quantize, r.outputs, "cpu", store)
             converted = convert(model, quantized, r.outputs, r.name, store)
             metrics = validate_mod.measure(model, converted, r.outputs, r.validate_, "cpu", store)
-            label = method + (" (double quant)" if extra else "")
             for o in r.outputs:
                 m = metrics["outputs"][o.key]
                 rows.append((o.key, label, CONSUMERS[o.format], converted.files[o.key].bits_per_weight, m["perplexity"],

@@ -109,6 +109,12 @@ class NF4Spec(Section):
                                "their mean), as bitsandbytes' compress_statistics does.")
 
 
+class SmoothQuantSpec(Section):
+    alpha: float = Field(0.5, ge=0, le=1, description="Migration strength: each input channel j is divided by "
+                         "s_j = max|x_j|^alpha / max|W_j|^(1 - alpha) (the Linears' columns multiplied by it); 0 leaves "
+                         "the inputs' range alone, 1 moves all of it into the weights.")
+
+
 class QuantizeSpec(Section):
     method: MethodName = Field(description="rtn: round to nearest with the grid's reference rule. "  # type: ignore[valid-type]
                                "group: group-wise with an activation-weighted clipping search. "
@@ -137,6 +143,19 @@ class QuantizeSpec(Section):
     gptq: GPTQSpec = Field(default_factory=GPTQSpec, description="Options of method gptq.")
     awq: AWQSpec = Field(default_factory=AWQSpec, description="Options of method awq.")
     nf4: NF4Spec = Field(default_factory=NF4Spec, description="Options of method nf4.")
+    smoothquant: SmoothQuantSpec | None = Field(None, description="SmoothQuant before the method, for outputs that "
+        "quantize activations (W8A8): where a norm produces a group's input, a per-channel scale moves the input's "
+        "outliers into the weights (folded into the norm: the float model is unchanged, no op is added at inference). "
+        "Scales come from the unquantized model's calibration statistics. Not with awq, which scales those inputs "
+        "itself.")
+
+    @model_validator(mode="after")
+    def _smoothquant_is_not_awq(self) -> "QuantizeSpec":
+        methods = {self.method} | {o.method for o in self.overrides.values() if o.method}
+        if self.smoothquant is not None and "awq" in methods:
+            raise ValueError("smoothquant and method awq both scale the inputs norms produce: choose one (awq fits "
+                             "its scales to weight-only quantization, smoothquant to quantized activations)")
+        return self
 
 
 def _output_union() -> Any:

@@ -4,7 +4,8 @@ A source (an output read back from its file) may say, per Linear, how the runtim
 validate then rounds the input the same way before the Linear runs (quantize, then dequantize, in float32).
 Each scheme follows compressed-tensors' own arithmetic (``compute_dynamic_scales_and_zp``, ``_quantize``,
 ``_dequantize``), which is what transformers runs for these checkpoints; vLLM's CUDA kernel multiplies by
-the reciprocal scale and floors it at 1 / (448 * 512), which can move a code by one on rare ties.
+the reciprocal scale and floors it at 1 / (448 * 512), which can move a code by one on rare ties; its int8
+kernel scales by absmax / 127 where compressed-tensors divides by half the int8 range, 127.5.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from quantfab.tasks.lazy import lazy
 torch = lazy("torch")
 
 E4M3_MAX = 448.0
+INT8_HALF_RANGE = 127.5
 
 
 def fp8_per_token(x: torch.Tensor) -> torch.Tensor:
@@ -27,8 +29,17 @@ def fp8_per_token(x: torch.Tensor) -> torch.Tensor:
     return q.to(x.dtype) * scale
 
 
+def int8_per_token(x: torch.Tensor) -> torch.Tensor:
+    """Dynamic symmetric INT8 per token: each token's scale is its absmax / 127.5 (half of int8's range 255; 0
+    becomes float32 eps), x / scale is clamped to [-128, 127] and rounded half to even, then multiplied back."""
+    scale = x.abs().amax(dim=-1, keepdim=True) / INT8_HALF_RANGE
+    scale = torch.where(scale == 0, torch.finfo(scale.dtype).eps, scale)
+    return torch.round(torch.clamp(x / scale, -128, 127)) * scale
+
+
 SCHEMES: dict[str, tuple[Callable[[torch.Tensor], torch.Tensor], str]] = {
     "fp8-token": (fp8_per_token, "inputs of the quantized Linears as FP8 E4M3, a dynamic scale per token"),
+    "int8-token": (int8_per_token, "inputs of the quantized Linears as INT8, a dynamic symmetric scale per token"),
 }
 
 

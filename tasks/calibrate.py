@@ -85,7 +85,8 @@ def _layer_statistics(model: ModelManifest, ids: np.ndarray, device: str, store:
         moments, hidden = measure_layer(decoder, i, layer, hidden, structure, widths(tensors, structure), experts, dev)
         arrays = {}
         for key, m in moments.items():
-            arrays |= {f"{key}.hessian": m.hessian(), f"{key}.mean_abs": m.mean_abs(), f"{key}.count": np.array(m.count)}
+            arrays |= {f"{key}.hessian": m.hessian(), f"{key}.mean_abs": m.mean_abs(), f"{key}.max_abs": m.max_abs(),
+                       f"{key}.count": np.array(m.count)}
         with store.scratch_file(".safetensors") as path:
             save_file(arrays, str(path), metadata=structure_metadata(structure))
             stats.append(store.put_file(path))
@@ -130,17 +131,21 @@ def with_expert_fallbacks(decoder: Decoder, i: int, layer: torch.nn.Module, hidd
 
 
 class Moments:
-    """Running sum of x^T x (its upper panels) and of |x| over the rows of one Linear's inputs."""
+    """Running sum of x^T x (its upper panels), sum and max of |x| over the rows of one Linear's inputs."""
 
     def __init__(self, width: int, device: torch.device):
         self.upper = torch.zeros(width, width, dtype=torch.float32, device=device)
         self.abs_sum = torch.zeros(width, dtype=torch.float32, device=device)
+        self.abs_max = torch.zeros(width, dtype=torch.float32, device=device)
         self.count = 0
 
     def add(self, x: torch.Tensor) -> None:
         x = x.reshape(-1, x.shape[-1]).to(torch.float32)
         add_gram_upper(self.upper, x)
-        self.abs_sum += x.abs().sum(dim=0)
+        a = x.abs()
+        self.abs_sum += a.sum(dim=0)
+        if len(a):  # an expert may be routed no token of a batch
+            torch.maximum(self.abs_max, a.amax(dim=0), out=self.abs_max)
         self.count += x.shape[0]
 
     def hessian(self) -> np.ndarray:
@@ -149,6 +154,9 @@ class Moments:
 
     def mean_abs(self) -> np.ndarray:
         return (self.abs_sum / max(self.count, 1)).cpu().numpy()
+
+    def max_abs(self) -> np.ndarray:
+        return self.abs_max.cpu().numpy()
 
 
 def structure_metadata(structure: LayerStructure) -> dict[str, str]:

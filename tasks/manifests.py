@@ -64,7 +64,7 @@ class ExpertFallback(BaseModel):
 
 class CalibrationManifest(Manifest):
     tokens: Blob  # safetensors with "input_ids" (samples, seq_len)
-    stats: list[Blob]  # one safetensors per decoder layer: {input}.hessian, {input}.mean_abs, {input}.count
+    stats: list[Blob]  # one safetensors per decoder layer: {input}.hessian, .mean_abs, .max_abs, .count
     count: int  # calibration tokens
     experts: ExpertFallback = ExpertFallback()
 

@@ -17,6 +17,7 @@ from quantfab.tasks.download import download, materialize
 from quantfab.tasks.manifests import QuantizedOutput
 from quantfab.tasks.model_structure import layout, model_units
 from quantfab.tasks.quantize.assign import Assignment
+from quantfab.tasks.quantize.grids import grid_named
 from quantfab.tasks.quantize.layer_file import LayerFile, QuantizedWeights
 from quantfab.tasks.quantize.stage import quantize_model
 from quantfab.tasks.store import Store
@@ -35,13 +36,18 @@ class Trial:
         self._metrics: dict[tuple, dict[str, Any]] = {}
 
     def quantize(self, quant: Any, grid: str) -> QuantizedOutput:
-        """``quant`` is a QuantizeSpec; every Linear of every layer gets its method on ``grid``."""
+        """``quant`` is a QuantizeSpec; every Linear of every layer gets its method on ``grid`` (a per-channel grid
+        made one block per row of each Linear)."""
         shape = layout(self.config)
         units = model_units(self.config, {n: t.shape for n, t in self.weights.tensors.items()})
-        plans = [{lin: Assignment(f"{shape.prefix(i)}{lin}", quant.method, grid) for lin in linears}
-                 for i, linears in enumerate(units)]
+        plans = [{lin: Assignment(f"{shape.prefix(i)}{lin}", quant.method, self._row_grid(grid, f"{shape.prefix(i)}{lin}"))
+                  for lin in linears} for i, linears in enumerate(units)]
         dev = torch.device("cuda" if self.device != "cpu" and torch.cuda.is_available() else "cpu")
         return quantize_model(self.model, self.folder, self.calibration, quant, plans, grid, dev, self.store)
+
+    def _row_grid(self, grid: str, module: str) -> str:
+        g = grid_named(grid)
+        return g.for_row(self.weights.tensors[f"{module}.weight"].shape[1]).name if g.block == 0 else grid
 
     def layer_files(self, quant: Any, grid: str) -> list[LayerFile]:
         return [LayerFile(self.store.local_path(b)) for b in self.quantize(quant, grid).layers]

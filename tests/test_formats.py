@@ -34,6 +34,7 @@ from quantfab.tasks.texts import windows
 REPO = Path(__file__).resolve().parent.parent
 RECIPE = REPO / "recipes" / "tinystories-656k-q4_0.yaml"
 CT_INT4_G32_ASYM = "{format: compressed-tensors, type: int4, group_size: 32, symmetric: false}"
+W8A8_OUTPUT = "{format: compressed-tensors, type: int8, activations: int8}"
 BUILDS = {  # name -> recipe overrides
     "gptq-mixed": ["quantize.method=gptq", "quantize.overrides={'*.mlp.down_proj': {bits: 8}}",
                    f"outputs=[{{compressed-tensors: int4}}, {CT_INT4_G32_ASYM}, {{compressed-tensors: int8}}]"],
@@ -45,8 +46,11 @@ BUILDS = {  # name -> recipe overrides
                   "{format: gptq, type: int8, group_size: 64}]"],
     "fp8": ["quantize.method=rtn", "outputs=[{compressed-tensors: fp8}]"],
     "gptq-fp8": ["quantize.method=gptq", "outputs=[{compressed-tensors: fp8}]"],
+    "w8a8": ["quantize.method=rtn", f"outputs=[{W8A8_OUTPUT}]"],
+    "sq-gptq-w8a8": ["quantize.method=gptq", "quantize.smoothquant={alpha: 0.8}", f"outputs=[{W8A8_OUTPUT}]"],
 }
 FP8 = "compressed-tensors-fp8-channel"
+W8A8 = "compressed-tensors-int8-channel-aint8"
 LOGIT_ATOL = 2e-4  # fp32 logits of transformers' forward against validate's layer-at-a-time forward
 
 
@@ -74,6 +78,11 @@ class Build:
                 if r.grid:
                     out[f"{r.name}.weight"] = grid_named(r.grid).decode(lf.encoded(r.name))
         return out
+
+    def floats(self, key: str) -> dict[str, np.ndarray]:
+        """The float tensors the quantizer replaced (AWQ's and SmoothQuant's scaled norms), by full name."""
+        return {name: lf.float(name) for blob in self.quantized.outputs[key].layers
+                for lf in [LayerFile(self.store.local_path(blob))] for name in lf.float_names()}
 
 
 @pytest.fixture(scope="module")
@@ -147,7 +156,8 @@ def consumer_cases() -> list:
     cases = []
     for build, overrides in BUILDS.items():
         for o in load_recipe(RECIPE, overrides).outputs:
-            if o.format == "compressed-tensors" and o.type != "fp8":
+            # (outputs that quantize activations: test_activation_schemes_are_served_by_...)
+            if o.format == "compressed-tensors" and o.input_activations == "float":
                 cases += [(build, o.key, c) for c in CONSUMERS if c != "transformers" or o.symmetric]
     return cases
 
@@ -174,45 +184,57 @@ def test_compressed_tensors_consumer_reproduces_our_logits(builds: dict[str, Bui
     assert diff <= LOGIT_ATOL
 
 
+FP8_SERVED = (FP8, "float-quantized", "float", "FP8 E4M3, a dynamic scale per token", torch.float8_e4m3fn)
+W8A8_SERVED = (W8A8, "int-quantized", "int", "INT8, a dynamic symmetric scale per token", torch.int8)
+SERVED = {  # build -> output, its format, the weights' type, the simulated input scheme, the stored weight dtype
+    "fp8": FP8_SERVED, "gptq-fp8": FP8_SERVED, "w8a8": W8A8_SERVED, "sq-gptq-w8a8": W8A8_SERVED}
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("build", ["fp8", "gptq-fp8"])
-def test_fp8_dynamic_is_served_by_transformers_and_compressed_tensors_as_validate_measures_it(
+@pytest.mark.parametrize("build", list(SERVED))
+def test_activation_schemes_are_served_by_transformers_and_compressed_tensors_as_validate_measures_them(
         builds: dict[str, Build], eval_ids: np.ndarray, build: str) -> None:
-    """FP8_DYNAMIC: E4M3 weights per channel, activations quantized per token at run time. Both consumers hold
-    our codes bit for bit and run the activation quantization themselves; validate, simulating it, computes
-    their logits exactly, and the simulation matters (weights alone give other logits)."""
+    """FP8_DYNAMIC (E4M3 weights per channel) and W8A8 (int8 weights per channel), activations quantized per token
+    at run time. Both consumers hold our codes (and SmoothQuant's scaled norms) bit for bit and run the activation
+    quantization themselves; validate, simulating it, computes their logits exactly, and the simulation matters
+    (weights alone give other logits)."""
     b = builds[build]
-    path = b.written(FP8)
+    key, fmt, kind, inputs, stored = SERVED[build]
+    path = b.written(key)
     qc = json.loads((path / "config.json").read_text())["quantization_config"]
-    assert qc["format"] == "float-quantized" and list(qc["config_groups"]) == ["group_0"]
+    assert qc["format"] == fmt and list(qc["config_groups"]) == ["group_0"]
     group = qc["config_groups"]["group_0"]
     assert {k: group["weights"][k] for k in ("num_bits", "type", "strategy", "symmetric", "dynamic")} == \
-        {"num_bits": 8, "type": "float", "strategy": "channel", "symmetric": True, "dynamic": False}
+        {"num_bits": 8, "type": kind, "strategy": "channel", "symmetric": True, "dynamic": False}
     assert {k: group["input_activations"][k] for k in ("num_bits", "type", "strategy", "symmetric", "dynamic")} == \
-        {"num_bits": 8, "type": "float", "strategy": "token", "symmetric": True, "dynamic": True}
+        {"num_bits": 8, "type": kind, "strategy": "token", "symmetric": True, "dynamic": True}
     reader = FORMATS["compressed-tensors"].reader(path, b.folder.config())
-    assert len(reader.inputs) == 14 and set(reader.inputs.values()) == {"fp8-token"}
-    assert validate_mod.served_as(reader) == ["inputs of the quantized Linears as FP8 E4M3, a dynamic scale per token "
-                                              "(14 Linears), as compressed-tensors computes them"]
+    assert len(reader.inputs) == 14 and len(set(reader.inputs.values())) == 1
+    assert validate_mod.served_as(reader) == [f"inputs of the quantized Linears as {inputs} (14 Linears), as "
+                                              "compressed-tensors computes them"]
     served = validate_mod.logits(b.folder.config(), reader, b.folder.weights(), eval_ids)
     reader.inputs = {}
     weights_only = validate_mod.logits(b.folder.config(), reader, b.folder.weights(), eval_ids)
     assert (served - weights_only).abs().max().item() > 0.1
-    for consumer in (compressed_tensors_decompress, fp8_from_pretrained):
-        model = consumer(path)
+    floats = b.floats(key)
+    assert sorted(floats) == (sorted(f"model.layers.{i}.{norm}.weight" for i in range(2) for norm in
+                                     ("input_layernorm", "post_attention_layernorm")) if build.startswith("sq-") else [])
+    for load in (compressed_tensors_decompress, lambda path: from_pretrained_holding(path, stored)):
+        model = load(path)
         with torch.no_grad():
             theirs = model(torch.from_numpy(eval_ids)).logits
         state = model.state_dict()
-        for name, value in b.reconstruction(FP8).items():
+        for name, value in {**b.reconstruction(key), **floats}.items():
             assert torch.equal(state[name], torch.from_numpy(value)), name
-        assert torch.equal(theirs, served), consumer.__name__
+        assert torch.equal(theirs, served), load.__name__
 
 
-def fp8_from_pretrained(path: Path) -> torch.nn.Module:
+def from_pretrained_holding(path: Path, stored: torch.dtype) -> torch.nn.Module:
+    """What `AutoModelForCausalLM.from_pretrained` serves, its 14 Linears' weights kept in ``stored``."""
     from transformers import AutoModelForCausalLM
 
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    assert sum(v.dtype == torch.float8_e4m3fn for v in hf.state_dict().values()) == 14, "not loaded as float8"
+    assert sum(v.dtype == stored for v in hf.state_dict().values()) == 14, f"not loaded as {stored}"
     return hf
 
 

@@ -23,6 +23,7 @@ from quantfab.tasks.errors import UserError
 from quantfab.tasks.quantize import METHODS
 from quantfab.tasks.quantize.gptq import gptq
 from quantfab.tasks.quantize.grids import grid_named
+from quantfab.tasks.quantize.smoothquant import smooth, smoothing_scale
 from quantfab.tasks.store import Store
 from quantfab.tasks.trial import Trial, protocol_windows
 
@@ -254,6 +255,7 @@ def test_gptq_builds_calibrate_tokens_only_and_fit_the_same_codes(tiny: Trial, d
     assert reads_statistics(*spec("quantize.method=awq"))
     assert not reads_statistics(*spec("quantize.method=gptq", "quantize.overrides={'*': {method: rtn}}"))  # rtn reads none
     assert reads_statistics(*spec("quantize.method=rtn", "quantize.module_report=true"))  # unless the report is asked
+    assert reads_statistics(*spec("quantize.method=gptq", "quantize.smoothquant={alpha: 0.5}"))  # its input ranges
 
     fresh = Trial(data_dir / "tinystories-656k", Store(str(tmp_path / "store")), *protocol)
     tokens_only = calibrate_on(fresh.model, protocol[0], "cpu", fresh.store, statistics=False)
@@ -262,6 +264,45 @@ def test_gptq_builds_calibrate_tokens_only_and_fit_the_same_codes(tiny: Trial, d
     without = quantize(fresh.model, tokens_only, quant, outputs, "cpu", fresh.store).outputs["gguf-Q4_0"]
     with_stats = quantize(tiny.model, tiny.calibration, quant, outputs, "cpu", tiny.store).outputs["gguf-Q4_0"]
     assert without.layers == with_stats.layers  # the same blobs (digests), fitted in two stores
+
+
+def test_smoothing_scale_is_smoothquants_formula_and_leaves_dead_channels_alone() -> None:
+    x_max = np.array([4.0, 0.0, 1.0, 9.0], np.float32)
+    ws = [np.array([[1.0, 2.0, 0.0, -0.5]], np.float32), np.array([[-0.25, -1.0, 0.0, 4.0]], np.float32)]  # max |W_j|: 1 2 0 4
+    assert smoothing_scale(x_max, ws, 0.5).tolist() == [2.0, 1.0, 1.0, 1.5]  # sqrt(4 / 1), -, -, sqrt(9 / 4)
+    assert smoothing_scale(x_max, ws, 1.0).tolist() == [4.0, 1.0, 1.0, 9.0]  # all of the range into the weights
+    assert smoothing_scale(x_max, ws, 0.0).tolist() == [1.0, 1.0, 1.0, 0.25]  # 1 / max |W_j|
+
+
+def test_smoothquant_folds_into_the_norms_leaving_each_float_product_and_the_other_inputs_unchanged(tiny: Trial) -> None:
+    """On the real model's layer 0 and its calibration statistics: q/k/v and gate/up (norm-fed) read x / s and hold
+    W s, so norm weight x W is unchanged; their inputs' range is flatter; o and down (Linear-fed) are untouched."""
+    from quantfab.tasks.families import family
+    from quantfab.tasks.modelio import relative
+    from quantfab.tasks.quantize.layer import LayerInput
+    from quantfab.tasks.quantize.stage import CalibrationStats
+
+    prefix = tiny.weights.prefix(0)
+    tensors = {k: v.numpy() for k, v in relative(tiny.weights.load(tiny.weights.layer_names(0)), prefix).items()}
+    stats, structure = CalibrationStats(tiny.calibration, tiny.store).stats(0, tensors)
+    grids = {lin: grid_named("INT8_CH_SYM") for members in structure.groups.values() for lin in members}
+    smoothed, scaled, changed = smooth(LayerInput(tensors, stats, grids, "model.layers.0", structure, family("llama")), 0.8)
+    norms = {key: producer for key, producer in structure.producers.items() if "norm" in producer}
+    assert sorted(norms.values()) == sorted(n.removesuffix(".weight") for n in changed) == \
+        ["input_layernorm", "post_attention_layernorm"]
+    for key, norm in norms.items():
+        s = tensors[f"{norm}.weight"] / smoothed[f"{norm}.weight"]
+        assert not np.allclose(s, 1)
+        for lin in structure.groups[key]:
+            np.testing.assert_allclose(smoothed[f"{lin}.weight"] * smoothed[f"{norm}.weight"],
+                                       tensors[f"{lin}.weight"] * tensors[f"{norm}.weight"], rtol=2e-6, atol=1e-9)
+        np.testing.assert_allclose(scaled[key].max_abs, stats[key].max_abs / s, rtol=1e-6)
+        flatness = lambda m: m.max() / np.median(m)  # noqa: E731
+        assert flatness(scaled[key].max_abs) < flatness(stats[key].max_abs)
+    for key in set(structure.groups) - set(norms):
+        assert scaled[key] is stats[key]
+        for lin in structure.groups[key]:
+            assert np.array_equal(smoothed[f"{lin}.weight"], tensors[f"{lin}.weight"])
 
 
 @pytest.mark.parametrize("width", [100, 1000])

@@ -508,6 +508,33 @@ def test_unknown_output_format_is_refused(tmp_path):
     assert all(": outputs.0." in l for l in message.splitlines()[1:])
 
 
+@pytest.mark.parametrize("output, expected", [
+    ({"format": "compressed-tensors", "type": "int4", "activations": "int8"}, "int8 (W8A8) needs type int8"),
+    ({"format": "compressed-tensors", "type": "int8", "activations": "fp8"}, "activations fp8 beside int8 weights"),
+    ({"format": "compressed-tensors", "type": "fp8", "activations": "int8"}, "activations int8 beside fp8 weights"),
+    ({"format": "compressed-tensors", "type": "int8", "activations": "int8", "group_size": 32},
+     "needs type int8, symmetric codes and group_size channel"),
+])
+def test_activations_the_engine_does_not_run_beside_the_weights_are_refused(tmp_path, output, expected):
+    line = problem_line(load_error(write_recipe(tmp_path, lambda d: d.update(outputs=[output]))), "outputs.0")
+    assert expected in line
+
+
+def test_a_w8a8_override_to_other_bits_is_refused(tmp_path):
+    path = write_recipe(tmp_path, lambda d: (d.update(outputs=[{"format": "compressed-tensors", "type": "int8",
+                                                                 "activations": "int8"}]),
+                                             set_in(d, "quantize.overrides", {"*.mlp.down_proj": {"bits": 4}})))
+    assert "W8A8 (activations int8) runs symmetric int8 codes with a scale per row; this Linear asks 4 bits" in \
+        load_error(path)
+
+
+def test_smoothquant_with_awq_is_refused(tmp_path):
+    path = write_recipe(tmp_path, lambda d: (set_in(d, "quantize.method", "awq"),
+                                             set_in(d, "quantize.smoothquant", {"alpha": 0.8})))
+    line = problem_line(load_error(path), "quantize")
+    assert "smoothquant and method awq both scale the inputs norms produce" in line
+
+
 def test_outputs_must_not_be_empty(tmp_path):
     line = problem_line(load_error(write_recipe(tmp_path, lambda d: d.update(outputs=[]))), "outputs")
     assert "at least 1 item" in line

@@ -70,6 +70,17 @@ SCHEMES = {
     "awq-g128-sym": ("awq", True, 128),
     "awq-g32-sym": ("awq", True, 32),
 }
+# schemes that quantize activations too: name -> (method, llm-compressor preset, SmoothQuant strength or None).
+# Their activations are quantized at run time by compressed-tensors' forward wrapper, so oneshot's own model
+# (wrappers on) is what is scored.
+ACTIVATION_SCHEMES = {
+    "fp8-dynamic": ("rtn", "FP8_DYNAMIC", None),
+    "gptq-fp8-dynamic": ("gptq", "FP8_DYNAMIC", None),
+    "w8a8": ("rtn", "W8A8", None),
+    "gptq-w8a8": ("gptq", "W8A8", None),
+    "sq-w8a8": ("rtn", "W8A8", 0.8),
+    "sq-gptq-w8a8": ("gptq", "W8A8", 0.8),  # llm-compressor's own W8A8 example: SmoothQuant 0.8, then GPTQ
+}
 # the lead's reference figures (ppl, kl) under this protocol
 REFERENCE = {
     "fp32": (30.968, 0.0),
@@ -143,6 +154,16 @@ def make_recipe(method: str, symmetric: bool, group_size: int):
         # 0.14 API: AWQ is a transform, paired with the quantization modifier that it smooths for
         return [AWQModifier(), QuantizationModifier(config_groups=groups(), ignore=["lm_head"])]
     raise ValueError(method)
+
+
+def make_activation_recipe(method: str, preset: str, smoothing: float | None):
+    from llmcompressor.modifiers.gptq import GPTQModifier
+    from llmcompressor.modifiers.quantization import QuantizationModifier
+    from llmcompressor.modifiers.transform.smoothquant import SmoothQuantModifier
+
+    quantize = (GPTQModifier if method == "gptq" else QuantizationModifier)(
+        targets="Linear", scheme=preset, ignore=["lm_head"])
+    return ([SmoothQuantModifier(smoothing_strength=smoothing)] if smoothing is not None else []) + [quantize]
 
 
 def observed_defaults() -> dict:
@@ -291,6 +312,19 @@ def part_tinystories(args, on_result=None) -> dict:
             "rows_digest": P.tokens_digest(rows), "eval_digest": P.tokens_digest(chunks)}
     crosschecked: set[str] = set()
     for name in names:
+        if name in ACTIVATION_SCHEMES:
+            method, preset, smoothing = ACTIVATION_SCHEMES[name]
+            model = copy.deepcopy(base)
+            secs = run_oneshot(model, tok, rows, make_activation_recipe(method, preset, smoothing))
+            r = P.evaluate(model, chunks, reference=ref)  # the wrapped model: weights and inputs quantized
+            results[name] = {"method": method, "preset": preset, "smoothing_strength": smoothing, "ppl": r["ppl"],
+                             "kl": r["kl"], "top1": r["top1"], "seconds": secs, "scored": "oneshot's wrapped model"}
+            print(f"{name:15s} PPL {r['ppl']:8.4f}  KL {r['kl']:.5f}  top1 {r['top1']:.4f}  oneshot {secs:7.2f} s",
+                  flush=True)
+            del model
+            if on_result:
+                on_result(head)
+            continue
         method, sym, gs = SCHEMES[name]
         model = copy.deepcopy(base)  # fresh fp32 copy
         try:
@@ -407,7 +441,7 @@ def part_synthetic(args) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("part", choices=["tinystories", "synthetic", "all"])
-    ap.add_argument("--schemes", nargs="*", choices=list(SCHEMES), default=None)
+    ap.add_argument("--schemes", nargs="*", choices=[*SCHEMES, *ACTIVATION_SCHEMES], default=None)
     ap.add_argument("--text-per-row", type=int, default=P.CALIB_TEXT,
                     help="text tokens per calibration row after the BOS (protocol: 256)")
     ap.add_argument("--crosscheck", choices=["all", "first", "none"], default="first",

@@ -27,7 +27,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import protocol  # noqa: E402
 
-from quantfab.pipelines.recipe import QuantizeSpec  # noqa: E402
+from quantfab.pipelines.recipe import QuantizeSpec, SmoothQuantSpec  # noqa: E402
+from quantfab.tasks.activations import simulate_inputs  # noqa: E402
 from quantfab.tasks.calibrate import calibrate_on  # noqa: E402
 from quantfab.tasks.store import Store  # noqa: E402
 from quantfab.tasks.trial import Trial  # noqa: E402
@@ -42,6 +43,13 @@ SCHEMES = {  # peer scheme name -> (our method, our grid)
     "rtn-g64-sym": ("rtn", "INT4_G64_SYM"), "nf4-b64": ("nf4", "NF4_B64"), "nf4-b64-dq": ("nf4", "NF4_B64_DQ"),  # no peer row: bitsandbytes' grid
 }
 
+# schemes that quantize activations too: name -> (method, grid, activations.SCHEMES name, SmoothQuant alpha or None);
+# the inputs are quantized by the hooks validate uses, as compressed-tensors' forward wrapper does on the peer side
+ACTIVATION_SCHEMES = {
+    "fp8-dynamic": ("rtn", "FP8_CH", "fp8-token", None), "gptq-fp8-dynamic": ("gptq", "FP8_CH", "fp8-token", None),
+    "w8a8": ("rtn", "INT8_CH_SYM", "int8-token", None), "gptq-w8a8": ("gptq", "INT8_CH_SYM", "int8-token", None),
+    "sq-w8a8": ("rtn", "INT8_CH_SYM", "int8-token", 0.8), "sq-gptq-w8a8": ("gptq", "INT8_CH_SYM", "int8-token", 0.8),
+}
 
 SYN_DIR = Path(os.environ.get("BENCH_CACHE", "/work/bench-cache")) / "synthetic-8x1024"
 
@@ -102,7 +110,7 @@ def main() -> None:
     ap.add_argument("--data", type=Path, default=Path(os.environ.get("QUANTFAB_DATA", "../shared/data")))
     ap.add_argument("--peer", type=Path, default=Path(__file__).resolve().parent / "results-tinystories.json")
     ap.add_argument("--out", type=Path, help="also write our figures here as JSON")
-    ap.add_argument("--schemes", nargs="*", default=None, choices=list(SCHEMES), metavar="SCHEME")
+    ap.add_argument("--schemes", nargs="*", default=None, choices=[*SCHEMES, *ACTIVATION_SCHEMES], metavar="SCHEME")
     ap.add_argument("--synthetic", action="store_true", help="time the quantize stage on the synthetic 8 x 1024 Llama")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where calibration and the methods run")
@@ -132,9 +140,10 @@ def main() -> None:
         print(f"{'scheme':<15} {'PPL ours':>9} {'PPL peer':>9} {'KL ours':>8} {'KL peer':>8} {'KL o/p':>7} "
               f"{'s ours':>7} {'s peer':>7} {'s o/p':>6}")
         for scheme in args.schemes:
-            method, grid = SCHEMES[scheme]
+            method, grid, inputs, alpha = ACTIVATION_SCHEMES.get(scheme) or (*SCHEMES[scheme], None, None)
+            quant = QuantizeSpec(method=method, smoothquant=None if alpha is None else SmoothQuantSpec(alpha=alpha))
             t = time.perf_counter()
-            layers = trial.layer_files(QuantizeSpec(method=method), grid)
+            layers = trial.layer_files(quant, grid)
             seconds = time.perf_counter() - t
             model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
             state = {}
@@ -142,14 +151,16 @@ def main() -> None:
                 state.update(lf.weights())
             missing, unexpected = model.load_state_dict(state, strict=False)
             assert not unexpected, unexpected
+            if inputs:
+                simulate_inputs(model, {r.name: inputs for lf in layers for r in lf.reports() if r.grid})
             ours = protocol.evaluate(model, chunks, reference)
             theirs = peer.get(scheme, {})
-            results[scheme] = {"method": method, "grid": grid, "ppl": ours["ppl"], "kl": ours["kl"],
+            results[scheme] = {"method": method, "grid": grid, "inputs": inputs, "smoothquant_alpha": alpha, "ppl": ours["ppl"], "kl": ours["kl"],
                                "top1": ours.get("top1"), "seconds": seconds, "kl_over_peer": ours["kl"] / theirs["kl"]
                                if theirs.get("kl") else None}
             ratio = lambda a, b: f"{a / b:.3f}" if b else "-"  # noqa: E731
-            print(f"{scheme:<15} {ours['ppl']:9.3f} {theirs.get('ppl', float('nan')):9.3f} {ours['kl']:8.4f} "
-                  f"{theirs.get('kl', float('nan')):8.4f} {ratio(ours['kl'], theirs.get('kl')):>7} {seconds:7.1f} "
+            print(f"{scheme:<15} {ours['ppl']:9.3f} {theirs.get('ppl', float('nan')):9.3f} {ours['kl']:8.5f} "
+                  f"{theirs.get('kl', float('nan')):8.5f} {ratio(ours['kl'], theirs.get('kl')):>7} {seconds:7.1f} "
                   f"{theirs.get('seconds', float('nan')):7.1f} {ratio(seconds, theirs.get('seconds')):>6}", flush=True)
     if args.out:
         args.out.write_text(json.dumps({"defaults": QuantizeSpec(method="gptq").model_dump(mode="json"),

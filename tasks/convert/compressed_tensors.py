@@ -13,22 +13,29 @@ FP8 (llm-compressor's FP8_DYNAMIC scheme): each Linear stores ``weight`` as floa
 for bit) and a float32 ``weight_scale`` per row (or per group); the config group adds dynamic per-token FP8
 ``input_activations``. Scales stay float32 whatever the model dtype: the codes were chosen against them, and
 vLLM keeps FP8 weight scales in float32 anyway. Decoded by compressed-tensors' ``FloatQuantizationCompressor``.
+
+W8A8 (llm-compressor's W8A8 scheme, `activations: int8`): int-quantized, as llm-compressor saves it and vLLM's
+W8A8 Linear loads it: ``weight`` holds the int8 codes as they are, ``weight_scale`` one scale per row (float32 for
+a float32 model, else float16, as above), with dynamic symmetric per-token INT8 ``input_activations``; vLLM runs
+it on int8 tensor cores. Decoded by compressed-tensors' ``IntQuantizationCompressor``. ``activations: float``
+on fp8 is FP8 weight-only (vLLM dequantizes it in its Marlin kernel).
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from quantfab.kernels.verdict import Verdict, compare
 from quantfab.kernels.words import PackedInts, WordLayout, pack_words, verify_words
 from quantfab.tasks.convert.hf_folder import FolderWeights, HFFolderFormat, PlannedTensor, write_folder
 from quantfab.tasks.errors import UserError
-from quantfab.tasks.modelio import ModelDir
+from quantfab.tasks.modelio import ModelDir, TensorInfo
 from quantfab.tasks.quantize.float_grids import FP8Grid
 from quantfab.tasks.quantize.grids import Encoded, Grid, GridRequest, grid_named
 from quantfab.tasks.lazy import lazy
@@ -36,6 +43,9 @@ from quantfab.tasks.lazy import lazy
 torch = lazy("torch")
 
 DEFAULT_GROUP = {"int4": 128, "int8": "channel", "fp8": "channel"}  # llm-compressor's W4A16, W8A16, FP8_DYNAMIC
+DEFAULT_ACTIVATIONS = {"int4": "float", "int8": "float", "fp8": "fp8"}
+# weight kind -> the activations vLLM runs beside it (W8A8 int8 needs int8 codes per channel, symmetric)
+ACTIVATIONS_FOR = {"int": ("float", "int8"), "float": ("float", "fp8")}
 
 
 class CompressedTensorsOptions(BaseModel):
@@ -45,17 +55,40 @@ class CompressedTensorsOptions(BaseModel):
     format: Literal["compressed-tensors"] = "compressed-tensors"
     type: Literal["int4", "int8", "fp8"] = Field(
         description="int4/int8: integer codes (quantize.bits and overrides may differ per module), activations left "
-        "in float. fp8: FP8 E4M3 weights and FP8 activations quantized per token at run time (FP8_DYNAMIC).")
+        "in float unless `activations: int8` (W8A8). fp8: FP8 E4M3 weights and FP8 activations quantized per token at run time (FP8_DYNAMIC).")
     group_size: int | Literal["channel"] | None = Field(
         None, description="Default elements per scale, or 'channel' for one scale per row; empty: 128 for int4, "
         "channel for int8. quantize.group_size overrides it.")
     symmetric: bool = Field(True, description="Default for symmetric codes; quantize.symmetric overrides it.")
+    activations: Literal["float", "int8", "fp8"] | None = Field(
+        None, description="How the engine quantizes each quantized Linear's input at run time, with a dynamic scale "
+        "per token: float (not at all), int8 (W8A8: with type int8, symmetric, group_size channel) or fp8 (with "
+        "type fp8). Empty: fp8 for type fp8, float otherwise. validate simulates it.")
+
+    @model_validator(mode="after")
+    def _activations_match_the_weights(self) -> "CompressedTensorsOptions":
+        kind = "float" if self.type == "fp8" else "int"
+        if self.activations is not None and self.activations not in ACTIVATIONS_FOR[kind]:
+            raise ValueError(f"activations {self.activations} beside {self.type} weights is not a scheme vLLM runs: "
+                             f"use one of {', '.join(ACTIVATIONS_FOR[kind])}")
+        if self.activations == "int8" and (self.type != "int8" or not self.symmetric or self.group_size not in
+                                           (None, "channel")):
+            raise ValueError("activations int8 (W8A8) needs type int8, symmetric codes and group_size channel")
+        return self
+
+    @property
+    def input_activations(self) -> str:
+        return self.activations or DEFAULT_ACTIVATIONS[self.type]
 
     @property
     def key(self) -> str:
         group = self.group_size or DEFAULT_GROUP[self.type]
+        acts = "" if self.input_activations == DEFAULT_ACTIVATIONS[self.type] else f"-a{self.input_activations}"
         return f"compressed-tensors-{self.type}-{'channel' if group == 'channel' else f'g{group}'}" + \
-            ("" if self.symmetric else "-asym")
+            ("" if self.symmetric else "-asym") + acts
+
+
+INT_QUANTIZED = "int-quantized"  # PlannedTensor.storage of a W8A8 Linear: int8 ``weight``, not ``weight_packed``
 
 
 def packed_bytes(shape: tuple[int, ...], grid_name: str, dtype: torch.dtype) -> int:
@@ -91,12 +124,24 @@ class CompressedTensorsFormat(HFFolderFormat):
             return grid_named("FP8_CH")
         bits = want.bits or int(options.type.removeprefix("int"))
         symmetric = options.symmetric if want.symmetric is None else want.symmetric
+        if options.input_activations == "int8" and (bits != 8 or not symmetric or group != "channel"):
+            raise ValueError("compressed-tensors W8A8 (activations int8) runs symmetric int8 codes with a scale per "
+                             f"row; this Linear asks {bits} bits, {'' if symmetric else 'a'}symmetric, group_size "
+                             f"{group}: drop the quantize.bits, symmetric or group_size override, or its activations")
         side = "SYM" if symmetric else "ASYM"
         return grid_named(f"INT{bits}_CH_{side}" if group == "channel" else f"INT{bits}_G{group}_{side}")
 
+    def plan(self, options: CompressedTensorsOptions, config, tensors: dict[str, TensorInfo], grids: dict[str, str | None],
+             as_asked: bool = False) -> list[PlannedTensor]:
+        """W8A8's Linears are int-quantized: the pack-quantized bytes less ``weight_shape`` (two int64)."""
+        planned = super().plan(options, config, tensors, grids, as_asked)
+        if options.input_activations != "int8":
+            return planned
+        return [replace(t, storage=INT_QUANTIZED, nbytes=t.nbytes - 2 * 8) if t.grid else t for t in planned]
+
     def write(self, path: Path, options: CompressedTensorsOptions, model: ModelDir, planned: list[PlannedTensor],
               tensor_data: Callable[[PlannedTensor], dict[str, torch.Tensor]], name: str) -> None:
-        write_folder(path, model, quantization_config(planned), planned, tensor_data)
+        write_folder(path, model, quantization_config(planned, options.input_activations), planned, tensor_data)
 
     def pack(self, t: PlannedTensor, enc: Encoded) -> dict[str, torch.Tensor]:
         grid = grid_named(t.grid or "")
@@ -105,6 +150,9 @@ class CompressedTensorsFormat(HFFolderFormat):
             return {t.hf_name: torch.from_numpy(enc.codes.view(np.uint8)).view(torch.float8_e4m3fn),
                     f"{module}.weight_scale": torch.from_numpy(enc.d)}
         scale_dtype = torch.float32 if t.dtype == torch.float32 else torch.float16
+        if t.storage == INT_QUANTIZED:
+            return {t.hf_name: torch.from_numpy(enc.codes.astype(np.int8)),
+                    f"{module}.weight_scale": torch.from_numpy(enc.d).to(scale_dtype)}
         code_layout, zero_layout = layouts(grid.bits)
         out = {f"{module}.weight_packed": torch.from_numpy(pack_words(enc.codes, code_layout)),
                f"{module}.weight_scale": torch.from_numpy(enc.d).to(scale_dtype),
@@ -124,6 +172,9 @@ class CompressedTensorsFormat(HFFolderFormat):
             codes = folder.raw(t.hf_name).view(torch.uint8).numpy()
             scale = folder.raw(f"{module}.weight_scale").numpy()
             return compare(grid.decode(Encoded(codes.view(np.int8), scale, None)), expected)
+        if t.storage == INT_QUANTIZED:
+            codes, scale = folder.raw(t.hf_name).numpy(), folder.raw(f"{module}.weight_scale").float().numpy()
+            return compare(grid.decode(Encoded(codes, scale, None)), expected)
         code_layout, zero_layout = layouts(grid.bits)
         zeros = folder.raw(f"{module}.weight_zero_point").numpy() if not grid.symmetric else None
         return verify_words(PackedInts(folder.raw(f"{module}.weight_packed").numpy(), code_layout,
@@ -137,8 +188,9 @@ def layouts(bits: int) -> tuple[WordLayout, WordLayout]:
     return WordLayout(bits, 1, True, offset), WordLayout(bits, 0, False, offset)
 
 
-def quantization_config(weights: list[PlannedTensor]) -> dict:
-    """compressed-tensors' own QuantizationConfig: one config group per scheme, float Linears ignored."""
+def quantization_config(weights: list[PlannedTensor], activations: str) -> dict:
+    """compressed-tensors' own QuantizationConfig: one config group per scheme, float Linears ignored; the
+    quantized Linears' inputs quantized per token at run time as ``activations`` says (float: not at all)."""
     from compressed_tensors import __version__ as ct_version
     from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
 
@@ -154,8 +206,9 @@ def quantization_config(weights: list[PlannedTensor]) -> dict:
     for i, ((kind, bits, symmetric, group), modules) in enumerate(sorted(by_args.items(), key=str)):
         args = QuantizationArgs(num_bits=bits, type=kind, symmetric=symmetric,
                                 strategy="channel" if group is None else "group", group_size=group)
-        tokens = QuantizationArgs(num_bits=8, type="float", symmetric=True, strategy="token", dynamic=True) \
-            if kind == "float" else None  # FP8_DYNAMIC: each token's activations scaled by their absmax at run time
+        # each token's activations scaled by their absmax at run time (FP8_DYNAMIC, W8A8)
+        tokens = None if activations == "float" else QuantizationArgs(
+            num_bits=8, type="float" if activations == "fp8" else "int", symmetric=True, strategy="token", dynamic=True)
         groups[f"group_{i}"] = QuantizationScheme(targets=["Linear"] if len(by_args) == 1 else modules, weights=args,
                                                   input_activations=tokens)
     kinds = {kind for kind, *_ in by_args}
@@ -164,7 +217,7 @@ def quantization_config(weights: list[PlannedTensor]) -> dict:
     ignore = [t.hf_name.removesuffix(".weight") for t in linears if not t.grid]
     if not any(t.hf_name == "lm_head.weight" for t in linears):
         ignore.append("lm_head")  # tied to the embedding, so not stored, but the loader still builds the Linear
-    fmt = "float-quantized" if kinds == {"float"} else "pack-quantized"
+    fmt = "float-quantized" if kinds == {"float"} else INT_QUANTIZED if activations == "int8" else "pack-quantized"
     qc = QuantizationConfig(config_groups=groups, format=fmt, quantization_status="compressed",
                             ignore=ignore)
     return {"version": ct_version, **qc.model_dump(mode="json", exclude_none=False)}
@@ -172,25 +225,27 @@ def quantization_config(weights: list[PlannedTensor]) -> dict:
 
 def compressed_tensors_weights(path: Path) -> FolderWeights:
     """The folder's weights decoded by compressed-tensors' own compressor for its format (packed or float)."""
-    from compressed_tensors.compressors.naive_quantized.base import FloatQuantizationCompressor
+    from compressed_tensors.compressors.naive_quantized.base import (FloatQuantizationCompressor,
+                                                                     IntQuantizationCompressor)
     from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
     from compressed_tensors.quantization import QuantizationConfig
 
     stored = json.loads((path / "config.json").read_text())["quantization_config"]
-    floats = stored.get("format") == "float-quantized"
+    naive = {"float-quantized": FloatQuantizationCompressor, INT_QUANTIZED: IntQuantizationCompressor}.get(
+        stored.get("format"))  # weight + weight_scale, the codes as they are
     schemes = list(QuantizationConfig.model_validate(
         {k: v for k, v in stored.items() if k in QuantizationConfig.model_fields}).config_groups.values())
 
     def decode(module: str, folder: FolderWeights) -> torch.Tensor:
         scheme = scheme_of(path, module, schemes)
-        if floats:
+        if naive is not None:
             state = {"weight": folder.raw(f"{module}.weight"), "weight_scale": folder.raw(f"{module}.weight_scale")}
-            return FloatQuantizationCompressor.decompress(state, scheme)["weight"]
+            return naive.decompress(state, scheme)["weight"]
         parts = [f"{module}.weight_{k}" for k in ("packed", "scale", "shape", "zero_point")]
         state = {p.rsplit(".", 1)[1]: folder.raw(p) for p in parts if folder.has(p)}
         return PackedQuantizationCompressor.decompress(state, scheme)["weight"]
 
-    folder = FolderWeights(path, "weight_scale" if floats else "weight_packed", decode)
+    folder = FolderWeights(path, "weight_scale" if naive is not None else "weight_packed", decode)
     modules = [n.removesuffix(".weight_scale") for n in folder.index.tensors if n.endswith(".weight_scale")]
     folder.inputs = {m: s for m in modules if (s := input_scheme(path, m, scheme_of(path, m, schemes))) is not None}
     return folder
@@ -209,7 +264,9 @@ def input_scheme(path: Path, module: str, scheme: Any) -> str | None:
     a = scheme.input_activations
     if a is None:
         return None
-    if (a.type, a.num_bits, a.strategy, a.dynamic) == ("float", 8, "token", True):
-        return "fp8-token"
-    raise UserError(f"{path / 'config.json'}: input_activations {a.model_dump(exclude_none=True)} of {module} cannot "
-                    "be simulated by validate yet (it simulates dynamic per-token FP8)")
+    known = {("float", 8, "token", True, True): "fp8-token", ("int", 8, "token", True, True): "int8-token"}
+    name = known.get((a.type, a.num_bits, a.strategy, a.dynamic, a.symmetric))
+    if name is None:
+        raise UserError(f"{path / 'config.json'}: input_activations {a.model_dump(exclude_none=True)} of {module} "
+                        "cannot be simulated by validate yet (it simulates dynamic symmetric per-token FP8 and INT8)")
+    return name

@@ -36,6 +36,7 @@ class PlannedTensor:
     grid: str | None  # None: stored as a float in ``dtype``
     dtype: torch.dtype  # the model's float dtype
     nbytes: int  # what it occupies in the checkpoint
+    storage: str = ""  # which of its layouts a format stores this tensor in, where it has several
 
     @property
     def type_name(self) -> str:

@@ -111,6 +111,7 @@ def reads_statistics(config, tensors: dict[str, TensorInfo], quant: Any, outputs
     An output with a module on a sequential method carries hidden states through the quantized model
     and measures every layer's inputs there, for all its methods; of the others, those with a method that
     reads its inputs (group, awq) read them, and those of rtn or nf4 alone only for the module report.
+    SmoothQuant reads them for every output.
     """
     from quantfab.tasks.convert import FORMATS  # on demand: loading a recipe imports this module, not the formats
     from quantfab.tasks.quantize import METHODS
@@ -118,6 +119,8 @@ def reads_statistics(config, tensors: dict[str, TensorInfo], quant: Any, outputs
     for o in outputs:
         if not FORMATS[o.format].stores_codes(o):
             continue
+        if quant.smoothquant is not None:  # its scales come from the unquantized model's input ranges
+            return True
         layers = assign_layers(config, tensors, quant, FORMATS[o.format], o)
         if not sequential(layers) and (quant.module_report or any(
                 METHODS[a.method].reads_inputs for layer in layers for a in layer.values() if a.grid)):

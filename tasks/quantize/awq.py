@@ -98,7 +98,7 @@ class AWQ(PerModule):
             scaled.update(modules)
             for m in modules:
                 weights[f"{m}.weight"] = (weights[f"{m}.weight"] * s[None, :]).astype(np.float32)
-            stats[key] = scaled_stats(stats[key], s)
+            stats[key] = stats[key].scaled(s)
         result = LayerResult()
         for module, grid in layer.grids.items():
             w = weights[f"{module}.weight"]
@@ -135,13 +135,6 @@ def search_scale(ws: list[np.ndarray], grids: list[Grid], st: InputStats, points
         if loss < best_loss:
             best_s, best_loss = s, loss
     return best_s
-
-
-def scaled_stats(st: InputStats, s: np.ndarray) -> InputStats:
-    """Statistics of x / s, the input the scaled Linears now read."""
-    inv = (1 / s).astype(np.float32)
-    return InputStats((st.mean_abs * inv).astype(np.float32), (st.hessian * inv[:, None] * inv[None, :]).astype(np.float32),
-                      st.count)
 
 
 def clip(w: np.ndarray, grid: Grid, st: InputStats, max_shrink: float, points: int) -> Encoded:

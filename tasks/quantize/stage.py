@@ -38,6 +38,7 @@ from quantfab.tasks.quantize.assign import Assignment, assign_layers, sequential
 from quantfab.tasks.quantize.grids import grid_named
 from quantfab.tasks.quantize.layer import LayerInput, LayerResult
 from quantfab.tasks.quantize.layer_file import LayerFile, write_layer_file
+from quantfab.tasks.quantize.smoothquant import smooth
 from quantfab.tasks.quantize.stats import InputStats
 from quantfab.tasks.store import Blob, Store
 
@@ -73,7 +74,7 @@ def quantize_model(model: ModelManifest, model_dir: ModelDir, calibration: Calib
         inputs = HiddenStates(model, model_dir, calibration, device, store)
         layers: list[Blob] = []
         for i, plan in enumerate(plans):
-            checkpoint, blob = _layer(model, model_dir, inputs, plan, i, methods, settings, store, device)
+            checkpoint, blob = _layer(model, model_dir, inputs, quant, plan, i, methods, settings, store, device)
             layers.append(blob)
             inputs.advance(i, checkpoint, LayerFile(store.local_path(blob)))
     else:
@@ -88,12 +89,15 @@ def quantize_model(model: ModelManifest, model_dir: ModelDir, calibration: Calib
     return QuantizedOutput(output=key, layers=layers, modules=reports)
 
 
-def _layer(model: ModelManifest, model_dir: ModelDir, inputs: Any, plan: dict[str, Assignment], i: int,
+def _layer(model: ModelManifest, model_dir: ModelDir, inputs: Any, quant: Any, plan: dict[str, Assignment], i: int,
            methods: dict[str, Any], settings: dict[str, Any], store: Store, device: torch.device) -> tuple[str, Blob]:
     """Layer i's checkpoint key and committed result, computed only when the store does not hold it yet."""
     weights = model_dir.weights()
     prefix = weights.prefix(i)
+    calibrated = CalibrationStats(inputs.calibration, store)
+    smoothing = quant.smoothquant
     checkpoint = _digest({"weights": _layer_weights_digest(model, weights, i), "inputs": inputs.digest(i),
+                          "smoothing": calibrated.digest(i) if smoothing else None,
                           "plan": {lin: [a.method, a.grid, a.note] for lin, a in plan.items()}, "settings": settings})
     blob = store.get_ref(CHECKPOINTS, checkpoint)
     if blob is None:
@@ -101,6 +105,11 @@ def _layer(model: ModelManifest, model_dir: ModelDir, inputs: Any, plan: dict[st
         name = prefix.rstrip(".")
         kind = family(model.model_type)
         rtn = inputs.calibration.experts.fallback == "rtn"
+        smoothed: dict[str, np.ndarray] = {}
+        if smoothing:  # before any method, from the unquantized model's input ranges; stats become x / s's
+            stats, structure = calibrated.stats(i, tensors)
+            grids = {lin: grid_named(a.grid) for lin, a in with_fallbacks(plan, structure, rtn).items() if a.grid}
+            tensors, stats, smoothed = smooth(LayerInput(tensors, stats, grids, name, structure, kind), smoothing.alpha)
         if inputs.stepwise and all(methods[a.method].stepwise for a in plan.values() if a.grid):
             result = LayerResult()
 
@@ -113,8 +122,10 @@ def _layer(model: ModelManifest, model_dir: ModelDir, inputs: Any, plan: dict[st
 
             structure = inputs.quantize_through(i, tensors, quantize_group)
         else:
-            stats, structure = inputs.stats(i, tensors)
+            if inputs.stepwise or not smoothing:  # hidden states measure the layer as it now is, smoothed or not
+                stats, structure = inputs.stats(i, tensors)
             result = _quantize_layer(tensors, stats, with_fallbacks(plan, structure, rtn), methods, name, structure, kind)
+        result.floats = {**smoothed, **result.floats}
         blob = _commit(result, with_fallbacks(plan, structure, rtn), tensors, prefix, store, device)
         store.put_ref(CHECKPOINTS, checkpoint, blob)
     return checkpoint, blob
@@ -155,7 +166,7 @@ def _independent_layer(job: IndependentLayer) -> Blob:
     store = Store(job.store_url)
     device = torch.device(job.settings["device"])
     methods = {name: cls(job.quant, device) for name, cls in METHODS.items()}
-    return _layer(job.model, ModelDir(job.model_path), CalibrationStats(job.calibration, store), job.plan, job.index,
+    return _layer(job.model, ModelDir(job.model_path), CalibrationStats(job.calibration, store), job.quant, job.plan, job.index,
                   methods, job.settings, store, device)[1]
 
 
@@ -216,7 +227,7 @@ class CalibrationStats:
         with safe_open(str(self.store.local_path(self.calibration.stats[i])), framework="numpy") as f:
             structure = structure_from_metadata(f.metadata())
             return ({k: InputStats(f.get_tensor(f"{k}.mean_abs"), f.get_tensor(f"{k}.hessian"),
-                                   int(f.get_tensor(f"{k}.count")))
+                                   int(f.get_tensor(f"{k}.count")), f.get_tensor(f"{k}.max_abs"))
                      for k in structure.groups}, structure)
 
     def advance(self, i: int, key: str, layer: LayerFile) -> None:
@@ -327,7 +338,7 @@ class HiddenStates:
 
 
 def _input_stats(m: Moments) -> InputStats:
-    return InputStats(m.mean_abs(), m.hessian(), m.count)
+    return InputStats(m.mean_abs(), m.hessian(), m.count, m.max_abs())
 
 
 def _settings(quant: Any, device: torch.device) -> dict[str, Any]:

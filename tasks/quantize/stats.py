@@ -18,12 +18,21 @@ class InputStats:
     """Statistics of the inputs a Linear saw on the calibration set.
 
     ``hessian`` is the sum of x x^T over ``count`` tokens (float32, in x in out), so H / count is
-    E[x x^T]; ``mean_abs`` is the per-channel mean |x| that AWQ-style methods scale by.
+    E[x x^T]; ``mean_abs`` is the per-channel mean |x| that AWQ-style methods scale by, ``max_abs`` the
+    per-channel max |x| that SmoothQuant scales by.
     """
 
     mean_abs: np.ndarray  # (in,)
     hessian: np.ndarray  # (in, in)
     count: int
+    max_abs: np.ndarray  # (in,)
+
+    def scaled(self, s: np.ndarray) -> "InputStats":
+        """Statistics of x / s, the input a Linear reads once a scale s per channel moved into its weights."""
+        inv = (1 / s).astype(np.float32)
+        return InputStats((self.mean_abs * inv).astype(np.float32),
+                          (self.hessian * inv[:, None] * inv[None, :]).astype(np.float32), self.count,
+                          (self.max_abs * inv).astype(np.float32))
 
     def channel_energy(self) -> np.ndarray:
         """E[x_j^2] per input channel: the diagonal of the mean Hessian."""
