@@ -36,10 +36,10 @@ GRID_SOURCES = ["tasks/quantize/grids.py", "tasks/quantize/grid_base.py", "tasks
                 "tasks/quantize/float_grids.py"]
 STAGE_SOURCES = {
     "download": ["tasks/synthetic.py"],
-    "calibrate": ["tasks/calibrate.py", "tasks/gram.py", "tasks/texts.py"],
-    "quantize": ["tasks/quantize", "tasks/calibrate.py", "tasks/gram.py", "tasks/texts.py",
+    "calibrate": ["tasks/calibrate.py", "tasks/gram.py", "tasks/texts.py", "tasks/activations.py"],
+    "quantize": ["tasks/quantize", "tasks/calibrate.py", "tasks/gram.py", "tasks/texts.py", "tasks/activations.py",
                  "tasks/convert", "kernels"],  # formats decide each Linear's grid
-    "convert": ["tasks/convert", *GRID_SOURCES, "tasks/quantize/layer_file.py", "kernels"],
+    "convert": ["tasks/convert", *GRID_SOURCES, "tasks/quantize/layer_file.py", "tasks/activations.py", "kernels"],
     "validate": ["tasks/validate.py", "tasks/activations.py", "tasks/gates.py", "tasks/texts.py", "tasks/convert", *GRID_SOURCES, "tasks/quantize/layer_file.py",
                  "kernels"],
     "package": ["tasks/package.py", "tasks/convert/differences.py"],

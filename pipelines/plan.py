@@ -23,7 +23,7 @@ from quantfab.tasks.manifests import Manifest
 from quantfab.tasks.modelio import ST_DTYPES, ModelDir, TensorInfo, check_against_config, read_headers
 from quantfab.tasks.model_structure import BATCH, FrozenConfig, alias_tied_embeddings, frozen_config, layout
 from quantfab.tasks.malloc import KEEP
-from quantfab.tasks.quantize.assign import assign_layers, reads_statistics, sequential
+from quantfab.tasks.quantize.assign import assign_layers, measures_inputs, reads_statistics
 from quantfab.tasks.store import Store, filesystem, free_bytes
 
 
@@ -175,7 +175,7 @@ def plan(recipe: Recipe, store_url: str | None) -> Plan:
     for o in recipe.outputs:
         fmt = FORMATS[o.format]
         layers = assign_layers(config, tensors, recipe.quantize, fmt, o)
-        runs_sequential |= sequential(layers)
+        runs_sequential |= measures_inputs(layers, fmt.static_inputs(o))
         assigned = [a for layer in layers for a in layer.values()]
         size = sum(t.nbytes for t in fmt.plan(o, config, tensors, {a.module: a.grid for a in assigned}))
         out.sizes[o.key] = (size, size * 8 / params)

@@ -1,7 +1,8 @@
 """Activations quantized as the serving engine quantizes them, so validate judges the model users will serve.
 
-A source (an output read back from its file) may say, per Linear, how the runtime quantizes that Linear's input;
-validate then rounds the input the same way before the Linear runs (quantize, then dequantize, in float32).
+A source (an output read back from its file) may say, per Linear, how the runtime quantizes that Linear's input
+(an ``InputQuant``: a scheme, and for a static one the scale stored beside the Linear); validate then rounds the
+input the same way before the Linear runs (quantize, then dequantize, in float32).
 Each scheme follows compressed-tensors' own arithmetic (``compute_dynamic_scales_and_zp``, ``_quantize``,
 ``_dequantize``), which is what transformers runs for these checkpoints; vLLM's CUDA kernel multiplies by
 the reciprocal scale and floors it at 1 / (448 * 512), which can move a code by one on rare ties; its int8
@@ -10,7 +11,10 @@ kernel scales by absmax / 127 where compressed-tensors divides by half the int8 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
+
+import numpy as np
 
 from quantfab.tasks.lazy import lazy
 
@@ -18,33 +22,99 @@ torch = lazy("torch")
 
 E4M3_MAX = 448.0
 INT8_HALF_RANGE = 127.5
+HALF_RANGE = {"fp8": E4M3_MAX, "int8": INT8_HALF_RANGE}  # what compressed-tensors divides a range by for a scale
+# |x| histograms (calibrate's statistics): 16 bins per octave of log2 |x| over [-32, 32); beyond, the end bins
+HIST_LOG2 = (-32, 32)
+HIST_PER_OCTAVE = 16
+HIST_BINS = (HIST_LOG2[1] - HIST_LOG2[0]) * HIST_PER_OCTAVE
 
 
-def fp8_per_token(x: torch.Tensor) -> torch.Tensor:
-    """Dynamic FP8 per token: each token's scale is its absmax / 448 (0 becomes float32 eps), x / scale is
-    clamped to ±448 and rounded to E4M3, then multiplied back by the scale."""
-    scale = x.abs().amax(dim=-1, keepdim=True) / E4M3_MAX
-    scale = torch.where(scale == 0, torch.finfo(scale.dtype).eps, scale)
+@dataclass(frozen=True)
+class InputQuant:
+    """How the runtime quantizes one Linear's input: a ``SCHEMES`` name, and a static scheme's stored scale."""
+
+    scheme: str
+    scale: float | None = None
+
+
+def fp8_per_token(x: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+    """Dynamic FP8 per token: each token's scale is its absmax / 448 (0 becomes float32 eps)."""
+    d = x.abs().amax(dim=-1, keepdim=True) / E4M3_MAX
+    return fp8_with(x, torch.where(d == 0, torch.finfo(d.dtype).eps, d))
+
+
+def fp8_static(x: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+    """Static FP8: one stored scale for every token (calibrated)."""
+    return fp8_with(x, torch.tensor([scale], dtype=x.dtype))
+
+
+def fp8_with(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x / scale clamped to ±448 and rounded to E4M3, then multiplied back by the scale."""
     q = torch.clamp(x / scale, -E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
     return q.to(x.dtype) * scale
 
 
-def int8_per_token(x: torch.Tensor) -> torch.Tensor:
+def int8_per_token(x: torch.Tensor, scale: float | None = None) -> torch.Tensor:
     """Dynamic symmetric INT8 per token: each token's scale is its absmax / 127.5 (half of int8's range 255; 0
-    becomes float32 eps), x / scale is clamped to [-128, 127] and rounded half to even, then multiplied back."""
-    scale = x.abs().amax(dim=-1, keepdim=True) / INT8_HALF_RANGE
-    scale = torch.where(scale == 0, torch.finfo(scale.dtype).eps, scale)
+    becomes float32 eps)."""
+    d = x.abs().amax(dim=-1, keepdim=True) / INT8_HALF_RANGE
+    return int8_with(x, torch.where(d == 0, torch.finfo(d.dtype).eps, d))
+
+
+def int8_static(x: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+    """Static symmetric INT8: one stored scale for every token (calibrated)."""
+    return int8_with(x, torch.tensor([scale], dtype=x.dtype))
+
+
+def int8_with(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x / scale clamped to [-128, 127] and rounded half to even, then multiplied back by the scale."""
     return torch.round(torch.clamp(x / scale, -128, 127)) * scale
 
 
-SCHEMES: dict[str, tuple[Callable[[torch.Tensor], torch.Tensor], str]] = {
+def add_abs_histogram(hist: torch.Tensor, a: torch.Tensor) -> None:
+    """Add |x| values ``a`` (rows x width) to ``hist`` (HIST_BINS float64 counts), a few million at a time."""
+    for part in a.split(max(1, (1 << 22) // max(a.shape[-1], 1))):
+        logs = torch.log2(part).clamp_(HIST_LOG2[0], HIST_LOG2[1] - 1e-3)  # 0 -> -inf -> the first bin
+        hist += torch.histc(logs, HIST_BINS, HIST_LOG2[0], HIST_LOG2[1]).double()
+
+
+def static_scale(hist: np.ndarray, x_max: float, kind: str) -> float:
+    """The static input scale (float32) of activation type ``kind`` (fp8, int8) with the least squared error over
+    the inputs ``hist`` counts: clipping at c (scale c / half range) trades saturating the values above c against
+    rounding the rest more finely. c is tried at ``x_max`` and down to x_max / 1024 in steps of 1/16 octave; the
+    error of each bin is its centre's, with rounding modelled as uniform within the step there."""
+    if x_max <= 0:  # an input that was always 0: compressed-tensors' observer gives float32 eps
+        return float(np.finfo(np.float32).eps)
+    centre = 2.0 ** (HIST_LOG2[0] + (np.arange(HIST_BINS) + 0.5) / HIST_PER_OCTAVE)
+    clips = x_max * 2.0 ** (-np.arange(0, 10 * HIST_PER_OCTAVE + 1) / HIST_PER_OCTAVE)
+    errors = [float(hist @ _squared_error(centre, c / HALF_RANGE[kind], kind)) for c in clips]
+    scale = np.float32(clips[int(np.argmin(errors))]) / np.float32(HALF_RANGE[kind])
+    return float(scale if scale > 0 else np.finfo(np.float32).eps)
+
+
+def _squared_error(v: np.ndarray, d: float, kind: str) -> np.ndarray:
+    """Expected squared error of quantizing magnitude v with scale d: saturation beyond the largest code,
+    else half-even rounding to the code step there (v itself where v rounds to 0)."""
+    y = v / d
+    if kind == "int8":
+        top, step = 127.0, np.ones_like(y)
+    else:  # E4M3: 3 mantissa bits, subnormals below 2^-6 in steps of 2^-9
+        top, step = E4M3_MAX, 2.0 ** (np.floor(np.log2(np.maximum(y, 2.0 ** -6))) - 3)
+    rounding = np.where(y < step / 2, y ** 2, step ** 2 / 12)
+    return np.where(y > top, (y - top) ** 2, rounding) * d ** 2
+
+
+SCHEMES: dict[str, tuple[Callable[[torch.Tensor, float | None], torch.Tensor], str]] = {
     "fp8-token": (fp8_per_token, "inputs of the quantized Linears as FP8 E4M3, a dynamic scale per token"),
     "int8-token": (int8_per_token, "inputs of the quantized Linears as INT8, a dynamic symmetric scale per token"),
+    "fp8-tensor": (fp8_static, "inputs of the quantized Linears as FP8 E4M3, one calibrated scale per Linear"),
+    "int8-tensor": (int8_static, "inputs of the quantized Linears as INT8, one calibrated symmetric scale per Linear"),
 }
 
 
-def simulate_inputs(layer: torch.nn.Module, schemes: dict[str, str]) -> None:
-    """Quantize the input of each named submodule (relative to ``layer``) by its scheme before it runs."""
-    for name, scheme in schemes.items():
-        rule = SCHEMES[scheme][0]
-        layer.get_submodule(name).register_forward_pre_hook(lambda _module, args, rule=rule: (rule(args[0]), *args[1:]))
+def simulate_inputs(layer: torch.nn.Module, inputs: dict[str, InputQuant]) -> None:
+    """Quantize the input of each named submodule (relative to ``layer``) as its InputQuant says before it runs."""
+    for name, q in inputs.items():
+        rule, scale = SCHEMES[q.scheme][0], q.scale
+        layer.get_submodule(name).register_forward_pre_hook(
+            lambda _module, args, rule=rule, scale=scale: (rule(args[0], scale), *args[1:]))

@@ -77,6 +77,7 @@ class ModuleReport(BaseModel):
     asked: str | None = None  # the grid asked for, where a fallback changed it
     fallback: str = ""  # why this module is not what the recipe asked (a fallback type, group or method)
     relative_output_error: float | None = None  # None: not measured (rtn and nf4 without quantize.module_report)
+    input_scale: float | None = None  # the static scale of its input (outputs with static activation scales)
 
 
 class QuantizedOutput(BaseModel):

@@ -3,7 +3,7 @@
 The unquantized model and every decoded output run side by side, one decoder layer at a time, on
 non-overlapping windows (BOS, then window - 1 text tokens). Metrics: perplexity of each, mean
 KL(fp32 || quantized) per predicted token in nats, and top-1 agreement with the unquantized model. An output
-whose runtime quantizes activations too (FP8 W8A8) runs with its Linears' inputs quantized the same way
+whose runtime quantizes activations too (FP8, INT8 W8A8) runs with its Linears' inputs quantized the same way
 (tasks/activations.py), and the report says so.
 """
 
@@ -56,7 +56,7 @@ def measure(model: ModelManifest, converted: ConvertManifest, outputs: list, spe
 
 def served_as(source: Any) -> list[str]:
     """What validate simulated beyond the stored weights, e.g. activations quantized as the runtime does."""
-    used = Counter(source.input_schemes("").values() if hasattr(source, "input_schemes") else ())
+    used = Counter(q.scheme for q in (source.input_schemes("").values() if hasattr(source, "input_schemes") else ()))
     return [f"{SCHEMES[s][1]} ({n} Linears), as compressed-tensors computes them" for s, n in sorted(used.items())]
 
 

@@ -48,6 +48,8 @@ BUILDS = {  # name -> recipe overrides
     "gptq-fp8": ["quantize.method=gptq", "outputs=[{compressed-tensors: fp8}]"],
     "w8a8": ["quantize.method=rtn", f"outputs=[{W8A8_OUTPUT}]"],
     "sq-gptq-w8a8": ["quantize.method=gptq", "quantize.smoothquant={alpha: 0.8}", f"outputs=[{W8A8_OUTPUT}]"],
+    "fp8-static": ["quantize.method=rtn", "outputs=[{format: compressed-tensors, type: fp8, activation_scales: static}]"],
+    "gptq-w8a8-static": ["quantize.method=gptq", f"outputs=[{W8A8_OUTPUT[:-1]}, activation_scales: static}}]"],
 }
 FP8 = "compressed-tensors-fp8-channel"
 W8A8 = "compressed-tensors-int8-channel-aint8"
@@ -187,7 +189,11 @@ def test_compressed_tensors_consumer_reproduces_our_logits(builds: dict[str, Bui
 FP8_SERVED = (FP8, "float-quantized", "float", "FP8 E4M3, a dynamic scale per token", torch.float8_e4m3fn)
 W8A8_SERVED = (W8A8, "int-quantized", "int", "INT8, a dynamic symmetric scale per token", torch.int8)
 SERVED = {  # build -> output, its format, the weights' type, the simulated input scheme, the stored weight dtype
-    "fp8": FP8_SERVED, "gptq-fp8": FP8_SERVED, "w8a8": W8A8_SERVED, "sq-gptq-w8a8": W8A8_SERVED}
+    "fp8": FP8_SERVED, "gptq-fp8": FP8_SERVED, "w8a8": W8A8_SERVED, "sq-gptq-w8a8": W8A8_SERVED,
+    "fp8-static": (f"{FP8}-static", "float-quantized", "float", "FP8 E4M3, one calibrated scale per Linear",
+                   torch.float8_e4m3fn),
+    "gptq-w8a8-static": (f"{W8A8}-static", "int-quantized", "int", "INT8, one calibrated symmetric scale per Linear",
+                         torch.int8)}
 
 
 @pytest.mark.slow
@@ -206,10 +212,15 @@ def test_activation_schemes_are_served_by_transformers_and_compressed_tensors_as
     group = qc["config_groups"]["group_0"]
     assert {k: group["weights"][k] for k in ("num_bits", "type", "strategy", "symmetric", "dynamic")} == \
         {"num_bits": 8, "type": kind, "strategy": "channel", "symmetric": True, "dynamic": False}
+    static = key.endswith("-static")
     assert {k: group["input_activations"][k] for k in ("num_bits", "type", "strategy", "symmetric", "dynamic")} == \
-        {"num_bits": 8, "type": kind, "strategy": "token", "symmetric": True, "dynamic": True}
+        {"num_bits": 8, "type": kind, "strategy": "tensor" if static else "token", "symmetric": True, "dynamic": not static}
     reader = FORMATS["compressed-tensors"].reader(path, b.folder.config())
-    assert len(reader.inputs) == 14 and len(set(reader.inputs.values())) == 1
+    assert len(reader.inputs) == 14 and len({q.scheme for q in reader.inputs.values()}) == 1
+    for r in b.quantized.outputs[key].modules:  # a static scale is stored as quantize chose it
+        scale = reader.raw(f"{r.name}.input_scale") if static else None
+        assert scale is None or (scale.dtype, scale.tolist()) == (torch.float32, [r.input_scale]) and r.input_scale > 0
+        assert reader.inputs[r.name].scale == r.input_scale
     assert validate_mod.served_as(reader) == [f"inputs of the quantized Linears as {inputs} (14 Linears), as "
                                               "compressed-tensors computes them"]
     served = validate_mod.logits(b.folder.config(), reader, b.folder.weights(), eval_ids)

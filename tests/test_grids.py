@@ -81,7 +81,7 @@ def test_gptq_beats_rtn_on_output_error(name: str) -> None:
     w = rng.standard_normal((128, 512)).astype(np.float32)
     mixing = rng.standard_normal((64, 512)).astype(np.float32)
     x = rng.standard_normal((2048, 64)).astype(np.float32) @ mixing + 0.3 * rng.standard_normal((2048, 512)).astype(np.float32)
-    stats = InputStats(np.abs(x).mean(0), x.T @ x, x.shape[0], np.abs(x).max(0))
+    stats = InputStats(np.abs(x).mean(0), x.T @ x, x.shape[0], np.abs(x).max(0), None)
     grid = GRIDS[name]
     rtn = grid.decode(grid.reference(w))
     ours = grid.decode(gptq(w, stats.hessian * np.float32(2 / stats.count), grid, 0.01, 128, True, False, "w"))
@@ -92,7 +92,7 @@ def test_group_never_worse_than_rtn_per_block() -> None:
     """The clipping search includes ratio 1.0 with stored scales, so its weighted error cannot exceed rtn's by more than fp16 rounding allows; overall it is lower."""
     w = weights(seed=2)
     x = np.random.default_rng(3).standard_normal((512, w.shape[1])).astype(np.float32)
-    stats = InputStats(np.abs(x).mean(0), x.T @ x, x.shape[0], np.abs(x).max(0))
+    stats = InputStats(np.abs(x).mean(0), x.T @ x, x.shape[0], np.abs(x).max(0), None)
     for name in ("Q4_0", "Q4_1"):
         grid = GRIDS[name]
         rtn = grid.decode(METHODS["rtn"]().quantize(w, grid, stats))

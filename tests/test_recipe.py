@@ -514,6 +514,8 @@ def test_unknown_output_format_is_refused(tmp_path):
     ({"format": "compressed-tensors", "type": "fp8", "activations": "int8"}, "activations int8 beside fp8 weights"),
     ({"format": "compressed-tensors", "type": "int8", "activations": "int8", "group_size": 32},
      "needs type int8, symmetric codes and group_size channel"),
+    ({"format": "compressed-tensors", "type": "int8", "activation_scales": "static"},
+     "activation_scales static needs quantized activations"),
 ])
 def test_activations_the_engine_does_not_run_beside_the_weights_are_refused(tmp_path, output, expected):
     line = problem_line(load_error(write_recipe(tmp_path, lambda d: d.update(outputs=[output]))), "outputs.0")
@@ -526,6 +528,13 @@ def test_a_w8a8_override_to_other_bits_is_refused(tmp_path):
                                              set_in(d, "quantize.overrides", {"*.mlp.down_proj": {"bits": 4}})))
     assert "W8A8 (activations int8) runs symmetric int8 codes with a scale per row; this Linear asks 4 bits" in \
         load_error(path)
+
+
+def test_static_activation_scales_with_awq_are_refused(tmp_path):
+    path = write_recipe(tmp_path, lambda d: (set_in(d, "quantize.method", "awq"), d.update(outputs=[
+        {"format": "compressed-tensors", "type": "fp8", "activation_scales": "static"}])))
+    assert "compressed-tensors-fp8-channel-static has static activation scales, measured on the inputs the built " \
+        "layers get, and quantize.method awq rescales those inputs" in load_error(path)
 
 
 def test_smoothquant_with_awq_is_refused(tmp_path):

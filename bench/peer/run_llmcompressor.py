@@ -80,6 +80,10 @@ ACTIVATION_SCHEMES = {
     "gptq-w8a8": ("gptq", "W8A8", None),
     "sq-w8a8": ("rtn", "W8A8", 0.8),
     "sq-gptq-w8a8": ("gptq", "W8A8", 0.8),  # llm-compressor's own W8A8 example: SmoothQuant 0.8, then GPTQ
+    # static: weights per channel as above, one calibrated input scale per Linear (not presets: FP8's preset scales
+    # weights per tensor)
+    "fp8-static": ("rtn", "float-static", None), "gptq-fp8-static": ("gptq", "float-static", None),
+    "w8a8-static": ("rtn", "int-static", None), "sq-gptq-w8a8-static": ("gptq", "int-static", 0.8),
 }
 # the lead's reference figures (ppl, kl) under this protocol
 REFERENCE = {
@@ -161,8 +165,17 @@ def make_activation_recipe(method: str, preset: str, smoothing: float | None):
     from llmcompressor.modifiers.quantization import QuantizationModifier
     from llmcompressor.modifiers.transform.smoothquant import SmoothQuantModifier
 
-    quantize = (GPTQModifier if method == "gptq" else QuantizationModifier)(
-        targets="Linear", scheme=preset, ignore=["lm_head"])
+    modifier = GPTQModifier if method == "gptq" else QuantizationModifier
+    if preset.endswith("-static"):
+        from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+
+        kind = preset.removesuffix("-static")
+        scheme = QuantizationScheme(
+            targets=["Linear"], weights=QuantizationArgs(num_bits=8, type=kind, symmetric=True, strategy="channel"),
+            input_activations=QuantizationArgs(num_bits=8, type=kind, symmetric=True, strategy="tensor", dynamic=False))
+        quantize = modifier(config_groups={"group_0": scheme}, ignore=["lm_head"])
+    else:
+        quantize = modifier(targets="Linear", scheme=preset, ignore=["lm_head"])
     return ([SmoothQuantModifier(smoothing_strength=smoothing)] if smoothing is not None else []) + [quantize]
 
 

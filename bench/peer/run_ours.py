@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import protocol  # noqa: E402
 
 from quantfab.pipelines.recipe import QuantizeSpec, SmoothQuantSpec  # noqa: E402
-from quantfab.tasks.activations import simulate_inputs  # noqa: E402
+from quantfab.tasks.activations import InputQuant, simulate_inputs  # noqa: E402
 from quantfab.tasks.calibrate import calibrate_on  # noqa: E402
 from quantfab.tasks.store import Store  # noqa: E402
 from quantfab.tasks.trial import Trial  # noqa: E402
@@ -49,7 +49,12 @@ ACTIVATION_SCHEMES = {
     "fp8-dynamic": ("rtn", "FP8_CH", "fp8-token", None), "gptq-fp8-dynamic": ("gptq", "FP8_CH", "fp8-token", None),
     "w8a8": ("rtn", "INT8_CH_SYM", "int8-token", None), "gptq-w8a8": ("gptq", "INT8_CH_SYM", "int8-token", None),
     "sq-w8a8": ("rtn", "INT8_CH_SYM", "int8-token", 0.8), "sq-gptq-w8a8": ("gptq", "INT8_CH_SYM", "int8-token", 0.8),
+    # static: one scale per Linear input, its calibrated range over the type's half range, as the format stores it
+    "fp8-static": ("rtn", "FP8_CH", "fp8-tensor", None), "gptq-fp8-static": ("gptq", "FP8_CH", "fp8-tensor", None),
+    "w8a8-static": ("rtn", "INT8_CH_SYM", "int8-tensor", None),
+    "sq-gptq-w8a8-static": ("gptq", "INT8_CH_SYM", "int8-tensor", 0.8),
 }
+STATIC = {"fp8-tensor": "fp8", "int8-tensor": "int8"}  # static input scheme -> the activation type quantize scales
 
 SYN_DIR = Path(os.environ.get("BENCH_CACHE", "/work/bench-cache")) / "synthetic-8x1024"
 
@@ -143,7 +148,7 @@ def main() -> None:
             method, grid, inputs, alpha = ACTIVATION_SCHEMES.get(scheme) or (*SCHEMES[scheme], None, None)
             quant = QuantizeSpec(method=method, smoothquant=None if alpha is None else SmoothQuantSpec(alpha=alpha))
             t = time.perf_counter()
-            layers = trial.layer_files(quant, grid)
+            layers = trial.layer_files(quant, grid, STATIC.get(inputs))
             seconds = time.perf_counter() - t
             model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
             state = {}
@@ -152,7 +157,8 @@ def main() -> None:
             missing, unexpected = model.load_state_dict(state, strict=False)
             assert not unexpected, unexpected
             if inputs:
-                simulate_inputs(model, {r.name: inputs for lf in layers for r in lf.reports() if r.grid})
+                simulate_inputs(model, {r.name: InputQuant(inputs, r.input_scale) for lf in layers for r in lf.reports()
+                                        if r.grid})
             ours = protocol.evaluate(model, chunks, reference)
             theirs = peer.get(scheme, {})
             results[scheme] = {"method": method, "grid": grid, "inputs": inputs, "smoothquant_alpha": alpha, "ppl": ours["ppl"], "kl": ours["kl"],

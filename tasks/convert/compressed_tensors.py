@@ -19,6 +19,12 @@ W8A8 Linear loads it: ``weight`` holds the int8 codes as they are, ``weight_scal
 a float32 model, else float16, as above), with dynamic symmetric per-token INT8 ``input_activations``; vLLM runs
 it on int8 tensor cores. Decoded by compressed-tensors' ``IntQuantizationCompressor``. ``activations: float``
 on fp8 is FP8 weight-only (vLLM dequantizes it in its Marlin kernel).
+
+``activation_scales: static`` (llm-compressor's static FP8 and INT8 schemes): instead of a scale per token at run
+time, each quantized Linear stores ``input_scale``, one float32 scale that quantize chose from the histogram of
+its input on the calibration tokens, measured through the layers as built (activations.static_scale: the clip
+with the least squared error, the scale being the clip / 448 for FP8, / 127.5 for INT8). Cheaper at run time;
+inputs beyond the clip saturate.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from quantfab.kernels.verdict import Verdict, compare
+from quantfab.tasks.activations import InputQuant
 from quantfab.kernels.words import PackedInts, WordLayout, pack_words, verify_words
 from quantfab.tasks.convert.hf_folder import FolderWeights, HFFolderFormat, PlannedTensor, write_folder
 from quantfab.tasks.errors import UserError
@@ -64,6 +71,10 @@ class CompressedTensorsOptions(BaseModel):
         None, description="How the engine quantizes each quantized Linear's input at run time, with a dynamic scale "
         "per token: float (not at all), int8 (W8A8: with type int8, symmetric, group_size channel) or fp8 (with "
         "type fp8). Empty: fp8 for type fp8, float otherwise. validate simulates it.")
+    activation_scales: Literal["dynamic", "static"] = Field(
+        "dynamic", description="dynamic: each token's activations scaled by their absmax at run time. static: one "
+        "scale per Linear input, stored in the checkpoint, from the largest |x| on the calibration tokens (cheaper "
+        "at run time; inputs beyond the calibrated range saturate).")
 
     @model_validator(mode="after")
     def _activations_match_the_weights(self) -> "CompressedTensorsOptions":
@@ -74,6 +85,8 @@ class CompressedTensorsOptions(BaseModel):
         if self.activations == "int8" and (self.type != "int8" or not self.symmetric or self.group_size not in
                                            (None, "channel")):
             raise ValueError("activations int8 (W8A8) needs type int8, symmetric codes and group_size channel")
+        if self.activation_scales == "static" and self.input_activations == "float":
+            raise ValueError("activation_scales static needs quantized activations (activations int8 or fp8)")
         return self
 
     @property
@@ -85,7 +98,7 @@ class CompressedTensorsOptions(BaseModel):
         group = self.group_size or DEFAULT_GROUP[self.type]
         acts = "" if self.input_activations == DEFAULT_ACTIVATIONS[self.type] else f"-a{self.input_activations}"
         return f"compressed-tensors-{self.type}-{'channel' if group == 'channel' else f'g{group}'}" + \
-            ("" if self.symmetric else "-asym") + acts
+            ("" if self.symmetric else "-asym") + acts + ("-static" if self.activation_scales == "static" else "")
 
 
 INT_QUANTIZED = "int-quantized"  # PlannedTensor.storage of a W8A8 Linear: int8 ``weight``, not ``weight_packed``
@@ -131,17 +144,23 @@ class CompressedTensorsFormat(HFFolderFormat):
         side = "SYM" if symmetric else "ASYM"
         return grid_named(f"INT{bits}_CH_{side}" if group == "channel" else f"INT{bits}_G{group}_{side}")
 
+    def static_inputs(self, options: CompressedTensorsOptions) -> str | None:
+        return options.input_activations if options.activation_scales == "static" else None
+
     def plan(self, options: CompressedTensorsOptions, config, tensors: dict[str, TensorInfo], grids: dict[str, str | None],
              as_asked: bool = False) -> list[PlannedTensor]:
-        """W8A8's Linears are int-quantized: the pack-quantized bytes less ``weight_shape`` (two int64)."""
+        """W8A8's Linears are int-quantized: the pack-quantized bytes less ``weight_shape`` (two int64); a static
+        scheme's Linears add a float32 ``input_scale``."""
         planned = super().plan(options, config, tensors, grids, as_asked)
-        if options.input_activations != "int8":
-            return planned
-        return [replace(t, storage=INT_QUANTIZED, nbytes=t.nbytes - 2 * 8) if t.grid else t for t in planned]
+        static = 4 if options.activation_scales == "static" else 0
+        if options.input_activations == "int8":
+            return [replace(t, storage=INT_QUANTIZED, nbytes=t.nbytes - 2 * 8 + static) if t.grid else t for t in planned]
+        return [replace(t, nbytes=t.nbytes + static) if t.grid else t for t in planned]
 
     def write(self, path: Path, options: CompressedTensorsOptions, model: ModelDir, planned: list[PlannedTensor],
               tensor_data: Callable[[PlannedTensor], dict[str, torch.Tensor]], name: str) -> None:
-        write_folder(path, model, quantization_config(planned, options.input_activations), planned, tensor_data)
+        qc = quantization_config(planned, options.input_activations, options.activation_scales == "static")
+        write_folder(path, model, qc, planned, lambda t: {**tensor_data(t), **input_scale(options, t)})
 
     def pack(self, t: PlannedTensor, enc: Encoded) -> dict[str, torch.Tensor]:
         grid = grid_named(t.grid or "")
@@ -182,15 +201,25 @@ class CompressedTensorsFormat(HFFolderFormat):
                                        zero_layout=zero_layout), expected)
 
 
+def input_scale(options: CompressedTensorsOptions, t: PlannedTensor) -> dict[str, torch.Tensor]:
+    """A static scheme's ``input_scale`` of a quantized Linear, as quantize chose it (float32, shape [1])."""
+    if options.activation_scales != "static" or t.grid is None:
+        return {}
+    if t.input_scale is None:
+        raise RuntimeError(f"{t.hf_name}: quantize chose no static input scale for it")
+    return {f"{t.hf_name.removesuffix('.weight')}.input_scale": torch.tensor([t.input_scale], dtype=torch.float32)}
+
+
 def layouts(bits: int) -> tuple[WordLayout, WordLayout]:
     """pack_to_int32's: codes along the input dim (packed_dim 1), zero points along the output dim (packed_dim 0)."""
     offset = 1 << (bits - 1)
     return WordLayout(bits, 1, True, offset), WordLayout(bits, 0, False, offset)
 
 
-def quantization_config(weights: list[PlannedTensor], activations: str) -> dict:
+def quantization_config(weights: list[PlannedTensor], activations: str, static: bool = False) -> dict:
     """compressed-tensors' own QuantizationConfig: one config group per scheme, float Linears ignored; the
-    quantized Linears' inputs quantized per token at run time as ``activations`` says (float: not at all)."""
+    quantized Linears' inputs quantized as ``activations`` says (float: not at all), per token at run time or,
+    ``static``, by one stored scale per Linear."""
     from compressed_tensors import __version__ as ct_version
     from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
 
@@ -206,9 +235,10 @@ def quantization_config(weights: list[PlannedTensor], activations: str) -> dict:
     for i, ((kind, bits, symmetric, group), modules) in enumerate(sorted(by_args.items(), key=str)):
         args = QuantizationArgs(num_bits=bits, type=kind, symmetric=symmetric,
                                 strategy="channel" if group is None else "group", group_size=group)
-        # each token's activations scaled by their absmax at run time (FP8_DYNAMIC, W8A8)
+        # each token's activations scaled by their absmax at run time (FP8_DYNAMIC, W8A8), or by a stored scale
         tokens = None if activations == "float" else QuantizationArgs(
-            num_bits=8, type="float" if activations == "fp8" else "int", symmetric=True, strategy="token", dynamic=True)
+            num_bits=8, type="float" if activations == "fp8" else "int", symmetric=True,
+            strategy="tensor" if static else "token", dynamic=not static)
         groups[f"group_{i}"] = QuantizationScheme(targets=["Linear"] if len(by_args) == 1 else modules, weights=args,
                                                   input_activations=tokens)
     kinds = {kind for kind, *_ in by_args}
@@ -247,7 +277,7 @@ def compressed_tensors_weights(path: Path) -> FolderWeights:
 
     folder = FolderWeights(path, "weight_scale" if naive is not None else "weight_packed", decode)
     modules = [n.removesuffix(".weight_scale") for n in folder.index.tensors if n.endswith(".weight_scale")]
-    folder.inputs = {m: s for m in modules if (s := input_scheme(path, m, scheme_of(path, m, schemes))) is not None}
+    folder.inputs = {m: q for m in modules if (q := input_quant(folder, m, scheme_of(path, m, schemes))) is not None}
     return folder
 
 
@@ -259,14 +289,23 @@ def scheme_of(path: Path, module: str, schemes: list) -> Any:
     return scheme
 
 
-def input_scheme(path: Path, module: str, scheme: Any) -> str | None:
-    """The activations.SCHEMES name of how the runtime quantizes ``module``'s input (None: left in float)."""
+INPUT_SCHEMES = {  # (type, bits, strategy, dynamic, symmetric) of input_activations -> activations.SCHEMES name
+    ("float", 8, "token", True, True): "fp8-token", ("int", 8, "token", True, True): "int8-token",
+    ("float", 8, "tensor", False, True): "fp8-tensor", ("int", 8, "tensor", False, True): "int8-tensor"}
+
+
+def input_quant(folder: FolderWeights, module: str, scheme: Any) -> InputQuant | None:
+    """How the runtime quantizes ``module``'s input (None: left in float), with a static scheme's stored scale."""
     a = scheme.input_activations
     if a is None:
         return None
-    known = {("float", 8, "token", True, True): "fp8-token", ("int", 8, "token", True, True): "int8-token"}
-    name = known.get((a.type, a.num_bits, a.strategy, a.dynamic, a.symmetric))
+    name = INPUT_SCHEMES.get((a.type, a.num_bits, a.strategy, a.dynamic, a.symmetric))
     if name is None:
-        raise UserError(f"{path / 'config.json'}: input_activations {a.model_dump(exclude_none=True)} of {module} "
-                        "cannot be simulated by validate yet (it simulates dynamic symmetric per-token FP8 and INT8)")
-    return name
+        raise UserError(f"{folder.path / 'config.json'}: input_activations {a.model_dump(exclude_none=True)} of "
+                        f"{module} cannot be simulated by validate yet (it simulates symmetric 8-bit FP8 and INT8, "
+                        "dynamic per token or static per tensor)")
+    if a.dynamic:
+        return InputQuant(name)
+    if not folder.has(f"{module}.input_scale"):
+        raise UserError(f"{folder.path}: {module} has static input_activations but no {module}.input_scale")
+    return InputQuant(name, float(folder.raw(f"{module}.input_scale").float().reshape(-1)[0]))

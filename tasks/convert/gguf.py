@@ -139,6 +139,9 @@ class GGUFFormat:
     def stores_codes(self, options: GGUFOptions) -> bool:
         return options.type in DEFAULT_TYPE
 
+    def static_inputs(self, options: GGUFOptions) -> str | None:
+        return None  # llama.cpp quantizes no activation with a stored scale
+
     def float_note(self, options: GGUFOptions, preset: str | None) -> str | None:
         """Why a tensor the file holds split keeps floats for the methods (what assign reports); None: the usual."""
         if preset == SPLIT_PRESET:

@@ -16,6 +16,7 @@ from typing import Any, Callable
 import numpy as np
 from safetensors import safe_open
 
+from quantfab.tasks.activations import InputQuant
 from quantfab.tasks.modelio import ModelDir, TensorInfo, WeightIndex
 from quantfab.tasks.lazy import lazy
 
@@ -37,6 +38,7 @@ class PlannedTensor:
     dtype: torch.dtype  # the model's float dtype
     nbytes: int  # what it occupies in the checkpoint
     storage: str = ""  # which of its layouts a format stores this tensor in, where it has several
+    input_scale: float | None = None  # the Linear's static input scale, where the format stores one (convert sets it)
 
     @property
     def type_name(self) -> str:
@@ -76,6 +78,11 @@ class HFFolderFormat:
 
     def stores_codes(self, options: Any) -> bool:
         return True
+
+    def static_inputs(self, options: Any) -> str | None:
+        """The activation type (activations.HALF_RANGE) whose static scale the output stores beside each quantized
+        Linear, chosen by quantize (ModuleReport.input_scale); None: none."""
+        return None
 
     def presets(self, options: Any, config, tensors: dict[str, TensorInfo]) -> dict[str, str | None]:
         """No per-tensor choice: every Linear takes the grid ``grid_for`` gives the recipe's request."""
@@ -145,7 +152,7 @@ class FolderWeights:
 
     def __init__(self, path: Path, packed_suffix: str, decode: Callable[[str, "FolderWeights"], torch.Tensor]):
         self.path = path
-        self.inputs: dict[str, str] = {}  # module -> how the runtime quantizes its input (a format may fill it)
+        self.inputs: dict[str, InputQuant] = {}  # module -> how the runtime quantizes its input (a format may fill it)
         self.config = json.loads((path / "config.json").read_text())
         self.index = WeightIndex(sorted(path.glob("*.safetensors")), bool(self.config.get("tie_word_embeddings")))
         self.packed_suffix, self.decode = packed_suffix, decode
@@ -155,7 +162,7 @@ class FolderWeights:
         with safe_open(str(self.index.tensors[name].file), framework="pt") as f:
             return f.get_tensor(name)
 
-    def input_schemes(self, prefix: str) -> dict[str, str]:
+    def input_schemes(self, prefix: str) -> dict[str, InputQuant]:
         """How the runtime quantizes the inputs of the Linears under ``prefix`` (names relative to it)."""
         return {m.removeprefix(prefix): s for m, s in self.inputs.items() if m.startswith(prefix)}
 

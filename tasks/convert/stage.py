@@ -11,7 +11,7 @@ import shutil
 import uuid
 from pathlib import Path
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable
 
 import numpy as np
@@ -50,6 +50,9 @@ def convert_output(job: OutputJob) -> FormatFile:
     fmt = FORMATS[o.format]
     grids = {m.name: m.grid for m in q.modules} if q else {}
     planned = fmt.plan(o, config, weights.tensors, grids)
+    if fmt.static_inputs(o):  # the static activation scales quantize chose
+        scales = {m.name: m.input_scale for m in q.modules} if q else {}
+        planned = [replace(t, input_scale=scales.get(t.hf_name.removesuffix(".weight"))) for t in planned]
     layer_files = [LayerFile(store.local_path(b)) for b in q.layers] if q else []
     replaced = {k: i for i, lf in enumerate(layer_files) for k in lf.float_names()}
 

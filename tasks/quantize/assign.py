@@ -110,8 +110,9 @@ def reads_statistics(config, tensors: dict[str, TensorInfo], quant: Any, outputs
 
     An output with a module on a sequential method carries hidden states through the quantized model
     and measures every layer's inputs there, for all its methods; of the others, those with a method that
-    reads its inputs (group, awq) read them, and those of rtn or nf4 alone only for the module report.
-    SmoothQuant reads them for every output.
+    reads its inputs (group, awq) read them, and those of rtn or nf4 alone only for the module report. An output
+    with static activation scales measures its inputs as a sequential one does. SmoothQuant reads them for every
+    output.
     """
     from quantfab.tasks.convert import FORMATS  # on demand: loading a recipe imports this module, not the formats
     from quantfab.tasks.quantize import METHODS
@@ -122,10 +123,16 @@ def reads_statistics(config, tensors: dict[str, TensorInfo], quant: Any, outputs
         if quant.smoothquant is not None:  # its scales come from the unquantized model's input ranges
             return True
         layers = assign_layers(config, tensors, quant, FORMATS[o.format], o)
-        if not sequential(layers) and (quant.module_report or any(
+        if not measures_inputs(layers, FORMATS[o.format].static_inputs(o)) and (quant.module_report or any(
                 METHODS[a.method].reads_inputs for layer in layers for a in layer.values() if a.grid)):
             return True
     return False
+
+
+def measures_inputs(plans: list[dict[str, Assignment]], static_inputs: str | None) -> bool:
+    """Whether an output's layers are fitted in one pass of the calibration tokens through the model as built: a
+    sequential method needs it, and so do static activation scales (the inputs the served Linears will get)."""
+    return sequential(plans) or static_inputs is not None
 
 
 def sequential(plans: list[dict[str, Assignment]]) -> bool:

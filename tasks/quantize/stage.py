@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from safetensors import safe_open
 
+from quantfab.tasks.activations import static_scale
 from quantfab.tasks.calibrate import (InputRecorder, Moments, measure_layer, structure_from_metadata, widths,
                                      with_expert_fallbacks)
 from quantfab.tasks.convert import FORMATS
@@ -34,7 +35,7 @@ from quantfab.tasks.families import Family, family
 from quantfab.tasks.modelio import ModelDir, pick_device, relative
 from quantfab.tasks.parallel import pmap
 from quantfab.tasks.quantize import METHODS
-from quantfab.tasks.quantize.assign import Assignment, assign_layers, sequential
+from quantfab.tasks.quantize.assign import Assignment, assign_layers, measures_inputs
 from quantfab.tasks.quantize.grids import grid_named
 from quantfab.tasks.quantize.layer import LayerInput, LayerResult
 from quantfab.tasks.quantize.layer_file import LayerFile, write_layer_file
@@ -57,24 +58,30 @@ def quantize(model: ModelManifest, calibration: CalibrationManifest, quant: Any,
             continue
         plans = assign_layers(config, weights.tensors, quant, fmt, o)
         with freed_memory_kept():
-            out[o.key] = quantize_model(model, model_dir, calibration, quant, plans, o.key, pick_device(device), store)
+            out[o.key] = quantize_model(model, model_dir, calibration, quant, plans, o.key, pick_device(device), store,
+                                        fmt.static_inputs(o))
     return QuantizeManifest(method=quant.method, outputs=out)
 
 
 def quantize_model(model: ModelManifest, model_dir: ModelDir, calibration: CalibrationManifest, quant: Any,
-                   plans: list[dict[str, Assignment]], key: str, device: torch.device, store: Store) -> QuantizedOutput:
-    """Quantize every layer by ``plans`` (per layer: Linear -> method and grid) as output ``key``.
+                   plans: list[dict[str, Assignment]], key: str, device: torch.device, store: Store,
+                   static_inputs: str | None = None) -> QuantizedOutput:
+    """Quantize every layer by ``plans`` (per layer: Linear -> method and grid) as output ``key``; with
+    ``static_inputs`` (an activation type), also choose each quantized Linear's static input scale.
 
     Layers of non-sequential methods do not depend on each other: they go through ``pmap``, which spreads
-    them over the Dask cluster when the stage runs on one.
+    them over the Dask cluster when the stage runs on one. A sequential method, or static input scales (which
+    must come from the inputs the built model's Linears get), carries the calibration tokens through the
+    layers as quantized instead.
     """
     methods = {name: cls(quant, device) for name, cls in METHODS.items()}
-    settings = _settings(quant, device)
-    if sequential(plans):
-        inputs = HiddenStates(model, model_dir, calibration, device, store)
+    settings = {**_settings(quant, device), "static_inputs": static_inputs}
+    if measures_inputs(plans, static_inputs):
+        inputs = HiddenStates(model, model_dir, calibration, device, store, histogram=static_inputs is not None)
         layers: list[Blob] = []
         for i, plan in enumerate(plans):
-            checkpoint, blob = _layer(model, model_dir, inputs, quant, plan, i, methods, settings, store, device)
+            checkpoint, blob = _layer(model, model_dir, inputs, quant, plan, i, methods, settings, store, device,
+                                      static_inputs)
             layers.append(blob)
             inputs.advance(i, checkpoint, LayerFile(store.local_path(blob)))
     else:
@@ -90,7 +97,8 @@ def quantize_model(model: ModelManifest, model_dir: ModelDir, calibration: Calib
 
 
 def _layer(model: ModelManifest, model_dir: ModelDir, inputs: Any, quant: Any, plan: dict[str, Assignment], i: int,
-           methods: dict[str, Any], settings: dict[str, Any], store: Store, device: torch.device) -> tuple[str, Blob]:
+           methods: dict[str, Any], settings: dict[str, Any], store: Store, device: torch.device,
+           static_inputs: str | None = None) -> tuple[str, Blob]:
     """Layer i's checkpoint key and committed result, computed only when the store does not hold it yet."""
     weights = model_dir.weights()
     prefix = weights.prefix(i)
@@ -126,7 +134,7 @@ def _layer(model: ModelManifest, model_dir: ModelDir, inputs: Any, quant: Any, p
                 stats, structure = inputs.stats(i, tensors)
             result = _quantize_layer(tensors, stats, with_fallbacks(plan, structure, rtn), methods, name, structure, kind)
         result.floats = {**smoothed, **result.floats}
-        blob = _commit(result, with_fallbacks(plan, structure, rtn), tensors, prefix, store, device)
+        blob = _commit(result, with_fallbacks(plan, structure, rtn), tensors, prefix, store, device, static_inputs)
         store.put_ref(CHECKPOINTS, checkpoint, blob)
     return checkpoint, blob
 
@@ -189,7 +197,7 @@ def _merge(into: LayerResult, part: LayerResult) -> None:
 
 
 def _commit(result: LayerResult, plan: dict[str, Assignment], tensors: dict[str, np.ndarray], prefix: str,
-            store: Store, device: torch.device) -> Blob:
+            store: Store, device: torch.device, static_inputs: str | None) -> Blob:
     reports = []
     for lin, a in plan.items():
         if a.grid is None:
@@ -200,10 +208,15 @@ def _commit(result: LayerResult, plan: dict[str, Assignment], tensors: dict[str,
         # The error against the float weight the codes stand for, on the inputs they were fitted to
         # (AWQ: the scaled weight and the scaled inputs, whose product is the original's).
         fitted = result.fitted.get(lin, tensors[f"{lin}.weight"])
-        error = result.stats[lin].relative_output_error(fitted, grid.decode(enc), device) if lin in result.stats else None
+        stats = result.stats.get(lin)
+        error = stats.relative_output_error(fitted, grid.decode(enc), device) if stats else None
+        scale = None
+        if static_inputs:  # measured on the layers as built, so the histogram is there (never a scaled one)
+            assert stats is not None and stats.abs_hist is not None, f"{prefix}{lin}: no input histogram"
+            scale = static_scale(stats.abs_hist, float(stats.max_abs.max()), static_inputs)
         reports.append(ModuleReport(name=prefix + lin, grid=a.grid, method=a.method,
                                     note="; ".join(filter(None, (a.note, result.notes.get(lin)))), asked=a.asked, fallback=a.fallback,
-                                    relative_output_error=error))
+                                    relative_output_error=error, input_scale=scale))
     with store.scratch_file(".safetensors") as path:
         write_layer_file(path, {prefix + lin: enc for lin, enc in result.encoded.items()},
                          {prefix + k: v for k, v in result.floats.items()}, reports)
@@ -227,7 +240,7 @@ class CalibrationStats:
         with safe_open(str(self.store.local_path(self.calibration.stats[i])), framework="numpy") as f:
             structure = structure_from_metadata(f.metadata())
             return ({k: InputStats(f.get_tensor(f"{k}.mean_abs"), f.get_tensor(f"{k}.hessian"),
-                                   int(f.get_tensor(f"{k}.count")), f.get_tensor(f"{k}.max_abs"))
+                                   int(f.get_tensor(f"{k}.count")), f.get_tensor(f"{k}.max_abs"), None)
                      for k in structure.groups}, structure)
 
     def advance(self, i: int, key: str, layer: LayerFile) -> None:
@@ -243,14 +256,14 @@ class HiddenStates:
     input measures it), then one pass carries the hidden states through the quantized layer. Otherwise (AWQ moves scales across groups) the layer's inputs are measured with its
     float weights and, once committed, a second pass carries the states through its quantized weights.
     Passes through committed layers are deferred until needed, so a rerun whose layers are all committed
-    runs none.
+    runs none. With ``histogram`` each input's |x| histogram is kept too, for static activation scales.
     """
 
     stepwise = True
 
     def __init__(self, model: ModelManifest, model_dir: ModelDir, calibration: CalibrationManifest,
-                 device: torch.device, store: Store):
-        self.device, self.store = device, store
+                 device: torch.device, store: Store, histogram: bool = False):
+        self.device, self.store, self.histogram = device, store, histogram
         self.calibration = calibration
         self.decoder = Decoder(model_dir.config(), device)
         self.weights = model_dir.weights()
@@ -269,7 +282,7 @@ class HiddenStates:
         layer = self.decoder.layer(i, {k: torch.from_numpy(v) for k, v in tensors.items()})
         structure = self.decoder.structure(i, layer, self.hidden)
         moments, _ = measure_layer(self.decoder, i, layer, self.hidden, structure, widths(tensors, structure),
-                                   self.calibration.experts, self.device)
+                                   self.calibration.experts, self.device, self.histogram)
         return {k: _input_stats(m) for k, m in moments.items()}, structure
 
     def quantize_through(self, i: int, tensors: dict[str, np.ndarray],
@@ -309,7 +322,7 @@ class HiddenStates:
     def _measure(self, i: int, layer: torch.nn.Module, structure: LayerStructure, keys: list[str],
                  width: dict[str, int]) -> dict[str, Moments]:
         """The Moments of inputs ``keys``: one pass stopping at the input for a single key, a whole pass otherwise."""
-        recorder = InputRecorder({key: structure.groups[key] for key in keys}, width, self.device)
+        recorder = InputRecorder({key: structure.groups[key] for key in keys}, width, self.device, self.histogram)
         if len(keys) == 1:
             for x in self.decoder.inputs_of(i, layer, self.hidden, keys[0]):
                 recorder.add((keys[0],), x)
@@ -338,14 +351,15 @@ class HiddenStates:
 
 
 def _input_stats(m: Moments) -> InputStats:
-    return InputStats(m.mean_abs(), m.hessian(), m.count, m.max_abs())
+    return InputStats(m.mean_abs(), m.hessian(), m.count, m.max_abs(), m.abs_histogram())
 
 
 def _settings(quant: Any, device: torch.device) -> dict[str, Any]:
     """What besides weights, inputs and grids decides a layer's codes: method options, the code, the device."""
     code = hashlib.sha256()
     for f in sorted(SOURCES.glob("*.py")) + [SOURCES.parent / n for n in ("modelio.py", "decoder.py", "families.py",
-                                                                          "calibrate.py", "gram.py", "checkpoint_map.py")]:
+                                                                          "calibrate.py", "gram.py", "checkpoint_map.py",
+                                                                          "activations.py")]:
         code.update(f.name.encode() + b"\0" + f.read_bytes())
     return {"quantize": quant.model_dump(mode="json"), "code": code.hexdigest(), "device": device.type}
 

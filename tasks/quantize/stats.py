@@ -19,20 +19,22 @@ class InputStats:
 
     ``hessian`` is the sum of x x^T over ``count`` tokens (float32, in x in out), so H / count is
     E[x x^T]; ``mean_abs`` is the per-channel mean |x| that AWQ-style methods scale by, ``max_abs`` the
-    per-channel max |x| that SmoothQuant scales by.
+    per-channel max |x| that SmoothQuant scales by, ``abs_hist`` the histogram of every |x| (activations.HIST_*)
+    that a static activation scale is chosen from (measured only for outputs with static scales).
     """
 
     mean_abs: np.ndarray  # (in,)
     hessian: np.ndarray  # (in, in)
     count: int
     max_abs: np.ndarray  # (in,)
+    abs_hist: np.ndarray | None  # (HIST_BINS,); None where not measured, or once scaled per channel
 
     def scaled(self, s: np.ndarray) -> "InputStats":
         """Statistics of x / s, the input a Linear reads once a scale s per channel moved into its weights."""
         inv = (1 / s).astype(np.float32)
         return InputStats((self.mean_abs * inv).astype(np.float32),
                           (self.hessian * inv[:, None] * inv[None, :]).astype(np.float32), self.count,
-                          (self.max_abs * inv).astype(np.float32))
+                          (self.max_abs * inv).astype(np.float32), None)
 
     def channel_energy(self) -> np.ndarray:
         """E[x_j^2] per input channel: the diagonal of the mean Hessian."""
