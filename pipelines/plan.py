@@ -175,7 +175,7 @@ def plan(recipe: Recipe, store_url: str | None) -> Plan:
     for o in recipe.outputs:
         fmt = FORMATS[o.format]
         layers = assign_layers(config, tensors, recipe.quantize, fmt, o)
-        runs_sequential |= measures_inputs(layers, fmt.static_inputs(o))
+        runs_sequential |= measures_inputs(layers, fmt.measured_scales(o))
         assigned = [a for layer in layers for a in layer.values()]
         size = sum(t.nbytes for t in fmt.plan(o, config, tensors, {a.module: a.grid for a in assigned}))
         out.sizes[o.key] = (size, size * 8 / params)

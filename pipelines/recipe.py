@@ -262,10 +262,10 @@ class Recipe(Section):
                                                         q.symmetric if o.symmetric is None else o.symmetric)
         for i, o in enumerate(self.outputs):
             for where, (method, bits, group_size, symmetric) in asks.items():
-                if method == "awq" and FORMATS[o.format].static_inputs(o):
-                    raise ValueError(f"outputs[{i}]: {o.key} has static activation scales, measured on the inputs the "
-                                     f"built layers get, and {where}.method awq rescales those inputs: use rtn or gptq "
-                                     "(with quantize.smoothquant against outliers)")
+                if method == "awq" and FORMATS[o.format].measured_scales(o):
+                    raise ValueError(f"outputs[{i}]: {o.key} has static activation or KV-cache scales, measured on the "
+                                     f"inputs the built layers get, and {where}.method awq rescales those inputs: use "
+                                     "rtn or gptq (with quantize.smoothquant against outliers)")
                 try:
                     FORMATS[o.format].grid_for(o, request(method, bits, group_size, symmetric, q))
                 except ValueError as exc:

@@ -16,6 +16,7 @@ from typing import Callable
 
 import numpy as np
 
+from quantfab.tasks.errors import UserError
 from quantfab.tasks.lazy import lazy
 
 torch = lazy("torch")
@@ -27,6 +28,18 @@ HALF_RANGE = {"fp8": E4M3_MAX, "int8": INT8_HALF_RANGE}  # what compressed-tenso
 HIST_LOG2 = (-32, 32)
 HIST_PER_OCTAVE = 16
 HIST_BINS = (HIST_LOG2[1] - HIST_LOG2[0]) * HIST_PER_OCTAVE
+
+
+@dataclass(frozen=True)
+class MeasuredScales:
+    """What an output stores from the calibration tokens carried through the layers as built: a static input
+    scale per quantized Linear for activations of type ``inputs``, KV-cache scales per layer of type ``kv``."""
+
+    inputs: str | None = None
+    kv: str | None = None
+
+    def __bool__(self) -> bool:
+        return self.inputs is not None or self.kv is not None
 
 
 @dataclass(frozen=True)
@@ -118,3 +131,66 @@ def simulate_inputs(layer: torch.nn.Module, inputs: dict[str, InputQuant]) -> No
         rule, scale = SCHEMES[q.scheme][0], q.scale
         layer.get_submodule(name).register_forward_pre_hook(
             lambda _module, args, rule=rule, scale=scale: (rule(args[0], scale), *args[1:]))
+
+
+class KVCacheStandIn:
+    """Passed to a layer's attention as its cache: the attention stores its keys (after the rotary embedding) and
+    values through ``update``, which hands them to ``on_update`` and returns what it gives back, as compressed-tensors'
+    QuantizedKVCache does for a checkpoint with a kv_cache_scheme."""
+
+    def __init__(self, on_update: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]):
+        self.on_update, self.updates = on_update, 0
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs) -> tuple:
+        self.updates += 1
+        return self.on_update(key_states, value_states)
+
+
+CACHE_ARGUMENTS = ("cache", "past_key_values")  # what attention calls its cache: transformers >= 5.25, before
+
+
+def cache_argument(module: torch.nn.Module) -> str | None:
+    import inspect
+
+    parameters = inspect.signature(module.forward).parameters
+    return next((name for name in CACHE_ARGUMENTS if name in parameters), None)
+
+
+def attention_of(layer: torch.nn.Module, where: str) -> str:
+    """The name of the one submodule of ``layer`` whose forward takes a cache: its attention."""
+    names = [n for n, m in layer.named_modules() if n and cache_argument(m)]
+    if len(names) != 1:
+        raise UserError(f"{where}: a quantized KV cache needs one attention module per layer taking a cache "
+                        f"({' or '.join(CACHE_ARGUMENTS)}); found {names or 'none'}")
+    return names[0]
+
+
+def through_kv_cache(layer: torch.nn.Module, attention: str, on_update: Callable) -> KVCacheStandIn:
+    """Route ``attention``'s keys and values (in ``layer``) through a KVCacheStandIn calling ``on_update``."""
+    cache, module = KVCacheStandIn(on_update), layer.get_submodule(attention)
+    argument = cache_argument(module)
+    module.register_forward_pre_hook(lambda _module, args, kwargs: (args, {**kwargs, argument: cache}), with_kwargs=True)
+    return cache
+
+
+def simulate_kv_cache(layer: torch.nn.Module, attention: str, k_scale: float, v_scale: float) -> KVCacheStandIn:
+    """Keys and values stored in FP8 E4M3 with one static scale each, as vLLM's fp8 KV cache holds them."""
+    return through_kv_cache(layer, attention, lambda k, v: (fp8_static(k, k_scale), fp8_static(v, v_scale)))
+
+
+class KVRecorder:
+    """The |x| histograms and maxima of the keys and values a layer stores, for its static KV-cache scales."""
+
+    def __init__(self) -> None:
+        self.hist = {name: torch.zeros(HIST_BINS, dtype=torch.float64) for name in ("k", "v")}
+        self.max = {"k": 0.0, "v": 0.0}
+
+    def add(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        for name, x in (("k", k), ("v", v)):
+            a = x.detach().abs().float().reshape(-1, x.shape[-1]).cpu()
+            add_abs_histogram(self.hist[name], a)
+            self.max[name] = max(self.max[name], float(a.max())) if a.numel() else self.max[name]
+        return k, v
+
+    def scales(self, kind: str) -> dict[str, float]:
+        return {name: static_scale(self.hist[name].numpy(), self.max[name], kind) for name in ("k", "v")}

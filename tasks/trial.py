@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from quantfab.tasks.activations import MeasuredScales
 from quantfab.tasks.calibrate import calibrate_on
 from quantfab.tasks.download import download, materialize
 from quantfab.tasks.manifests import QuantizedOutput
@@ -35,23 +36,23 @@ class Trial:
         self.calibration = calibrate_on(self.model, calibration_ids, device, store, statistics)
         self._metrics: dict[tuple, dict[str, Any]] = {}
 
-    def quantize(self, quant: Any, grid: str, static_inputs: str | None = None) -> QuantizedOutput:
+    def quantize(self, quant: Any, grid: str, measured: MeasuredScales = MeasuredScales()) -> QuantizedOutput:
         """``quant`` is a QuantizeSpec; every Linear of every layer gets its method on ``grid`` (a per-channel grid
-        made one block per row of each Linear), and a static input scale of type ``static_inputs`` if given."""
+        made one block per row of each Linear), and the ``measured`` scales."""
         shape = layout(self.config)
         units = model_units(self.config, {n: t.shape for n, t in self.weights.tensors.items()})
         plans = [{lin: Assignment(f"{shape.prefix(i)}{lin}", quant.method, self._row_grid(grid, f"{shape.prefix(i)}{lin}"))
                   for lin in linears} for i, linears in enumerate(units)]
         dev = torch.device("cuda" if self.device != "cpu" and torch.cuda.is_available() else "cpu")
         return quantize_model(self.model, self.folder, self.calibration, quant, plans, grid, dev, self.store,
-                              static_inputs)
+                              measured)
 
     def _row_grid(self, grid: str, module: str) -> str:
         g = grid_named(grid)
         return g.for_row(self.weights.tensors[f"{module}.weight"].shape[1]).name if g.block == 0 else grid
 
-    def layer_files(self, quant: Any, grid: str, static_inputs: str | None = None) -> list[LayerFile]:
-        return [LayerFile(self.store.local_path(b)) for b in self.quantize(quant, grid, static_inputs).layers]
+    def layer_files(self, quant: Any, grid: str, measured: MeasuredScales = MeasuredScales()) -> list[LayerFile]:
+        return [LayerFile(self.store.local_path(b)) for b in self.quantize(quant, grid, measured).layers]
 
     def metrics(self, quant: Any, grid: str) -> dict[str, Any]:
         """PPL of fp32 and of the build, KL(fp32 || build) and top-1 agreement, on the evaluation tokens."""

@@ -4,7 +4,8 @@ The unquantized model and every decoded output run side by side, one decoder lay
 non-overlapping windows (BOS, then window - 1 text tokens). Metrics: perplexity of each, mean
 KL(fp32 || quantized) per predicted token in nats, and top-1 agreement with the unquantized model. An output
 whose runtime quantizes activations too (FP8, INT8 W8A8) runs with its Linears' inputs quantized the same way
-(tasks/activations.py), and the report says so.
+(tasks/activations.py), and one with an FP8 KV cache with its attention's keys and values so stored; the report
+says so.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from quantfab.tasks.activations import SCHEMES, simulate_inputs
+from quantfab.tasks.activations import SCHEMES, simulate_inputs, simulate_kv_cache
 from quantfab.tasks.convert import FORMATS
 from quantfab.tasks.convert.differences import summary
 from quantfab.tasks.download import materialize
@@ -56,8 +57,12 @@ def measure(model: ModelManifest, converted: ConvertManifest, outputs: list, spe
 
 def served_as(source: Any) -> list[str]:
     """What validate simulated beyond the stored weights, e.g. activations quantized as the runtime does."""
-    used = Counter(q.scheme for q in (source.input_schemes("").values() if hasattr(source, "input_schemes") else ()))
-    return [f"{SCHEMES[s][1]} ({n} Linears), as compressed-tensors computes them" for s, n in sorted(used.items())]
+    if not hasattr(source, "input_schemes"):
+        return []
+    used = Counter(q.scheme for q in source.input_schemes("").values())
+    kv = len(source.kv_cache(""))
+    return [f"{SCHEMES[s][1]} ({n} Linears), as compressed-tensors computes them" for s, n in sorted(used.items())] + \
+        ([f"keys and values cached as FP8 E4M3, one calibrated scale each per layer ({kv} layers)"] if kv else [])
 
 
 @torch.no_grad()
@@ -89,9 +94,11 @@ def _forward(config, sources: dict[str, Any], fp32: Any, ids: torch.Tensor, dev:
         names = fp32.layer_names(i)
         for key, src in sources.items():
             layer = decoder.layer(i, relative(src.load(names), fp32.prefix(i)))
-            if hasattr(src, "input_schemes"):  # activations quantized as the runtime quantizes them
+            if hasattr(src, "input_schemes"):  # activations and KV cache quantized as the runtime quantizes them
                 schemes = src.input_schemes(fp32.prefix(i))
                 simulate_inputs(layer, {m: schemes[c] for m, c in decoder.checkpoint_modules[i].items() if c in schemes})
+                for attention, (k_scale, v_scale) in src.kv_cache(fp32.prefix(i)).items():
+                    simulate_kv_cache(layer, attention, k_scale, v_scale)
             hidden[key] = decoder.run_layer(i, layer, hidden[key])
             del layer
     return decoder, hidden

@@ -21,6 +21,7 @@ from quantfab.tasks.decoder import Decoder
 from quantfab.tasks.model_structure import layout, model_units
 from quantfab.tasks.errors import UserError
 from quantfab.tasks.modelio import CPU, ModelDir, relative
+from quantfab.tasks.quantize.layer_file import LayerFile
 from quantfab.tasks.store import Store
 from quantfab.tasks.synthetic import write_tokenizer
 from quantfab.tasks.trial import Trial
@@ -331,6 +332,57 @@ def test_each_family_builds_and_transformers_loads_what_it_ships(builds: dict, m
         assert len(stacked) == 3 * len(moe_layers) and all(int(t.shape[-1]) == 4 for t in stacked)
     # 8-bit: what ships is the model, nearly (with experts, a few tokens' routes flip: top-2 of 4 random routers)
     assert b.metrics["outputs"]["gguf-Q8_0"]["kl_divergence"] < (5e-3 if model_type in MOE else 1e-3)
+
+
+SERVED = "{format: compressed-tensors, type: int8, activations: int8, kv_cache: fp8}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model_type", sorted(FAMILIES))
+def test_each_family_ships_w8a8_with_smoothquant_and_an_fp8_kv_cache(tmp_path: Path, stages, model_type: str) -> None:
+    """SmoothQuant + GPTQ into W8A8 with an FP8 KV cache: the scales fold into each family's norms (Gemma's 1 + w
+    included), every layer's attention gets its k/v scales (latent attention is refused: its cache holds no keys),
+    and transformers, quantizing the inputs as the checkpoint says, computes validate's logits with the cache's
+    rounding left out (transformers 5.25 does not apply it: test_formats.py)."""
+    from transformers import AutoModelForCausalLM
+
+    from quantfab.tasks import validate as validate_mod
+    from quantfab.tasks.convert import FORMATS
+
+    folder = tiny_model(tmp_path / model_type, model_type)
+    served = SERVED.replace(", kv_cache: fp8", "") if model_type == "deepseek_v3" else SERVED
+    b = FamilyBuild(folder, "gptq", Store(str(tmp_path / "store")), stages,
+                    ("quantize.smoothquant={alpha: 0.5}", f"outputs=[{served}]"))
+    (key,) = [o.key for o in b.outputs]
+    smoothed = {n for blob in b.quantized.outputs[key].layers
+                for n in LayerFile(b.store.local_path(blob)).float_names() if n.endswith("norm.weight")}
+    # each layer's norm-fed groups of quantized Linears: attention's and the MLP's. With experts the MLP's norm feeds
+    # the float router and a gather (DeepSeek's feeds its shared expert, and its attention has a q_a norm too);
+    # OLMo 2 normalises outputs, so its Linears read the residual stream
+    per_layer = {"olmo2": 0, "mixtral": 1, "qwen3_moe": 1, "deepseek_v3": 3}.get(model_type, 2)
+    assert len(smoothed) == per_layer * 2, smoothed
+    path = b.written(key)
+    reader = FORMATS["compressed-tensors"].reader(path, b.folder.config())
+    assert len(reader.kv_scales) == (0 if model_type == "deepseek_v3" else 2)
+    assert 0 < b.metrics["outputs"][key]["kl_divergence"] < 0.5
+    if model_type in MOE:  # transformers 5.25 stops loading int-quantized experts: fusing their weights into
+        return  # gate_up_proj, its conversion finds none (pack-quantized ones load: the test above)
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        theirs = hf(torch.from_numpy(b.ids)).logits
+    reader.kv_scales = {}
+    ours = validate_mod.logits(b.folder.config(), reader, b.folder.weights(), b.ids)
+    assert (theirs - ours).abs().max().item() <= LOGIT_ATOL, (theirs - ours).abs().max().item()
+
+
+def test_an_fp8_kv_cache_is_refused_for_latent_attention_at_plan_time(tmp_path: Path) -> None:
+    from quantfab.pipelines.plan import plan
+    from quantfab.pipelines.recipe_loading import load_recipe
+
+    folder = tiny_model(tmp_path / "deepseek_v3", "deepseek_v3")
+    recipe = load_recipe(REPO / "recipes" / "tinystories-656k-q4_0.yaml", [f"model.source={folder}", f"outputs=[{SERVED}]"])
+    with pytest.raises(UserError, match="deepseek_v3.*multi-head latent attention"):
+        plan(recipe, str(tmp_path / "store"))
 
 
 @pytest.mark.llama_cpp

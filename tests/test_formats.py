@@ -23,8 +23,10 @@ from quantfab.tasks import calibrate as calibrate_mod
 from quantfab.tasks import download as download_mod
 from quantfab.tasks import validate as validate_mod
 from quantfab.tasks.convert import FORMATS
+from quantfab.tasks.convert.compressed_tensors import CompressedTensorsOptions
 from quantfab.tasks.convert.stage import convert
 from quantfab.tasks.download import materialize
+from quantfab.tasks.errors import UserError
 from quantfab.tasks.quantize.grids import grid_named
 from quantfab.tasks.quantize.layer_file import LayerFile
 from quantfab.tasks.quantize.stage import quantize
@@ -50,6 +52,8 @@ BUILDS = {  # name -> recipe overrides
     "sq-gptq-w8a8": ["quantize.method=gptq", "quantize.smoothquant={alpha: 0.8}", f"outputs=[{W8A8_OUTPUT}]"],
     "fp8-static": ["quantize.method=rtn", "outputs=[{format: compressed-tensors, type: fp8, activation_scales: static}]"],
     "gptq-w8a8-static": ["quantize.method=gptq", f"outputs=[{W8A8_OUTPUT[:-1]}, activation_scales: static}}]"],
+    "kv": ["quantize.method=gptq", "outputs=[{format: compressed-tensors, type: fp8, kv_cache: fp8}, "
+           "{format: compressed-tensors, type: int4, kv_cache: fp8}]"],
 }
 FP8 = "compressed-tensors-fp8-channel"
 W8A8 = "compressed-tensors-int8-channel-aint8"
@@ -158,8 +162,8 @@ def consumer_cases() -> list:
     cases = []
     for build, overrides in BUILDS.items():
         for o in load_recipe(RECIPE, overrides).outputs:
-            # (outputs that quantize activations: test_activation_schemes_are_served_by_...)
-            if o.format == "compressed-tensors" and o.input_activations == "float":
+            # (outputs that quantize activations or the KV cache: the tests of those, below)
+            if o.format == "compressed-tensors" and o.input_activations == "float" and not o.kv_cache:
                 cases += [(build, o.key, c) for c in CONSUMERS if c != "transformers" or o.symmetric]
     return cases
 
@@ -238,6 +242,63 @@ def test_activation_schemes_are_served_by_transformers_and_compressed_tensors_as
         for name, value in {**b.reconstruction(key), **floats}.items():
             assert torch.equal(state[name], torch.from_numpy(value)), name
         assert torch.equal(theirs, served), load.__name__
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("key", [f"{FP8}-kvfp8", "compressed-tensors-int4-g128-kvfp8"])
+def test_an_fp8_kv_cache_is_stored_as_vllm_loads_it_and_validate_rounds_it_as_compressed_tensors_does(
+        builds: dict[str, Build], eval_ids: np.ndarray, key: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """kv_cache fp8 beside FP8_DYNAMIC and beside W4A16 weights: the config's kv_cache_scheme is the one vLLM's
+    compressed-tensors loader accepts (per-tensor, static, symmetric FP8) and each attention stores one k_scale and
+    one v_scale in the model's float type, under the names vLLM remaps to its attention. validate's logits equal
+    those of the same forward whose keys and values go through compressed-tensors' own ``forward_quantize`` with
+    the stored scales, as its QuantizedKVCache calls it; the cache's rounding matters.
+
+    (transformers 5.25 with compressed-tensors 0.20 loads these checkpoints without quantizing the cache: the
+    attention's cache argument is now ``cache``, which compressed-tensors' is_cached_attention_module does not
+    look for, so the scales load as unexpected keys; vLLM reads them with its own loader.)"""
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationStatus
+    from compressed_tensors.quantization.lifecycle.forward import forward_quantize
+
+    from quantfab.tasks.activations import through_kv_cache
+
+    b = builds["kv"]
+    path = b.written(key)
+    qc = json.loads((path / "config.json").read_text())["quantization_config"]
+    scheme = {k: qc["kv_cache_scheme"][k] for k in ("num_bits", "type", "strategy", "dynamic", "symmetric")}
+    assert scheme == {"num_bits": 8, "type": "float", "strategy": "tensor", "dynamic": False, "symmetric": True}
+    reader = FORMATS["compressed-tensors"].reader(path, b.folder.config())
+    assert sorted(reader.kv_scales) == ["model.layers.0.self_attn", "model.layers.1.self_attn"]
+    for attention, (k_scale, v_scale) in reader.kv_scales.items():
+        assert reader.raw(f"{attention}.k_scale").dtype == torch.float32 and 0 < k_scale and 0 < v_scale
+    assert validate_mod.served_as(reader)[-1] == "keys and values cached as FP8 E4M3, one calibrated scale each per " \
+        "layer (2 layers)"
+    served = validate_mod.logits(b.folder.config(), reader, b.folder.weights(), eval_ids)
+
+    args = QuantizationArgs(**scheme)
+
+    def compressed_tensors_rounding(layer: torch.nn.Module, attention: str, k_scale: float, v_scale: float) -> None:
+        holder = torch.nn.Module()  # what forward_quantize reads of the attention: its status and k/v scales
+        holder.quantization_status = QuantizationStatus.COMPRESSED
+        for name, scale in (("k", k_scale), ("v", v_scale)):
+            holder.register_parameter(f"{name}_scale", torch.nn.Parameter(torch.tensor([scale]), requires_grad=False))
+        through_kv_cache(layer, attention, lambda k, v: (forward_quantize(holder, k, "k", args),
+                                                         forward_quantize(holder, v, "v", args)))
+
+    monkeypatch.setattr(validate_mod, "simulate_kv_cache", compressed_tensors_rounding)
+    theirs = validate_mod.logits(b.folder.config(), reader, b.folder.weights(), eval_ids)
+    monkeypatch.undo()
+    assert torch.equal(theirs, served)
+    reader.kv_scales = {}
+    assert (served - validate_mod.logits(b.folder.config(), reader, b.folder.weights(), eval_ids)).abs().max() > 1e-3
+
+
+def test_a_kv_cache_is_refused_for_latent_attention_whose_cache_holds_no_keys() -> None:
+    from transformers import DeepseekV3Config
+
+    options = CompressedTensorsOptions(type="fp8", kv_cache="fp8")
+    with pytest.raises(UserError, match="uses multi-head latent attention, whose cache holds a compressed latent"):
+        FORMATS["compressed-tensors"].plan(options, DeepseekV3Config(), {}, {})
 
 
 def from_pretrained_holding(path: Path, stored: torch.dtype) -> torch.nn.Module:

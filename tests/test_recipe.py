@@ -533,8 +533,8 @@ def test_a_w8a8_override_to_other_bits_is_refused(tmp_path):
 def test_static_activation_scales_with_awq_are_refused(tmp_path):
     path = write_recipe(tmp_path, lambda d: (set_in(d, "quantize.method", "awq"), d.update(outputs=[
         {"format": "compressed-tensors", "type": "fp8", "activation_scales": "static"}])))
-    assert "compressed-tensors-fp8-channel-static has static activation scales, measured on the inputs the built " \
-        "layers get, and quantize.method awq rescales those inputs" in load_error(path)
+    assert "compressed-tensors-fp8-channel-static has static activation or KV-cache scales, measured on the inputs " \
+        "the built layers get, and quantize.method awq rescales those inputs" in load_error(path)
 
 
 def test_smoothquant_with_awq_is_refused(tmp_path):

@@ -85,6 +85,8 @@ ACTIVATION_SCHEMES = {
     "fp8-static": ("rtn", "float-static", None), "gptq-fp8-static": ("gptq", "float-static", None),
     "w8a8-static": ("rtn", "int-static", None), "sq-gptq-w8a8-static": ("gptq", "int-static", 0.8),
 }
+# the same with an FP8 KV cache (kv_cache_scheme: per-tensor static k/v scales), name -> the scheme it extends
+KV_SCHEMES = {"fp8-dynamic-kvfp8": "fp8-dynamic", "gptq-fp8-dynamic-kvfp8": "gptq-fp8-dynamic"}
 # the lead's reference figures (ppl, kl) under this protocol
 REFERENCE = {
     "fp32": (30.968, 0.0),
@@ -160,7 +162,7 @@ def make_recipe(method: str, symmetric: bool, group_size: int):
     raise ValueError(method)
 
 
-def make_activation_recipe(method: str, preset: str, smoothing: float | None):
+def make_activation_recipe(method: str, preset: str, smoothing: float | None, kv: bool = False):
     from llmcompressor.modifiers.gptq import GPTQModifier
     from llmcompressor.modifiers.quantization import QuantizationModifier
     from llmcompressor.modifiers.transform.smoothquant import SmoothQuantModifier
@@ -175,7 +177,10 @@ def make_activation_recipe(method: str, preset: str, smoothing: float | None):
             input_activations=QuantizationArgs(num_bits=8, type=kind, symmetric=True, strategy="tensor", dynamic=False))
         quantize = modifier(config_groups={"group_0": scheme}, ignore=["lm_head"])
     else:
-        quantize = modifier(targets="Linear", scheme=preset, ignore=["lm_head"])
+        from compressed_tensors.quantization import QuantizationArgs
+
+        kv_args = QuantizationArgs(num_bits=8, type="float", symmetric=True, strategy="tensor", dynamic=False)
+        quantize = modifier(targets="Linear", scheme=preset, ignore=["lm_head"], kv_cache_scheme=kv_args if kv else None)
     return ([SmoothQuantModifier(smoothing_strength=smoothing)] if smoothing is not None else []) + [quantize]
 
 
@@ -325,10 +330,10 @@ def part_tinystories(args, on_result=None) -> dict:
             "rows_digest": P.tokens_digest(rows), "eval_digest": P.tokens_digest(chunks)}
     crosschecked: set[str] = set()
     for name in names:
-        if name in ACTIVATION_SCHEMES:
-            method, preset, smoothing = ACTIVATION_SCHEMES[name]
+        if name in ACTIVATION_SCHEMES or name in KV_SCHEMES:
+            method, preset, smoothing = ACTIVATION_SCHEMES[KV_SCHEMES.get(name, name)]
             model = copy.deepcopy(base)
-            secs = run_oneshot(model, tok, rows, make_activation_recipe(method, preset, smoothing))
+            secs = run_oneshot(model, tok, rows, make_activation_recipe(method, preset, smoothing, name in KV_SCHEMES))
             r = P.evaluate(model, chunks, reference=ref)  # the wrapped model: weights and inputs quantized
             results[name] = {"method": method, "preset": preset, "smoothing_strength": smoothing, "ppl": r["ppl"],
                              "kl": r["kl"], "top1": r["top1"], "seconds": secs, "scored": "oneshot's wrapped model"}
@@ -454,7 +459,7 @@ def part_synthetic(args) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("part", choices=["tinystories", "synthetic", "all"])
-    ap.add_argument("--schemes", nargs="*", choices=[*SCHEMES, *ACTIVATION_SCHEMES], default=None)
+    ap.add_argument("--schemes", nargs="*", choices=[*SCHEMES, *ACTIVATION_SCHEMES, *KV_SCHEMES], default=None)
     ap.add_argument("--text-per-row", type=int, default=P.CALIB_TEXT,
                     help="text tokens per calibration row after the BOS (protocol: 256)")
     ap.add_argument("--crosscheck", choices=["all", "first", "none"], default="first",

@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import protocol  # noqa: E402
 
 from quantfab.pipelines.recipe import QuantizeSpec, SmoothQuantSpec  # noqa: E402
-from quantfab.tasks.activations import InputQuant, simulate_inputs  # noqa: E402
+from quantfab.tasks.activations import InputQuant, MeasuredScales, simulate_inputs, simulate_kv_cache  # noqa: E402
 from quantfab.tasks.calibrate import calibrate_on  # noqa: E402
 from quantfab.tasks.store import Store  # noqa: E402
 from quantfab.tasks.trial import Trial  # noqa: E402
@@ -54,6 +54,7 @@ ACTIVATION_SCHEMES = {
     "w8a8-static": ("rtn", "INT8_CH_SYM", "int8-tensor", None),
     "sq-gptq-w8a8-static": ("gptq", "INT8_CH_SYM", "int8-tensor", 0.8),
 }
+KV_SCHEMES = {"fp8-dynamic-kvfp8": "fp8-dynamic", "gptq-fp8-dynamic-kvfp8": "gptq-fp8-dynamic"}  # + an FP8 KV cache
 STATIC = {"fp8-tensor": "fp8", "int8-tensor": "int8"}  # static input scheme -> the activation type quantize scales
 
 SYN_DIR = Path(os.environ.get("BENCH_CACHE", "/work/bench-cache")) / "synthetic-8x1024"
@@ -115,7 +116,8 @@ def main() -> None:
     ap.add_argument("--data", type=Path, default=Path(os.environ.get("QUANTFAB_DATA", "../shared/data")))
     ap.add_argument("--peer", type=Path, default=Path(__file__).resolve().parent / "results-tinystories.json")
     ap.add_argument("--out", type=Path, help="also write our figures here as JSON")
-    ap.add_argument("--schemes", nargs="*", default=None, choices=[*SCHEMES, *ACTIVATION_SCHEMES], metavar="SCHEME")
+    ap.add_argument("--schemes", nargs="*", default=None, choices=[*SCHEMES, *ACTIVATION_SCHEMES, *KV_SCHEMES],
+                    metavar="SCHEME")
     ap.add_argument("--synthetic", action="store_true", help="time the quantize stage on the synthetic 8 x 1024 Llama")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where calibration and the methods run")
@@ -145,17 +147,24 @@ def main() -> None:
         print(f"{'scheme':<15} {'PPL ours':>9} {'PPL peer':>9} {'KL ours':>8} {'KL peer':>8} {'KL o/p':>7} "
               f"{'s ours':>7} {'s peer':>7} {'s o/p':>6}")
         for scheme in args.schemes:
-            method, grid, inputs, alpha = ACTIVATION_SCHEMES.get(scheme) or (*SCHEMES[scheme], None, None)
+            kv = "fp8" if scheme in KV_SCHEMES else None
+            method, grid, inputs, alpha = ACTIVATION_SCHEMES.get(KV_SCHEMES.get(scheme, scheme)) or \
+                (*SCHEMES[scheme], None, None)
             quant = QuantizeSpec(method=method, smoothquant=None if alpha is None else SmoothQuantSpec(alpha=alpha))
             t = time.perf_counter()
-            layers = trial.layer_files(quant, grid, STATIC.get(inputs))
+            layers = trial.layer_files(quant, grid, MeasuredScales(STATIC.get(inputs), kv))
             seconds = time.perf_counter() - t
             model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
             state = {}
             for lf in layers:
                 state.update(lf.weights())
+            kv_scales = {name: float(state.pop(name)[0]) for name in list(state) if name.endswith(("k_scale", "v_scale"))}
             missing, unexpected = model.load_state_dict(state, strict=False)
             assert not unexpected, unexpected
+            for i, layer in enumerate(model.model.layers):  # keys and values through the FP8 cache, as validate does
+                if f"model.layers.{i}.self_attn.k_scale" in kv_scales:
+                    simulate_kv_cache(layer, "self_attn", kv_scales[f"model.layers.{i}.self_attn.k_scale"],
+                                      kv_scales[f"model.layers.{i}.self_attn.v_scale"])
             if inputs:
                 simulate_inputs(model, {r.name: InputQuant(inputs, r.input_scale) for lf in layers for r in lf.reports()
                                         if r.grid})

@@ -20,6 +20,12 @@ a float32 model, else float16, as above), with dynamic symmetric per-token INT8 
 it on int8 tensor cores. Decoded by compressed-tensors' ``IntQuantizationCompressor``. ``activations: float``
 on fp8 is FP8 weight-only (vLLM dequantizes it in its Marlin kernel).
 
+``kv_cache: fp8`` (llm-compressor's ``kv_cache_scheme``, vLLM's ``--kv-cache-dtype fp8``): each attention stores its
+keys (after the rotary embedding) and values in FP8 E4M3 with one static scale each, ``self_attn.k_scale`` and
+``v_scale`` (per tensor: vLLM's compressed-tensors loader takes no other), chosen as static input scales are from
+the keys and values of the calibration tokens through the built layers. Not for multi-head latent attention,
+whose cache holds a compressed latent.
+
 ``activation_scales: static`` (llm-compressor's static FP8 and INT8 schemes): instead of a scale per token at run
 time, each quantized Linear stores ``input_scale``, one float32 scale that quantize chose from the histogram of
 its input on the calibration tokens, measured through the layers as built (activations.static_scale: the clip
@@ -38,7 +44,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from quantfab.kernels.verdict import Verdict, compare
-from quantfab.tasks.activations import InputQuant
+from quantfab.tasks.activations import InputQuant, MeasuredScales
 from quantfab.kernels.words import PackedInts, WordLayout, pack_words, verify_words
 from quantfab.tasks.convert.hf_folder import FolderWeights, HFFolderFormat, PlannedTensor, write_folder
 from quantfab.tasks.errors import UserError
@@ -75,6 +81,10 @@ class CompressedTensorsOptions(BaseModel):
         "dynamic", description="dynamic: each token's activations scaled by their absmax at run time. static: one "
         "scale per Linear input, stored in the checkpoint, from the largest |x| on the calibration tokens (cheaper "
         "at run time; inputs beyond the calibrated range saturate).")
+    kv_cache: Literal["fp8"] | None = Field(
+        None, description="fp8: the attention's keys and values cached in FP8 E4M3 with one calibrated scale each per "
+        "layer (vLLM's --kv-cache-dtype fp8, loaded from the checkpoint), combinable with any weight type; validate "
+        "simulates it.")
 
     @model_validator(mode="after")
     def _activations_match_the_weights(self) -> "CompressedTensorsOptions":
@@ -98,7 +108,8 @@ class CompressedTensorsOptions(BaseModel):
         group = self.group_size or DEFAULT_GROUP[self.type]
         acts = "" if self.input_activations == DEFAULT_ACTIVATIONS[self.type] else f"-a{self.input_activations}"
         return f"compressed-tensors-{self.type}-{'channel' if group == 'channel' else f'g{group}'}" + \
-            ("" if self.symmetric else "-asym") + acts + ("-static" if self.activation_scales == "static" else "")
+            ("" if self.symmetric else "-asym") + acts + ("-static" if self.activation_scales == "static" else "") + \
+            (f"-kv{self.kv_cache}" if self.kv_cache else "")
 
 
 INT_QUANTIZED = "int-quantized"  # PlannedTensor.storage of a W8A8 Linear: int8 ``weight``, not ``weight_packed``
@@ -144,13 +155,17 @@ class CompressedTensorsFormat(HFFolderFormat):
         side = "SYM" if symmetric else "ASYM"
         return grid_named(f"INT{bits}_CH_{side}" if group == "channel" else f"INT{bits}_G{group}_{side}")
 
-    def static_inputs(self, options: CompressedTensorsOptions) -> str | None:
-        return options.input_activations if options.activation_scales == "static" else None
+    def measured_scales(self, options: CompressedTensorsOptions) -> MeasuredScales:
+        return MeasuredScales(options.input_activations if options.activation_scales == "static" else None,
+                              options.kv_cache)
 
     def plan(self, options: CompressedTensorsOptions, config, tensors: dict[str, TensorInfo], grids: dict[str, str | None],
              as_asked: bool = False) -> list[PlannedTensor]:
         """W8A8's Linears are int-quantized: the pack-quantized bytes less ``weight_shape`` (two int64); a static
         scheme's Linears add a float32 ``input_scale``."""
+        if options.kv_cache and getattr(config, "kv_lora_rank", None):
+            raise UserError(f"{options.key}: model_type {config.model_type!r} uses multi-head latent attention, whose "
+                            "cache holds a compressed latent rather than keys and values: drop kv_cache")
         planned = super().plan(options, config, tensors, grids, as_asked)
         static = 4 if options.activation_scales == "static" else 0
         if options.input_activations == "int8":
@@ -159,7 +174,8 @@ class CompressedTensorsFormat(HFFolderFormat):
 
     def write(self, path: Path, options: CompressedTensorsOptions, model: ModelDir, planned: list[PlannedTensor],
               tensor_data: Callable[[PlannedTensor], dict[str, torch.Tensor]], name: str) -> None:
-        qc = quantization_config(planned, options.input_activations, options.activation_scales == "static")
+        qc = quantization_config(planned, options.input_activations, options.activation_scales == "static",
+                                 options.kv_cache)
         write_folder(path, model, qc, planned, lambda t: {**tensor_data(t), **input_scale(options, t)})
 
     def pack(self, t: PlannedTensor, enc: Encoded) -> dict[str, torch.Tensor]:
@@ -216,14 +232,16 @@ def layouts(bits: int) -> tuple[WordLayout, WordLayout]:
     return WordLayout(bits, 1, True, offset), WordLayout(bits, 0, False, offset)
 
 
-def quantization_config(weights: list[PlannedTensor], activations: str, static: bool = False) -> dict:
+def quantization_config(weights: list[PlannedTensor], activations: str, static: bool = False,
+                        kv_cache: str | None = None) -> dict:
     """compressed-tensors' own QuantizationConfig: one config group per scheme, float Linears ignored; the
     quantized Linears' inputs quantized as ``activations`` says (float: not at all), per token at run time or,
-    ``static``, by one stored scale per Linear."""
+    ``static``, by one stored scale per Linear; with ``kv_cache`` its ``kv_cache_scheme``."""
     from compressed_tensors import __version__ as ct_version
     from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
 
     linears = [t for t in weights if len(t.shape) == 2 and "embed_tokens" not in t.hf_name]
+    kv = QuantizationArgs(num_bits=8, type="float", symmetric=True, strategy="tensor", dynamic=False) if kv_cache else None
     by_args: dict[tuple, list[str]] = {}  # (type, bits, symmetric, group size or None for channel) -> modules
     for t in linears:
         if t.grid:
@@ -249,7 +267,7 @@ def quantization_config(weights: list[PlannedTensor], activations: str, static: 
         ignore.append("lm_head")  # tied to the embedding, so not stored, but the loader still builds the Linear
     fmt = "float-quantized" if kinds == {"float"} else INT_QUANTIZED if activations == "int8" else "pack-quantized"
     qc = QuantizationConfig(config_groups=groups, format=fmt, quantization_status="compressed",
-                            ignore=ignore)
+                            ignore=ignore, kv_cache_scheme=kv)
     return {"version": ct_version, **qc.model_dump(mode="json", exclude_none=False)}
 
 
@@ -278,7 +296,22 @@ def compressed_tensors_weights(path: Path) -> FolderWeights:
     folder = FolderWeights(path, "weight_scale" if naive is not None else "weight_packed", decode)
     modules = [n.removesuffix(".weight_scale") for n in folder.index.tensors if n.endswith(".weight_scale")]
     folder.inputs = {m: q for m in modules if (q := input_quant(folder, m, scheme_of(path, m, schemes))) is not None}
+    if stored.get("kv_cache_scheme"):
+        folder.kv_scales = kv_scales(folder, stored["kv_cache_scheme"])
     return folder
+
+
+def kv_scales(folder: FolderWeights, scheme: dict) -> dict[str, tuple[float, float]]:
+    """Attention module -> its stored (k_scale, v_scale), for a kv_cache_scheme validate can simulate."""
+    if {k: scheme.get(k) for k in ("num_bits", "type", "strategy", "dynamic", "symmetric")} != \
+            {"num_bits": 8, "type": "float", "strategy": "tensor", "dynamic": False, "symmetric": True}:
+        raise UserError(f"{folder.path / 'config.json'}: kv_cache_scheme {scheme} cannot be simulated by validate "
+                        "(it simulates FP8 with a static scale per tensor, what vLLM loads)")
+    attention = sorted(n.removesuffix(".k_scale") for n in folder.index.tensors if n.endswith(".k_scale"))
+    if not attention:
+        raise UserError(f"{folder.path}: kv_cache_scheme is set but no attention stores a k_scale")
+    return {a: (float(folder.raw(f"{a}.k_scale").float().reshape(-1)[0]),
+                float(folder.raw(f"{a}.v_scale").float().reshape(-1)[0])) for a in attention}
 
 
 def scheme_of(path: Path, module: str, schemes: list) -> Any:

@@ -23,6 +23,7 @@ import gguf
 import numpy as np
 from pydantic import BaseModel, ConfigDict
 
+from quantfab.tasks.activations import MeasuredScales
 from quantfab.kernels.gguf_blocks import pack_gguf, verify_gguf
 from quantfab.kernels.verdict import Verdict
 from quantfab.tasks.convert.gguf_layouts import METADATA, SPLITS, split_of
@@ -139,8 +140,8 @@ class GGUFFormat:
     def stores_codes(self, options: GGUFOptions) -> bool:
         return options.type in DEFAULT_TYPE
 
-    def static_inputs(self, options: GGUFOptions) -> str | None:
-        return None  # llama.cpp quantizes no activation with a stored scale
+    def measured_scales(self, options: GGUFOptions) -> MeasuredScales:
+        return MeasuredScales()  # llama.cpp quantizes no activation or cache entry with a stored scale
 
     def float_note(self, options: GGUFOptions, preset: str | None) -> str | None:
         """Why a tensor the file holds split keeps floats for the methods (what assign reports); None: the usual."""

@@ -16,7 +16,7 @@ from typing import Any, Callable
 import numpy as np
 from safetensors import safe_open
 
-from quantfab.tasks.activations import InputQuant
+from quantfab.tasks.activations import InputQuant, MeasuredScales
 from quantfab.tasks.modelio import ModelDir, TensorInfo, WeightIndex
 from quantfab.tasks.lazy import lazy
 
@@ -79,10 +79,10 @@ class HFFolderFormat:
     def stores_codes(self, options: Any) -> bool:
         return True
 
-    def static_inputs(self, options: Any) -> str | None:
-        """The activation type (activations.HALF_RANGE) whose static scale the output stores beside each quantized
-        Linear, chosen by quantize (ModuleReport.input_scale); None: none."""
-        return None
+    def measured_scales(self, options: Any) -> MeasuredScales:
+        """The scales the output stores from the calibration tokens carried through the built layers: static input
+        scales (ModuleReport.input_scale) and KV-cache scales (layer-file floats), chosen by quantize."""
+        return MeasuredScales()
 
     def presets(self, options: Any, config, tensors: dict[str, TensorInfo]) -> dict[str, str | None]:
         """No per-tensor choice: every Linear takes the grid ``grid_for`` gives the recipe's request."""
@@ -153,6 +153,7 @@ class FolderWeights:
     def __init__(self, path: Path, packed_suffix: str, decode: Callable[[str, "FolderWeights"], torch.Tensor]):
         self.path = path
         self.inputs: dict[str, InputQuant] = {}  # module -> how the runtime quantizes its input (a format may fill it)
+        self.kv_scales: dict[str, tuple[float, float]] = {}  # attention module -> its FP8 KV-cache (k, v) scales
         self.config = json.loads((path / "config.json").read_text())
         self.index = WeightIndex(sorted(path.glob("*.safetensors")), bool(self.config.get("tie_word_embeddings")))
         self.packed_suffix, self.decode = packed_suffix, decode
@@ -161,6 +162,10 @@ class FolderWeights:
         """A stored tensor as written (packed integers stay integers)."""
         with safe_open(str(self.index.tensors[name].file), framework="pt") as f:
             return f.get_tensor(name)
+
+    def kv_cache(self, prefix: str) -> dict[str, tuple[float, float]]:
+        """The attention modules under ``prefix`` (names relative to it) whose KV cache the runtime quantizes."""
+        return {m.removeprefix(prefix): s for m, s in self.kv_scales.items() if m.startswith(prefix)}
 
     def input_schemes(self, prefix: str) -> dict[str, InputQuant]:
         """How the runtime quantizes the inputs of the Linears under ``prefix`` (names relative to it)."""

@@ -18,6 +18,7 @@ import numpy as np
 
 from quantfab.kernels.backends import current
 from quantfab.tasks.convert import FORMATS, differences
+from quantfab.tasks.convert.hf_folder import PlannedTensor, model_dtype
 from quantfab.tasks.download import materialize
 from quantfab.tasks.manifests import (ConvertManifest, FormatFile, Mismatch, ModelManifest, QuantizedOutput,
                                       QuantizeManifest, Verification, weight_bytes)
@@ -50,11 +51,16 @@ def convert_output(job: OutputJob) -> FormatFile:
     fmt = FORMATS[o.format]
     grids = {m.name: m.grid for m in q.modules} if q else {}
     planned = fmt.plan(o, config, weights.tensors, grids)
-    if fmt.static_inputs(o):  # the static activation scales quantize chose
+    measured = fmt.measured_scales(o)
+    if measured.inputs:  # the static activation scales quantize chose
         scales = {m.name: m.input_scale for m in q.modules} if q else {}
         planned = [replace(t, input_scale=scales.get(t.hf_name.removesuffix(".weight"))) for t in planned]
     layer_files = [LayerFile(store.local_path(b)) for b in q.layers] if q else []
     replaced = {k: i for i, lf in enumerate(layer_files) for k in lf.float_names()}
+    if measured.kv:  # the KV-cache scales quantize measured, stored as floats of the model's type beside the rest
+        dtype = model_dtype(config)
+        planned += [PlannedTensor(name, (1,), None, dtype, dtype.itemsize) for name in sorted(replaced)
+                    if name.endswith((".k_scale", ".v_scale"))]
 
     def float_weight(t) -> np.ndarray:
         if t.hf_name in replaced:  # a float the method changed, e.g. an AWQ-scaled norm

@@ -123,16 +123,17 @@ def reads_statistics(config, tensors: dict[str, TensorInfo], quant: Any, outputs
         if quant.smoothquant is not None:  # its scales come from the unquantized model's input ranges
             return True
         layers = assign_layers(config, tensors, quant, FORMATS[o.format], o)
-        if not measures_inputs(layers, FORMATS[o.format].static_inputs(o)) and (quant.module_report or any(
+        if not measures_inputs(layers, FORMATS[o.format].measured_scales(o)) and (quant.module_report or any(
                 METHODS[a.method].reads_inputs for layer in layers for a in layer.values() if a.grid)):
             return True
     return False
 
 
-def measures_inputs(plans: list[dict[str, Assignment]], static_inputs: str | None) -> bool:
+def measures_inputs(plans: list[dict[str, Assignment]], measured: Any) -> bool:
     """Whether an output's layers are fitted in one pass of the calibration tokens through the model as built: a
-    sequential method needs it, and so do static activation scales (the inputs the served Linears will get)."""
-    return sequential(plans) or static_inputs is not None
+    sequential method needs it, and so do scales measured there (activations.MeasuredScales: static input and
+    KV-cache scales, from the inputs and keys the served layers will get)."""
+    return sequential(plans) or bool(measured)
 
 
 def sequential(plans: list[dict[str, Assignment]]) -> bool:

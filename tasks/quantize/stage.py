@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -23,7 +23,8 @@ import numpy as np
 import torch
 from safetensors import safe_open
 
-from quantfab.tasks.activations import static_scale
+from quantfab.tasks.activations import (KVRecorder, MeasuredScales, attention_of, static_scale,
+                                        through_kv_cache)
 from quantfab.tasks.calibrate import (InputRecorder, Moments, measure_layer, structure_from_metadata, widths,
                                      with_expert_fallbacks)
 from quantfab.tasks.convert import FORMATS
@@ -31,6 +32,7 @@ from quantfab.tasks.decoder import Decoder, LayerStructure
 from quantfab.tasks.download import materialize
 from quantfab.tasks.malloc import freed_memory_kept
 from quantfab.tasks.manifests import CalibrationManifest, ModelManifest, ModuleReport, QuantizedOutput, QuantizeManifest
+from quantfab.tasks.errors import UserError
 from quantfab.tasks.families import Family, family
 from quantfab.tasks.modelio import ModelDir, pick_device, relative
 from quantfab.tasks.parallel import pmap
@@ -59,29 +61,29 @@ def quantize(model: ModelManifest, calibration: CalibrationManifest, quant: Any,
         plans = assign_layers(config, weights.tensors, quant, fmt, o)
         with freed_memory_kept():
             out[o.key] = quantize_model(model, model_dir, calibration, quant, plans, o.key, pick_device(device), store,
-                                        fmt.static_inputs(o))
+                                        fmt.measured_scales(o))
     return QuantizeManifest(method=quant.method, outputs=out)
 
 
 def quantize_model(model: ModelManifest, model_dir: ModelDir, calibration: CalibrationManifest, quant: Any,
                    plans: list[dict[str, Assignment]], key: str, device: torch.device, store: Store,
-                   static_inputs: str | None = None) -> QuantizedOutput:
-    """Quantize every layer by ``plans`` (per layer: Linear -> method and grid) as output ``key``; with
-    ``static_inputs`` (an activation type), also choose each quantized Linear's static input scale.
+                   measured: MeasuredScales = MeasuredScales()) -> QuantizedOutput:
+    """Quantize every layer by ``plans`` (per layer: Linear -> method and grid) as output ``key``, and choose the
+    scales ``measured`` asks for: each quantized Linear's static input scale, each layer's KV-cache scales.
 
     Layers of non-sequential methods do not depend on each other: they go through ``pmap``, which spreads
-    them over the Dask cluster when the stage runs on one. A sequential method, or static input scales (which
-    must come from the inputs the built model's Linears get), carries the calibration tokens through the
-    layers as quantized instead.
+    them over the Dask cluster when the stage runs on one. A sequential method, or measured scales (which must
+    come from what the built model's layers get), carries the calibration tokens through the layers as
+    quantized instead.
     """
     methods = {name: cls(quant, device) for name, cls in METHODS.items()}
-    settings = {**_settings(quant, device), "static_inputs": static_inputs}
-    if measures_inputs(plans, static_inputs):
-        inputs = HiddenStates(model, model_dir, calibration, device, store, histogram=static_inputs is not None)
+    settings = {**_settings(quant, device), "measured": asdict(measured)}
+    if measures_inputs(plans, measured):
+        inputs = HiddenStates(model, model_dir, calibration, device, store, measured)
         layers: list[Blob] = []
         for i, plan in enumerate(plans):
             checkpoint, blob = _layer(model, model_dir, inputs, quant, plan, i, methods, settings, store, device,
-                                      static_inputs)
+                                      measured.inputs)
             layers.append(blob)
             inputs.advance(i, checkpoint, LayerFile(store.local_path(blob)))
     else:
@@ -129,6 +131,7 @@ def _layer(model: ModelManifest, model_dir: ModelDir, inputs: Any, quant: Any, p
                 return {lin: grid_named(group[lin].grid).decode(enc) for lin, enc in part.encoded.items()}
 
             structure = inputs.quantize_through(i, tensors, quantize_group)
+            result.floats.update(inputs.kv_scales.pop(i, {}))
         else:
             if inputs.stepwise or not smoothing:  # hidden states measure the layer as it now is, smoothed or not
                 stats, structure = inputs.stats(i, tensors)
@@ -256,14 +259,17 @@ class HiddenStates:
     input measures it), then one pass carries the hidden states through the quantized layer. Otherwise (AWQ moves scales across groups) the layer's inputs are measured with its
     float weights and, once committed, a second pass carries the states through its quantized weights.
     Passes through committed layers are deferred until needed, so a rerun whose layers are all committed
-    runs none. With ``histogram`` each input's |x| histogram is kept too, for static activation scales.
+    runs none. For ``measured`` scales each input's |x| histogram is kept too (static activation scales), and the
+    pass through each quantized layer records the keys and values its attention stores (KV-cache scales).
     """
 
     stepwise = True
 
     def __init__(self, model: ModelManifest, model_dir: ModelDir, calibration: CalibrationManifest,
-                 device: torch.device, store: Store, histogram: bool = False):
-        self.device, self.store, self.histogram = device, store, histogram
+                 device: torch.device, store: Store, measured: MeasuredScales = MeasuredScales()):
+        self.device, self.store, self.measured = device, store, measured
+        self.histogram = measured.inputs is not None
+        self.kv_scales: dict[int, dict[str, np.ndarray]] = {}  # layer -> its KV-cache scales, relative names
         self.calibration = calibration
         self.decoder = Decoder(model_dir.config(), device)
         self.weights = model_dir.weights()
@@ -303,9 +309,25 @@ class HiddenStates:
             for key in wave:
                 for unit, weight in quantize_group(structure, key, _input_stats(moments[key])).items():
                     self.decoder.set_weight(i, layer, unit, torch.from_numpy(weight))
-        self.hidden = self.decoder.run_layer(i, layer, self.hidden)
+        if self.measured.kv:
+            self._through_recording_kv(i, layer)
+        else:
+            self.hidden = self.decoder.run_layer(i, layer, self.hidden)
         self.through = i
         return structure
+
+    def _through_recording_kv(self, i: int, layer: torch.nn.Module) -> None:
+        """Carry the states through quantized layer ``i``, choosing its KV-cache scales from the keys and values
+        its attention stores on the way."""
+        attention = attention_of(layer, f"layer {i} of {self.decoder.config.model_type}")
+        recorder = KVRecorder()
+        cache = through_kv_cache(layer, attention, recorder.add)
+        self.hidden = self.decoder.run_layer(i, layer, self.hidden)
+        if not cache.updates:
+            raise UserError(f"layer {i}'s {attention} stores no key or value through its cache: "
+                            f"{self.decoder.config.model_type} cannot take a quantized KV cache")
+        self.kv_scales[i] = {f"{attention}.{name}_scale": np.array([scale], np.float32)
+                             for name, scale in recorder.scales(self.measured.kv).items()}
 
     def _waves(self, i: int, structure: LayerStructure) -> list[list[str]]:
         """The group keys in reading order, an expert set's consecutive groups of one parameter together."""
