@@ -1,8 +1,10 @@
-"""Activations quantized as the serving engine quantizes them, so validate judges the model users will serve.
+"""Activations and the KV cache quantized as the serving engine quantizes them, so validate judges the model users
+will serve; and the scales static schemes store, chosen from histograms of what the built layers see.
 
 A source (an output read back from its file) may say, per Linear, how the runtime quantizes that Linear's input
 (an ``InputQuant``: a scheme, and for a static one the scale stored beside the Linear); validate then rounds the
-input the same way before the Linear runs (quantize, then dequantize, in float32).
+input the same way before the Linear runs (quantize, then dequantize, in float32). A source with an FP8 KV cache
+routes each attention's keys and values through a stand-in for its cache that rounds them the same way.
 Each scheme follows compressed-tensors' own arithmetic (``compute_dynamic_scales_and_zp``, ``_quantize``,
 ``_dequantize``), which is what transformers runs for these checkpoints; vLLM's CUDA kernel multiplies by
 the reciprocal scale and floors it at 1 / (448 * 512), which can move a code by one on rare ties; its int8
@@ -11,6 +13,7 @@ kernel scales by absmax / 127 where compressed-tensors divides by half the int8 
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Callable
 
@@ -24,7 +27,8 @@ torch = lazy("torch")
 E4M3_MAX = 448.0
 INT8_HALF_RANGE = 127.5
 HALF_RANGE = {"fp8": E4M3_MAX, "int8": INT8_HALF_RANGE}  # what compressed-tensors divides a range by for a scale
-# |x| histograms (calibrate's statistics): 16 bins per octave of log2 |x| over [-32, 32); beyond, the end bins
+# |x| histograms (of each input, or key and value, through the built layers): 16 bins per octave of log2 |x| over
+# [-32, 32); beyond, the end bins
 HIST_LOG2 = (-32, 32)
 HIST_PER_OCTAVE = 16
 HIST_BINS = (HIST_LOG2[1] - HIST_LOG2[0]) * HIST_PER_OCTAVE
@@ -150,8 +154,6 @@ CACHE_ARGUMENTS = ("cache", "past_key_values")  # what attention calls its cache
 
 
 def cache_argument(module: torch.nn.Module) -> str | None:
-    import inspect
-
     parameters = inspect.signature(module.forward).parameters
     return next((name for name in CACHE_ARGUMENTS if name in parameters), None)
 

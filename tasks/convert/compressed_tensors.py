@@ -68,7 +68,8 @@ class CompressedTensorsOptions(BaseModel):
     format: Literal["compressed-tensors"] = "compressed-tensors"
     type: Literal["int4", "int8", "fp8"] = Field(
         description="int4/int8: integer codes (quantize.bits and overrides may differ per module), activations left "
-        "in float unless `activations: int8` (W8A8). fp8: FP8 E4M3 weights and FP8 activations quantized per token at run time (FP8_DYNAMIC).")
+        "in float unless `activations: int8` (W8A8). fp8: FP8 E4M3 weights and FP8 activations quantized per "
+        "token at run time (FP8_DYNAMIC).")
     group_size: int | Literal["channel"] | None = Field(
         None, description="Default elements per scale, or 'channel' for one scale per row; empty: 128 for int4, "
         "channel for int8. quantize.group_size overrides it.")
@@ -159,8 +160,8 @@ class CompressedTensorsFormat(HFFolderFormat):
         return MeasuredScales(options.input_activations if options.activation_scales == "static" else None,
                               options.kv_cache)
 
-    def plan(self, options: CompressedTensorsOptions, config, tensors: dict[str, TensorInfo], grids: dict[str, str | None],
-             as_asked: bool = False) -> list[PlannedTensor]:
+    def plan(self, options: CompressedTensorsOptions, config, tensors: dict[str, TensorInfo],
+             grids: dict[str, str | None], as_asked: bool = False) -> list[PlannedTensor]:
         """W8A8's Linears are int-quantized: the pack-quantized bytes less ``weight_shape`` (two int64); a static
         scheme's Linears add a float32 ``input_scale``."""
         if options.kv_cache and getattr(config, "kv_lora_rank", None):
@@ -169,7 +170,8 @@ class CompressedTensorsFormat(HFFolderFormat):
         planned = super().plan(options, config, tensors, grids, as_asked)
         static = 4 if options.activation_scales == "static" else 0
         if options.input_activations == "int8":
-            return [replace(t, storage=INT_QUANTIZED, nbytes=t.nbytes - 2 * 8 + static) if t.grid else t for t in planned]
+            return [replace(t, storage=INT_QUANTIZED, nbytes=t.nbytes - 2 * 8 + static) if t.grid else t
+                    for t in planned]
         return [replace(t, nbytes=t.nbytes + static) if t.grid else t for t in planned]
 
     def write(self, path: Path, options: CompressedTensorsOptions, model: ModelDir, planned: list[PlannedTensor],
@@ -241,7 +243,8 @@ def quantization_config(weights: list[PlannedTensor], activations: str, static: 
     from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
 
     linears = [t for t in weights if len(t.shape) == 2 and "embed_tokens" not in t.hf_name]
-    kv = QuantizationArgs(num_bits=8, type="float", symmetric=True, strategy="tensor", dynamic=False) if kv_cache else None
+    kv = QuantizationArgs(num_bits=8, type="float", symmetric=True, strategy="tensor", dynamic=False) \
+        if kv_cache else None
     by_args: dict[tuple, list[str]] = {}  # (type, bits, symmetric, group size or None for channel) -> modules
     for t in linears:
         if t.grid:

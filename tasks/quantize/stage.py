@@ -177,8 +177,8 @@ def _independent_layer(job: IndependentLayer) -> Blob:
     store = Store(job.store_url)
     device = torch.device(job.settings["device"])
     methods = {name: cls(job.quant, device) for name, cls in METHODS.items()}
-    return _layer(job.model, ModelDir(job.model_path), CalibrationStats(job.calibration, store), job.quant, job.plan, job.index,
-                  methods, job.settings, store, device)[1]
+    return _layer(job.model, ModelDir(job.model_path), CalibrationStats(job.calibration, store), job.quant, job.plan,
+                  job.index, methods, job.settings, store, device)[1]
 
 
 def _quantize_layer(tensors: dict[str, np.ndarray], stats: dict[str, InputStats], plan: dict[str, Assignment],
