@@ -80,8 +80,8 @@ class CompressedTensorsOptions(BaseModel):
         "type fp8). Empty: fp8 for type fp8, float otherwise. validate simulates it.")
     activation_scales: Literal["dynamic", "static"] = Field(
         "dynamic", description="dynamic: each token's activations scaled by their absmax at run time. static: one "
-        "scale per Linear input, stored in the checkpoint, from the largest |x| on the calibration tokens (cheaper "
-        "at run time; inputs beyond the calibrated range saturate).")
+        "scale per Linear input, stored in the checkpoint, chosen from a histogram of its inputs on the calibration "
+        "tokens as the clip with the least squared error (cheaper at run time; inputs beyond the clip saturate).")
     kv_cache: Literal["fp8"] | None = Field(
         None, description="fp8: the attention's keys and values cached in FP8 E4M3 with one calibrated scale each per "
         "layer (vLLM's --kv-cache-dtype fp8, loaded from the checkpoint), combinable with any weight type; validate "
@@ -252,16 +252,16 @@ def quantization_config(weights: list[PlannedTensor], activations: str, static: 
             kind = "float" if isinstance(grid, FP8Grid) else "int"
             key = (kind, grid.bits, grid.symmetric, None if grid.block == t.shape[1] else grid.block)
             by_args.setdefault(key, []).append(t.hf_name.removesuffix(".weight"))
+    # each token's activations scaled by their absmax at run time (FP8_DYNAMIC, W8A8), or by a stored scale
+    inputs = None if activations == "float" else QuantizationArgs(
+        num_bits=8, type="float" if activations == "fp8" else "int", symmetric=True,
+        strategy="tensor" if static else "token", dynamic=not static)
     groups = {}
     for i, ((kind, bits, symmetric, group), modules) in enumerate(sorted(by_args.items(), key=str)):
         args = QuantizationArgs(num_bits=bits, type=kind, symmetric=symmetric,
                                 strategy="channel" if group is None else "group", group_size=group)
-        # each token's activations scaled by their absmax at run time (FP8_DYNAMIC, W8A8), or by a stored scale
-        tokens = None if activations == "float" else QuantizationArgs(
-            num_bits=8, type="float" if activations == "fp8" else "int", symmetric=True,
-            strategy="tensor" if static else "token", dynamic=not static)
         groups[f"group_{i}"] = QuantizationScheme(targets=["Linear"] if len(by_args) == 1 else modules, weights=args,
-                                                  input_activations=tokens)
+                                                  input_activations=inputs)
     kinds = {kind for kind, *_ in by_args}
     if len(kinds) > 1:
         raise ValueError("compressed-tensors: one output holds either integer or fp8 codes, not both")
@@ -313,8 +313,7 @@ def kv_scales(folder: FolderWeights, scheme: dict) -> dict[str, tuple[float, flo
     attention = sorted(n.removesuffix(".k_scale") for n in folder.index.tensors if n.endswith(".k_scale"))
     if not attention:
         raise UserError(f"{folder.path}: kv_cache_scheme is set but no attention stores a k_scale")
-    return {a: (float(folder.raw(f"{a}.k_scale").float().reshape(-1)[0]),
-                float(folder.raw(f"{a}.v_scale").float().reshape(-1)[0])) for a in attention}
+    return {a: (folder.scalar(f"{a}.k_scale"), folder.scalar(f"{a}.v_scale")) for a in attention}
 
 
 def scheme_of(path: Path, module: str, schemes: list) -> Any:
@@ -344,4 +343,4 @@ def input_quant(folder: FolderWeights, module: str, scheme: Any) -> InputQuant |
         return InputQuant(name)
     if not folder.has(f"{module}.input_scale"):
         raise UserError(f"{folder.path}: {module} has static input_activations but no {module}.input_scale")
-    return InputQuant(name, float(folder.raw(f"{module}.input_scale").float().reshape(-1)[0]))
+    return InputQuant(name, folder.scalar(f"{module}.input_scale"))

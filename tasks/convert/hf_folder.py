@@ -163,6 +163,10 @@ class FolderWeights:
         with safe_open(str(self.index.tensors[name].file), framework="pt") as f:
             return f.get_tensor(name)
 
+    def scalar(self, name: str) -> float:
+        """A stored one-element tensor (a static scale, [1] or []), as a Python float."""
+        return float(self.raw(name).float().reshape(-1)[0])
+
     def kv_cache(self, prefix: str) -> dict[str, tuple[float, float]]:
         """The attention modules under ``prefix`` (names relative to it) whose KV cache the runtime quantizes."""
         return {m.removeprefix(prefix): s for m, s in self.kv_scales.items() if m.startswith(prefix)}
