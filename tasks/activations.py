@@ -60,6 +60,11 @@ def fp8_per_token(x: torch.Tensor, scale: float | None = None) -> torch.Tensor:
     return fp8_with(x, torch.where(d == 0, torch.finfo(d.dtype).eps, d))
 
 
+def fp8_per_group128(x: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+    """Dynamic FP8 per token and group of 128 features (FP8_BLOCK's inputs): each group's scale is its absmax / 448."""
+    return fp8_per_token(x.unflatten(-1, (-1, 128)), scale).flatten(-2)
+
+
 def fp8_static(x: torch.Tensor, scale: float | None = None) -> torch.Tensor:
     """Static FP8: one stored scale for every token (calibrated)."""
     return fp8_with(x, torch.tensor([scale], dtype=x.dtype))
@@ -123,6 +128,8 @@ def _squared_error(v: np.ndarray, d: float, kind: str) -> np.ndarray:
 
 SCHEMES: dict[str, tuple[Callable[[torch.Tensor, float | None], torch.Tensor], str]] = {
     "fp8-token": (fp8_per_token, "inputs of the quantized Linears as FP8 E4M3, a dynamic scale per token"),
+    "fp8-group128": (fp8_per_group128, "inputs of the quantized Linears as FP8 E4M3, a dynamic scale per token and "
+                     "group of 128 features"),
     "int8-token": (int8_per_token, "inputs of the quantized Linears as INT8, a dynamic symmetric scale per token"),
     "fp8-tensor": (fp8_static, "inputs of the quantized Linears as FP8 E4M3, one calibrated scale per Linear"),
     "int8-tensor": (int8_static, "inputs of the quantized Linears as INT8, one calibrated symmetric scale per Linear"),

@@ -53,3 +53,26 @@ def test_the_chosen_scale_is_within_two_percent_of_the_best_clip_on_the_values_t
 
 def test_no_input_gives_the_smallest_scale_rather_than_zero() -> None:
     assert static_scale(np.zeros(HIST_BINS), 0.0, "int8") == float(np.finfo(np.float32).eps)
+
+
+@pytest.mark.parametrize("scheme,strategy", [("fp8-token", {"strategy": "token"}),
+                                             ("fp8-group128", {"strategy": "group", "group_size": 128})])
+def test_dynamic_fp8_inputs_are_rounded_as_compressed_tensors_forward_quantize_rounds_them(scheme: str,
+                                                                                        strategy: dict) -> None:
+    """FP8_DYNAMIC's per-token and FP8_BLOCK's per-token-and-group-of-128 input rounding, bit for bit, on inputs
+    with an outlier feature, an all-zero token and an all-zero group."""
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationStatus
+    from compressed_tensors.quantization.lifecycle.forward import forward_quantize
+
+    x = torch.from_numpy(np.random.default_rng(3).standard_normal((2, 5, 384)).astype(np.float32))
+    x[0, 1, 7] = 300.0
+    x[1, 2] = 0.0
+    x[1, 3, 128:256] = 0.0
+    args = QuantizationArgs(num_bits=8, type="float", symmetric=True, dynamic=True, **strategy)
+    holder = torch.nn.Module()
+    holder.quantization_status = QuantizationStatus.COMPRESSED
+    theirs = forward_quantize(holder, x, "input", args)
+    ours = SCHEMES[scheme][0](x, None)
+    assert torch.equal(ours, theirs)
+    other = SCHEMES["fp8-token" if scheme == "fp8-group128" else "fp8-group128"][0](x, None)
+    assert not torch.equal(other, theirs)

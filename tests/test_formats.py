@@ -37,6 +37,7 @@ REPO = Path(__file__).resolve().parent.parent
 RECIPE = REPO / "recipes" / "tinystories-656k-q4_0.yaml"
 CT_INT4_G32_ASYM = "{format: compressed-tensors, type: int4, group_size: 32, symmetric: false}"
 W8A8_OUTPUT = "{format: compressed-tensors, type: int8, activations: int8}"
+FP8_BLOCK_OUTPUT = "{format: compressed-tensors, type: fp8, group_size: 128x128}"
 BUILDS = {  # name -> recipe overrides
     "gptq-mixed": ["quantize.method=gptq", "quantize.overrides={'*.mlp.down_proj': {bits: 8}}",
                    f"outputs=[{{compressed-tensors: int4}}, {CT_INT4_G32_ASYM}, {{compressed-tensors: int8}}]"],
@@ -52,6 +53,8 @@ BUILDS = {  # name -> recipe overrides
     "sq-gptq-w8a8": ["quantize.method=gptq", "quantize.smoothquant={alpha: 0.8}", f"outputs=[{W8A8_OUTPUT}]"],
     "fp8-static": ["quantize.method=rtn", "outputs=[{format: compressed-tensors, type: fp8, activation_scales: static}]"],
     "gptq-w8a8-static": ["quantize.method=gptq", f"outputs=[{W8A8_OUTPUT[:-1]}, activation_scales: static}}]"],
+    "fp8-block": ["quantize.method=rtn", f"outputs=[{FP8_BLOCK_OUTPUT}]"],
+    "gptq-fp8-block": ["quantize.method=gptq", f"outputs=[{FP8_BLOCK_OUTPUT}]"],
     "kv": ["quantize.method=gptq", "outputs=[{format: compressed-tensors, type: fp8, kv_cache: fp8}, "
            "{format: compressed-tensors, type: int4, kv_cache: fp8}]"],
 }
@@ -198,6 +201,13 @@ SERVED = {  # build -> output, its format, the weights' type, the simulated inpu
                    torch.float8_e4m3fn),
     "gptq-w8a8-static": (f"{W8A8}-static", "int-quantized", "int", "INT8, one calibrated symmetric scale per Linear",
                          torch.int8)}
+FP8_BLOCK_SERVED = ("compressed-tensors-fp8-b128x128", "float-quantized", "float",
+                    "FP8 E4M3, a dynamic scale per token and group of 128 features", torch.float8_e4m3fn)
+SERVED |= {"fp8-block": FP8_BLOCK_SERVED, "gptq-fp8-block": FP8_BLOCK_SERVED}
+STRATEGIES = {  # output -> (weights, input_activations) strategy, with their group or block size
+    FP8_BLOCK_SERVED[0]: ({"strategy": "block", "block_structure": [128, 128]}, {"strategy": "group", "group_size": 128}),
+    f"{FP8}-static": ({"strategy": "channel"}, {"strategy": "tensor"}),
+    f"{W8A8}-static": ({"strategy": "channel"}, {"strategy": "tensor"})}
 
 
 @pytest.mark.slow
@@ -205,7 +215,8 @@ SERVED = {  # build -> output, its format, the weights' type, the simulated inpu
 def test_activation_schemes_are_served_by_transformers_and_compressed_tensors_as_validate_measures_them(
         builds: dict[str, Build], eval_ids: np.ndarray, build: str) -> None:
     """FP8_DYNAMIC (E4M3 weights per channel) and W8A8 (int8 weights per channel), activations quantized per token
-    at run time. Both consumers hold our codes (and SmoothQuant's scaled norms) bit for bit and run the activation
+    at run time (or by a static scale); FP8_BLOCK (E4M3 weights per 128 x 128 block, activations per token and
+    group of 128). Both consumers hold our codes (and SmoothQuant's scaled norms) bit for bit and run the activation
     quantization themselves; validate, simulating it, computes their logits exactly, and the simulation matters
     (weights alone give other logits)."""
     b = builds[build]
@@ -214,11 +225,12 @@ def test_activation_schemes_are_served_by_transformers_and_compressed_tensors_as
     qc = json.loads((path / "config.json").read_text())["quantization_config"]
     assert qc["format"] == fmt and list(qc["config_groups"]) == ["group_0"]
     group = qc["config_groups"]["group_0"]
-    assert {k: group["weights"][k] for k in ("num_bits", "type", "strategy", "symmetric", "dynamic")} == \
-        {"num_bits": 8, "type": kind, "strategy": "channel", "symmetric": True, "dynamic": False}
     static = key.endswith("-static")
-    assert {k: group["input_activations"][k] for k in ("num_bits", "type", "strategy", "symmetric", "dynamic")} == \
-        {"num_bits": 8, "type": kind, "strategy": "tensor" if static else "token", "symmetric": True, "dynamic": not static}
+    weights, inputs_shape = STRATEGIES.get(key, ({"strategy": "channel"}, {"strategy": "token"}))
+    assert {k: group["weights"][k] for k in ("num_bits", "type", "symmetric", "dynamic", *weights)} == \
+        {"num_bits": 8, "type": kind, "symmetric": True, "dynamic": False, **weights}
+    assert {k: group["input_activations"][k] for k in ("num_bits", "type", "symmetric", "dynamic", *inputs_shape)} \
+        == {"num_bits": 8, "type": kind, "symmetric": True, "dynamic": not static, **inputs_shape}
     reader = FORMATS["compressed-tensors"].reader(path, b.folder.config())
     assert len(reader.inputs) == 14 and len({q.scheme for q in reader.inputs.values()}) == 1
     for r in b.quantized.outputs[key].modules:  # a static scale is stored as quantize chose it

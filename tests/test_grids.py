@@ -222,3 +222,47 @@ def test_fp8_channel_scales_codes_and_decode_equal_compressed_tensors() -> None:
     assert np.array_equal(enc.d, scale.numpy())
     assert np.array_equal(enc.codes.view(np.uint8), codes.view(torch.uint8).numpy())
     assert np.array_equal(grid.decode(enc), dequantize(codes, scale, None, args).numpy())
+
+
+def test_fp8_block_scales_codes_and_decode_equal_compressed_tensors_also_for_a_short_last_row_block() -> None:
+    """FP8_B128 (FP8_BLOCK's weights) picks compressed-tensors' scale per 128 x 128 block (absmax / 448 over the block
+    zero-padded to 128 rows, eps for an all-zero block), its codes and its decode, bit for bit; encoding a slice of
+    rows at a time keeps whole row blocks, so changes nothing."""
+    import torch
+    from compressed_tensors.quantization import QuantizationArgs
+    from compressed_tensors.quantization.lifecycle.forward import dequantize, quantize
+    from compressed_tensors.quantization.utils import calculate_qparams
+
+    w = weights(rows=300, cols=384, seed=4)  # row blocks of 128, 128 and 44
+    w[128:256, 128:256] = 0.0
+    grid = grid_named("FP8_B128")
+    enc = grid.reference(w)
+    args = QuantizationArgs(num_bits=8, type="float", strategy="block", symmetric=True, block_structure=[128, 128])
+    padded = torch.nn.functional.pad(torch.from_numpy(w), (0, 0, 0, 84)).reshape(3, 128, 3, 128)
+    scale, _ = calculate_qparams(padded.amin(dim=(1, 3)), padded.amax(dim=(1, 3)), args)
+    codes = quantize(torch.from_numpy(w), scale, None, args, dtype=torch.float8_e4m3fn)
+    assert scale.shape == (3, 3) and scale[1, 1] == torch.finfo(torch.float32).eps
+    assert np.array_equal(grid.block_scales(enc.d), scale.numpy())
+    assert np.array_equal(enc.codes.view(np.uint8), codes.view(torch.uint8).numpy())
+    assert np.array_equal(grid.decode(enc), dequantize(codes, scale, None, args).numpy())
+    sliced = reference_by_rows(grid, w, elements=200 * 384)  # 200 rows asked: slices of 128
+    assert np.array_equal(sliced.codes, enc.codes) and np.array_equal(sliced.d, enc.d)
+
+
+@pytest.mark.parametrize("method", ["group", "gptq"])
+def test_searches_and_gptq_keep_one_scale_per_fp8_block(method: str) -> None:
+    """A clipping search and GPTQ choose FP8_B128's scales per block of 128 rows, not per row: every row of a block
+    holds the same scale, so the file's one scale per block is what the codes were chosen against."""
+    from quantfab.tasks.quantize.group import RATIOS, clip_search, weighted_squares
+
+    grid = grid_named("FP8_B128")
+    w = weights(rows=200, cols=256, seed=5)
+    x = np.random.default_rng(6).standard_normal((512, 256)).astype(np.float32)
+    h = x.T @ x
+    enc = clip_search(w, grid, RATIOS, weighted_squares(grid, np.diag(h).copy())) if method == "group" else \
+        gptq(w, h, grid, 0.01, 128, True, False, "test", clip_ratios=RATIOS)
+    for block in (enc.d[:128], enc.d[128:]):
+        assert np.array_equal(block, np.broadcast_to(block[:1], block.shape))
+    assert not np.array_equal(enc.d[0], enc.d[128])
+    assert np.array_equal(grid.decode(enc), grid.decode(Encoded(grid.encode(grid.decode(enc), enc.d, None), enc.d,
+                                                                None)))

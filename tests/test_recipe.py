@@ -516,6 +516,11 @@ def test_unknown_output_format_is_refused(tmp_path):
      "needs type int8, symmetric codes and group_size channel"),
     ({"format": "compressed-tensors", "type": "int8", "activation_scales": "static"},
      "activation_scales static needs quantized activations"),
+    ({"format": "compressed-tensors", "type": "int4", "group_size": "128x128"}, "group_size 128x128 is FP8_BLOCK"),
+    ({"format": "compressed-tensors", "type": "fp8", "group_size": "128x128", "activation_scales": "static"},
+     "type fp8 with dynamic fp8 activations"),
+    ({"format": "compressed-tensors", "type": "fp8", "group_size": "128x128", "activations": "float"},
+     "type fp8 with dynamic fp8 activations"),
 ])
 def test_activations_the_engine_does_not_run_beside_the_weights_are_refused(tmp_path, output, expected):
     line = problem_line(load_error(write_recipe(tmp_path, lambda d: d.update(outputs=[output]))), "outputs.0")
@@ -527,6 +532,14 @@ def test_a_w8a8_override_to_other_bits_is_refused(tmp_path):
                                                                  "activations": "int8"}]),
                                              set_in(d, "quantize.overrides", {"*.mlp.down_proj": {"bits": 4}})))
     assert "W8A8 (activations int8) runs symmetric int8 codes with a scale per row; this Linear asks 4 bits" in \
+        load_error(path)
+
+
+def test_an_fp8_block_override_to_groups_is_refused(tmp_path):
+    path = write_recipe(tmp_path, lambda d: (d.update(outputs=[{"format": "compressed-tensors", "type": "fp8",
+                                                                 "group_size": "128x128"}]),
+                                             set_in(d, "quantize.overrides", {"*.mlp.down_proj": {"group_size": 64}})))
+    assert "compressed-tensors fp8 scales each row (group_size channel) or 128x128 blocks, not groups of 64" in \
         load_error(path)
 
 

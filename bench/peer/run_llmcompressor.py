@@ -84,6 +84,7 @@ ACTIVATION_SCHEMES = {
     # weights per tensor)
     "fp8-static": ("rtn", "float-static", None), "gptq-fp8-static": ("gptq", "float-static", None),
     "w8a8-static": ("rtn", "int-static", None), "sq-gptq-w8a8-static": ("gptq", "int-static", 0.8),
+    "fp8-block": ("rtn", "FP8_BLOCK", None), "gptq-fp8-block": ("gptq", "FP8_BLOCK", None),
 }
 # the same with an FP8 KV cache (kv_cache_scheme: per-tensor static k/v scales), name -> the scheme it extends
 KV_SCHEMES = {"fp8-dynamic-kvfp8": "fp8-dynamic", "gptq-fp8-dynamic-kvfp8": "gptq-fp8-dynamic"}

@@ -53,6 +53,7 @@ ACTIVATION_SCHEMES = {
     "fp8-static": ("rtn", "FP8_CH", "fp8-tensor", None), "gptq-fp8-static": ("gptq", "FP8_CH", "fp8-tensor", None),
     "w8a8-static": ("rtn", "INT8_CH_SYM", "int8-tensor", None),
     "sq-gptq-w8a8-static": ("gptq", "INT8_CH_SYM", "int8-tensor", 0.8),
+    "fp8-block": ("rtn", "FP8_B128", "fp8-group128", None), "gptq-fp8-block": ("gptq", "FP8_B128", "fp8-group128", None),
 }
 KV_SCHEMES = {"fp8-dynamic-kvfp8": "fp8-dynamic", "gptq-fp8-dynamic-kvfp8": "gptq-fp8-dynamic"}  # + an FP8 KV cache
 STATIC = {"fp8-tensor": "fp8", "int8-tensor": "int8"}  # static input scheme -> the activation type quantize scales

@@ -49,12 +49,13 @@ from quantfab.kernels.words import PackedInts, WordLayout, pack_words, verify_wo
 from quantfab.tasks.convert.hf_folder import FolderWeights, HFFolderFormat, PlannedTensor, write_folder
 from quantfab.tasks.errors import UserError
 from quantfab.tasks.modelio import ModelDir, TensorInfo
-from quantfab.tasks.quantize.float_grids import FP8Grid
+from quantfab.tasks.quantize.float_grids import FP8BlockGrid, FP8Grid
 from quantfab.tasks.quantize.grids import Encoded, Grid, GridRequest, grid_named
 from quantfab.tasks.lazy import lazy
 
 torch = lazy("torch")
 
+BLOCK = "128x128"  # group_size of FP8_BLOCK: a scale per 128 x 128 weights, inputs scaled per 128 of a token
 DEFAULT_GROUP = {"int4": 128, "int8": "channel", "fp8": "channel"}  # llm-compressor's W4A16, W8A16, FP8_DYNAMIC
 DEFAULT_ACTIVATIONS = {"int4": "float", "int8": "float", "fp8": "fp8"}
 # weight kind -> the activations vLLM runs beside it (W8A8 int8 needs int8 codes per channel, symmetric)
@@ -70,9 +71,11 @@ class CompressedTensorsOptions(BaseModel):
         description="int4/int8: integer codes (quantize.bits and overrides may differ per module), activations left "
         "in float unless `activations: int8` (W8A8). fp8: FP8 E4M3 weights and FP8 activations quantized per "
         "token at run time (FP8_DYNAMIC).")
-    group_size: int | Literal["channel"] | None = Field(
-        None, description="Default elements per scale, or 'channel' for one scale per row; empty: 128 for int4, "
-        "channel for int8. quantize.group_size overrides it.")
+    group_size: int | Literal["channel", "128x128"] | None = Field(
+        None, description="Default elements per scale, 'channel' for one scale per row, or (fp8 only) '128x128' for "
+        "one per block of 128 rows x 128 columns, with activations scaled per token and group of 128 at run time "
+        "(FP8_BLOCK, as DeepSeek-V3 ships); empty: 128 for int4, channel for int8 and fp8. quantize.group_size "
+        "overrides it.")
     symmetric: bool = Field(True, description="Default for symmetric codes; quantize.symmetric overrides it.")
     activations: Literal["float", "int8", "fp8"] | None = Field(
         None, description="How the engine quantizes each quantized Linear's input at run time, with a dynamic scale "
@@ -98,6 +101,10 @@ class CompressedTensorsOptions(BaseModel):
             raise ValueError("activations int8 (W8A8) needs type int8, symmetric codes and group_size channel")
         if self.activation_scales == "static" and self.input_activations == "float":
             raise ValueError("activation_scales static needs quantized activations (activations int8 or fp8)")
+        if self.group_size == BLOCK and (self.type != "fp8" or self.input_activations != "fp8" or
+                                        self.activation_scales != "dynamic"):
+            raise ValueError(f"group_size {BLOCK} is FP8_BLOCK: type fp8 with dynamic fp8 activations (vLLM's block "
+                             "FP8 Linear quantizes its input per token and group of 128 itself)")
         return self
 
     @property
@@ -108,7 +115,8 @@ class CompressedTensorsOptions(BaseModel):
     def key(self) -> str:
         group = self.group_size or DEFAULT_GROUP[self.type]
         acts = "" if self.input_activations == DEFAULT_ACTIVATIONS[self.type] else f"-a{self.input_activations}"
-        return f"compressed-tensors-{self.type}-{'channel' if group == 'channel' else f'g{group}'}" + \
+        shape = {"channel": "channel", BLOCK: f"b{BLOCK}"}.get(str(group), f"g{group}")
+        return f"compressed-tensors-{self.type}-{shape}" + \
             ("" if self.symmetric else "-asym") + acts + ("-static" if self.activation_scales == "static" else "") + \
             (f"-kv{self.kv_cache}" if self.kv_cache else "")
 
@@ -121,7 +129,7 @@ def packed_bytes(shape: tuple[int, ...], grid_name: str, dtype: torch.dtype) -> 
     rows, cols = shape
     groups = cols // grid.block
     if isinstance(grid, FP8Grid):
-        return rows * cols + rows * groups * 4  # float8 weight, float32 weight_scale
+        return rows * cols + -(-rows // grid.row_span) * groups * 4  # float8 weight, float32 weight_scale
     zeros = 0 if grid.symmetric else -(-rows * grid.bits // 32) * groups * 4
     scale_size = 4 if dtype == torch.float32 else 2
     return rows * -(-cols * grid.bits // 32) * 4 + rows * groups * scale_size + zeros + 2 * 8  # + weight_shape
@@ -143,10 +151,11 @@ class CompressedTensorsFormat(HFFolderFormat):
             if want.bits not in (None, 8) or want.symmetric is False or not options.symmetric:
                 raise ValueError("compressed-tensors fp8 holds symmetric 8-bit float codes: drop quantize.bits and "
                                  "quantize.symmetric (or their overrides), or use type int4/int8")
-            if group != "channel":
-                raise ValueError(f"compressed-tensors fp8 scales each row (group_size channel), not groups of {group}: "
-                                 "vLLM's FP8 Linear reads per-tensor, per-channel or 128x128-block weight scales")
-            return grid_named("FP8_CH")
+            if group not in ("channel", BLOCK):
+                raise ValueError(f"compressed-tensors fp8 scales each row (group_size channel) or 128x128 blocks, not "
+                                 f"groups of {group}: vLLM's FP8 Linear reads per-tensor, per-channel or 128x128-block "
+                                 "weight scales")
+            return grid_named("FP8_CH" if group == "channel" else "FP8_B128")
         bits = want.bits or int(options.type.removeprefix("int"))
         symmetric = options.symmetric if want.symmetric is None else want.symmetric
         if options.input_activations == "int8" and (bits != 8 or not symmetric or group != "channel"):
@@ -184,8 +193,9 @@ class CompressedTensorsFormat(HFFolderFormat):
         grid = grid_named(t.grid or "")
         module = t.hf_name.removesuffix(".weight")
         if isinstance(grid, FP8Grid):
+            scale = grid.block_scales(enc.d) if isinstance(grid, FP8BlockGrid) else enc.d
             return {t.hf_name: torch.from_numpy(enc.codes.view(np.uint8)).view(torch.float8_e4m3fn),
-                    f"{module}.weight_scale": torch.from_numpy(enc.d)}
+                    f"{module}.weight_scale": torch.from_numpy(scale)}
         scale_dtype = torch.float32 if t.dtype == torch.float32 else torch.float16
         if t.storage == INT_QUANTIZED:
             return {t.hf_name: torch.from_numpy(enc.codes.astype(np.int8)),
@@ -207,7 +217,7 @@ class CompressedTensorsFormat(HFFolderFormat):
         module = t.hf_name.removesuffix(".weight")
         if isinstance(grid, FP8Grid):
             codes = folder.raw(t.hf_name).view(torch.uint8).numpy()
-            scale = folder.raw(f"{module}.weight_scale").numpy()
+            scale = np.repeat(folder.raw(f"{module}.weight_scale").numpy(), grid.row_span, axis=0)[:codes.shape[0]]
             return compare(grid.decode(Encoded(codes.view(np.int8), scale, None)), expected)
         if t.storage == INT_QUANTIZED:
             codes, scale = folder.raw(t.hf_name).numpy(), folder.raw(f"{module}.weight_scale").float().numpy()
@@ -245,23 +255,29 @@ def quantization_config(weights: list[PlannedTensor], activations: str, static: 
     linears = [t for t in weights if len(t.shape) == 2 and "embed_tokens" not in t.hf_name]
     kv = QuantizationArgs(num_bits=8, type="float", symmetric=True, strategy="tensor", dynamic=False) \
         if kv_cache else None
-    by_args: dict[tuple, list[str]] = {}  # (type, bits, symmetric, group size or None for channel) -> modules
+    by_args: dict[tuple, list[str]] = {}  # (type, bits, symmetric, strategy, group or block size) -> modules
     for t in linears:
         if t.grid:
             grid = grid_named(t.grid)
             kind = "float" if isinstance(grid, FP8Grid) else "int"
-            key = (kind, grid.bits, grid.symmetric, None if grid.block == t.shape[1] else grid.block)
-            by_args.setdefault(key, []).append(t.hf_name.removesuffix(".weight"))
-    # each token's activations scaled by their absmax at run time (FP8_DYNAMIC, W8A8), or by a stored scale
+            shape = ("block", grid.block) if isinstance(grid, FP8BlockGrid) else \
+                ("channel", None) if grid.block == t.shape[1] else ("group", grid.block)
+            by_args.setdefault((kind, grid.bits, grid.symmetric, *shape), []).append(t.hf_name.removesuffix(".weight"))
+    # each token's activations scaled by their absmax at run time (FP8_DYNAMIC, W8A8; FP8_BLOCK per group of a
+    # token, as its weight blocks are wide), or by a stored scale
     inputs = None if activations == "float" else QuantizationArgs(
         num_bits=8, type="float" if activations == "fp8" else "int", symmetric=True,
         strategy="tensor" if static else "token", dynamic=not static)
     groups = {}
-    for i, ((kind, bits, symmetric, group), modules) in enumerate(sorted(by_args.items(), key=str)):
-        args = QuantizationArgs(num_bits=bits, type=kind, symmetric=symmetric,
-                                strategy="channel" if group is None else "group", group_size=group)
-        groups[f"group_{i}"] = QuantizationScheme(targets=["Linear"] if len(by_args) == 1 else modules, weights=args,
-                                                  input_activations=inputs)
+    for i, ((kind, bits, symmetric, strategy, size), modules) in enumerate(sorted(by_args.items(), key=str)):
+        args = QuantizationArgs(num_bits=bits, type=kind, symmetric=symmetric, strategy=strategy,
+                                group_size=size if strategy == "group" else None,
+                                block_structure=[size, size] if strategy == "block" else None)
+        per_group = strategy == "block" and inputs is not None
+        groups[f"group_{i}"] = QuantizationScheme(
+            targets=["Linear"] if len(by_args) == 1 else modules, weights=args,
+            input_activations=inputs.model_copy(update={"strategy": "group", "group_size": size}) if per_group
+            else inputs)
     kinds = {kind for kind, *_ in by_args}
     if len(kinds) > 1:
         raise ValueError("compressed-tensors: one output holds either integer or fp8 codes, not both")
@@ -324,9 +340,10 @@ def scheme_of(path: Path, module: str, schemes: list) -> Any:
     return scheme
 
 
-INPUT_SCHEMES = {  # (type, bits, strategy, dynamic, symmetric) of input_activations -> activations.SCHEMES name
-    ("float", 8, "token", True, True): "fp8-token", ("int", 8, "token", True, True): "int8-token",
-    ("float", 8, "tensor", False, True): "fp8-tensor", ("int", 8, "tensor", False, True): "int8-tensor"}
+INPUT_SCHEMES = {  # (type, bits, strategy, dynamic, symmetric, group) of input_activations -> activations.SCHEMES name
+    ("float", 8, "token", True, True, None): "fp8-token", ("int", 8, "token", True, True, None): "int8-token",
+    ("float", 8, "group", True, True, 128): "fp8-group128",
+    ("float", 8, "tensor", False, True, None): "fp8-tensor", ("int", 8, "tensor", False, True, None): "int8-tensor"}
 
 
 def input_quant(folder: FolderWeights, module: str, scheme: Any) -> InputQuant | None:
@@ -334,11 +351,11 @@ def input_quant(folder: FolderWeights, module: str, scheme: Any) -> InputQuant |
     a = scheme.input_activations
     if a is None:
         return None
-    name = INPUT_SCHEMES.get((a.type, a.num_bits, a.strategy, a.dynamic, a.symmetric))
+    name = INPUT_SCHEMES.get((a.type, a.num_bits, a.strategy, a.dynamic, a.symmetric, a.group_size))
     if name is None:
         raise UserError(f"{folder.path / 'config.json'}: input_activations {a.model_dump(exclude_none=True)} of "
                         f"{module} cannot be simulated by validate yet (it simulates symmetric 8-bit FP8 and INT8, "
-                        "dynamic per token or static per tensor)")
+                        "dynamic per token or static per tensor, and FP8 dynamic per token and group of 128)")
     if a.dynamic:
         return InputQuant(name)
     if not folder.has(f"{module}.input_scale"):

@@ -1,7 +1,8 @@
 """Float grids: codes that are small floating-point numbers rather than evenly spaced integers.
 
-FP8_G{group} / FP8_CH: compressed-tensors' (and vLLM's) float8 weights, E4M3 as ``torch.float8_e4m3fn`` holds
-them (no infinities, finite max 448, subnormals), times a float32 scale per block of a row or per row.
+FP8_G{group} / FP8_CH / FP8_B{n}: compressed-tensors' (and vLLM's) float8 weights, E4M3 as ``torch.float8_e4m3fn``
+holds them (no infinities, finite max 448, subnormals), times a float32 scale per block of a row, per row, or per
+n x n block of the matrix (DeepSeek-V3's 128 x 128).
 The code is the float8 bit pattern (viewed as int8), so a format stores it unchanged as a float8 tensor.
 """
 
@@ -81,3 +82,32 @@ class FP8ChannelGrid(FP8Grid):
         from quantfab.tasks.quantize.grids import grid_named
 
         return grid_named(f"FP8_G{cols}")
+
+
+class FP8BlockGrid(FP8Grid):
+    """FP8_B{n}: one scale per ``n`` rows x ``n`` columns (compressed-tensors' block strategy, FP8_BLOCK's weights).
+
+    ``d`` keeps the Grid shape (rows, cols // n), each block's scale repeated on its n rows, so encoding, decoding
+    and GPTQ's column-at-a-time use are FP8_G{n}'s; only choosing a scale (and comparing candidates) spans rows.
+    A last block of fewer rows takes the absmax of those it has, as compressed-tensors' zero padding does.
+    """
+
+    def __init__(self, block: int):
+        super().__init__(block)
+        self.row_span = block
+        self.name = f"FP8_B{block}"
+
+    def scale_candidates(self, w: np.ndarray, ratio: float) -> tuple[np.ndarray, np.ndarray | None]:
+        d, _ = super().scale_candidates(w, ratio)  # per row block of one row: then the max over each row block
+        return self._spread(np.maximum.reduceat(d, np.arange(0, d.shape[0], self.row_span), axis=0), d.shape[0]), None
+
+    def span_total(self, err: np.ndarray) -> np.ndarray:
+        return self._spread(np.add.reduceat(err, np.arange(0, err.shape[0], self.row_span), axis=0), err.shape[0])
+
+    def _spread(self, per_block: np.ndarray, rows: int) -> np.ndarray:
+        """(row blocks, col blocks) -> (rows, col blocks), each row block's values on each of its rows."""
+        return np.repeat(per_block, self.row_span, axis=0)[:rows]
+
+    def block_scales(self, d: np.ndarray) -> np.ndarray:
+        """The stored (ceil(rows / n), cols / n) scales of a (rows, cols / n) ``d``."""
+        return np.ascontiguousarray(d[::self.row_span])

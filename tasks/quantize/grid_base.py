@@ -46,8 +46,9 @@ REFERENCE_ELEMENTS = 1 << 22  # weights ``reference_by_rows`` encodes at once (a
 def reference_by_rows(grid: "Grid", w: np.ndarray, elements: int = REFERENCE_ELEMENTS) -> Encoded:
     """``grid.reference(w)`` a slice of rows at a time, so a search's temporaries scale with the slice, not with an
     embedding of 128k rows or a 70B MLP. Scales are per block within a row, so the codes are the same; a grid whose
-    ``finalize`` spans rows (NF4's nested absmax) is encoded whole."""
-    rows = max(1, elements // w.shape[1])
+    ``finalize`` spans rows (NF4's nested absmax) is encoded whole; slices of a grid whose scales span rows hold
+    whole row blocks."""
+    rows = max(grid.row_span, elements // w.shape[1] // grid.row_span * grid.row_span)
     if rows >= w.shape[0] or type(grid).finalize is not Grid.finalize:
         return grid.reference(w)
     parts = [grid.reference(w[s:s + rows]) for s in range(0, w.shape[0], rows)]
@@ -70,6 +71,7 @@ class Grid:
     qmin: int
     qmax: int
     scale_dtype = np.float16
+    row_span = 1  # rows that share each scale (FP8's 128x128 blocks): d repeats it on each of them
 
     def blocks(self, w: np.ndarray) -> np.ndarray:
         """View (rows, cols) as (rows, cols // block, block); cols must divide by the block."""

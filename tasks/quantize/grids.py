@@ -15,7 +15,7 @@ import numpy as np
 
 from quantfab.tasks.quantize.grid_base import (AsymmetricGrid, Encoded, Grid, GridRequest, SymmetricGrid,
                                                inverse_or_zero)
-from quantfab.tasks.quantize.float_grids import FP8ChannelGrid, FP8Grid
+from quantfab.tasks.quantize.float_grids import FP8BlockGrid, FP8ChannelGrid, FP8Grid
 from quantfab.tasks.quantize.kquants import K_GRIDS
 from quantfab.tasks.lazy import lazy
 
@@ -253,13 +253,13 @@ def blockwise_8bit_decode(codes: np.ndarray, absmax: np.ndarray, block: int) -> 
 
 GRIDS: dict[str, Grid] = {g.name: g for g in (Q8_0(), Q4_0(), Q4_1(), Q5_0(), Q5_1(), *K_GRIDS)}
 _PARAMETRIC = re.compile(r"^(?:INT(?P<bits>[2-8])_(?:G(?P<group>\d+)|(?P<ch>CH))_(?P<sym>SYM|ASYM)"
-                         r"|NF4_B(?P<nf4>\d+)(?P<dq>_DQ)?|FP8_(?:G(?P<fp8>\d+)|(?P<fp8ch>CH)))$")
+                         r"|NF4_B(?P<nf4>\d+)(?P<dq>_DQ)?|FP8_(?:G(?P<fp8>\d+)|(?P<fp8ch>CH)|B(?P<fp8b>\d+)))$")
 
 
 @lru_cache(maxsize=None)
 def grid_named(name: str) -> Grid:
     """The grid called ``name``: a fixed GGUF grid, INT{bits}_{G{group}|CH}_{SYM|ASYM}, NF4_B{block}[_DQ] or
-    FP8_{G{group}|CH}."""
+    FP8_{G{group}|CH|B{n}}."""
     if name in GRIDS:
         return GRIDS[name]
     found = _PARAMETRIC.match(name)
@@ -267,6 +267,8 @@ def grid_named(name: str) -> Grid:
         raise KeyError(f"no grid named {name}")
     if found["fp8"]:
         return FP8Grid(int(found["fp8"]))
+    if found["fp8b"]:
+        return FP8BlockGrid(int(found["fp8b"]))
     if found["fp8ch"]:
         return FP8ChannelGrid()
     if found["nf4"]:
