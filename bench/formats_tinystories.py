@@ -30,14 +30,15 @@ STATIC = ("{format: compressed-tensors, type: fp8, activation_scales: static}, "
           "{format: compressed-tensors, type: int8, activations: int8, activation_scales: static}")
 KV = "{format: compressed-tensors, type: fp8, kv_cache: fp8}"
 BLOCK = "{format: compressed-tensors, type: fp8, group_size: 128x128}"
+FP4 = "{compressed-tensors: nvfp4}, {format: compressed-tensors, type: nvfp4, activations: float}, {compressed-tensors: mxfp4}"
 SMOOTH = "quantize.smoothquant={alpha: 0.8}"
 BUILDS = {  # label -> recipe overrides (method and options), outputs
     "gptq": (["quantize.method=gptq"], "[{compressed-tensors: int4}, {gptq: int4}, {gguf: Q4_0}, {gguf: Q4_K_M}, "
-             f"{{compressed-tensors: fp8}}, {W8A8}, {STATIC}, {KV}, {BLOCK}]"),
+             f"{{compressed-tensors: fp8}}, {W8A8}, {STATIC}, {KV}, {BLOCK}, {FP4}]"),
     "gptq, smoothquant 0.8": (["quantize.method=gptq", SMOOTH], f"[{W8A8}, {STATIC}]"),
     "awq": (["quantize.method=awq"], "[{awq: int4}, {compressed-tensors: int4}, {gguf: Q4_0}, {gguf: Q4_K_M}]"),
     "rtn": (["quantize.method=rtn"], "[{compressed-tensors: int8}, {compressed-tensors: int4}, {gguf: Q8_0}, "
-            f"{{gguf: Q4_0}}, {{compressed-tensors: fp8}}, {W8A8}, {STATIC}, {KV}, {BLOCK}]"),
+            f"{{gguf: Q4_0}}, {{compressed-tensors: fp8}}, {W8A8}, {STATIC}, {KV}, {BLOCK}, {FP4}]"),
     "rtn, smoothquant 0.8": (["quantize.method=rtn", SMOOTH], f"[{W8A8}, {STATIC}]"),
     "nf4": (["quantize.method=nf4"], "[{bnb-nf4: nf4}]"),
     "nf4, double quant": (["quantize.method=nf4", "quantize.nf4.double_quant=true"], "[{bnb-nf4: nf4}]"),

@@ -20,6 +20,7 @@ from typing import Callable
 import numpy as np
 
 from quantfab.tasks.errors import UserError
+from quantfab.tasks.quantize.fp4_grids import global_scale_of
 from quantfab.tasks.lazy import lazy
 
 torch = lazy("torch")
@@ -93,6 +94,37 @@ def int8_with(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return torch.round(torch.clamp(x / scale, -128, 127)) * scale
 
 
+def fp4_round(y: torch.Tensor) -> torch.Tensor:
+    """y clamped to ±6 and rounded to the nearest E2M1 value, ties to the even code (compressed-tensors'
+    cast_to_fp4; fp4_grids.e2m1_encode is its NumPy twin for weights)."""
+    a = y.abs().clamp(max=6.0)
+    v = torch.where(a <= 0.25, 0.0, torch.where(a < 0.75, 0.5, torch.where(a <= 1.25, 1.0, torch.where(
+        a < 1.75, 1.5, torch.where(a <= 2.5, 2.0, torch.where(a < 3.5, 3.0, torch.where(a <= 5.0, 4.0, 6.0)))))))
+    return (v * torch.sign(y)).to(y.dtype)
+
+
+def nvfp4_per_group16(x: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+    """NVFP4 inputs: per token and group of 16, an E4M3 scale (absmax / 6, relative to the stored global scale
+    ``scale``; 0.125 where it is 0)."""
+    g = torch.tensor(scale, dtype=torch.float32)
+    groups = x.unflatten(-1, (-1, 16))
+    stored = (groups.abs().amax(dim=-1, keepdim=True) / 6.0 * g).clamp(-E4M3_MAX, E4M3_MAX)
+    stored = stored.to(torch.float8_e4m3fn).to(x.dtype)
+    d = torch.where(stored == 0, 0.125, stored) / g
+    return (fp4_round(groups / d) * d).flatten(-2)
+
+
+def mxfp4_per_group32(x: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+    """MXFP4 inputs: per token and group of 32, a power-of-two scale (E8M0) from the group's absmax, as
+    fp4_grids.mx_exponent chooses it."""
+    groups = x.unflatten(-1, (-1, 32))
+    absmax = groups.abs().amax(dim=-1, keepdim=True).float()
+    power = ((absmax.view(torch.int32) + (1 << 21)) & -(1 << 23)).view(torch.float32)  # up from 1.75 x 2^k
+    exponent = torch.round(torch.clamp(127 + torch.floor(torch.log2(power)) - 2, 0, 255))
+    d = torch.exp2(exponent - 127).to(x.dtype)
+    return (fp4_round(groups / d) * d).flatten(-2)
+
+
 def add_abs_histogram(hist: torch.Tensor, a: torch.Tensor) -> None:
     """Add |x| values ``a`` (rows x width) to ``hist`` (HIST_BINS float64 counts), a few million at a time."""
     for part in a.split(max(1, (1 << 22) // max(a.shape[-1], 1))):
@@ -105,6 +137,8 @@ def static_scale(hist: np.ndarray, x_max: float, kind: str) -> float:
     the inputs ``hist`` counts: clipping at c (scale c / half range) trades saturating the values above c against
     rounding the rest more finely. c is tried at ``x_max`` and down to x_max / 1024 in steps of 1/16 octave; the
     error of each bin is its centre's, with rounding modelled as uniform within the step there."""
+    if kind == "nvfp4":  # the global scale of the input: its largest magnitude, as static_minmax observes it
+        return float(global_scale_of(x_max))
     if x_max <= 0:  # an input that was always 0: compressed-tensors' observer gives float32 eps
         return float(np.finfo(np.float32).eps)
     centre = 2.0 ** (HIST_LOG2[0] + (np.arange(HIST_BINS) + 0.5) / HIST_PER_OCTAVE)
@@ -133,6 +167,10 @@ SCHEMES: dict[str, tuple[Callable[[torch.Tensor, float | None], torch.Tensor], s
     "int8-token": (int8_per_token, "inputs of the quantized Linears as INT8, a dynamic symmetric scale per token"),
     "fp8-tensor": (fp8_static, "inputs of the quantized Linears as FP8 E4M3, one calibrated scale per Linear"),
     "int8-tensor": (int8_static, "inputs of the quantized Linears as INT8, one calibrated symmetric scale per Linear"),
+    "nvfp4-group16": (nvfp4_per_group16, "inputs of the quantized Linears as NVFP4 (E2M1), a dynamic E4M3 scale per "
+                      "token and group of 16 over one calibrated global scale per Linear"),
+    "mxfp4-group32": (mxfp4_per_group32, "inputs of the quantized Linears as MXFP4 (E2M1), a dynamic power-of-two "
+                      "scale per token and group of 32"),
 }
 
 

@@ -9,9 +9,12 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import pytest
+
+if TYPE_CHECKING:
+    import torch
 
 REPO = Path(__file__).resolve().parent.parent
 DATA = Path(os.environ.get("QUANTFAB_DATA", REPO.parent / "shared" / "data")).resolve()
@@ -75,6 +78,29 @@ def run_stages(recipe: Any, store: Any) -> Built:
 def stages() -> Callable[[Any, Any], Built]:
     """``run_stages``, for test modules (conftest is not importable under --import-mode=importlib)."""
     return run_stages
+
+
+def bfloat16_weights_run_in_float32(model: torch.nn.Module, key: str) -> torch.nn.Module:
+    """compressed-tensors 0.20 decompresses FP4 weights to bfloat16 whatever the model's dtype, and a float32
+    model's matmul then refuses them (transformers 5.25 too): for an FP4 output ``key``, cast each Linear's weight
+    to float32 as it runs, after the decompression (exact: a bfloat16 value is a float32 value)."""
+    import torch
+
+    def cast(module: torch.nn.Module, args: tuple) -> None:
+        if module.weight.dtype == torch.bfloat16:
+            module.weight.data = module.weight.data.float()
+
+    if "fp4" in key:
+        for m in model.modules():
+            if isinstance(m, torch.nn.Linear):
+                m.register_forward_pre_hook(cast)
+    return model
+
+
+@pytest.fixture(scope="session")
+def fp4_runs_in_float32() -> Callable[[torch.nn.Module, str], torch.nn.Module]:
+    """``bfloat16_weights_run_in_float32``, for test modules."""
+    return bfloat16_weights_run_in_float32
 
 
 class Damage:

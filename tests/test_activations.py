@@ -56,23 +56,33 @@ def test_no_input_gives_the_smallest_scale_rather_than_zero() -> None:
 
 
 @pytest.mark.parametrize("scheme,strategy", [("fp8-token", {"strategy": "token"}),
-                                             ("fp8-group128", {"strategy": "group", "group_size": 128})])
-def test_dynamic_fp8_inputs_are_rounded_as_compressed_tensors_forward_quantize_rounds_them(scheme: str,
-                                                                                        strategy: dict) -> None:
-    """FP8_DYNAMIC's per-token and FP8_BLOCK's per-token-and-group-of-128 input rounding, bit for bit, on inputs
-    with an outlier feature, an all-zero token and an all-zero group."""
-    from compressed_tensors.quantization import QuantizationArgs, QuantizationStatus
+                                             ("fp8-group128", {"strategy": "group", "group_size": 128}),
+                                             ("nvfp4-group16", "NVFP4"), ("mxfp4-group32", "MXFP4")])
+def test_dynamic_inputs_are_rounded_as_compressed_tensors_forward_quantize_rounds_them(scheme: str,
+                                                                                    strategy: dict | str) -> None:
+    """FP8_DYNAMIC's per-token, FP8_BLOCK's per-token-and-group-of-128, NVFP4's (over a global scale) and MXFP4's
+    input rounding, bit for bit, on inputs with an outlier feature, an all-zero token and an all-zero group."""
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme, QuantizationStatus
     from compressed_tensors.quantization.lifecycle.forward import forward_quantize
+    from compressed_tensors.quantization.quant_scheme import PRESET_SCHEMES
 
     x = torch.from_numpy(np.random.default_rng(3).standard_normal((2, 5, 384)).astype(np.float32))
     x[0, 1, 7] = 300.0
     x[1, 2] = 0.0
     x[1, 3, 128:256] = 0.0
-    args = QuantizationArgs(num_bits=8, type="float", symmetric=True, dynamic=True, **strategy)
+    x[0, 0, :64] *= 1e-5
     holder = torch.nn.Module()
     holder.quantization_status = QuantizationStatus.COMPRESSED
+    if isinstance(strategy, str):  # llm-compressor's preset
+        args = QuantizationScheme(targets=["Linear"], **PRESET_SCHEMES[strategy]).input_activations
+    else:
+        args = QuantizationArgs(num_bits=8, type="float", symmetric=True, dynamic=True, **strategy)
+    g = float(np.float32(448 * 6) / np.float32(240.0))  # NVFP4's global scale, which clips the outlier
+    if scheme.startswith("nvfp4"):
+        holder.register_parameter("input_global_scale", torch.nn.Parameter(torch.tensor([g]), requires_grad=False))
     theirs = forward_quantize(holder, x, "input", args)
-    ours = SCHEMES[scheme][0](x, None)
+    ours = SCHEMES[scheme][0](x, g)
     assert torch.equal(ours, theirs)
-    other = SCHEMES["fp8-token" if scheme == "fp8-group128" else "fp8-group128"][0](x, None)
-    assert not torch.equal(other, theirs)
+    for other in SCHEMES:
+        if other != scheme and not other.endswith("tensor"):
+            assert not torch.equal(SCHEMES[other][0](x, g), theirs), other

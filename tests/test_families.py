@@ -418,6 +418,48 @@ def test_each_family_ships_fp8_blocks_with_inputs_quantized_per_group(tmp_path: 
     assert (theirs - ours).abs().max().item() <= LOGIT_ATOL, (theirs - ours).abs().max().item()
 
 
+FUSED = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("w1", "w3"), ("q_a_proj", "kv_a_proj_with_mqa"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model_type", sorted(FAMILIES))
+def test_each_family_ships_nvfp4_with_one_global_scale_per_fused_matrix(tmp_path: Path, stages, model_type: str,
+                                                                         fp4_runs_in_float32) -> None:
+    """GPTQ into NVFP4 (E2M1 weights and activations): the Linears vLLM fuses into one matrix (q/k/v, gate/up, an
+    expert's w1/w3, DeepSeek's q_a/kv_a) share one weight global scale, as its loader needs; each Linear stores the
+    global scale of its calibrated inputs; transformers, quantizing the inputs as the checkpoint says, computes
+    validate's logits."""
+    from transformers import AutoModelForCausalLM
+
+    from quantfab.tasks import validate as validate_mod
+    from quantfab.tasks.convert import FORMATS
+
+    folder = tiny_model(tmp_path / model_type, model_type)
+    b = FamilyBuild(folder, "gptq", Store(str(tmp_path / "store")), stages, ("outputs=[{compressed-tensors: nvfp4}]",))
+    (key,) = [o.key for o in b.outputs]
+    reports = b.quantized.outputs[key].modules
+    assert all(r.grid == "NVFP4" and r.input_scale > 0 for r in reports)
+    reader = FORMATS["compressed-tensors"].reader(path := b.written(key), b.folder.config())
+    global_scale = {r.name: reader.scalar(f"{r.name}.weight_global_scale") for r in reports}
+    fused = 0
+    for parent in {n.rsplit(".", 1)[0] for n in global_scale}:
+        for names in FUSED:
+            members = [f"{parent}.{n}" for n in names]
+            if all(m in global_scale for m in members):
+                assert len({global_scale[m] for m in members}) == 1, members
+                fused += 1
+    assert fused >= (0 if model_type == "phi3" else 2 * 2)  # Phi-3 stores q/k/v and gate/up fused already
+    assert {q.scheme for q in reader.inputs.values()} == {"nvfp4-group16"} and len(reader.inputs) == len(reports)
+    assert 0 < b.metrics["outputs"][key]["kl_divergence"] < 0.5
+    if model_type in MOE:
+        return
+    hf = fp4_runs_in_float32(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval(), key)
+    with torch.no_grad():
+        theirs = hf(torch.from_numpy(b.ids)).logits
+    ours = validate_mod.logits(b.folder.config(), reader, b.folder.weights(), b.ids)
+    assert (theirs - ours).abs().max().item() <= LOGIT_ATOL, (theirs - ours).abs().max().item()
+
+
 def test_an_fp8_kv_cache_is_refused_for_latent_attention_at_plan_time(tmp_path: Path) -> None:
     from quantfab.pipelines.plan import plan
     from quantfab.pipelines.recipe_loading import load_recipe

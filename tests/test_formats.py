@@ -55,6 +55,10 @@ BUILDS = {  # name -> recipe overrides
     "gptq-w8a8-static": ["quantize.method=gptq", f"outputs=[{W8A8_OUTPUT[:-1]}, activation_scales: static}}]"],
     "fp8-block": ["quantize.method=rtn", f"outputs=[{FP8_BLOCK_OUTPUT}]"],
     "gptq-fp8-block": ["quantize.method=gptq", f"outputs=[{FP8_BLOCK_OUTPUT}]"],
+    "nvfp4": ["quantize.method=gptq", "outputs=[{compressed-tensors: nvfp4}, "
+              "{format: compressed-tensors, type: nvfp4, activations: float}]"],
+    "mxfp4": ["quantize.method=rtn", "outputs=[{format: compressed-tensors, type: mxfp4, activations: mxfp4}, "
+              "{compressed-tensors: mxfp4}, {format: compressed-tensors, type: nvfp4, activations: float}]"],
     "kv": ["quantize.method=gptq", "outputs=[{format: compressed-tensors, type: fp8, kv_cache: fp8}, "
            "{format: compressed-tensors, type: int4, kv_cache: fp8}]"],
 }
@@ -161,6 +165,7 @@ def compressed_tensors_decompress(path: Path) -> torch.nn.Module:
 CONSUMERS = {"transformers": transformers_from_pretrained, "compressed-tensors": compressed_tensors_decompress}
 
 
+
 def consumer_cases() -> list:
     cases = []
     for build, overrides in BUILDS.items():
@@ -174,12 +179,14 @@ def consumer_cases() -> list:
 @pytest.mark.slow
 @pytest.mark.parametrize("build,key,consumer", consumer_cases())
 def test_compressed_tensors_consumer_reproduces_our_logits(builds: dict[str, Build], eval_ids: np.ndarray, build: str,
-                                                            key: str, consumer: str) -> None:
+                                                            key: str, consumer: str, fp4_runs_in_float32) -> None:
     b = builds[build]
     path = b.written(key)
     config = json.loads((path / "config.json").read_text())["quantization_config"]
-    assert config["quant_method"] == "compressed-tensors" and config["format"] == "pack-quantized"
-    model = CONSUMERS[consumer](path)
+    assert config["quant_method"] == "compressed-tensors"
+    assert config["format"] == {"nvfp4": "nvfp4-pack-quantized", "mxfp4": "mxfp4-pack-quantized"}.get(
+        key.split("-")[2], "pack-quantized")
+    model = fp4_runs_in_float32(CONSUMERS[consumer](path), key)
     with torch.no_grad():
         theirs = model(torch.from_numpy(eval_ids)).logits  # transformers decompresses on this first forward
     state = model.state_dict()
@@ -203,20 +210,32 @@ SERVED = {  # build -> output, its format, the weights' type, the simulated inpu
                          torch.int8)}
 FP8_BLOCK_SERVED = ("compressed-tensors-fp8-b128x128", "float-quantized", "float",
                     "FP8 E4M3, a dynamic scale per token and group of 128 features", torch.float8_e4m3fn)
-SERVED |= {"fp8-block": FP8_BLOCK_SERVED, "gptq-fp8-block": FP8_BLOCK_SERVED}
-STRATEGIES = {  # output -> (weights, input_activations) strategy, with their group or block size
-    FP8_BLOCK_SERVED[0]: ({"strategy": "block", "block_structure": [128, 128]}, {"strategy": "group", "group_size": 128}),
-    f"{FP8}-static": ({"strategy": "channel"}, {"strategy": "tensor"}),
-    f"{W8A8}-static": ({"strategy": "channel"}, {"strategy": "tensor"})}
+SERVED |= {"fp8-block": FP8_BLOCK_SERVED, "gptq-fp8-block": FP8_BLOCK_SERVED,
+           "nvfp4": ("compressed-tensors-nvfp4-g16", "nvfp4-pack-quantized", "float", "NVFP4 (E2M1), a dynamic E4M3 "
+                     "scale per token and group of 16 over one calibrated global scale per Linear", torch.uint8),
+           "mxfp4": ("compressed-tensors-mxfp4-g32-amxfp4", "mxfp4-pack-quantized", "float", "MXFP4 (E2M1), a dynamic "
+                     "power-of-two scale per token and group of 32", torch.uint8)}
+ARGS = {  # output -> its config group's weights and input_activations, beyond 8 bits, symmetric, static weights
+    FP8_BLOCK_SERVED[0]: ({"strategy": "block", "block_structure": [128, 128]},
+                          {"strategy": "group", "group_size": 128, "dynamic": True}),
+    f"{FP8}-static": ({"strategy": "channel"}, {"strategy": "tensor", "dynamic": False}),
+    f"{W8A8}-static": ({"strategy": "channel"}, {"strategy": "tensor", "dynamic": False}),
+    SERVED["nvfp4"][0]: ({"num_bits": 4, "strategy": "tensor_group", "group_size": 16},
+                         {"num_bits": 4, "strategy": "tensor_group", "group_size": 16, "dynamic": "local"}),
+    SERVED["mxfp4"][0]: ({"num_bits": 4, "strategy": "group", "group_size": 32},
+                         {"num_bits": 4, "strategy": "group", "group_size": 32, "dynamic": True})}
+STORED_INPUT_SCALE = {f"{FP8}-static": "input_scale", f"{W8A8}-static": "input_scale",
+                      SERVED["nvfp4"][0]: "input_global_scale"}  # output -> the calibrated scale each Linear stores
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("build", list(SERVED))
 def test_activation_schemes_are_served_by_transformers_and_compressed_tensors_as_validate_measures_them(
-        builds: dict[str, Build], eval_ids: np.ndarray, build: str) -> None:
+        builds: dict[str, Build], eval_ids: np.ndarray, build: str, fp4_runs_in_float32) -> None:
     """FP8_DYNAMIC (E4M3 weights per channel) and W8A8 (int8 weights per channel), activations quantized per token
     at run time (or by a static scale); FP8_BLOCK (E4M3 weights per 128 x 128 block, activations per token and
-    group of 128). Both consumers hold our codes (and SmoothQuant's scaled norms) bit for bit and run the activation
+    group of 128); NVFP4 and MXFP4 (E2M1 weights and activations, per group of 16 over a calibrated global scale,
+    per group of 32 with power-of-two scales). Both consumers hold our codes (and SmoothQuant's scaled norms) bit for bit and run the activation
     quantization themselves; validate, simulating it, computes their logits exactly, and the simulation matters
     (weights alone give other logits)."""
     b = builds[build]
@@ -225,16 +244,14 @@ def test_activation_schemes_are_served_by_transformers_and_compressed_tensors_as
     qc = json.loads((path / "config.json").read_text())["quantization_config"]
     assert qc["format"] == fmt and list(qc["config_groups"]) == ["group_0"]
     group = qc["config_groups"]["group_0"]
-    static = key.endswith("-static")
-    weights, inputs_shape = STRATEGIES.get(key, ({"strategy": "channel"}, {"strategy": "token"}))
-    assert {k: group["weights"][k] for k in ("num_bits", "type", "symmetric", "dynamic", *weights)} == \
-        {"num_bits": 8, "type": kind, "symmetric": True, "dynamic": False, **weights}
-    assert {k: group["input_activations"][k] for k in ("num_bits", "type", "symmetric", "dynamic", *inputs_shape)} \
-        == {"num_bits": 8, "type": kind, "symmetric": True, "dynamic": not static, **inputs_shape}
+    weights, inputs_args = ARGS.get(key, ({"strategy": "channel"}, {"strategy": "token", "dynamic": True}))
+    for args, expected in ((group["weights"], {"dynamic": False, **weights}), (group["input_activations"], inputs_args)):
+        expected = {"num_bits": 8, "type": kind, "symmetric": True, **expected}
+        assert {k: args[k] for k in expected} == expected
     reader = FORMATS["compressed-tensors"].reader(path, b.folder.config())
     assert len(reader.inputs) == 14 and len({q.scheme for q in reader.inputs.values()}) == 1
-    for r in b.quantized.outputs[key].modules:  # a static scale is stored as quantize chose it
-        scale = reader.raw(f"{r.name}.input_scale") if static else None
+    for r in b.quantized.outputs[key].modules:  # a calibrated scale is stored as quantize chose it
+        scale = reader.raw(f"{r.name}.{STORED_INPUT_SCALE[key]}") if key in STORED_INPUT_SCALE else None
         assert scale is None or (scale.dtype, scale.tolist()) == (torch.float32, [r.input_scale]) and r.input_scale > 0
         assert reader.inputs[r.name].scale == r.input_scale
     assert validate_mod.served_as(reader) == [f"inputs of the quantized Linears as {inputs} (14 Linears), as "
@@ -247,13 +264,28 @@ def test_activation_schemes_are_served_by_transformers_and_compressed_tensors_as
     assert sorted(floats) == (sorted(f"model.layers.{i}.{norm}.weight" for i in range(2) for norm in
                                      ("input_layernorm", "post_attention_layernorm")) if build.startswith("sq-") else [])
     for load in (compressed_tensors_decompress, lambda path: from_pretrained_holding(path, stored)):
-        model = load(path)
+        model = fp4_runs_in_float32(load(path), key)
         with torch.no_grad():
             theirs = model(torch.from_numpy(eval_ids)).logits
         state = model.state_dict()
         for name, value in {**b.reconstruction(key), **floats}.items():
             assert torch.equal(state[name], torch.from_numpy(value)), name
         assert torch.equal(theirs, served), load.__name__
+
+
+@pytest.mark.slow
+def test_nvfp4_gives_the_linears_vllm_fuses_one_global_scale_also_with_rtn(builds: dict[str, Build]) -> None:
+    """rtn reads no inputs, but NVFP4 has calibrate find which Linears read one input: q/k/v share a weight global
+    scale, gate/up another, and o_proj and down_proj keep their own."""
+    b = builds["mxfp4"]
+    reader = FORMATS["compressed-tensors"].reader(b.written("compressed-tensors-nvfp4-g16-afloat"), b.folder.config())
+    for i in range(2):
+        scale = {m: reader.scalar(f"model.layers.{i}.{m}.weight_global_scale") for m in
+                 ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+                  "mlp.up_proj", "mlp.down_proj")}
+        assert scale["self_attn.q_proj"] == scale["self_attn.k_proj"] == scale["self_attn.v_proj"]
+        assert scale["mlp.gate_proj"] == scale["mlp.up_proj"]
+        assert len(set(scale.values())) == 4, scale
 
 
 @pytest.mark.slow
@@ -318,7 +350,8 @@ def from_pretrained_holding(path: Path, stored: torch.dtype) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
 
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    assert sum(v.dtype == stored for v in hf.state_dict().values()) == 14, f"not loaded as {stored}"
+    assert sum(v.dtype == stored for k, v in hf.state_dict().items() if k.endswith(("weight", "weight_packed"))) == 14, \
+        f"not loaded as {stored}"
     return hf
 
 

@@ -266,3 +266,80 @@ def test_searches_and_gptq_keep_one_scale_per_fp8_block(method: str) -> None:
     assert not np.array_equal(enc.d[0], enc.d[128])
     assert np.array_equal(grid.decode(enc), grid.decode(Encoded(grid.encode(grid.decode(enc), enc.d, None), enc.d,
                                                                 None)))
+
+
+def test_e2m1_rounding_and_bfloat16_are_compressed_tensors_and_torchs() -> None:
+    """E2M1 codes as compressed-tensors' cast_to_fp4 and pack_fp4_to_uint8 make them (every bound between two
+    values and the floats beside it, saturation, a negative value rounding to a signed 0, -0.0 to +0), and bfloat16
+    rounding as torch's cast (ties to even, subnormals)."""
+    import torch
+    from compressed_tensors.compressors.nvfp4.helpers import pack_fp4_to_uint8
+    from compressed_tensors.quantization.utils.fp4_utils import cast_to_fp4
+
+    from quantfab.tasks.quantize.fp4_grids import e2m1_decode, e2m1_encode, to_bfloat16
+
+    bounds = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 6.0])
+    x = torch.cat([bounds, bounds.nextafter(torch.tensor(9.0)), bounds.nextafter(torch.tensor(0.0)), -bounds,
+                   torch.tensor([0.0, -0.0, -0.1, 7.0, -7.0, 1e-30]),
+                   torch.from_numpy(np.random.default_rng(1).uniform(-7, 7, 9_992).astype(np.float32))])
+    rounded = cast_to_fp4(x.clamp(-6, 6))
+    ours = e2m1_encode(x.numpy())
+    assert np.array_equal(e2m1_decode(ours), rounded.numpy())
+    packed = pack_fp4_to_uint8(rounded.reshape(1, -1)).numpy().reshape(-1)
+    assert np.array_equal(np.stack([packed & 15, packed >> 4], axis=1).reshape(-1).astype(np.int8), ours)
+    y = torch.from_numpy(np.random.default_rng(2).standard_normal(100_000).astype(np.float32)) * \
+        torch.logspace(-42, 30, 100_000)
+    assert np.array_equal(to_bfloat16(y.numpy()), y.to(torch.bfloat16).float().numpy())
+
+
+@pytest.mark.parametrize("name", ["NVFP4", "MXFP4"])
+def test_fp4_scales_codes_packing_and_decode_equal_compressed_tensors(name: str) -> None:
+    """NVFP4 (global scale, E4M3 block scales, 0.125 for an all-zero block) and MXFP4 (E8M0 exponents) pick
+    llm-compressor's scales from compressed-tensors' own qparams; the codes we pack are the bytes its compressor
+    packs, and its decompressor gives our decode bit for bit (bfloat16)."""
+    import torch
+    from compressed_tensors.compressors.mxfp4.base import MXFP4PackedCompressor
+    from compressed_tensors.compressors.nvfp4.base import NVFP4PackedCompressor
+    from compressed_tensors.quantization import QuantizationScheme
+    from compressed_tensors.quantization.quant_scheme import PRESET_SCHEMES
+    from compressed_tensors.quantization.utils import calculate_qparams
+    from compressed_tensors.quantization.utils.helpers import generate_gparam
+
+    from quantfab.tasks.convert.compressed_fp4 import pack_fp4, stored_fp4
+
+    rng = np.random.default_rng(0)
+    w = (rng.standard_normal((48, 256)) * rng.uniform(0.001, 0.2, (48, 1))).astype(np.float32)
+    w[0, :32] = 0.0
+    w[1, 5] = 3.0
+    w[2, 40:48] = -1e-9
+    w[3] *= 1e-6
+    grid = grid_named(name)
+    enc = grid.reference(w)
+    scheme = QuantizationScheme(targets=["Linear"], **PRESET_SCHEMES[f"{name}A16"])
+    compressor = NVFP4PackedCompressor if name == "NVFP4" else MXFP4PackedCompressor
+    wt = torch.from_numpy(w)
+    blocks = wt.reshape(48, -1, grid.block)
+    g = generate_gparam(wt.min(), wt.max()) if name == "NVFP4" else None
+    scale, _ = calculate_qparams(blocks.amin(-1), blocks.amax(-1), scheme.weights, global_scale=g)
+    state = compressor.compress({"weight": wt, "weight_scale": scale, **({"weight_global_scale": g} if g is not None
+                                                                          else {})}, scheme)
+    ours = {k.removeprefix("m."): v for k, v in pack_fp4("m", grid, enc).items()}
+    assert sorted(ours) == sorted(state)
+    for k in state:
+        assert ours[k].dtype == state[k].dtype and torch.equal(ours[k].view(torch.uint8) if ours[k].dtype ==
+                                                               torch.float8_e4m3fn else ours[k],
+                                                               state[k].view(torch.uint8) if state[k].dtype ==
+                                                               torch.float8_e4m3fn else state[k]), k
+    theirs = compressor.decompress(state, scheme)["weight"]
+    assert theirs.dtype == torch.bfloat16 and np.array_equal(theirs.float().numpy(), grid.decode(enc))
+    back = stored_fp4(lambda n: ours[n.removeprefix("m.")], "m", grid)
+    assert np.array_equal(back.codes, enc.codes) and np.array_equal(back.d, enc.d)
+
+
+def test_nvfp4_bound_to_fused_linears_shares_their_global_scale() -> None:
+    """The Linears the engine fuses (q/k/v) share one global scale, the one of their largest weight."""
+    grid = grid_named("NVFP4")
+    q, k = weights(rows=16, cols=512, seed=1), weights(rows=16, cols=512, seed=2) * 3
+    bound = grid.bind([q, k])
+    assert bound.reference(q).extra["global_scale"][0] == bound.reference(k).extra["global_scale"][0] == \
+        grid.reference(k).extra["global_scale"][0] != grid.reference(q).extra["global_scale"][0]

@@ -515,8 +515,12 @@ def test_unknown_output_format_is_refused(tmp_path):
     ({"format": "compressed-tensors", "type": "int8", "activations": "int8", "group_size": 32},
      "needs type int8, symmetric codes and group_size channel"),
     ({"format": "compressed-tensors", "type": "int8", "activation_scales": "static"},
-     "activation_scales static needs quantized activations"),
+     "activation_scales static needs int8 or fp8 activations"),
     ({"format": "compressed-tensors", "type": "int4", "group_size": "128x128"}, "group_size 128x128 is FP8_BLOCK"),
+    ({"format": "compressed-tensors", "type": "nvfp4", "group_size": 32}, "nvfp4 has symmetric codes and a scale per 16"),
+    ({"format": "compressed-tensors", "type": "mxfp4", "activations": "nvfp4"}, "activations nvfp4 beside mxfp4"),
+    ({"format": "compressed-tensors", "type": "nvfp4", "activation_scales": "static"},
+     "nvfp4's global input scale is always calibrated"),
     ({"format": "compressed-tensors", "type": "fp8", "group_size": "128x128", "activation_scales": "static"},
      "type fp8 with dynamic fp8 activations"),
     ({"format": "compressed-tensors", "type": "fp8", "group_size": "128x128", "activations": "float"},
@@ -541,6 +545,12 @@ def test_an_fp8_block_override_to_groups_is_refused(tmp_path):
                                              set_in(d, "quantize.overrides", {"*.mlp.down_proj": {"group_size": 64}})))
     assert "compressed-tensors fp8 scales each row (group_size channel) or 128x128 blocks, not groups of 64" in \
         load_error(path)
+
+
+def test_an_fp4_override_to_other_bits_is_refused(tmp_path):
+    path = write_recipe(tmp_path, lambda d: (d.update(outputs=[{"format": "compressed-tensors", "type": "nvfp4"}]),
+                                             set_in(d, "quantize.overrides", {"*.mlp.down_proj": {"bits": 8}})))
+    assert "compressed-tensors nvfp4 holds symmetric 4-bit float codes with a scale per 16" in load_error(path)
 
 
 def test_static_activation_scales_with_awq_are_refused(tmp_path):

@@ -85,6 +85,9 @@ ACTIVATION_SCHEMES = {
     "fp8-static": ("rtn", "float-static", None), "gptq-fp8-static": ("gptq", "float-static", None),
     "w8a8-static": ("rtn", "int-static", None), "sq-gptq-w8a8-static": ("gptq", "int-static", 0.8),
     "fp8-block": ("rtn", "FP8_BLOCK", None), "gptq-fp8-block": ("gptq", "FP8_BLOCK", None),
+    "nvfp4": ("rtn", "NVFP4", None), "gptq-nvfp4": ("gptq", "NVFP4", None),
+    "nvfp4a16": ("rtn", "NVFP4A16", None), "gptq-nvfp4a16": ("gptq", "NVFP4A16", None),
+    "mxfp4a16": ("rtn", "MXFP4A16", None), "gptq-mxfp4a16": ("gptq", "MXFP4A16", None),
 }
 # the same with an FP8 KV cache (kv_cache_scheme: per-tensor static k/v scales), name -> the scheme it extends
 KV_SCHEMES = {"fp8-dynamic-kvfp8": "fp8-dynamic", "gptq-fp8-dynamic-kvfp8": "gptq-fp8-dynamic"}

@@ -54,9 +54,12 @@ ACTIVATION_SCHEMES = {
     "w8a8-static": ("rtn", "INT8_CH_SYM", "int8-tensor", None),
     "sq-gptq-w8a8-static": ("gptq", "INT8_CH_SYM", "int8-tensor", 0.8),
     "fp8-block": ("rtn", "FP8_B128", "fp8-group128", None), "gptq-fp8-block": ("gptq", "FP8_B128", "fp8-group128", None),
+    "nvfp4": ("rtn", "NVFP4", "nvfp4-group16", None), "gptq-nvfp4": ("gptq", "NVFP4", "nvfp4-group16", None),
+    "nvfp4a16": ("rtn", "NVFP4", None, None), "gptq-nvfp4a16": ("gptq", "NVFP4", None, None),
+    "mxfp4a16": ("rtn", "MXFP4", None, None), "gptq-mxfp4a16": ("gptq", "MXFP4", None, None),
 }
 KV_SCHEMES = {"fp8-dynamic-kvfp8": "fp8-dynamic", "gptq-fp8-dynamic-kvfp8": "gptq-fp8-dynamic"}  # + an FP8 KV cache
-STATIC = {"fp8-tensor": "fp8", "int8-tensor": "int8"}  # static input scheme -> the activation type quantize scales
+STATIC = {"fp8-tensor": "fp8", "int8-tensor": "int8", "nvfp4-group16": "nvfp4"}  # input scheme -> the scale kind quantize measures
 
 SYN_DIR = Path(os.environ.get("BENCH_CACHE", "/work/bench-cache")) / "synthetic-8x1024"
 

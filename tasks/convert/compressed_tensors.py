@@ -26,6 +26,13 @@ keys (after the rotary embedding) and values in FP8 E4M3 with one static scale e
 the keys and values of the calibration tokens through the built layers. Not for multi-head latent attention,
 whose cache holds a compressed latent.
 
+FP4 (``type: nvfp4``, ``mxfp4``; llm-compressor's NVFP4, NVFP4A16, MXFP4A16 and MXFP4 presets, whose args the config
+holds): E2M1 codes packed two per byte, with NVFP4's E4M3 scale per 16 over a float32 global scale (one for the
+Linears reading one input, which vLLM fuses and gives one global scale) or MXFP4's E8M0 scale per 32
+(compressed_fp4). NVFP4 activations are quantized per token and group of 16 over a global ``input_global_scale``
+that quantize takes from the calibration inputs' largest magnitude (448 * 6 / max |x|, as llm-compressor's
+static_minmax observer does). Decoded by compressed-tensors' NVFP4 and MXFP4 compressors, which return bfloat16.
+
 ``activation_scales: static`` (llm-compressor's static FP8 and INT8 schemes): instead of a scale per token at run
 time, each quantized Linear stores ``input_scale``, one float32 scale that quantize chose from the histogram of
 its input on the calibration tokens, measured through the layers as built (activations.static_scale: the clip
@@ -46,6 +53,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from quantfab.kernels.verdict import Verdict, compare
 from quantfab.tasks.activations import InputQuant, MeasuredScales
 from quantfab.kernels.words import PackedInts, WordLayout, pack_words, verify_words
+from quantfab.tasks.convert.compressed_fp4 import (FORMATS as FP4_FORMATS, PRESETS, fp4_bytes, is_fp4, pack_fp4,
+                                                   stored_fp4)
 from quantfab.tasks.convert.hf_folder import FolderWeights, HFFolderFormat, PlannedTensor, write_folder
 from quantfab.tasks.errors import UserError
 from quantfab.tasks.modelio import ModelDir, TensorInfo
@@ -56,10 +65,13 @@ from quantfab.tasks.lazy import lazy
 torch = lazy("torch")
 
 BLOCK = "128x128"  # group_size of FP8_BLOCK: a scale per 128 x 128 weights, inputs scaled per 128 of a token
-DEFAULT_GROUP = {"int4": 128, "int8": "channel", "fp8": "channel"}  # llm-compressor's W4A16, W8A16, FP8_DYNAMIC
-DEFAULT_ACTIVATIONS = {"int4": "float", "int8": "float", "fp8": "fp8"}
-# weight kind -> the activations vLLM runs beside it (W8A8 int8 needs int8 codes per channel, symmetric)
-ACTIVATIONS_FOR = {"int": ("float", "int8"), "float": ("float", "fp8")}
+# llm-compressor's W4A16, W8A16, FP8_DYNAMIC, NVFP4, MXFP4A16
+DEFAULT_GROUP = {"int4": 128, "int8": "channel", "fp8": "channel", "nvfp4": 16, "mxfp4": 32}
+DEFAULT_ACTIVATIONS = {"int4": "float", "int8": "float", "fp8": "fp8", "nvfp4": "nvfp4", "mxfp4": "float"}
+# weight type -> the activations vLLM runs beside it (W8A8 int8 needs int8 codes per channel, symmetric)
+ACTIVATIONS_FOR = {"int4": ("float", "int8"), "int8": ("float", "int8"), "fp8": ("float", "fp8"),
+                   "nvfp4": ("float", "nvfp4"), "mxfp4": ("float", "mxfp4")}
+FP4 = {"nvfp4": "NVFP4", "mxfp4": "MXFP4"}  # type -> its grid (fixed block, symmetric 4-bit float codes)
 
 
 class CompressedTensorsOptions(BaseModel):
@@ -67,20 +79,24 @@ class CompressedTensorsOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     format: Literal["compressed-tensors"] = "compressed-tensors"
-    type: Literal["int4", "int8", "fp8"] = Field(
+    type: Literal["int4", "int8", "fp8", "nvfp4", "mxfp4"] = Field(
         description="int4/int8: integer codes (quantize.bits and overrides may differ per module), activations left "
         "in float unless `activations: int8` (W8A8). fp8: FP8 E4M3 weights and FP8 activations quantized per "
-        "token at run time (FP8_DYNAMIC).")
+        "token at run time (FP8_DYNAMIC). nvfp4: FP4 E2M1 weights with an E4M3 scale per 16 over a global scale "
+        "per tensor, activations likewise per token at run time over a calibrated global scale (NVFP4; "
+        "`activations: float` is NVFP4A16). mxfp4: FP4 E2M1 weights with a power-of-two scale per 32, activations "
+        "in float (MXFP4A16; `activations: mxfp4` quantizes them the same way per token).")
     group_size: int | Literal["channel", "128x128"] | None = Field(
         None, description="Default elements per scale, 'channel' for one scale per row, or (fp8 only) '128x128' for "
         "one per block of 128 rows x 128 columns, with activations scaled per token and group of 128 at run time "
         "(FP8_BLOCK, as DeepSeek-V3 ships); empty: 128 for int4, channel for int8 and fp8. quantize.group_size "
         "overrides it.")
     symmetric: bool = Field(True, description="Default for symmetric codes; quantize.symmetric overrides it.")
-    activations: Literal["float", "int8", "fp8"] | None = Field(
+    activations: Literal["float", "int8", "fp8", "nvfp4", "mxfp4"] | None = Field(
         None, description="How the engine quantizes each quantized Linear's input at run time, with a dynamic scale "
-        "per token: float (not at all), int8 (W8A8: with type int8, symmetric, group_size channel) or fp8 (with "
-        "type fp8). Empty: fp8 for type fp8, float otherwise. validate simulates it.")
+        "per token: float (not at all), int8 (W8A8: with type int8, symmetric, group_size channel), fp8 (with "
+        "type fp8), nvfp4 or mxfp4 (with that type, per group of 16 or 32 of a token). Empty: fp8 for fp8, nvfp4 for "
+        "nvfp4, float otherwise. validate simulates it.")
     activation_scales: Literal["dynamic", "static"] = Field(
         "dynamic", description="dynamic: each token's activations scaled by their absmax at run time. static: one "
         "scale per Linear input, stored in the checkpoint, chosen from a histogram of its inputs on the calibration "
@@ -92,15 +108,18 @@ class CompressedTensorsOptions(BaseModel):
 
     @model_validator(mode="after")
     def _activations_match_the_weights(self) -> "CompressedTensorsOptions":
-        kind = "float" if self.type == "fp8" else "int"
-        if self.activations is not None and self.activations not in ACTIVATIONS_FOR[kind]:
+        if self.activations is not None and self.activations not in ACTIVATIONS_FOR[self.type]:
             raise ValueError(f"activations {self.activations} beside {self.type} weights is not a scheme vLLM runs: "
-                             f"use one of {', '.join(ACTIVATIONS_FOR[kind])}")
+                             f"use one of {', '.join(ACTIVATIONS_FOR[self.type])}")
+        if self.type in FP4 and (self.group_size not in (None, DEFAULT_GROUP[self.type]) or not self.symmetric):
+            raise ValueError(f"{self.type} has symmetric codes and a scale per {DEFAULT_GROUP[self.type]}: drop "
+                             "group_size and symmetric")
         if self.activations == "int8" and (self.type != "int8" or not self.symmetric or self.group_size not in
                                            (None, "channel")):
             raise ValueError("activations int8 (W8A8) needs type int8, symmetric codes and group_size channel")
-        if self.activation_scales == "static" and self.input_activations == "float":
-            raise ValueError("activation_scales static needs quantized activations (activations int8 or fp8)")
+        if self.activation_scales == "static" and self.input_activations not in ("int8", "fp8"):
+            raise ValueError("activation_scales static needs int8 or fp8 activations (nvfp4's global input scale is "
+                             "always calibrated, mxfp4's scales are per group at run time)")
         if self.group_size == BLOCK and (self.type != "fp8" or self.input_activations != "fp8" or
                                         self.activation_scales != "dynamic"):
             raise ValueError(f"group_size {BLOCK} is FP8_BLOCK: type fp8 with dynamic fp8 activations (vLLM's block "
@@ -128,6 +147,8 @@ def packed_bytes(shape: tuple[int, ...], grid_name: str, dtype: torch.dtype) -> 
     grid = grid_named(grid_name)
     rows, cols = shape
     groups = cols // grid.block
+    if is_fp4(grid):
+        return fp4_bytes(rows, cols, grid)
     if isinstance(grid, FP8Grid):
         return rows * cols + -(-rows // grid.row_span) * groups * 4  # float8 weight, float32 weight_scale
     zeros = 0 if grid.symmetric else -(-rows * grid.bits // 32) * groups * 4
@@ -147,6 +168,11 @@ class CompressedTensorsFormat(HFFolderFormat):
         if want.nf4:
             raise ValueError("compressed-tensors pack-quantized holds integer codes, not NF4 (use output bnb-nf4)")
         group = want.group_size or options.group_size or DEFAULT_GROUP[options.type]
+        if options.type in FP4:
+            if want.bits not in (None, 4) or want.symmetric is False or want.group_size not in (None, group):
+                raise ValueError(f"compressed-tensors {options.type} holds symmetric 4-bit float codes with a scale per "
+                                 f"{group}: drop quantize.bits, group_size and symmetric (or their overrides)")
+            return grid_named(FP4[options.type])
         if options.type == "fp8":
             if want.bits not in (None, 8) or want.symmetric is False or not options.symmetric:
                 raise ValueError("compressed-tensors fp8 holds symmetric 8-bit float codes: drop quantize.bits and "
@@ -166,8 +192,9 @@ class CompressedTensorsFormat(HFFolderFormat):
         return grid_named(f"INT{bits}_CH_{side}" if group == "channel" else f"INT{bits}_G{group}_{side}")
 
     def measured_scales(self, options: CompressedTensorsOptions) -> MeasuredScales:
-        return MeasuredScales(options.input_activations if options.activation_scales == "static" else None,
-                              options.kv_cache)
+        """Static input scales, NVFP4's global input scales, and the KV cache's scales are measured."""
+        static = options.activation_scales == "static" or options.input_activations == "nvfp4"
+        return MeasuredScales(options.input_activations if static else None, options.kv_cache)
 
     def plan(self, options: CompressedTensorsOptions, config, tensors: dict[str, TensorInfo],
              grids: dict[str, str | None], as_asked: bool = False) -> list[PlannedTensor]:
@@ -177,7 +204,7 @@ class CompressedTensorsFormat(HFFolderFormat):
             raise UserError(f"{options.key}: model_type {config.model_type!r} uses multi-head latent attention, whose "
                             "cache holds a compressed latent rather than keys and values: drop kv_cache")
         planned = super().plan(options, config, tensors, grids, as_asked)
-        static = 4 if options.activation_scales == "static" else 0
+        static = 4 if self.measured_scales(options).inputs else 0
         if options.input_activations == "int8":
             return [replace(t, storage=INT_QUANTIZED, nbytes=t.nbytes - 2 * 8 + static) if t.grid else t
                     for t in planned]
@@ -192,6 +219,8 @@ class CompressedTensorsFormat(HFFolderFormat):
     def pack(self, t: PlannedTensor, enc: Encoded) -> dict[str, torch.Tensor]:
         grid = grid_named(t.grid or "")
         module = t.hf_name.removesuffix(".weight")
+        if is_fp4(grid):
+            return pack_fp4(module, grid, enc)
         if isinstance(grid, FP8Grid):
             scale = grid.block_scales(enc.d) if isinstance(grid, FP8BlockGrid) else enc.d
             return {t.hf_name: torch.from_numpy(enc.codes.view(np.uint8)).view(torch.float8_e4m3fn),
@@ -215,6 +244,8 @@ class CompressedTensorsFormat(HFFolderFormat):
     def verify(self, folder: FolderWeights, t: PlannedTensor, expected: np.ndarray) -> Verdict:
         grid = grid_named(t.grid or "")
         module = t.hf_name.removesuffix(".weight")
+        if is_fp4(grid):
+            return compare(grid.decode(stored_fp4(folder.raw, module, grid)), expected)
         if isinstance(grid, FP8Grid):
             codes = folder.raw(t.hf_name).view(torch.uint8).numpy()
             scale = np.repeat(folder.raw(f"{module}.weight_scale").numpy(), grid.row_span, axis=0)[:codes.shape[0]]
@@ -230,12 +261,14 @@ class CompressedTensorsFormat(HFFolderFormat):
 
 
 def input_scale(options: CompressedTensorsOptions, t: PlannedTensor) -> dict[str, torch.Tensor]:
-    """A static scheme's ``input_scale`` of a quantized Linear, as quantize chose it (float32, shape [1])."""
-    if options.activation_scales != "static" or t.grid is None:
+    """A static scheme's ``input_scale`` of a quantized Linear, or NVFP4's ``input_global_scale``, as quantize chose
+    it (float32, shape [1])."""
+    if options.activation_scales != "static" and options.input_activations != "nvfp4" or t.grid is None:
         return {}
     if t.input_scale is None:
-        raise RuntimeError(f"{t.hf_name}: quantize chose no static input scale for it")
-    return {f"{t.hf_name.removesuffix('.weight')}.input_scale": torch.tensor([t.input_scale], dtype=torch.float32)}
+        raise RuntimeError(f"{t.hf_name}: quantize chose no input scale for it")
+    name = "input_global_scale" if options.input_activations == "nvfp4" else "input_scale"
+    return {f"{t.hf_name.removesuffix('.weight')}.{name}": torch.tensor([t.input_scale], dtype=torch.float32)}
 
 
 def layouts(bits: int) -> tuple[WordLayout, WordLayout]:
@@ -251,13 +284,15 @@ def quantization_config(weights: list[PlannedTensor], activations: str, static: 
     ``static``, by one stored scale per Linear; with ``kv_cache`` its ``kv_cache_scheme``."""
     from compressed_tensors import __version__ as ct_version
     from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
+    from compressed_tensors.quantization.quant_scheme import PRESET_SCHEMES
 
     linears = [t for t in weights if len(t.shape) == 2 and "embed_tokens" not in t.hf_name]
     kv = QuantizationArgs(num_bits=8, type="float", symmetric=True, strategy="tensor", dynamic=False) \
         if kv_cache else None
     by_args: dict[tuple, list[str]] = {}  # (type, bits, symmetric, strategy, group or block size) -> modules
+    fp4 = {t.grid for t in linears if t.grid and is_fp4(grid_named(t.grid))}
     for t in linears:
-        if t.grid:
+        if t.grid and t.grid not in fp4:
             grid = grid_named(t.grid)
             kind = "float" if isinstance(grid, FP8Grid) else "int"
             shape = ("block", grid.block) if isinstance(grid, FP8BlockGrid) else \
@@ -269,7 +304,9 @@ def quantization_config(weights: list[PlannedTensor], activations: str, static: 
         num_bits=8, type="float" if activations == "fp8" else "int", symmetric=True,
         strategy="tensor" if static else "token", dynamic=not static)
     groups = {}
-    for i, ((kind, bits, symmetric, strategy, size), modules) in enumerate(sorted(by_args.items(), key=str)):
+    # groups in the order of (type, bits, symmetric, size): transformers' MoE loading reads them in this order
+    ordered = sorted(by_args.items(), key=lambda item: str((*item[0][:3], item[0][4])))
+    for i, ((kind, bits, symmetric, strategy, size), modules) in enumerate(ordered):
         args = QuantizationArgs(num_bits=bits, type=kind, symmetric=symmetric, strategy=strategy,
                                 group_size=size if strategy == "group" else None,
                                 block_structure=[size, size] if strategy == "block" else None)
@@ -279,12 +316,16 @@ def quantization_config(weights: list[PlannedTensor], activations: str, static: 
             input_activations=inputs.model_copy(update={"strategy": "group", "group_size": size}) if per_group
             else inputs)
     kinds = {kind for kind, *_ in by_args}
-    if len(kinds) > 1:
-        raise ValueError("compressed-tensors: one output holds either integer or fp8 codes, not both")
+    if len(kinds) > 1 or fp4 and len(fp4) + len(by_args) > 1:
+        raise ValueError("compressed-tensors: one output holds integer, fp8 or fp4 codes, not a mix")
     ignore = [t.hf_name.removesuffix(".weight") for t in linears if not t.grid]
     if not any(t.hf_name == "lm_head.weight" for t in linears):
         ignore.append("lm_head")  # tied to the embedding, so not stored, but the loader still builds the Linear
     fmt = "float-quantized" if kinds == {"float"} else INT_QUANTIZED if activations == "int8" else "pack-quantized"
+    if fp4:  # llm-compressor's preset, as it writes it: the E4M3 or E8M0 scale types are part of the args
+        (grid,) = fp4
+        fmt, groups = FP4_FORMATS[grid], {"group_0": QuantizationScheme(targets=["Linear"],
+                                                                      **PRESET_SCHEMES[PRESETS[grid, activations]])}
     qc = QuantizationConfig(config_groups=groups, format=fmt, quantization_status="compressed",
                             ignore=ignore, kv_cache_scheme=kv)
     return {"version": ct_version, **qc.model_dump(mode="json", exclude_none=False)}
@@ -294,12 +335,16 @@ def compressed_tensors_weights(path: Path) -> FolderWeights:
     """The folder's weights decoded by compressed-tensors' own compressor for its format (packed or float)."""
     from compressed_tensors.compressors.naive_quantized.base import (FloatQuantizationCompressor,
                                                                      IntQuantizationCompressor)
+    from compressed_tensors.compressors.mxfp4.base import MXFP4PackedCompressor
+    from compressed_tensors.compressors.nvfp4.base import NVFP4PackedCompressor
     from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
     from compressed_tensors.quantization import QuantizationConfig
 
     stored = json.loads((path / "config.json").read_text())["quantization_config"]
     naive = {"float-quantized": FloatQuantizationCompressor, INT_QUANTIZED: IntQuantizationCompressor}.get(
         stored.get("format"))  # weight + weight_scale, the codes as they are
+    packed = {FP4_FORMATS["NVFP4"]: NVFP4PackedCompressor, FP4_FORMATS["MXFP4"]: MXFP4PackedCompressor}.get(
+        stored.get("format"), PackedQuantizationCompressor)
     schemes = list(QuantizationConfig.model_validate(
         {k: v for k, v in stored.items() if k in QuantizationConfig.model_fields}).config_groups.values())
 
@@ -308,9 +353,9 @@ def compressed_tensors_weights(path: Path) -> FolderWeights:
         if naive is not None:
             state = {"weight": folder.raw(f"{module}.weight"), "weight_scale": folder.raw(f"{module}.weight_scale")}
             return naive.decompress(state, scheme)["weight"]
-        parts = [f"{module}.weight_{k}" for k in ("packed", "scale", "shape", "zero_point")]
+        parts = [f"{module}.weight_{k}" for k in ("packed", "scale", "shape", "zero_point", "global_scale")]
         state = {p.rsplit(".", 1)[1]: folder.raw(p) for p in parts if folder.has(p)}
-        return PackedQuantizationCompressor.decompress(state, scheme)["weight"]
+        return packed.decompress(state, scheme)["weight"]
 
     folder = FolderWeights(path, "weight_scale" if naive is not None else "weight_packed", decode)
     modules = [n.removesuffix(".weight_scale") for n in folder.index.tensors if n.endswith(".weight_scale")]
@@ -343,6 +388,8 @@ def scheme_of(path: Path, module: str, schemes: list) -> Any:
 INPUT_SCHEMES = {  # (type, bits, strategy, dynamic, symmetric, group) of input_activations -> activations.SCHEMES name
     ("float", 8, "token", True, True, None): "fp8-token", ("int", 8, "token", True, True, None): "int8-token",
     ("float", 8, "group", True, True, 128): "fp8-group128",
+    ("float", 4, "tensor_group", "local", True, 16): "nvfp4-group16",
+    ("float", 4, "group", True, True, 32): "mxfp4-group32",
     ("float", 8, "tensor", False, True, None): "fp8-tensor", ("int", 8, "tensor", False, True, None): "int8-tensor"}
 
 
@@ -355,9 +402,12 @@ def input_quant(folder: FolderWeights, module: str, scheme: Any) -> InputQuant |
     if name is None:
         raise UserError(f"{folder.path / 'config.json'}: input_activations {a.model_dump(exclude_none=True)} of "
                         f"{module} cannot be simulated by validate yet (it simulates symmetric 8-bit FP8 and INT8, "
-                        "dynamic per token or static per tensor, and FP8 dynamic per token and group of 128)")
-    if a.dynamic:
+                        "dynamic per token or static per tensor, FP8 per token and group of 128, NVFP4 and MXFP4 "
+                        "as llm-compressor's presets)")
+    stored = "input_global_scale" if a.dynamic == "local" else None if a.dynamic else "input_scale"
+    if stored is None:
         return InputQuant(name)
-    if not folder.has(f"{module}.input_scale"):
-        raise UserError(f"{folder.path}: {module} has static input_activations but no {module}.input_scale")
-    return InputQuant(name, folder.scalar(f"{module}.input_scale"))
+    if not folder.has(f"{module}.{stored}"):
+        raise UserError(f"{folder.path}: {module}'s input_activations need a stored scale, and {module}.{stored} "
+                        "is missing")
+    return InputQuant(name, folder.scalar(f"{module}.{stored}"))

@@ -112,7 +112,7 @@ def reads_statistics(config, tensors: dict[str, TensorInfo], quant: Any, outputs
     and measures every layer's inputs there, for all its methods; of the others, those with a method that
     reads its inputs (group, awq) read them, and those of rtn or nf4 alone only for the module report. An output
     with static activation scales measures its inputs as a sequential one does. SmoothQuant reads them for every
-    output.
+    output. NVFP4 needs the pass for which Linears read one input (they share a global scale).
     """
     from quantfab.tasks.convert import FORMATS  # on demand: loading a recipe imports this module, not the formats
     from quantfab.tasks.quantize import METHODS
@@ -124,7 +124,8 @@ def reads_statistics(config, tensors: dict[str, TensorInfo], quant: Any, outputs
             return True
         layers = assign_layers(config, tensors, quant, FORMATS[o.format], o)
         if not measures_inputs(layers, FORMATS[o.format].measured_scales(o)) and (quant.module_report or any(
-                METHODS[a.method].reads_inputs for layer in layers for a in layer.values() if a.grid)):
+                METHODS[a.method].reads_inputs or grid_named(a.grid).fused_scale for layer in layers
+                for a in layer.values() if a.grid)):
             return True
     return False
 

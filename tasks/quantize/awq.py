@@ -27,7 +27,7 @@ from quantfab.tasks.gram import hessian_weighted
 from quantfab.tasks.modelio import CPU
 from quantfab.tasks.quantize.grids import Encoded, Grid
 from quantfab.tasks.quantize.group import clip_search
-from quantfab.tasks.quantize.layer import LayerInput, LayerResult, PerModule
+from quantfab.tasks.quantize.layer import LayerInput, LayerResult, PerModule, bind_by_input
 from quantfab.tasks.quantize.stats import InputStats
 from quantfab.tasks.lazy import lazy
 
@@ -100,7 +100,7 @@ class AWQ(PerModule):
                 weights[f"{m}.weight"] = (weights[f"{m}.weight"] * s[None, :]).astype(np.float32)
             stats[key] = stats[key].scaled(s)
         result = LayerResult()
-        for module, grid in layer.grids.items():
+        for module, grid in bind_by_input(layer.grids, weights, layer.structure).items():  # the scaled weights'
             w = weights[f"{module}.weight"]
             st = stats[layer.structure.group_of(module)]
             if opts.clip and module.rsplit(".", 1)[-1] not in NO_CLIP:

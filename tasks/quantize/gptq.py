@@ -44,7 +44,9 @@ class GPTQ(PerModule):
         result = LayerResult()
         batches: dict[tuple[str, str], list[str]] = {}
         for module, grid in layer.grids.items():
-            batches.setdefault((layer.structure.group_of(module), grid.name), []).append(module)
+            # stacked rows keep a grid's row blocks whole only where each module fills its own (FP8_B128)
+            alone = module if layer.weight(module).shape[0] % grid.row_span else ""
+            batches.setdefault((layer.structure.group_of(module), grid.name, alone), []).append(module)
         for modules in batches.values():
             grid, st = layer.grids[modules[0]], layer.stats_of(modules[0])
             rows = [layer.weight(m).shape[0] for m in modules]

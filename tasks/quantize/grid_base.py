@@ -11,7 +11,7 @@ Codes are int8 arrays shaped like the weight; scales ``d`` and mins ``m`` are fl
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import numpy as np
 
@@ -72,6 +72,7 @@ class Grid:
     qmax: int
     scale_dtype = np.float16
     row_span = 1  # rows that share each scale (FP8's 128x128 blocks): d repeats it on each of them
+    fused_scale = False  # a scale shared by the Linears reading one input (NVFP4's global): ``bind`` needs them
 
     def blocks(self, w: np.ndarray) -> np.ndarray:
         """View (rows, cols) as (rows, cols // block, block); cols must divide by the block."""
@@ -121,6 +122,11 @@ class Grid:
     def store_scale(self, x: np.ndarray) -> np.ndarray:
         """Round a float32 scale to the stored dtype and back, so codes see what the file holds."""
         return x.astype(self.scale_dtype).astype(np.float32)
+
+    def bind(self, weights: Sequence[np.ndarray]) -> "Grid":
+        """The grid for these weights (one tensor, or the Linears the engine fuses with it): NVFP4's global scale
+        spans them; every other grid is the same for any tensor."""
+        return self
 
     def for_row(self, cols: int) -> "Grid":
         """The grid a tensor with rows of ``cols`` elements gets (a per-channel grid becomes one block per row)."""

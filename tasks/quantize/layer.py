@@ -50,6 +50,20 @@ class LayerResult:
     notes: dict[str, str] = field(default_factory=dict)  # module -> what the method could not do for it, for the report
 
 
+def bind_by_input(grids: dict[str, Grid], weights: dict[str, np.ndarray], structure: LayerStructure) -> dict[str, Grid]:
+    """Each module's grid bound to the weights of the modules reading its input on the same grid (q/k/v, gate/up:
+    what the engine fuses into one matrix, whose NVFP4 global scale must be one)."""
+    members: dict[tuple[str, str], list[str]] = {}
+    for module, grid in grids.items():
+        key = structure.group_of(module) if grid.fused_scale else module
+        members.setdefault((key, grid.name), []).append(module)
+    bound = {}
+    for modules in members.values():
+        grid = grids[modules[0]].bind([weights[f"{m}.weight"] for m in modules])
+        bound.update({m: grid for m in modules})
+    return bound
+
+
 class PerModule:
     """Adapter for methods that quantize each Linear on its own: ``quantize(w, grid, stats) -> Encoded``."""
 

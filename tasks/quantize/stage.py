@@ -39,7 +39,7 @@ from quantfab.tasks.parallel import pmap
 from quantfab.tasks.quantize import METHODS
 from quantfab.tasks.quantize.assign import Assignment, assign_layers, measures_inputs
 from quantfab.tasks.quantize.grids import grid_named
-from quantfab.tasks.quantize.layer import LayerInput, LayerResult
+from quantfab.tasks.quantize.layer import LayerInput, LayerResult, bind_by_input
 from quantfab.tasks.quantize.layer_file import LayerFile, write_layer_file
 from quantfab.tasks.quantize.smoothquant import smooth
 from quantfab.tasks.quantize.stats import InputStats
@@ -187,6 +187,7 @@ def _quantize_layer(tensors: dict[str, np.ndarray], stats: dict[str, InputStats]
     merged = LayerResult()
     for method in sorted({a.method for a in plan.values() if a.grid}):
         grids = {lin: grid_named(a.grid) for lin, a in plan.items() if a.grid and a.method == method}
+        grids = bind_by_input(grids, tensors, structure)
         _merge(merged, methods[method].quantize_layer(LayerInput(tensors, stats, grids, name, structure, kind)))
     return merged
 
