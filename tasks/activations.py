@@ -20,7 +20,6 @@ from typing import Callable
 import numpy as np
 
 from quantfab.tasks.errors import UserError
-from quantfab.tasks.quantize.fp4_grids import global_scale_of
 from quantfab.tasks.lazy import lazy
 
 torch = lazy("torch")
@@ -125,6 +124,14 @@ def mxfp4_per_group32(x: torch.Tensor, scale: float | None = None) -> torch.Tens
     return (fp4_round(groups / d) * d).flatten(-2)
 
 
+def fp4_global_scale(absmax: float) -> np.float32:
+    """NVFP4's global scale (compressed-tensors' generate_gparam) of values, weights or inputs, whose largest
+    magnitude is ``absmax``: 448 * 6 / absmax, so the largest block scale is E4M3's largest; 1 where it is 0."""
+    if not absmax > 0:
+        return np.float32(1.0)
+    return np.float32(E4M3_MAX * 6.0) / np.float32(absmax)
+
+
 def add_abs_histogram(hist: torch.Tensor, a: torch.Tensor) -> None:
     """Add |x| values ``a`` (rows x width) to ``hist`` (HIST_BINS float64 counts), a few million at a time."""
     for part in a.split(max(1, (1 << 22) // max(a.shape[-1], 1))):
@@ -138,7 +145,7 @@ def static_scale(hist: np.ndarray, x_max: float, kind: str) -> float:
     rounding the rest more finely. c is tried at ``x_max`` and down to x_max / 1024 in steps of 1/16 octave; the
     error of each bin is its centre's, with rounding modelled as uniform within the step there."""
     if kind == "nvfp4":  # the global scale of the input: its largest magnitude, as static_minmax observes it
-        return float(global_scale_of(x_max))
+        return float(fp4_global_scale(x_max))
     if x_max <= 0:  # an input that was always 0: compressed-tensors' observer gives float32 eps
         return float(np.finfo(np.float32).eps)
     centre = 2.0 ** (HIST_LOG2[0] + (np.arange(HIST_BINS) + 0.5) / HIST_PER_OCTAVE)

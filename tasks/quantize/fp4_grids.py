@@ -15,7 +15,8 @@ from typing import Sequence
 
 import numpy as np
 
-from quantfab.tasks.quantize.float_grids import E4M3_MAX, e4m3_decode, e4m3_encode
+from quantfab.tasks.activations import fp4_global_scale
+from quantfab.tasks.quantize.float_grids import e4m3_decode, e4m3_encode
 from quantfab.tasks.quantize.grid_base import Encoded, Grid
 
 E2M1_VALUES = np.array([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0], np.float32)
@@ -64,10 +65,10 @@ class NVFP4Grid(Grid):
         self.global_scale = None if global_scale is None else np.float32(global_scale)
 
     def bind(self, weights: Sequence[np.ndarray]) -> "NVFP4Grid":
-        return NVFP4Grid(global_scale_of(max(float(np.abs(w).max()) for w in weights)))
+        return NVFP4Grid(fp4_global_scale(max(float(np.abs(w).max()) for w in weights)))
 
     def _global(self, w: np.ndarray) -> np.float32:
-        return self.global_scale if self.global_scale is not None else global_scale_of(float(np.abs(w).max()))
+        return self.global_scale if self.global_scale is not None else fp4_global_scale(float(np.abs(w).max()))
 
     def scale_candidates(self, w: np.ndarray, ratio: float) -> tuple[np.ndarray, np.ndarray | None]:
         g = self._global(w)
@@ -97,13 +98,6 @@ class NVFP4Grid(Grid):
     def stored_scales(enc: Encoded) -> np.ndarray:
         """The E4M3 block scales (as int8 bit patterns) the file holds: d times the global scale, exactly."""
         return e4m3_encode(enc.d * enc.extra["global_scale"][0])
-
-
-def global_scale_of(absmax: float) -> np.float32:
-    """compressed-tensors' global scale for a tensor whose largest magnitude is ``absmax`` (1 where it is 0)."""
-    if not absmax > 0:
-        return np.float32(1.0)
-    return np.float32(E4M3_MAX * E2M1_MAX) / np.float32(absmax)
 
 
 class MXFP4Grid(Grid):
