@@ -24,7 +24,7 @@ from quantfab.tasks.manifests import (ConvertManifest, FormatFile, Mismatch, Mod
                                       QuantizeManifest, Verification, weight_bytes)
 from quantfab.tasks.parallel import pmap
 from quantfab.tasks.quantize.grids import Encoded, Grid, grid_named
-from quantfab.tasks.quantize.layer_file import LayerFile
+from quantfab.tasks.quantize.layer_file import LayerFile, write_layer_file
 from quantfab.tasks.store import Blob, Store
 
 
@@ -62,6 +62,9 @@ def convert_output(job: OutputJob) -> FormatFile:
         planned += [PlannedTensor(name, (1,), None, dtype, dtype.itemsize) for name in sorted(replaced)
                     if name.endswith((".k_scale", ".v_scale"))]
 
+    work = Path(store.scratch()) / f"convert-{uuid.uuid4().hex}"
+    own: dict[str, tuple[Grid, Path]] = {}  # tensors the format coded itself, kept in ``work`` for verify_output
+
     def float_weight(t) -> np.ndarray:
         if t.hf_name in replaced:  # a float the method changed, e.g. an AWQ-scaled norm
             return layer_files[replaced[t.hf_name]].float(t.hf_name)
@@ -72,14 +75,21 @@ def convert_output(job: OutputJob) -> FormatFile:
         module = t.hf_name.removesuffix(".weight")
         if grids.get(module):
             return grid_named(grids[module]), layer_files[int(module.split(".")[2])].encoded(module)
-        return fmt.float_codes(t, lambda: float_weight(t))
+        key = f"{t.hf_name}#{getattr(t, 'gguf_name', '')}"  # a GGUF split tensor's parts share the HF name
+        if key in own:  # coded once, while writing (a K-quant search of a 128k-row embedding takes a while)
+            return own[key][0], LayerFile(own[key][1]).encoded("t")
+        found = fmt.float_codes(t, lambda: float_weight(t))
+        if found is not None:
+            path = work / f"codes-{len(own)}.safetensors"
+            write_layer_file(path, {"t": found[1]}, {}, [])
+            own[key] = found[0], path
+        return found
 
     def tensor_data(t):
         found = codes(t)
         return fmt.pack(t, found[1]) if found else fmt.float_tensor(t, float_weight(t))
 
     out_name = fmt.output_name(o, job.name)
-    work = Path(store.scratch()) / f"convert-{uuid.uuid4().hex}"
     work.mkdir()
     try:
         fmt.write(work / out_name, o, model_dir, planned, tensor_data, job.name)
