@@ -337,6 +337,20 @@ def test_an_fp8_kv_cache_is_stored_as_vllm_loads_it_and_validate_rounds_it_as_co
     assert (served - validate_mod.logits(b.folder.config(), reader, b.folder.weights(), eval_ids)).abs().max() > 1e-3
 
 
+@pytest.mark.slow
+def test_a_kv_cache_checkpoint_without_a_v_scale_is_refused_naming_it(builds: dict[str, Build], tmp_path: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "ckpt"
+    shutil.copytree(b := builds["kv"].written(f"{FP8}-kvfp8"), folder)
+    tensors = load_file(str(folder / "model.safetensors"))
+    del tensors["model.layers.1.self_attn.v_scale"]
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    assert FORMATS["compressed-tensors"].reader(b, builds["kv"].folder.config()).kv_scales  # the original reads
+    with pytest.raises(UserError, match=r"model\.layers\.1\.self_attn\.v_scale is missing"):
+        FORMATS["compressed-tensors"].reader(folder, builds["kv"].folder.config())
+
+
 def test_a_kv_cache_is_refused_for_latent_attention_whose_cache_holds_no_keys() -> None:
     from transformers import DeepseekV3Config
 

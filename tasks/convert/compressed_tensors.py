@@ -374,6 +374,10 @@ def kv_scales(folder: FolderWeights, scheme: dict) -> dict[str, tuple[float, flo
     attention = sorted(n.removesuffix(".k_scale") for n in folder.index.tensors if n.endswith(".k_scale"))
     if not attention:
         raise UserError(f"{folder.path}: kv_cache_scheme is set but no attention stores a k_scale")
+    missing = [f"{a}.v_scale" for a in attention if not folder.has(f"{a}.v_scale")]
+    if missing:
+        raise UserError(f"{folder.path}: kv_cache_scheme is set and {', '.join(missing)} is missing (each attention "
+                        "stores a k_scale and a v_scale)")
     return {a: (folder.scalar(f"{a}.k_scale"), folder.scalar(f"{a}.v_scale")) for a in attention}
 
 
