@@ -531,26 +531,18 @@ def test_activations_the_engine_does_not_run_beside_the_weights_are_refused(tmp_
     assert expected in line
 
 
-def test_a_w8a8_override_to_other_bits_is_refused(tmp_path):
-    path = write_recipe(tmp_path, lambda d: (d.update(outputs=[{"format": "compressed-tensors", "type": "int8",
-                                                                 "activations": "int8"}]),
-                                             set_in(d, "quantize.overrides", {"*.mlp.down_proj": {"bits": 4}})))
-    assert "W8A8 (activations int8) runs symmetric int8 codes with a scale per row; this Linear asks 4 bits" in \
-        load_error(path)
-
-
-def test_an_fp8_block_override_to_groups_is_refused(tmp_path):
-    path = write_recipe(tmp_path, lambda d: (d.update(outputs=[{"format": "compressed-tensors", "type": "fp8",
-                                                                 "group_size": "128x128"}]),
-                                             set_in(d, "quantize.overrides", {"*.mlp.down_proj": {"group_size": 64}})))
-    assert "compressed-tensors fp8 scales each row (group_size channel) or 128x128 blocks, not groups of 64" in \
-        load_error(path)
-
-
-def test_an_fp4_override_to_other_bits_is_refused(tmp_path):
-    path = write_recipe(tmp_path, lambda d: (d.update(outputs=[{"format": "compressed-tensors", "type": "nvfp4"}]),
-                                             set_in(d, "quantize.overrides", {"*.mlp.down_proj": {"bits": 8}})))
-    assert "compressed-tensors nvfp4 holds symmetric 4-bit float codes with a scale per 16" in load_error(path)
+@pytest.mark.parametrize("output, override, expected", [
+    ({"format": "compressed-tensors", "type": "int8", "activations": "int8"}, {"bits": 4},
+     "W8A8 (activations int8) runs symmetric int8 codes with a scale per row; this Linear asks 4 bits"),
+    ({"format": "compressed-tensors", "type": "fp8", "group_size": "128x128"}, {"group_size": 64},
+     "compressed-tensors fp8 scales each row (group_size channel) or 128x128 blocks, not groups of 64"),
+    ({"format": "compressed-tensors", "type": "nvfp4"}, {"bits": 8},
+     "compressed-tensors nvfp4 holds symmetric 4-bit float codes with a scale per 16"),
+])
+def test_an_override_the_output_type_cannot_hold_is_refused(tmp_path, output, override, expected):
+    path = write_recipe(tmp_path, lambda d: (d.update(outputs=[output]),
+                                             set_in(d, "quantize.overrides", {"*.mlp.down_proj": override})))
+    assert expected in load_error(path)
 
 
 def test_static_activation_scales_with_awq_are_refused(tmp_path):

@@ -127,6 +127,14 @@ class CompressedTensorsOptions(BaseModel):
         return self
 
     @property
+    def stored_input_scale(self) -> str | None:
+        """The scale each quantized Linear stores for its input, which quantize measures: a static scheme's
+        ``input_scale`` or NVFP4's ``input_global_scale``; None where the runtime scales the inputs itself."""
+        if self.activation_scales == "static":
+            return "input_scale"
+        return "input_global_scale" if self.input_activations == "nvfp4" else None
+
+    @property
     def input_activations(self) -> str:
         return self.activations or DEFAULT_ACTIVATIONS[self.type]
 
@@ -193,8 +201,7 @@ class CompressedTensorsFormat(HFFolderFormat):
 
     def measured_scales(self, options: CompressedTensorsOptions) -> MeasuredScales:
         """Static input scales, NVFP4's global input scales, and the KV cache's scales are measured."""
-        static = options.activation_scales == "static" or options.input_activations == "nvfp4"
-        return MeasuredScales(options.input_activations if static else None, options.kv_cache)
+        return MeasuredScales(options.input_activations if options.stored_input_scale else None, options.kv_cache)
 
     def plan(self, options: CompressedTensorsOptions, config, tensors: dict[str, TensorInfo],
              grids: dict[str, str | None], as_asked: bool = False) -> list[PlannedTensor]:
@@ -204,7 +211,7 @@ class CompressedTensorsFormat(HFFolderFormat):
             raise UserError(f"{options.key}: model_type {config.model_type!r} uses multi-head latent attention, whose "
                             "cache holds a compressed latent rather than keys and values: drop kv_cache")
         planned = super().plan(options, config, tensors, grids, as_asked)
-        static = 4 if self.measured_scales(options).inputs else 0
+        static = 4 if options.stored_input_scale else 0
         if options.input_activations == "int8":
             return [replace(t, storage=INT_QUANTIZED, nbytes=t.nbytes - 2 * 8 + static) if t.grid else t
                     for t in planned]
@@ -263,11 +270,11 @@ class CompressedTensorsFormat(HFFolderFormat):
 def input_scale(options: CompressedTensorsOptions, t: PlannedTensor) -> dict[str, torch.Tensor]:
     """A static scheme's ``input_scale`` of a quantized Linear, or NVFP4's ``input_global_scale``, as quantize chose
     it (float32, shape [1])."""
-    if options.activation_scales != "static" and options.input_activations != "nvfp4" or t.grid is None:
+    name = options.stored_input_scale
+    if name is None or t.grid is None:
         return {}
     if t.input_scale is None:
         raise RuntimeError(f"{t.hf_name}: quantize chose no input scale for it")
-    name = "input_global_scale" if options.input_activations == "nvfp4" else "input_scale"
     return {f"{t.hf_name.removesuffix('.weight')}.{name}": torch.tensor([t.input_scale], dtype=torch.float32)}
 
 
