@@ -335,9 +335,8 @@ def test_hessian_weighted_is_the_trace_of_delta_h_delta_t(rows: int, width: int)
     assert hessian_weighted(delta, torch.from_numpy(h)) == pytest.approx(reference, rel=1e-5)
 
 
-def test_the_decoder_shows_each_input_group_and_stops_at_it(tmp_path: Path) -> None:
-    """GPTQ fits a layer input group by input group; the engine finds the groups (and the norm producing each)
-    from one forward pass and measures a group's input per batch with passes that stop there."""
+def _one_layer_llama(tmp_path: Path) -> tuple:
+    """A 1-layer synthetic Llama's decoder, a maker of fresh copies of its layer, and 19 x 32 tokens' hidden states."""
     import torch
 
     from quantfab.tasks import synthetic
@@ -351,7 +350,16 @@ def test_the_decoder_shows_each_input_group_and_stops_at_it(tmp_path: Path) -> N
     decoder = Decoder(model.config(), torch.device("cpu"))
     decoder.load_outer(weights.load(weights.checkpoint_names(decoder.entry_names())))
     hidden = decoder.embed(torch.from_numpy(np.random.default_rng(0).integers(0, 512, (19, 32))))
-    layer = decoder.layer(0, relative(weights.load(weights.layer_names(0)), weights.prefix(0)))
+    return decoder, lambda: decoder.layer(0, relative(weights.load(weights.layer_names(0)), weights.prefix(0))), hidden
+
+
+def test_the_decoder_shows_each_input_group_and_stops_at_it(tmp_path: Path) -> None:
+    """GPTQ fits a layer input group by input group; the engine finds the groups (and the norm producing each)
+    from one forward pass and measures a group's input per batch with passes that stop there."""
+    import torch
+
+    decoder, new_layer, hidden = _one_layer_llama(tmp_path)
+    layer = new_layer()
     structure = decoder.structure(0, layer, hidden)
     assert structure.groups == {"self_attn.q_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
                                 "self_attn.o_proj": ("self_attn.o_proj",), "mlp.gate_proj": ("mlp.gate_proj", "mlp.up_proj"),
@@ -366,6 +374,48 @@ def test_the_decoder_shows_each_input_group_and_stops_at_it(tmp_path: Path) -> N
     mlp = layer.mlp
     assert torch.equal(seen[2], mlp.act_fn(mlp.gate_proj(seen_in := decoder.inputs_of(0, layer, hidden, "mlp.gate_proj")[2]))
                        * mlp.up_proj(seen_in))
+
+
+def test_one_pass_fits_each_input_as_a_pass_stopping_there_would(tmp_path: Path) -> None:
+    """True-sequential fitting in one pass (``Decoder.run_layer_fitting``): every batch waits at an input group
+    until all have reached it, and what each saw there is what a pass stopping at it sees with the groups
+    before already fitted; the batches then go on through the fitted weights, so the pass ends with the
+    fitted layer's output. An error while fitting reaches the caller, the waiting batches unwound."""
+    import torch
+
+    decoder, new_layer, hidden = _one_layer_llama(tmp_path)
+    layer, reference, unfitted = new_layer(), new_layer(), new_layer()
+    structure = decoder.structure(0, layer, hidden)
+    keys = list(structure.groups)
+    seen: dict[str, list] = {k: [] for k in keys}
+    expected: dict[str, list] = {}
+
+    def fit(key: str) -> None:
+        expected[key] = decoder.inputs_of(0, reference, hidden, key)
+        for unit in structure.groups[key]:
+            w = layer.get_submodule(unit).weight.detach()
+            rounded = torch.round(w * 16) / 16
+            decoder.set_weight(0, layer, unit, rounded)
+            decoder.set_weight(0, reference, unit, rounded.clone())
+
+    out = decoder.run_layer_fitting(0, layer, hidden, keys, lambda key, x: seen[key].append(x.clone()), fit)
+    assert list(expected) == keys
+    for key in keys:
+        assert [tuple(x.shape) for x in seen[key]] == [tuple(x.shape) for x in expected[key]]
+        assert all(torch.equal(a, b) for a, b in zip(seen[key], expected[key])), key
+    assert torch.equal(out, decoder.run_layer(0, reference, hidden))
+    # not vacuous: the later inputs differ from the unfitted layer's
+    assert not torch.equal(seen["mlp.down_proj"][0], decoder.inputs_of(0, unfitted, hidden, "mlp.down_proj")[0])
+
+    def fails(key: str) -> None:
+        if key == "mlp.gate_proj":
+            raise ValueError("no fit for gate")
+
+    failing = new_layer()
+    with pytest.raises(ValueError, match="no fit for gate"):
+        decoder.run_layer_fitting(0, failing, hidden, keys, lambda key, x: None, fails)
+    assert not any(m._forward_pre_hooks for m in failing.modules())  # the reading hooks are gone
+    assert torch.equal(decoder.run_layer(0, failing, hidden), decoder.run_layer(0, unfitted, hidden))
 
 
 class _MallInfo2(ctypes.Structure):

@@ -13,11 +13,12 @@ resumed run recomputes (a forward pass through the committed layers) are the one
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -256,9 +257,11 @@ class HiddenStates:
 
     A layer whose methods all work one input at a time is quantized *through*: input by input in the order
     the layer reads them (q/k/v, o, gate/up, down in a Llama), each group fitted to what the already
-    quantized Linears before it produce (GPTQ's true-sequential order; a pass that stops at the group's
-    input measures it), then one pass carries the hidden states through the quantized layer. Otherwise (AWQ moves scales across groups) the layer's inputs are measured with its
-    float weights and, once committed, a second pass carries the states through its quantized weights.
+    quantized Linears before it produce (GPTQ's true-sequential order), in one pass over the layer that
+    stops at each group's input until every batch has reached it (``Decoder.run_layer_fitting``) and carries
+    the hidden states on through the quantized layer. A layer with experts takes a pass to each expert set's
+    inputs and one through. Otherwise (AWQ moves scales across groups) the layer's inputs are measured with
+    its float weights and, once committed, a second pass carries the states through its quantized weights.
     Passes through committed layers are deferred until needed, so a rerun whose layers are all committed
     runs none. For ``measured`` scales each input's |x| histogram is kept too (static activation scales), and the
     pass through each quantized layer records the keys and values its attention stores (KV-cache scales).
@@ -303,27 +306,41 @@ class HiddenStates:
         layer = self.decoder.layer(i, {k: torch.from_numpy(v) for k, v in tensors.items()})
         structure = self.decoder.structure(i, layer, self.hidden)
         width = widths(tensors, structure)
-        for wave in self._waves(i, structure):
-            moments = with_expert_fallbacks(self.decoder, i, layer, self.hidden, structure,
-                                            self._measure(i, layer, structure, wave, width), width,
-                                            self.calibration.experts, self.device)
-            for key in wave:
-                for unit, weight in quantize_group(structure, key, _input_stats(moments[key])).items():
-                    self.decoder.set_weight(i, layer, unit, torch.from_numpy(weight))
-        if self.measured.kv:
-            self._through_recording_kv(i, layer)
-        else:
-            self.hidden = self.decoder.run_layer(i, layer, self.hidden)
+        waves = self._waves(i, structure)
+
+        def fit(key: str, moments: dict[str, Moments]) -> None:
+            for unit, weight in quantize_group(structure, key, _input_stats(moments[key])).items():
+                self.decoder.set_weight(i, layer, unit, torch.from_numpy(weight))
+
+        if all(len(wave) == 1 for wave in waves):  # no expert set: one pass, stopping at each input in turn
+            recorder = InputRecorder(structure.groups, width, self.device, self.histogram)
+            with self._recording_kv(i, layer):
+                self.hidden = self.decoder.run_layer_fitting(i, layer, self.hidden, [w[0] for w in waves],
+                                                             lambda key, x: recorder.add((key,), x),
+                                                             lambda key: fit(key, recorder.moments))
+        else:  # an expert set's inputs are read in turn with the next set's: a pass to each, then one through
+            for wave in waves:
+                moments = with_expert_fallbacks(self.decoder, i, layer, self.hidden, structure,
+                                                self._measure(i, layer, structure, wave, width), width,
+                                                self.calibration.experts, self.device)
+                for key in wave:
+                    fit(key, moments)
+            with self._recording_kv(i, layer):
+                self.hidden = self.decoder.run_layer(i, layer, self.hidden)
         self.through = i
         return structure
 
-    def _through_recording_kv(self, i: int, layer: torch.nn.Module) -> None:
-        """Carry the states through quantized layer ``i``, choosing its KV-cache scales from the keys and values
-        its attention stores on the way."""
+    @contextlib.contextmanager
+    def _recording_kv(self, i: int, layer: torch.nn.Module) -> Iterator[None]:
+        """With ``measured.kv``: layer ``i``'s KV-cache scales chosen from the keys and values its attention
+        stores while the block runs (set up before the pass enters the attention, read once it has ended)."""
+        if not self.measured.kv:
+            yield
+            return
         attention = attention_of(layer, f"layer {i} of {self.decoder.config.model_type}")
         recorder = KVRecorder()
         cache = through_kv_cache(layer, attention, recorder.add)
-        self.hidden = self.decoder.run_layer(i, layer, self.hidden)
+        yield
         if not cache.updates:
             raise UserError(f"layer {i}'s {attention} stores no key or value through its cache: "
                             f"{self.decoder.config.model_type} cannot take a quantized KV cache")
