@@ -98,7 +98,8 @@ def peak_memory(recipe: Recipe, config: Any, tensors: dict[str, TensorInfo], siz
     execution.device is cuda. The terms are what each stage holds at its peak: one decoder layer in fp32 per
     model it runs side by side, the hidden states of its tokens, XᵀX of each distinct Linear input (float32),
     the embedding or head in fp32, and files it maps (a converted output is read back through mmap). A
-    sequential method (GPTQ) also holds the widest Linear input over every calibration token, that input's XᵀX
+    sequential method (GPTQ) also holds every batch parked at the widest Linear input (that input, and the
+    residual and normed states each batch's forward keeps, over every calibration token), that input's XᵀX
     with its factor and inverse, four copies of the largest Linear, a batch's attention scores, and the freed
     memory glibc keeps for the next layer (tasks/malloc.py KEEP). An estimate of what bench/end_to_end_1b.py
     measures, not a bound.
@@ -120,7 +121,7 @@ def peak_memory(recipe: Recipe, config: Any, tensors: dict[str, TensorInfo], siz
     if sequential:
         tokens_c, widest = cal.samples * cal.seq_len, max(inputs, default=0)
         heads = int(getattr(config, "num_attention_heads", 0) or 0)
-        gathers = (states + 4 * tokens_c * widest + 3 * 4 * widest * widest + 4 * largest_linear(layer0)
+        gathers = (states + 4 * tokens_c * (widest + 2 * hidden) + 3 * 4 * widest * widest + 4 * largest_linear(layer0)
                    + 3 * 4 * BATCH * heads * cal.seq_len ** 2 + KEEP)
     return {
         "download": 0,  # streams files into the store

@@ -11,6 +11,7 @@ stays fp32.
 from __future__ import annotations
 
 import ctypes
+import os
 
 from pathlib import Path
 
@@ -448,3 +449,33 @@ def test_the_compute_stages_keep_freed_memory_only_while_they_run() -> None:
     with freed_memory_kept():
         assert mmapped_while_held() == 0
     assert mmapped_while_held() >= 64 << 20
+
+
+def test_free_pages_inside_the_kept_heap_go_back_to_the_kernel_when_asked() -> None:
+    """A freed 64 MiB block below a live one stays resident inside ``freed_memory_kept`` (trimming only cuts the
+    heap's top); ``hand_back_free_pages`` returns its pages, so a solve does not stack on memory freed before it."""
+    import platform
+
+    from quantfab.tasks.malloc import freed_memory_kept, hand_back_free_pages
+
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip(f"C library is {' '.join(platform.libc_ver()) or 'unknown'}, not glibc")
+    libc = ctypes.CDLL("libc.so.6")
+    libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+    libc.free.argtypes = [ctypes.c_void_p]
+
+    def resident() -> int:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    size = 64 << 20
+    with freed_memory_kept():
+        hole, above = libc.malloc(size), libc.malloc(1 << 20)
+        try:
+            ctypes.memset(hole, 1, size)
+            ctypes.memset(above, 1, 1 << 20)
+            libc.free(hole)
+            kept = resident()
+            hand_back_free_pages()
+            assert kept - resident() >= size * 9 // 10
+        finally:
+            libc.free(above)

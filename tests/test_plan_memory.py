@@ -38,12 +38,13 @@ def test_the_runs_peak_rss_is_the_process_and_the_largest_stage_that_runs(tmp_pa
 
 
 def test_a_sequential_method_plans_for_its_calibration_tokens_and_rtn_does_not(tmp_path: Path) -> None:
-    """GPTQ carries every calibration token's hidden states and its widest Linear input (the MLP's 512 here);
-    rtn reads weights alone, so its quantize estimate does not move with the calibration size."""
+    """GPTQ carries every calibration token's hidden states in and out, and parks every batch at its widest
+    Linear input (the MLP's 512 here) with two hidden-wide states each; rtn reads weights alone, so its
+    quantize estimate does not move with the calibration size."""
     def quantize(method: str, samples: int) -> int:
         return memory(tmp_path, f"quantize.method={method}", f"calibration.samples={samples}").memory["quantize"]
 
     hidden, widest, seq = 256, 512, 32
-    assert quantize("gptq", 8) - quantize("gptq", 4) == 4 * seq * 4 * (2 * hidden + widest)
+    assert quantize("gptq", 8) - quantize("gptq", 4) == 4 * seq * 4 * (4 * hidden + widest)
     assert quantize("rtn", 8) == quantize("rtn", 4)
     assert quantize("gptq", 4) > quantize("rtn", 4)

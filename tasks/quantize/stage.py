@@ -31,7 +31,7 @@ from quantfab.tasks.calibrate import (InputRecorder, Moments, measure_layer, str
 from quantfab.tasks.convert import FORMATS
 from quantfab.tasks.decoder import Decoder, LayerStructure
 from quantfab.tasks.download import materialize
-from quantfab.tasks.malloc import freed_memory_kept
+from quantfab.tasks.malloc import freed_memory_kept, hand_back_free_pages
 from quantfab.tasks.manifests import CalibrationManifest, ModelManifest, ModuleReport, QuantizedOutput, QuantizeManifest
 from quantfab.tasks.errors import UserError
 from quantfab.tasks.families import Family, family
@@ -309,6 +309,7 @@ class HiddenStates:
         waves = self._waves(i, structure)
 
         def fit(key: str, moments: dict[str, Moments]) -> None:
+            hand_back_free_pages()  # a solve's factors are the stage's peak: not on top of freed memory
             for unit, weight in quantize_group(structure, key, _input_stats(moments[key])).items():
                 self.decoder.set_weight(i, layer, unit, torch.from_numpy(weight))
 
