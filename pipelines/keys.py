@@ -125,8 +125,8 @@ def stage_inputs(stage: str, recipe: Recipe, store_url: str, up: dict[str, Any])
         return {"model": files, "calibration": up["calibrate"], "quantize": recipe.quantize,
                 "outputs": list(recipe.outputs), "device": device, **common}
     if stage == "convert":
-        return {"model": files, "quantized": up["quantize"], "outputs": list(recipe.outputs),
-                "name": recipe.name, **common}
+        return {"model": files, "calibration": up["calibrate"], "quantized": up["quantize"],
+                "outputs": list(recipe.outputs), "name": recipe.name, **common}
     if stage == "validate":
         return {"model": files, "converted": up["convert"], "quantized": up["quantize"],
                 "outputs": list(recipe.outputs), "validate": recipe.validate_, "device": device, **common}

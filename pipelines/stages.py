@@ -77,10 +77,10 @@ def quantize(model: ModelManifest, calibration: CalibrationManifest, quantize: Q
 
 
 @_stage("convert")
-def convert(model: ModelManifest, quantized: QuantizeManifest, outputs: list, name: str, store_url: str,
-            code: str) -> ConvertManifest:
+def convert(model: ModelManifest, calibration: CalibrationManifest, quantized: QuantizeManifest, outputs: list, name: str,
+            store_url: str, code: str) -> ConvertManifest:
     with _store_writing(store_url) as store:
-        return convert_mod.convert(model, quantized, outputs, name, store)
+        return convert_mod.convert(model, quantized, outputs, name, store, calibration)
 
 
 @_stage("validate")

@@ -26,6 +26,7 @@ from quantfab.tasks.gram import add_gram_upper, mirror_upper
 from quantfab.tasks.malloc import freed_memory_kept
 from quantfab.tasks.manifests import EXPERT_FALLBACK, CalibrationManifest, ExpertFallback, ModelManifest
 from quantfab.tasks.modelio import pick_device, relative
+from quantfab.tasks.redact import redact
 from quantfab.tasks.store import Blob, Store
 from quantfab.tasks.texts import read_tokens, sampled_windows
 
@@ -49,7 +50,7 @@ def calibrate(model: ModelManifest, source: str, samples: int, seq_len: int, see
               experts: ExpertFallback = ExpertFallback()) -> CalibrationManifest:
     torch.manual_seed(seed)
     ids = calibration_tokens(model, source, samples, seq_len, seed, text_field, store)
-    return calibrate_on(model, ids, device, store, statistics, experts)
+    return calibrate_on(model, ids, device, store, statistics, experts).model_copy(update={"source": redact(source)})
 
 
 def calibrate_on(model: ModelManifest, ids: np.ndarray, device: str, store: Store, statistics: bool = True,

@@ -67,6 +67,7 @@ class CalibrationManifest(Manifest):
     stats: list[Blob]  # one safetensors per decoder layer: {input}.hessian, .mean_abs, .max_abs, .count
     count: int  # calibration tokens
     experts: ExpertFallback = ExpertFallback()
+    source: str = ""  # where the calibration text came from, redacted: an importance matrix names its dataset
 
 
 class ModuleReport(BaseModel):
@@ -92,10 +93,11 @@ class QuantizeManifest(Manifest):
 
 
 WEIGHT_FILES = (".gguf", ".safetensors")  # what bits per weight counts; configs and tokenizers do not
+IMATRIX_FILE = ".imatrix.gguf"  # nor llama.cpp's importance matrix shipped beside a GGUF file (its usual name)
 
 
 def weight_bytes(files: dict[str, Blob]) -> int:
-    return sum(b.size for name, b in files.items() if name.endswith(WEIGHT_FILES))
+    return sum(b.size for name, b in files.items() if name.endswith(WEIGHT_FILES) and not name.endswith(IMATRIX_FILE))
 
 
 class Mismatch(BaseModel):

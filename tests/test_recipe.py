@@ -472,7 +472,8 @@ def test_output_shorthand_equals_long_form(tmp_path):
     short = load_recipe(write_recipe(tmp_path / "a", lambda d: d.update(outputs=[{"gguf": "Q4_0"}])))
     long = load_recipe(write_recipe(tmp_path / "b", lambda d: d.update(outputs=[{"format": "gguf", "type": "Q4_0"}])))
     assert short.outputs == long.outputs
-    assert short.outputs[0].model_dump() == {"format": "gguf", "type": "Q4_0", "pure": False, "float_type": "F16"}
+    assert short.outputs[0].model_dump() == {"format": "gguf", "type": "Q4_0", "pure": False, "float_type": "F16",
+                                             "imatrix": False}
     assert short.outputs[0].key == "gguf-Q4_0"
 
 

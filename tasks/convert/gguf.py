@@ -28,7 +28,9 @@ from quantfab.kernels.gguf_blocks import pack_gguf, verify_gguf
 from quantfab.kernels.verdict import Verdict
 from quantfab.tasks.convert.gguf_layouts import METADATA, SPLITS, split_of
 from quantfab.tasks.convert.gguf_types import DEFAULT_TYPE, ModelFacts, TypeChoice, choose_types
+from quantfab.tasks.convert.imatrix import Importance, write_imatrix
 from quantfab.tasks.errors import UserError
+from quantfab.tasks.manifests import IMATRIX_FILE
 from quantfab.tasks.families import GGUFArch, family
 from quantfab.tasks.modelio import ModelDir, TensorInfo
 from quantfab.tasks.quantize.grid_base import reference_by_rows
@@ -53,10 +55,11 @@ class GGUFOptions(BaseModel):
     type: FileType
     pure: bool = False  # every quantized tensor of the type itself, as llama-quantize --pure
     float_type: Literal["F16", "F32"] = "F16"
+    imatrix: bool = False  # ship llama.cpp's importance matrix of the calibration inputs beside the file
 
     @property
     def key(self) -> str:
-        return f"gguf-{self.type}" + ("-pure" if self.pure else "")
+        return f"gguf-{self.type}" + ("-pure" if self.pure else "") + ("-imatrix" if self.imatrix else "")
 
 
 @dataclass(frozen=True)
@@ -136,6 +139,25 @@ class GGUFFormat:
                              + "; explicit settings pick among Q8_0 (8-bit symmetric), Q4_0/Q5_0 (symmetric) and "
                              "Q4_1/Q5_1 (with a min), all in blocks of 32")
         return fits[0]
+
+    def ships_importance(self, options: GGUFOptions) -> bool:
+        return options.imatrix
+
+    def importance_name(self, options: GGUFOptions, name: str) -> str:
+        return self.output_name(options, name).removesuffix(".gguf") + IMATRIX_FILE
+
+    def write_importance(self, path: Path, model: ModelDir, importance: Importance, dataset: str, chunk_size: int,
+                         chunks: int) -> None:
+        """llama.cpp's imatrix file of ``importance`` under the file's tensor names (an expert set's experts as the
+        rows of its stacked tensor). A tensor the file holds split in parts has none: llama-quantize quantizes
+        it without, as it does the embedding and the head."""
+        config, weights = model.config(), model.weights()
+        rows: dict[str, dict[int, tuple[np.ndarray, int]]] = {}
+        for hf_name, gguf_name, expert, part, _, _ in _file_tensors(config, weights.tensors):
+            if part is None and hf_name in importance:
+                rows.setdefault(gguf_name, {})[expert or 0] = importance[hf_name]
+        write_imatrix(path, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH[gguf_arch(config).arch]],
+                      {n: [r[e] for e in sorted(r)] for n, r in rows.items()}, dataset, chunk_size, chunks)
 
     def stores_codes(self, options: GGUFOptions) -> bool:
         return options.type in DEFAULT_TYPE

@@ -79,6 +79,10 @@ class HFFolderFormat:
     def stores_codes(self, options: Any) -> bool:
         return True
 
+    def ships_importance(self, options: Any) -> bool:
+        """Whether the output ships llama.cpp's importance matrix beside it (GGUF's ``imatrix``)."""
+        return False
+
     def measured_scales(self, options: Any) -> MeasuredScales:
         """The scales the output stores from the calibration tokens carried through the built layers: static input
         scales (ModuleReport.input_scale) and KV-cache scales (layer-file floats), chosen by quantize."""

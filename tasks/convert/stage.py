@@ -15,12 +15,14 @@ from dataclasses import dataclass, replace
 from typing import Any, Callable
 
 import numpy as np
+from safetensors import safe_open
 
 from quantfab.kernels.backends import current
 from quantfab.tasks.convert import FORMATS, differences
+from quantfab.tasks.convert.imatrix import importance
 from quantfab.tasks.convert.hf_folder import PlannedTensor, model_dtype
 from quantfab.tasks.download import materialize
-from quantfab.tasks.manifests import (ConvertManifest, FormatFile, Mismatch, ModelManifest, QuantizedOutput,
+from quantfab.tasks.manifests import (CalibrationManifest, ConvertManifest, FormatFile, Mismatch, ModelManifest, QuantizedOutput,
                                       QuantizeManifest, Verification, weight_bytes)
 from quantfab.tasks.parallel import pmap
 from quantfab.tasks.quantize.grids import Encoded, Grid, grid_named
@@ -28,9 +30,11 @@ from quantfab.tasks.quantize.layer_file import LayerFile, write_layer_file
 from quantfab.tasks.store import Blob, Store
 
 
-def convert(model: ModelManifest, quantized: QuantizeManifest, outputs: list, name: str, store: Store) -> ConvertManifest:
-    """Every output; they are independent, so ``pmap`` spreads them over a Dask cluster when there is one."""
-    jobs = [OutputJob(model, quantized.outputs.get(o.key), o, name, store.url) for o in outputs]
+def convert(model: ModelManifest, quantized: QuantizeManifest, outputs: list, name: str, store: Store,
+            calibration: CalibrationManifest | None = None) -> ConvertManifest:
+    """Every output; they are independent, so ``pmap`` spreads them over a Dask cluster when there is one.
+    ``calibration`` is read only by an output that ships llama.cpp's importance matrix."""
+    jobs = [OutputJob(model, quantized.outputs.get(o.key), o, name, store.url, calibration) for o in outputs]
     return ConvertManifest(files={o.key: f for o, f in zip(outputs, pmap(convert_output, jobs))})
 
 
@@ -41,6 +45,7 @@ class OutputJob:
     output: Any  # the output's options
     name: str
     store_url: str
+    calibration: CalibrationManifest | None = None
 
 
 def convert_output(job: OutputJob) -> FormatFile:
@@ -95,6 +100,8 @@ def convert_output(job: OutputJob) -> FormatFile:
         fmt.write(work / out_name, o, model_dir, planned, tensor_data, job.name)
         verification = verify_output(fmt, fmt.reader(work / out_name, config), planned, codes)
         blobs = _put_tree(work, work / out_name, store)
+        if fmt.ships_importance(o):
+            blobs |= _put_tree(work, _write_importance(work, fmt, o, job, model_dir), store)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     types: dict[str, int] = {}
@@ -107,6 +114,19 @@ def convert_output(job: OutputJob) -> FormatFile:
                       fallbacks=differences.fallbacks(fmt, o, config, weights.tensors, {m.name: m.fallback for m in modules}),
                       bits_per_weight=round(weight_bytes(blobs) * 8 / job.model.parameters, 4),
                       nominal_bits_per_weight=round((weight_bytes(blobs) - added) * 8 / job.model.parameters, 4), verification=verification)
+
+
+def _write_importance(work: Path, fmt: Any, o: Any, job: OutputJob, model_dir: Any) -> Path:
+    cal = job.calibration
+    if cal is None or not cal.stats:
+        raise RuntimeError(f"{o.key}: ships an importance matrix but the calibration holds no statistics: "
+                           "reads_statistics decided otherwise")
+    store = Store(job.store_url)
+    with safe_open(str(store.local_path(cal.tokens)), framework="np") as f:
+        samples, seq_len = f.get_slice("input_ids").get_shape()
+    path = work / fmt.importance_name(o, job.name)
+    fmt.write_importance(path, model_dir, importance(cal, model_dir.weights(), store), cal.source, seq_len, samples)
+    return path
 
 
 def verify_output(fmt: Any, written: Any, planned: list, codes: Callable[[Any], tuple[Grid, Encoded] | None]) -> Verification:

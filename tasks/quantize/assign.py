@@ -112,12 +112,15 @@ def reads_statistics(config, tensors: dict[str, TensorInfo], quant: Any, outputs
     and measures every layer's inputs there, for all its methods; of the others, those with a method that
     reads its inputs (group, awq) read them, and those of rtn or nf4 alone only for the module report. An output
     with static activation scales measures its inputs as a sequential one does. SmoothQuant reads them for every
-    output. NVFP4 needs the pass for which Linears read one input (they share a global scale).
+    output. NVFP4 needs the pass for which Linears read one input (they share a global scale). A GGUF output
+    shipping an importance matrix reads them whatever its method.
     """
     from quantfab.tasks.convert import FORMATS  # on demand: loading a recipe imports this module, not the formats
     from quantfab.tasks.quantize import METHODS
 
     for o in outputs:
+        if FORMATS[o.format].ships_importance(o):  # llama.cpp's importance matrix is their diagonal
+            return True
         if not FORMATS[o.format].stores_codes(o):
             continue
         if quant.smoothquant is not None:  # its scales come from the unquantized model's input ranges

@@ -1,0 +1,177 @@
+"""llama.cpp's importance matrix: written beside a GGUF output from the calibrate stage's statistics, in llama.cpp's
+own GGUF imatrix format, and taken by llama-quantize --imatrix (marked ``llama_cpp``; needs llama.cpp's tools
+built, see bench/consumers/build_llama_cpp_tools.sh, in ``QUANTFAB_LLAMA_CPP_TOOLS``)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+
+from quantfab.pipelines.recipe_loading import load_recipe
+from quantfab.tasks import calibrate as calibrate_mod
+from quantfab.tasks import download as download_mod
+from quantfab.tasks.convert.stage import convert
+from quantfab.tasks.download import materialize
+from quantfab.tasks.quantize.assign import reads_statistics
+from quantfab.tasks.quantize.stage import quantize
+from quantfab.tasks.store import Store
+
+REPO = Path(__file__).resolve().parent.parent
+RECIPE = REPO / "recipes" / "tinystories-656k-q4_0.yaml"
+LINEARS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
+HF_LINEARS = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+              "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+              "ffn_down": "mlp.down_proj"}
+
+
+class Build:
+    def __init__(self, outputs: str, store: Store, overrides: tuple[str, ...] = ()):
+        r = load_recipe(RECIPE, ["calibration.samples=6", "calibration.seq_len=48", "quantize.method=rtn",
+                                 f"outputs={outputs}", *overrides])
+        self.recipe, self.store = r, store
+        self.model = download_mod.download(r.model.source, None, r.model.include, False, store)
+        folder = materialize(store, self.model.files)
+        config, weights = folder.config(), folder.weights()
+        statistics = reads_statistics(config, weights.tensors, r.quantize, list(r.outputs))
+        self.calibration = calibrate_mod.calibrate(self.model, r.calibration.source, r.calibration.samples,
+                                                   r.calibration.seq_len, r.calibration.seed, r.calibration.text_field,
+                                                   "cpu", store, statistics)
+        self.quantized = quantize(self.model, self.calibration, r.quantize, r.outputs, "cpu", store)
+        self.converted = convert(self.model, self.quantized, r.outputs, r.name, store, self.calibration)
+        self.folder = folder
+
+    def file(self, key: str, name: str) -> Path:
+        return materialize(self.store, self.converted.files[key].files).path / name
+
+
+@pytest.fixture(scope="module")
+def build(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> Build:
+    store = Store(str(tmp_path_factory.mktemp("imatrix-store")))
+    return Build("[{format: gguf, type: Q4_K_M, imatrix: true}, {format: gguf, type: F16, imatrix: true}, "
+                 "{gguf: Q4_K_M}]", store)
+
+
+def _squares_by_transformers(build: Build) -> dict[str, np.ndarray]:
+    """Each Linear's sum over the calibration tokens of its input's squares, from transformers' own forward."""
+    from transformers import AutoModelForCausalLM
+
+    with safe_open(str(build.store.local_path(build.calibration.tokens)), framework="pt") as f:
+        ids = f.get_tensor("input_ids")
+    model = AutoModelForCausalLM.from_pretrained(build.folder.path, dtype=torch.float32).eval()
+    sums: dict[str, torch.Tensor] = {}
+
+    def hook(name: str):
+        def add(_module, args):
+            x = args[0].reshape(-1, args[0].shape[-1]).double()
+            sums[name] = sums.get(name, 0) + (x * x).sum(0)
+        return add
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and name.startswith("model.layers."):
+            module.register_forward_pre_hook(hook(name))
+    with torch.no_grad():
+        model(input_ids=ids)
+    return {name: s.numpy() for name, s in sums.items()}
+
+
+def test_the_imatrix_is_llama_cpps_format_of_every_linears_input_squares(build: Build) -> None:
+    """One ``<tensor>.in_sum2`` (sum of each input column's squares) and ``<tensor>.counts`` (tokens) per decoder
+    Linear under its GGUF name, as llama-imatrix writes them; the sums equal a transformers forward's."""
+    key = "gguf-Q4_K_M-imatrix"
+    f = build.converted.files[key]
+    assert set(f.files) == {f.path, f.path.removesuffix(".gguf") + ".imatrix.gguf"}
+    reader = gguf.GGUFReader(build.file(key, f.path.removesuffix(".gguf") + ".imatrix.gguf"))
+    field = lambda k: reader.fields[k].contents()  # noqa: E731
+    assert field("general.type") == "imatrix"
+    assert field("imatrix.chunk_count") == 6 and field("imatrix.chunk_size") == 48
+    assert field("imatrix.datasets") == [build.recipe.calibration.source]
+    tensors = {t.name: t for t in reader.tensors}
+    layers = int(build.folder.config().num_hidden_layers)
+    names = [f"blk.{i}.{t}.weight" for i in range(layers) for t in LINEARS]
+    assert sorted(tensors) == sorted(n + s for n in names for s in (".in_sum2", ".counts"))
+    expected = _squares_by_transformers(build)
+    for name in names:
+        i, t = int(name.split(".")[1]), name.split(".")[2]
+        sums, counts = tensors[name + ".in_sum2"], tensors[name + ".counts"]
+        assert sums.tensor_type == counts.tensor_type == gguf.GGMLQuantizationType.F32
+        assert [int(n) for n in sums.shape] == [len(expected[f"model.layers.{i}.{HF_LINEARS[t]}"])]  # 1-D, as ggml
+        assert counts.data.tolist() == [6 * 48]
+        np.testing.assert_allclose(np.asarray(sums.data), expected[f"model.layers.{i}.{HF_LINEARS[t]}"], rtol=2e-4)
+
+
+def test_the_imatrix_ships_beside_an_f16_file_and_weighs_nothing(build: Build) -> None:
+    """An F16 file (no codes: what one quantizes with llama-quantize --imatrix) ships it too; bits per weight
+    count the model file alone, so an output with and without it weigh the same."""
+    assert any(p.endswith(".imatrix.gguf") for p in build.converted.files["gguf-F16-imatrix"].files)
+    with_it, without = build.converted.files["gguf-Q4_K_M-imatrix"], build.converted.files["gguf-Q4_K_M"]
+    assert not any(p.endswith(".imatrix.gguf") for p in without.files)
+    assert with_it.bits_per_weight == without.bits_per_weight
+    assert with_it.files[with_it.path] == without.files[without.path]  # the codes do not read it yet
+
+
+def test_rtn_calibrates_statistics_only_for_an_output_shipping_an_imatrix(build: Build) -> None:
+    folder = build.folder
+    r = build.recipe
+    plain = load_recipe(RECIPE, ["quantize.method=rtn", "outputs=[{gguf: Q4_K_M}]"])
+    assert not reads_statistics(folder.config(), folder.weights().tensors, plain.quantize, list(plain.outputs))
+    assert reads_statistics(folder.config(), folder.weights().tensors, r.quantize, list(r.outputs))
+
+
+def _tool(name: str) -> Path:
+    folder = os.environ.get("QUANTFAB_LLAMA_CPP_TOOLS")
+    path = Path(folder) / name if folder else None
+    if path is None or not path.is_file():
+        pytest.skip(f"{name} not built: set QUANTFAB_LLAMA_CPP_TOOLS to a folder holding llama.cpp's tools "
+                    "(bench/consumers/build_llama_cpp_tools.sh)")
+    return path
+
+
+@pytest.mark.llama_cpp
+def test_llama_quantize_takes_our_imatrix(build: Build, tmp_path: Path) -> None:
+    """llama-quantize --imatrix loads every entry of our file and quantizes our F16 file with it: the bytes
+    differ from the same quantization without it, and llama.cpp loads the result."""
+    quantize_tool = _tool("llama-quantize")
+    f16 = build.converted.files["gguf-F16-imatrix"]
+    source = build.file("gguf-F16-imatrix", f16.path)
+    imatrix = build.file("gguf-F16-imatrix", f16.path.removesuffix(".gguf") + ".imatrix.gguf")
+    runs = {}
+    for label, extra in (("with", ["--imatrix", str(imatrix)]), ("without", [])):
+        out = tmp_path / f"{label}.gguf"
+        done = subprocess.run([str(quantize_tool), *extra, str(source), str(out), "Q4_K_M", "2"],
+                              capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+        runs[label] = (out, done.stdout + done.stderr)
+    layers = int(build.folder.config().num_hidden_layers)
+    assert f"loaded {layers * len(LINEARS)} importance matrix entries" in runs["with"][1]
+    assert "did not find imatrix data" not in "\n".join(
+        line for line in runs["with"][1].splitlines() if "blk." in line)
+    a, b = gguf.GGUFReader(runs["with"][0]), gguf.GGUFReader(runs["without"][0])
+    changed = [t.name for t, u in zip(a.tensors, b.tensors) if t.name.startswith("blk.") and
+               not np.array_equal(np.asarray(t.data), np.asarray(u.data))]
+    assert changed, "llama-quantize wrote the same bytes with and without our importance matrix"
+
+
+def test_an_expert_set_has_one_row_per_expert(tmp_path: Path, data_dir: Path) -> None:
+    """A stacked expert tensor (blk.N.ffn_*_exps) holds one in_sum2 row and one count per expert, in expert
+    order, each over the tokens routed to that expert, as llama-imatrix collects a MUL_MAT_ID."""
+    experts = 4
+    b = Build("[{format: gguf, type: Q8_0, imatrix: true}]", Store(str(tmp_path / "store")),
+              (f"model.source=synthetic://qwen3_moe?layers=2&experts={experts}&experts_per_token=2"
+               "&expert_intermediate=64", "calibration.source=synthetic://tokens"))
+    f = b.converted.files["gguf-Q8_0-imatrix"]
+    reader = gguf.GGUFReader(b.file("gguf-Q8_0-imatrix", f.path.removesuffix(".gguf") + ".imatrix.gguf"))
+    tensors = {t.name: t for t in reader.tensors}
+    hidden = int(b.folder.config().hidden_size)
+    for part, width in (("gate", hidden), ("up", hidden), ("down", 64)):
+        sums, counts = tensors[f"blk.0.ffn_{part}_exps.weight.in_sum2"], tensors[f"blk.0.ffn_{part}_exps.weight.counts"]
+        assert [int(n) for n in sums.shape] == [width, experts] and [int(n) for n in counts.shape] == [1, experts]
+        rows = np.asarray(sums.data)
+        assert len({r.tobytes() for r in rows}) == experts  # each expert its own inputs
+    routed = np.asarray(tensors["blk.0.ffn_gate_exps.weight.counts"].data)[:, 0]
+    assert routed.sum() == 6 * 48 * 2  # every token goes to two experts (none under min_tokens here)
