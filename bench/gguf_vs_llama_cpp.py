@@ -4,15 +4,19 @@ For each file type: llama_model_quantize on our F16 file (llama.cpp's RTN), and 
 convert stages from the fp32 weights with rtn, gptq and awq, both on ``--threads`` threads (torch's, and the
 C build of kernels/ through QUANTFAB_THREADS). Every file is
 decoded by gguf-py and scored by the same forward on the recipe's validation windows (PPL, KL against
-fp32, top-1); llama.cpp's own perplexity of each file is printed beside ours. Needs llama-cpp-python.
+fp32, top-1); llama.cpp's own perplexity of each file is printed beside ours. Needs llama-cpp-python, or
+llama.cpp's llama-quantize binary (``--llama-quantize``, bench/consumers/build_llama_cpp_tools.sh; llama.cpp's
+own perplexity column is then left out).
 
     python bench/gguf_vs_llama_cpp.py [--model synthetic://llama?...] [--types Q8_0,Q4_0,Q4_K_M]
+        [--llama-quantize ../llama-cpp-tools/llama-quantize]
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -42,6 +46,7 @@ def main() -> None:
     ap.add_argument("--methods", default="rtn,gptq,awq")
     ap.add_argument("--tokens", type=int, help="validation tokens instead of the recipe's")
     ap.add_argument("--threads", type=int, default=1, help="threads for llama.cpp and for us alike (default 1)")
+    ap.add_argument("--llama-quantize", type=Path, help="llama.cpp's llama-quantize binary instead of llama-cpp-python")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     os.environ["QUANTFAB_THREADS"] = str(args.threads)
@@ -72,7 +77,7 @@ def main() -> None:
         files: dict[tuple[str, str], tuple[Path, float]] = {}
         for t in types:
             path = Path(tmp) / f"llama-cpp-{t}.gguf"
-            files[(t, "llama.cpp rtn")] = (path, llama_quantize(f16_path, path, t, args.threads))
+            files[(t, "llama.cpp rtn")] = (path, quantize_by_llama_cpp(args.llama_quantize, f16_path, path, t, args.threads))
             print(f"llama.cpp rtn {t}: {files[(t, 'llama.cpp rtn')][1]:.2f} s", flush=True)
         for method in args.methods.split(","):
             for t in types:
@@ -96,8 +101,18 @@ def main() -> None:
             m = metrics["outputs"][f"{t}|{who}"]
             bpw = path.stat().st_size * 8 / model.parameters
             ratio = seconds / files[(t, "llama.cpp rtn")][1]
-            print(f"| {t} | {who} | {bpw:.3f} | {m['perplexity']:.2f} | {llama_cpp_perplexity(path, ids):.2f} | "
+            theirs = "-" if args.llama_quantize else f"{llama_cpp_perplexity(path, ids):.2f}"
+            print(f"| {t} | {who} | {bpw:.3f} | {m['perplexity']:.2f} | {theirs} | "
                   f"{m['kl_divergence']:.5f} | {m['top1_agreement'] * 100:.2f} % | {seconds:.2f} | {ratio:.1f}x |", flush=True)
+
+
+def quantize_by_llama_cpp(binary: Path | None, src: Path, dst: Path, file_type: str, threads: int) -> float:
+    """Seconds llama.cpp takes to quantize ``src``: its binary's whole run where given, else llama_model_quantize."""
+    if binary is None:
+        return llama_quantize(src, dst, file_type, threads)
+    start = time.perf_counter()
+    subprocess.run([str(binary), str(src), str(dst), file_type, str(threads)], check=True, capture_output=True)
+    return time.perf_counter() - start
 
 
 if __name__ == "__main__":
