@@ -124,8 +124,9 @@ def stage_inputs(stage: str, recipe: Recipe, store_url: str, up: dict[str, Any])
     if stage == "quantize":
         return {"model": files, "calibration": up["calibrate"], "quantize": recipe.quantize,
                 "outputs": list(recipe.outputs), "device": device, **common}
-    if stage == "convert":
-        return {"model": files, "calibration": up["calibrate"], "quantized": up["quantize"],
+    if stage == "convert":  # the calibration only for an importance matrix: else rtn's convert stays cached
+        calibration = up["calibrate"] if _ships_importance(recipe) else None
+        return {"model": files, "calibration": calibration, "quantized": up["quantize"],
                 "outputs": list(recipe.outputs), "name": recipe.name, **common}
     if stage == "validate":
         return {"model": files, "converted": up["convert"], "quantized": up["quantize"],
@@ -133,6 +134,12 @@ def stage_inputs(stage: str, recipe: Recipe, store_url: str, up: dict[str, Any])
     return {"name": recipe.name, "model": up["download"], "converted": up["convert"], "quality": up["validate"],
             "recipe_yaml": recipe_yaml(recipe), "recipe_digest": recipe_digest(recipe),
             "destination": recipe.package.destination, "version": dist_version("quantfab"), **common}
+
+
+def _ships_importance(recipe: Recipe) -> bool:
+    from quantfab.tasks.convert import FORMATS  # on demand, as reads_statistics imports it
+
+    return any(FORMATS[o.format].ships_importance(o) for o in recipe.outputs)
 
 
 def _reads_statistics(model: ModelManifest, recipe: Recipe, store: Store) -> bool:

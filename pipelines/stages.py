@@ -77,7 +77,7 @@ def quantize(model: ModelManifest, calibration: CalibrationManifest, quantize: Q
 
 
 @_stage("convert")
-def convert(model: ModelManifest, calibration: CalibrationManifest, quantized: QuantizeManifest, outputs: list, name: str,
+def convert(model: ModelManifest, calibration: CalibrationManifest | None, quantized: QuantizeManifest, outputs: list, name: str,
             store_url: str, code: str) -> ConvertManifest:
     with _store_writing(store_url) as store:
         return convert_mod.convert(model, quantized, outputs, name, store, calibration)

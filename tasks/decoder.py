@@ -184,8 +184,8 @@ class _ParkedBatch:
         self.run.parent.switch()
 
     def abandon(self) -> None:
-        """Unwind a parked forward (GreenletExit ends it quietly)."""
-        if self.run and not self.run.dead:
+        """Unwind a parked forward (GreenletExit ends it quietly); a greenlet is true while started and not ended."""
+        if self.run:
             self.run.throw()
 
 
@@ -486,12 +486,12 @@ class Decoder:
         batches.update({b.run: b for b in runs})
         try:
             with self.reading(i, layer, stop):
-                for key in [*keys, None]:
+                for k, key in enumerate([*keys, None]):
                     for b in runs:
                         if not b.done:
                             b.resume()
                     if key is not None:
-                        missed = [n for n, b in enumerate(runs) if b.next <= keys.index(key)]
+                        missed = [n for n, b in enumerate(runs) if b.next <= k]
                         if missed:
                             raise RuntimeError(f"layer {i}: batch {missed[0]} ended without reading input {key}")
                         fit(key)

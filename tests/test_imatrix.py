@@ -175,3 +175,14 @@ def test_an_expert_set_has_one_row_per_expert(tmp_path: Path, data_dir: Path) ->
         assert len({r.tobytes() for r in rows}) == experts  # each expert its own inputs
     routed = np.asarray(tensors["blk.0.ffn_gate_exps.weight.counts"].data)[:, 0]
     assert routed.sum() == 6 * 48 * 2  # every token goes to two experts (none under min_tokens here)
+
+
+def test_convert_keys_on_the_calibration_only_where_an_output_ships_an_imatrix(build: Build) -> None:
+    """An rtn build's codes do not read the calibration, so a new calibration leaves its convert cached; an
+    output shipping an importance matrix is made from it, so there it is one of convert's inputs."""
+    from quantfab.pipelines.keys import stage_inputs
+
+    up = {"download": build.model, "calibrate": build.calibration, "quantize": build.quantized}
+    plain = load_recipe(RECIPE, ["quantize.method=rtn", "outputs=[{gguf: Q4_K_M}]"])
+    assert stage_inputs("convert", plain, build.store.url, up)["calibration"] is None
+    assert stage_inputs("convert", build.recipe, build.store.url, up)["calibration"] == build.calibration

@@ -146,14 +146,13 @@ class GGUFFormat:
     def importance_name(self, options: GGUFOptions, name: str) -> str:
         return self.output_name(options, name).removesuffix(".gguf") + IMATRIX_FILE
 
-    def write_importance(self, path: Path, model: ModelDir, importance: Importance, dataset: str, chunk_size: int,
-                         chunks: int) -> None:
+    def write_importance(self, path: Path, config, tensors: dict[str, TensorInfo], importance: Importance, dataset: str,
+                         chunk_size: int, chunks: int) -> None:
         """llama.cpp's imatrix file of ``importance`` under the file's tensor names (an expert set's experts as the
         rows of its stacked tensor). A tensor the file holds split in parts has none: llama-quantize quantizes
         it without, as it does the embedding and the head."""
-        config, weights = model.config(), model.weights()
         rows: dict[str, dict[int, tuple[np.ndarray, int]]] = {}
-        for hf_name, gguf_name, expert, part, _, _ in _file_tensors(config, weights.tensors):
+        for hf_name, gguf_name, expert, part, _, _ in _file_tensors(config, tensors):
             if part is None and hf_name in importance:
                 rows.setdefault(gguf_name, {})[expert or 0] = importance[hf_name]
         write_imatrix(path, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH[gguf_arch(config).arch]],

@@ -21,7 +21,6 @@ from safetensors import safe_open
 
 from quantfab.tasks.manifests import CalibrationManifest
 from quantfab.tasks.modelio import WeightIndex
-from quantfab.tasks.redact import redact
 from quantfab.tasks.store import Store
 
 Importance = dict[str, tuple[np.ndarray, int]]  # checkpoint matrix name -> (sum of x^2 per input column, tokens)
@@ -49,7 +48,7 @@ def write_imatrix(path: Path, arch: str, entries: dict[str, list[tuple[np.ndarra
     gguf-py's writer adds the model's ``general.architecture`` too (llama-imatrix writes none; readers ignore it)."""
     writer = gguf.GGUFWriter(str(path), arch)
     writer.add_type(gguf.GGUFType.IMATRIX)
-    writer.add_array(gguf.Keys.IMatrix.DATASETS, [redact(dataset)])
+    writer.add_array(gguf.Keys.IMatrix.DATASETS, [dataset])  # redacted by calibrate
     writer.add_uint32(gguf.Keys.IMatrix.CHUNK_COUNT, chunks)
     writer.add_uint32(gguf.Keys.IMatrix.CHUNK_SIZE, chunk_size)
     for name in sorted(entries):  # llama-imatrix's order

@@ -101,7 +101,7 @@ def convert_output(job: OutputJob) -> FormatFile:
         verification = verify_output(fmt, fmt.reader(work / out_name, config), planned, codes)
         blobs = _put_tree(work, work / out_name, store)
         if fmt.ships_importance(o):
-            blobs |= _put_tree(work, _write_importance(work, fmt, o, job, model_dir), store)
+            blobs |= _put_tree(work, _write_importance(work, fmt, o, job, config, weights), store)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     types: dict[str, int] = {}
@@ -116,7 +116,7 @@ def convert_output(job: OutputJob) -> FormatFile:
                       nominal_bits_per_weight=round((weight_bytes(blobs) - added) * 8 / job.model.parameters, 4), verification=verification)
 
 
-def _write_importance(work: Path, fmt: Any, o: Any, job: OutputJob, model_dir: Any) -> Path:
+def _write_importance(work: Path, fmt: Any, o: Any, job: OutputJob, config: Any, weights: Any) -> Path:
     cal = job.calibration
     if cal is None or not cal.stats:
         raise RuntimeError(f"{o.key}: ships an importance matrix but the calibration holds no statistics: "
@@ -125,7 +125,7 @@ def _write_importance(work: Path, fmt: Any, o: Any, job: OutputJob, model_dir: A
     with safe_open(str(store.local_path(cal.tokens)), framework="np") as f:
         samples, seq_len = f.get_slice("input_ids").get_shape()
     path = work / fmt.importance_name(o, job.name)
-    fmt.write_importance(path, model_dir, importance(cal, model_dir.weights(), store), cal.source, seq_len, samples)
+    fmt.write_importance(path, config, weights.tensors, importance(cal, weights, store), cal.source, seq_len, samples)
     return path
 
 
