@@ -64,7 +64,7 @@ def main() -> None:
             cal = calibrate_mod.calibrate(model, r.calibration.source, r.calibration.samples, r.calibration.seq_len,
                                           r.calibration.seed, r.calibration.text_field, "cpu", store)
             quantized = quantize(model, cal, r.quantize, r.outputs, "cpu", store)
-            converted = convert(model, quantized, r.outputs, r.name, store)
+            converted = convert(model, quantized, r.outputs, r.name, store, cal)
             metrics = validate_mod.measure(model, converted, r.outputs, r.validate_, "cpu", store)
             for o in r.outputs:
                 m = metrics["outputs"][o.key]

@@ -81,13 +81,14 @@ def main() -> None:
             print(f"llama.cpp rtn {t}: {files[(t, 'llama.cpp rtn')][1]:.2f} s", flush=True)
         for method in args.methods.split(","):
             for t in types:
-                rt = load_recipe(RECIPE, [*overrides, f"quantize.method={method}", f"outputs=[{{gguf: {t}}}]"])
+                rt = load_recipe(RECIPE, [*overrides, f"quantize.method={method}",  # as llama.cpp's: no imatrix
+                                          f"outputs=[{{format: gguf, type: {t}, imatrix: false}}]"])
                 cal = calibration(rt)  # the calibrate stage, timed apart from quantize + convert as before
                 start = time.perf_counter()
                 q = quantize(model, cal, rt.quantize, rt.outputs, "cpu", store)
                 c = convert(model, q, rt.outputs, rt.name, store)
                 seconds = time.perf_counter() - start
-                f = c.files[f"gguf-{t}"]
+                f = c.files[rt.outputs[0].key]
                 files[(t, f"quantfab {method}")] = (materialize(store, f.files).path / f.path, seconds)
                 print(f"quantfab {method} {t}: {seconds:.2f} s", flush=True)
         ids = validate_mod.eval_windows(model, r.validate_, store)

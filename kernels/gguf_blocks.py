@@ -2,9 +2,9 @@
 
 Each packer takes a tensor's ``Encoded`` (codes shaped like the weight) and returns (rows, row bytes)
 uint8 in ggml's block structs (ggml-common.h); gguf-py's ``quants.dequantize`` reads them back. K-quant
-packers get the stored super-block fields from the grid's ``split``. ``pack_gguf`` and ``verify_gguf``
+packers get the stored super-block fields from the grid's ``stored_fields``. ``pack_gguf`` and ``verify_gguf``
 launch a kernel for the 32-element types (gguf_blocks.cu) and for Q4_K, Q5_K and Q6_K (kquant_blocks.cu:
-the host's ``split`` chooses the super-block fields, one per 256 codes; the kernel lays out the bytes);
+the host's ``stored_fields`` gives the super-block fields, one per 256 codes; the kernel lays out the bytes);
 these packers, and gguf-py's dequantize for the decode, are their specification. Q2_K and Q3_K stay
 NumPy: they only appear in the smallest llama.cpp mixes.
 """
@@ -99,7 +99,7 @@ def _k4_scales(sc: np.ndarray, mn: np.ndarray) -> np.ndarray:
 
 
 def _split(name: str, enc: Encoded) -> dict[str, np.ndarray]:
-    return GRIDS[name].split(enc.d.reshape(-1), None if enc.m is None else enc.m.reshape(-1))  # type: ignore[attr-defined]
+    return GRIDS[name].stored_fields(enc)  # type: ignore[attr-defined]
 
 
 def pack_q2_k(enc: Encoded) -> np.ndarray:

@@ -1,5 +1,6 @@
-// The K-quant scale searches of llama.cpp's quantize_row_q*_K_ref, one thread per sub-block: make_qkx2_quants
-// (Q2_K, Q4_K, Q5_K: a scale and a min per sub-block) and make_qx_quants with rmse_type 1 (Q6_K). The
+// The K-quant scale searches of llama.cpp's quantize_row_q*_K_ref and *_impl, one thread per sub-block:
+// make_qkx2_quants and make_qkx3_quants (a scale and a min per sub-block: Q2_K, Q4_K, Q5_K, and Q4_1/Q5_1 under an
+// importance matrix) and make_qx_quants with rmse_type 1 (Q6_K; Q3_K, Q4_0, Q5_0 under an importance matrix). The
 // executable specification is tasks/quantize/kquants.py (search_min_scale, search_signed_scale): the same
 // float32 operations in the same order (sums in element order, round half to even, no fused multiply-add),
 // so the codes and scales equal the NumPy reference's bit for bit, and through it llama-quantize's bytes.
@@ -82,13 +83,14 @@ QF_KERNEL void search_min_scale(const float* xs, const float* ws, i64 rows, i64 
     }
 }
 
-// sum w x l and sum w l l with w = x x, in element order; l = clip(rint(iscale x), -nmax, nmax - 1), kept in aux
-QF_DEVICE void qf_signed_trial(const float* x, i64 n, float iscale, float nmax, u8* aux, float* sumlx, float* suml2) {
+// sum w x l and sum w l l in element order; l = clip(rint(iscale x), -nmax, nmax - 1), kept in aux
+QF_DEVICE void qf_signed_trial(const float* x, const float* w_, i64 n, float iscale, float nmax, u8* aux, float* sumlx,
+                               float* suml2) {
     float lx = 0.0f, l2 = 0.0f;
     for (i64 i = 0; i < n; ++i) {
         const float l = qf_clamp_rint(iscale * x[i], -nmax, nmax - 1.0f);
         aux[i] = (u8)(i32)(l + nmax);
-        const float w = x[i] * x[i];
+        const float w = w_[i];
         lx = lx + w * x[i] * l;
         l2 = l2 + w * l * l;
     }
@@ -96,11 +98,13 @@ QF_DEVICE void qf_signed_trial(const float* x, i64 n, float iscale, float nmax, 
     *suml2 = l2;
 }
 
-// Row r of x: its scale and codes in [0, 2 nmax) (the signed code plus nmax). aux: n bytes of scratch per row.
-QF_KERNEL void search_signed_scale(const float* xs, i64 rows, i64 n, i64 nmax_i, float* scale_out, u8* codes,
-                                   u8* auxs) {
+// Row r of x, fitted with weights w (llama.cpp's x * x without an importance matrix): its scale and codes in
+// [0, 2 nmax) (the signed code plus nmax). aux: n bytes of scratch per row.
+QF_KERNEL void search_signed_scale(const float* xs, const float* ws, i64 rows, i64 n, i64 nmax_i, float* scale_out,
+                                   u8* codes, u8* auxs) {
     QF_FOR(r, rows) {
         const float* x = xs + n * r;
+        const float* w = ws + n * r;
         u8* q = codes + n * r;
         u8* aux = auxs + n * r;
         const float nmax = (float)nmax_i;
@@ -110,12 +114,12 @@ QF_KERNEL void search_signed_scale(const float* xs, i64 rows, i64 n, i64 nmax_i,
         const bool zero = fabsf(extreme) < 1e-15f;
         extreme = qf_safe(extreme);
         float sumlx, suml2;
-        qf_signed_trial(x, n, -nmax / extreme, nmax, q, &sumlx, &suml2);
+        qf_signed_trial(x, w, n, -nmax / extreme, nmax, q, &sumlx, &suml2);
         float scale = suml2 != 0.0f ? sumlx / qf_safe(suml2) : 0.0f;
         float best = scale * sumlx;
         for (i64 step = -9; step <= 9; ++step) {
             if (step == 0) continue;
-            qf_signed_trial(x, n, -(nmax + 0.1f * (float)step) / extreme, nmax, aux, &sumlx, &suml2);
+            qf_signed_trial(x, w, n, -(nmax + 0.1f * (float)step) / extreme, nmax, aux, &sumlx, &suml2);
             if (suml2 > 0.0f && sumlx * sumlx > best * suml2) {
                 for (i64 i = 0; i < n; ++i) q[i] = aux[i];
                 scale = sumlx / qf_safe(suml2);

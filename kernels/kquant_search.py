@@ -1,6 +1,7 @@
 """The K-quant scale searches (kquant_search.cu) on the current backend.
 
-Their NumPy specification is llama.cpp's make_qkx2_quants and make_qx_quants as ported in
+Their NumPy specification is llama.cpp's make_qkx2_quants (make_qkx3_quants with weights is the same search) and
+make_qx_quants as ported in
 tasks/quantize/kquants.py (``search_min_scale_reference``, ``search_signed_scale_reference``): the numpy backend runs those,
 the others launch one thread per sub-block and answer the same arrays bit for bit.
 """
@@ -30,13 +31,14 @@ def search_min_scale(x: np.ndarray, weights: np.ndarray, nmax: int, rmin: float,
     return be.to_host(scale), be.to_host(mins), be.to_host(codes).astype(np.int32)
 
 
-def search_signed_scale(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
-    """make_qx_quants(n, nmax, x, L, rmse_type=1, NULL) per row: (scale, codes in [0, 2 nmax))."""
+def search_signed_scale(x: np.ndarray, weights: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
+    """make_qx_quants(n, nmax, x, L, rmse_type=1, weights) per row: (scale, codes in [0, 2 nmax))."""
     be = current()
     if be.name == "numpy":
-        return search_signed_scale_reference(x, nmax)
+        return search_signed_scale_reference(x, weights, nmax)
     rows, n = x.shape
     scale = be.xp.empty(rows, F)
     codes, scratch = be.xp.empty((rows, n), np.uint8), be.xp.empty((rows, n), np.uint8)
-    be.launch(SOURCE, "search_signed_scale", rows, be.to_device(np.asarray(x, F)), rows, n, nmax, scale, codes, scratch)
+    be.launch(SOURCE, "search_signed_scale", rows, be.to_device(np.asarray(x, F)), be.to_device(np.asarray(weights, F)),
+              rows, n, nmax, scale, codes, scratch)
     return be.to_host(scale), be.to_host(codes).astype(np.int32)

@@ -71,7 +71,7 @@ def run_stages(recipe: Any, store: Any) -> Built:
                                   recipe.calibration.seq_len, recipe.calibration.seed, recipe.calibration.text_field,
                                   "cpu", store, True, ExpertFallback(**recipe.calibration.experts.model_dump()))
     quantized = quantize(model, cal, recipe.quantize, recipe.outputs, "cpu", store)
-    return Built(model, cal, quantized, convert(model, quantized, recipe.outputs, recipe.name, store))
+    return Built(model, cal, quantized, convert(model, quantized, recipe.outputs, recipe.name, store, cal))
 
 
 @pytest.fixture(scope="session")

@@ -33,4 +33,5 @@ def test_two_cold_runs_publish_identical_files(tmp_path: Path) -> None:
     # every stage's outputs, not only the published ones: a cache key downstream hashes their digests
     assert digests(tmp_path / "first" / "blobs") == digests(tmp_path / "second" / "blobs")
     assert {"manifest.json", "quality.json", "README.md"} <= set(published[0])
-    assert sum(name.endswith(".gguf") for name in published[0]) == 3
+    assert sum(name.endswith(".gguf") and not name.endswith(".imatrix.gguf") for name in published[0]) == 3
+    assert sum(name.endswith(".imatrix.gguf") for name in published[0]) == 2  # Q4_0's and Q4_1's, not Q8_0's

@@ -30,6 +30,16 @@ FAST = ["calibration.samples=16", "calibration.seq_len=128", "validate.tokens=40
 # (test_methods covers both methods on both kinds of grid).
 TYPES = {"rtn": ["Q8_0", "Q4_0", "Q4_1"], "group": ["Q8_0", "Q4_0", "Q4_1"], "gptq": ["Q4_1", "Q4_K_M"], "awq": ["Q4_0"]}
 METHODS = list(TYPES)
+# rtn's outputs go without an importance matrix (llama.cpp's plain rounding, from the weights alone); the others
+# ship one, as GGUF outputs do by default
+
+
+def gguf_key(method: str, file_type: str) -> str:
+    return f"gguf-{file_type}" + ("-noimatrix" if method == "rtn" and file_type != "Q8_0" else "")
+
+
+def gguf_file(method: str, file_type: str) -> str:
+    return f"tinystories-656k-q4_0-{gguf_key(method, file_type).removeprefix('gguf-')}.gguf"
 # a folder format through the whole flow (test_formats proves its consumers); g32: g128 is one group per row here
 FOLDER_OUTPUTS = {"awq": "{format: compressed-tensors, type: int4, group_size: 32}"}
 
@@ -51,7 +61,9 @@ def built(prefect_env, data_dir: Path, tmp_path_factory: pytest.TempPathFactory)
     out = {"store": base / "store"}
     for method in METHODS:
         dest = base / f"pkg-{method}"
-        outputs = ", ".join([f"{{gguf: {t}}}" for t in TYPES[method]] + ([FOLDER_OUTPUTS[method]] if method in FOLDER_OUTPUTS else []))
+        ggufs = [f"{{format: gguf, type: {t}, imatrix: false}}" if method == "rtn" else f"{{gguf: {t}}}"
+                 for t in TYPES[method]]
+        outputs = ", ".join(ggufs + ([FOLDER_OUTPUTS[method]] if method in FOLDER_OUTPUTS else []))
         overrides = [*FAST, f"outputs=[{outputs}]", f"quantize.method={method}", f"package.destination={dest}"]
         result, stages = run(overrides, out["store"])
         out[method] = {"result": result, "stages": stages, "dest": dest, "overrides": overrides}
@@ -67,7 +79,7 @@ def test_package_published_and_gguf_decodes_to_the_quantizer_reconstruction(buil
     for entry in manifest["files"]:
         data = (dest / entry["path"]).read_bytes()
         assert hashlib.sha256(data).hexdigest() == entry["sha256"] and len(data) == entry["size"]
-    assert {f["path"] for f in manifest["files"]} >= {f"tinystories-656k-q4_0-{t}.gguf" for t in TYPES[method]} | {
+    assert {f["path"] for f in manifest["files"]} >= {gguf_file(method, t) for t in TYPES[method]} | {
         "config.json", "tokenizer.json", "quality.json", "README.md"}
     assert not any("quantfab-staging" in p.name for p in dest.parent.iterdir())
 
@@ -80,13 +92,13 @@ def test_package_published_and_gguf_decodes_to_the_quantizer_reconstruction(buil
     embed = model.weights().load(["model.embed_tokens.weight"])["model.embed_tokens.weight"].numpy()
     q8_0 = grid_named("Q8_0")
     for qtype in TYPES[method]:
-        reader = GGUFTensors(dest / f"tinystories-656k-q4_0-{qtype}.gguf", config)
+        reader = GGUFTensors(dest / gguf_file(method, qtype), config)
         types = dict(reader.types())
         assert types["output_norm.weight"] == "F32"
         # The tied embedding is llama.cpp's output head: Q6_K, which rows of 128 turn into Q8_0, rounded to nearest.
         assert types["token_embd.weight"] == "Q8_0"
         assert np.array_equal(reader.array("model.embed_tokens.weight"), q8_0.decode(q8_0.reference(embed)))
-        q = quant.outputs[f"gguf-{qtype}"]
+        q = quant.outputs[gguf_key(method, qtype)]
         expected_types = {"Q4_K_M": {"Q5_0", "Q8_0"}}.get(qtype, {qtype})
         assert {m.grid for m in q.modules} == expected_types
         for m in q.modules:
@@ -100,7 +112,7 @@ def test_package_published_and_gguf_decodes_to_the_quantizer_reconstruction(buil
             layer_file = LayerFile(store.local_path(blob))
             for name in layer_file.float_names():
                 assert np.array_equal(reader.array(name), layer_file.float(name)), name
-    first = quant.outputs[f"gguf-{TYPES[method][0]}"]
+    first = quant.outputs[gguf_key(method, TYPES[method][0])]
     assert any(LayerFile(store.local_path(b)).float_names() for b in first.layers) == (method == "awq")
 
 
@@ -165,13 +177,13 @@ def test_rtn_gathers_no_statistics_unless_the_recipe_asks_for_the_module_report(
     recipe = load_recipe(RECIPE, b["overrides"])
     assert _cached("calibrate", store, recipe, {"download": _cached_model(store, recipe)}).stats == []
     report = json.loads((b["dest"] / "quality.json").read_text())
-    modules = report["outputs"]["gguf-Q4_0"]["modules"]
+    modules = report["outputs"]["gguf-Q4_0-noimatrix"]["modules"]
     assert len(modules) == 14 and all(r["relative_output_error"] is None for r in modules)
     dest = tmp_path / "reported"
     _, stages = run([*b["overrides"], "quantize.module_report=true", f"package.destination={dest}"], built["store"])
     # calibrate with statistics: the group build's record in this store; quantize runs again, with them
     assert stages["calibrate"] == "cached" and stages["quantize"] == "ran"
-    modules = json.loads((dest / "quality.json").read_text())["outputs"]["gguf-Q4_0"]["modules"]
+    modules = json.loads((dest / "quality.json").read_text())["outputs"]["gguf-Q4_0-noimatrix"]["modules"]
     assert len(modules) == 14 and all(r["relative_output_error"] > 0 for r in modules)
 
 
@@ -197,8 +209,9 @@ def test_rerun_in_a_new_process_hits_every_stage_without_running_bodies(built: d
 
 def test_an_up_to_date_build_is_found_by_the_flows_keys_without_torch_or_prefect(built: dict, prefect_env) -> None:
     """`quantfab run` on an unchanged, published build answers from the store alone. The keys it finds are
-    the ones the flow recorded, calibrate's included (group reads the statistics, gptq and rtn do not, and
-    both records are in this store), and neither torch, transformers nor Prefect is imported."""
+    the ones the flow recorded, calibrate's included (group and gptq's GGUF outputs ship an importance matrix
+    made from the statistics, rtn's do not, and both records are in this store), and neither torch, transformers
+    nor Prefect is imported."""
     from quantfab.pipelines.uptodate import up_to_date
     from quantfab.tasks.builds import read_builds
 
@@ -211,8 +224,8 @@ def test_an_up_to_date_build_is_found_by_the_flows_keys_without_torch_or_prefect
         keys[method] = {stage: cached.key for stage, cached in found.items()}
         flow = [r for r in read_builds(store) if r.destination == str(b["dest"]) and r.status == "published"][-1]
         assert keys[method] == flow.results
-    assert keys["group"]["download"] == keys["gptq"]["download"] and keys["group"]["calibrate"] != keys["gptq"]["calibrate"]
-    assert keys["rtn"]["calibrate"] == keys["gptq"]["calibrate"]  # neither reads the unquantized model's statistics
+    assert keys["group"]["download"] == keys["rtn"]["download"] and keys["group"]["calibrate"] != keys["rtn"]["calibrate"]
+    assert keys["group"]["calibrate"] == keys["gptq"]["calibrate"]  # both read the unquantized model's statistics
     assert up_to_date(load_recipe(RECIPE, [*built["gptq"]["overrides"], "validate.tokens=2048"]), store) is None
 
     code = ("import sys\nfrom quantfab.pipelines.cli import main\nrc = main(sys.argv[1:])\n"

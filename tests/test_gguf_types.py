@@ -100,3 +100,19 @@ def test_each_fallback_says_what_the_mix_wanted_and_why() -> None:
 def test_pure_keeps_the_default_type_everywhere() -> None:
     types = types_of("Q4_K_M", llama(8, 512, 1024), ModelFacts(8, 8, 2), pure=True)
     assert {t for t in types.values() if t} == {"Q4_K"}
+
+
+def test_an_importance_matrix_raises_q4_0_and_q5_0_ffn_down_in_the_first_eighth() -> None:
+    """llama-quantize --imatrix guards the first ffn_down layers of Q4_0 and Q5_0 with Q4_1 and Q5_1 ("Q4_1/Q5_1 do
+    go crazy on ffn_down without an imatrix", so only with one); nothing else moves, and --pure keeps the type."""
+    facts = ModelFacts(32, 32, 8)
+    for file_type, raised in (("Q4_0", "Q4_1"), ("Q5_0", "Q5_1")):
+        plain = types_of(file_type, llama(32, 4096, 11008), facts, pure=False)
+        weighted = types_of(file_type, llama(32, 4096, 11008), facts, pure=False, importance=True)
+        assert layers_of(weighted, "ffn_down", raised) == {0, 1, 2, 3}
+        assert {n for n in plain if plain[n] != weighted[n]} == {f"blk.{i}.ffn_down.weight" for i in range(4)}
+        pure = types_of(file_type, llama(32, 4096, 11008), facts, pure=True, importance=True)
+        assert layers_of(pure, "ffn_down", file_type) == set(range(32))
+    q4_k_m = dict(pure=False)
+    assert types_of("Q4_K_M", llama(32, 4096, 11008), facts, **q4_k_m) == \
+        types_of("Q4_K_M", llama(32, 4096, 11008), facts, importance=True, **q4_k_m)

@@ -54,8 +54,8 @@ class Build:
 @pytest.fixture(scope="module")
 def build(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> Build:
     store = Store(str(tmp_path_factory.mktemp("imatrix-store")))
-    return Build("[{format: gguf, type: Q4_K_M, imatrix: true}, {format: gguf, type: F16, imatrix: true}, "
-                 "{gguf: Q4_K_M}]", store)
+    return Build("[{gguf: Q4_K_M}, {format: gguf, type: F16, imatrix: true}, "
+                 "{format: gguf, type: Q4_K_M, imatrix: false}]", store)
 
 
 def _squares_by_transformers(build: Build) -> dict[str, np.ndarray]:
@@ -83,7 +83,7 @@ def _squares_by_transformers(build: Build) -> dict[str, np.ndarray]:
 def test_the_imatrix_is_llama_cpps_format_of_every_linears_input_squares(build: Build) -> None:
     """One ``<tensor>.in_sum2`` (sum of each input column's squares) and ``<tensor>.counts`` (tokens) per decoder
     Linear under its GGUF name, as llama-imatrix writes them; the sums equal a transformers forward's."""
-    key = "gguf-Q4_K_M-imatrix"
+    key = "gguf-Q4_K_M"
     f = build.converted.files[key]
     assert set(f.files) == {f.path, f.path.removesuffix(".gguf") + ".imatrix.gguf"}
     reader = gguf.GGUFReader(build.file(key, f.path.removesuffix(".gguf") + ".imatrix.gguf"))
@@ -107,18 +107,34 @@ def test_the_imatrix_is_llama_cpps_format_of_every_linears_input_squares(build: 
 
 def test_the_imatrix_ships_beside_an_f16_file_and_weighs_nothing(build: Build) -> None:
     """An F16 file (no codes: what one quantizes with llama-quantize --imatrix) ships it too; bits per weight
-    count the model file alone, so an output with and without it weigh the same."""
+    count the model file alone, and the codes differ from those quantized without one."""
     assert any(p.endswith(".imatrix.gguf") for p in build.converted.files["gguf-F16-imatrix"].files)
-    with_it, without = build.converted.files["gguf-Q4_K_M-imatrix"], build.converted.files["gguf-Q4_K_M"]
-    assert not any(p.endswith(".imatrix.gguf") for p in without.files)
-    assert with_it.bits_per_weight == without.bits_per_weight
-    assert with_it.files[with_it.path] == without.files[without.path]  # the codes do not read it yet
+    with_it, without = build.converted.files["gguf-Q4_K_M"], build.converted.files["gguf-Q4_K_M-noimatrix"]
+    assert not any(p.endswith(".imatrix.gguf") for p in without.files) and len(with_it.files) == 2
+    assert with_it.bits_per_weight == round(with_it.files[with_it.path].size * 8 / build.model.parameters, 4)
+    assert with_it.files[with_it.path] != without.files[without.path]
+
+
+def test_a_file_quantized_with_it_says_so_as_llama_quantize_does(build: Build) -> None:
+    """llama-quantize --imatrix's keys (quantize.imatrix.file, .dataset, .entries_count, .chunks_count) in the file
+    whose codes used it; none in the file quantized without one, nor in the F16 file that only ships it."""
+    def fields(key: str) -> dict:
+        f = build.converted.files[key]
+        reader = gguf.GGUFReader(build.file(key, f.path))
+        return {k: reader.fields[k].contents() for k in reader.fields if k.startswith("quantize.imatrix.")}
+    f = build.converted.files["gguf-Q4_K_M"]
+    layers = int(build.folder.config().num_hidden_layers)
+    assert fields("gguf-Q4_K_M") == {"quantize.imatrix.file": f.path.removesuffix(".gguf") + ".imatrix.gguf",
+                                     "quantize.imatrix.dataset": build.recipe.calibration.source,
+                                     "quantize.imatrix.entries_count": layers * len(LINEARS),
+                                     "quantize.imatrix.chunks_count": 6}
+    assert fields("gguf-Q4_K_M-noimatrix") == fields("gguf-F16-imatrix") == {}
 
 
 def test_rtn_calibrates_statistics_only_for_an_output_shipping_an_imatrix(build: Build) -> None:
     folder = build.folder
     r = build.recipe
-    plain = load_recipe(RECIPE, ["quantize.method=rtn", "outputs=[{gguf: Q4_K_M}]"])
+    plain = load_recipe(RECIPE, ["quantize.method=rtn", "outputs=[{format: gguf, type: Q4_K_M, imatrix: false}]"])
     assert not reads_statistics(folder.config(), folder.weights().tensors, plain.quantize, list(plain.outputs))
     assert reads_statistics(folder.config(), folder.weights().tensors, r.quantize, list(r.outputs))
 
@@ -183,6 +199,35 @@ def test_convert_keys_on_the_calibration_only_where_an_output_ships_an_imatrix(b
     from quantfab.pipelines.keys import stage_inputs
 
     up = {"download": build.model, "calibrate": build.calibration, "quantize": build.quantized}
-    plain = load_recipe(RECIPE, ["quantize.method=rtn", "outputs=[{gguf: Q4_K_M}]"])
+    plain = load_recipe(RECIPE, ["quantize.method=rtn", "outputs=[{format: gguf, type: Q4_K_M, imatrix: false}]"])
     assert stage_inputs("convert", plain, build.store.url, up)["calibration"] is None
     assert stage_inputs("convert", build.recipe, build.store.url, up)["calibration"] == build.calibration
+
+
+EQUAL_TYPES = ("Q4_K_M", "Q3_K_M", "Q2_K", "Q5_K_M", "Q6_K", "Q4_0", "Q5_0", "Q4_1", "Q5_1")  # every weighted rule
+
+
+@pytest.mark.llama_cpp
+def test_rtn_with_our_imatrix_writes_llama_quantizes_bytes(tmp_path: Path) -> None:
+    """rtn with an importance matrix is llama-quantize --imatrix: for each file type, on a Llama whose rows fit the
+    K-quants (8 layers, so the first-eighth rules apply: Q4_0's ffn_down goes to Q4_1 with an imatrix), our file
+    holds the bytes llama-quantize writes from our F32 file and our importance matrix, tensor for tensor."""
+    quantize_tool = _tool("llama-quantize")
+    outputs = ", ".join(["{format: gguf, type: F32, imatrix: true}",
+                         *(f"{{format: gguf, type: {t}, imatrix: true}}" for t in EQUAL_TYPES)])
+    b = Build(f"[{outputs}]", Store(str(tmp_path / "store")),
+              ("model.source=synthetic://llama?layers=8&hidden=256&intermediate=512&heads=4&kv_heads=2&vocab=512",
+               "calibration.source=synthetic://tokens"))
+    f32 = b.converted.files["gguf-F32-imatrix"]
+    source = b.file("gguf-F32-imatrix", f32.path)
+    imatrix = b.file("gguf-F32-imatrix", f32.path.removesuffix(".gguf") + ".imatrix.gguf")
+    for file_type in EQUAL_TYPES:
+        key = f"gguf-{file_type}"
+        theirs = tmp_path / f"{file_type}.gguf"
+        done = subprocess.run([str(quantize_tool), "--imatrix", str(imatrix), str(source), str(theirs), file_type, "2"],
+                              capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+        ours = {t.name: t for t in gguf.GGUFReader(b.file(key, b.converted.files[key].path)).tensors}
+        for t in gguf.GGUFReader(theirs).tensors:
+            assert ours[t.name].tensor_type == t.tensor_type, (file_type, t.name)
+            assert np.array_equal(np.asarray(ours[t.name].data), np.asarray(t.data)), (file_type, t.name, t.tensor_type.name)

@@ -267,23 +267,38 @@ def test_kquant_min_scale_search_equals_the_reference(name: str, both: Both) -> 
         assert_same_array(np.ascontiguousarray(r), g)
 
 
-def test_kquant_signed_scale_search_equals_the_reference(both: Both) -> None:
-    """make_qx_quants (Q6_K's) as a kernel: scales and codes equal the NumPy port's."""
+@pytest.mark.parametrize("weighted", [False, True])
+def test_kquant_signed_scale_search_equals_the_reference(weighted: bool, both: Both) -> None:
+    """make_qx_quants as a kernel, with x * x as weights (Q6_K's) and with an importance's (zeros among them): scales
+    and codes equal the NumPy port's."""
     from quantfab.kernels.kquant_search import search_signed_scale
 
-    ref, got = both(search_signed_scale, sub_blocks(16, 2), 32)
+    x = sub_blocks(16, 2)
+    weights = x * x
+    if weighted:
+        weights = np.random.default_rng(4).uniform(0, 3, x.shape).astype(np.float32) ** 4
+        weights[::5, :3] = 0
+    ref, got = both(search_signed_scale, x, weights, 32)
     for r, g in zip(ref, got):
         assert_same_array(np.ascontiguousarray(r), g)
 
 
-@pytest.mark.parametrize("name", ["Q4_K", "Q5_K", "Q6_K", "Q2_K"])
-def test_k_grids_encode_alike_on_every_backend(name: str, both: Both) -> None:
-    """What rtn writes: a whole tensor's K-quant encoding is the same whichever backend searched it."""
-    w = np.random.default_rng(3).standard_normal((12, 512)).astype(np.float32)
-    ref, got = both(grid_named(name).reference, w)
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("name", ["Q4_K", "Q5_K", "Q6_K", "Q2_K", "Q3_K", "Q4_0", "Q4_1", "Q5_0", "Q5_1"])
+def test_gguf_grids_encode_alike_on_every_backend(name: str, weighted: bool, both: Both) -> None:
+    """What rtn writes, without an importance matrix and with one: a whole tensor's encoding (and the stored fields a
+    weighted K-quant chose) is the same whichever backend searched it."""
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((12, 512)).astype(np.float32)
+    importance = (rng.uniform(0, 2, 512) ** 4).astype(np.float32) if weighted else None
+    ref, got = both(grid_named(name).reference, w, importance)
     for field in ("codes", "d", "m"):
         if getattr(ref, field) is not None:
             assert_same_array(getattr(ref, field), getattr(got, field))
+    assert ref.extra.keys() == got.extra.keys() and (not weighted or name in ("Q6_K", "Q4_0", "Q4_1", "Q5_0", "Q5_1")
+                                                       or ref.extra)
+    for key in ref.extra:
+        assert_same_array(ref.extra[key], got.extra[key])
 
 
 def test_gguf_verify_counts_nan_and_inf_by_policy(both: Both) -> None:

@@ -49,12 +49,14 @@ PPL_RTOL = 0.01
 class Build:
     def __init__(self, source: str | None, method: str, types: list[str], store: Store, stages):
         overrides = ["calibration.samples=16", "calibration.seq_len=128", "validate.tokens=2048", "validate.window=128",
-                     f"quantize.method={method}", "outputs=[" + ", ".join(f"{{gguf: {t}}}" for t in types) + "]"]
+                     f"quantize.method={method}",  # llama_model_quantize beside them runs without an importance matrix
+                     "outputs=[" + ", ".join(f"{{format: gguf, type: {t}, imatrix: false}}" for t in types) + "]"]
         if source:
             overrides += [f"model.source={source}", "calibration.source=synthetic://tokens",
                           "validate.source=synthetic://tokens"]
         r = load_recipe(RECIPE, overrides)
         self.recipe, self.store = r, store
+        self.key = {o.type: o.key for o in r.outputs}
         built = stages(r, store)
         self.model, self.converted = built.model, built.converted
         self.metrics = validate_mod.measure(self.model, self.converted, r.outputs, r.validate_, "cpu", store)
@@ -62,7 +64,7 @@ class Build:
         self.config = materialize(store, self.model.files).config()
 
     def path(self, file_type: str) -> Path:
-        f = self.converted.files[f"gguf-{file_type}"]
+        f = self.converted.files[self.key[file_type]]
         return materialize(self.store, f.files).path / f.path
 
 
@@ -86,7 +88,7 @@ def test_fallbacks_are_reported_exactly_where_llama_quantize_falls_back(builds: 
         ours = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(b.path(file_type))).tensors}
         assert ours == theirs, file_type
         reported = {names.get_name(line.split(": ")[0]) + ".weight": line.rsplit("-> ", 1)[1]
-                    for line in b.converted.files[f"gguf-{file_type}"].fallbacks}
+                    for line in b.converted.files[b.key[file_type]].fallbacks}
         assert reported and all(theirs[t] == built for t, built in reported.items()), (file_type, reported)
         mix = {"Q4_K_M": "Q4_K", "Q3_K_M": "Q3_K", "Q5_K_M": "Q5_K"}[file_type]
         unreported = {t: k for t, k in theirs.items() if t not in reported and k not in ("F32", mix, "Q6_K", "Q4_K", "Q5_K")}
@@ -113,7 +115,7 @@ def test_llama_quantize_writes_our_types_and_bytes(builds: dict[str, Build], nam
 def test_llama_cpp_loads_every_file_and_agrees_on_perplexity(builds: dict[str, Build], name: str) -> None:
     b = builds[name]
     for file_type in BUILDS[name][2]:
-        ours = b.metrics["outputs"][f"gguf-{file_type}"]["perplexity"]
+        ours = b.metrics["outputs"][b.key[file_type]]["perplexity"]
         theirs = llama_cpp_perplexity(b.path(file_type), b.ids, threads=2)
         assert abs(theirs / ours - 1) < PPL_RTOL, (file_type, ours, theirs)
         types = {t for _, t in GGUFTensors(b.path(file_type), b.config).types()}

@@ -473,8 +473,19 @@ def test_output_shorthand_equals_long_form(tmp_path):
     long = load_recipe(write_recipe(tmp_path / "b", lambda d: d.update(outputs=[{"format": "gguf", "type": "Q4_0"}])))
     assert short.outputs == long.outputs
     assert short.outputs[0].model_dump() == {"format": "gguf", "type": "Q4_0", "pure": False, "float_type": "F16",
-                                             "imatrix": False}
+                                             "imatrix": True}
     assert short.outputs[0].key == "gguf-Q4_0"
+
+
+def test_gguf_imatrix_is_on_where_it_changes_codes_and_keys_name_the_exceptions(tmp_path):
+    """An importance matrix is on by default for every type whose codes it changes (not Q8_0, F16, F32), and an
+    output key names only a choice against its type's default."""
+    outputs = [{"gguf": "Q4_K_M"}, {"gguf": "Q8_0"}, {"gguf": "F16"}, {"format": "gguf", "type": "Q4_0", "imatrix": False},
+               {"format": "gguf", "type": "F32", "imatrix": True}, {"format": "gguf", "type": "Q6_K", "imatrix": None}]
+    recipe = load_recipe(write_recipe(tmp_path, lambda d: d.update(outputs=outputs)))
+    assert [(o.key, o.imatrix) for o in recipe.outputs] == [
+        ("gguf-Q4_K_M", True), ("gguf-Q8_0", False), ("gguf-F16", False), ("gguf-Q4_0-noimatrix", False),
+        ("gguf-F32-imatrix", True), ("gguf-Q6_K", True)]
 
 
 def test_long_form_output_options(tmp_path):

@@ -37,7 +37,7 @@ def checkpoints(root: Path) -> dict[str, float]:
 
 
 def gguf_digest(root: Path) -> str:
-    (path,) = (root / "out").glob("*.gguf")
+    (path,) = (p for p in (root / "out").glob("*.gguf") if not p.name.endswith(".imatrix.gguf"))
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 

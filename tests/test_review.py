@@ -28,7 +28,10 @@ def git(root: Path, *args: str) -> None:
 def project(tmp_path: Path) -> Path:
     """A checkout whose main holds demo.yaml and a child of it; the working tree then edits the parent."""
     (tmp_path / "recipes").mkdir()
-    demo = (REPO / "recipes" / "demo.yaml").read_text()
+    demo = (REPO / "recipes" / "demo.yaml").read_text().replace(  # rtn without importance matrices reads no statistics
+        "  - gguf: Q4_0\n  - gguf: Q4_1\n",
+        "  - {format: gguf, type: Q4_0, imatrix: false}\n  - {format: gguf, type: Q4_1, imatrix: false}\n")
+    assert "imatrix: false" in demo
     (tmp_path / "recipes" / "demo.yaml").write_text(demo)
     (tmp_path / "recipes" / "demo-q8.yaml").write_text(CHILD)
     (tmp_path / "recipes" / "gone.yaml").write_text(demo.replace("name: demo", "name: gone"))
@@ -63,7 +66,7 @@ def test_plan_base_reports_fields_stages_memory_sizes_and_gates(project: Path, c
     memory = {s["stage"]: s["peak_memory_bytes"] for s in demo["stages"]}
     assert memory["calibrate"] == 0 and memory["quantize"] > 0 and memory["validate"] > 0  # rtn gathers no statistics
     assert demo["peak_rss_bytes"] > max(memory.values())
-    assert sorted(demo["outputs"]) == ["gguf-Q4_0", "gguf-Q4_1", "gguf-Q8_0"]
+    assert sorted(demo["outputs"]) == ["gguf-Q4_0-noimatrix", "gguf-Q4_1-noimatrix", "gguf-Q8_0"]
     assert 8 < demo["outputs"]["gguf-Q8_0"]["bits_per_weight"] < 11
     assert demo["gates"] == {"max_kl": 0.25, "min_top1": 0.5}
     child = by_path["recipes/demo-q8.yaml"]  # unchanged file, changed parent: extends is resolved

@@ -21,14 +21,14 @@ from typing import Any, Callable, Iterator, Literal
 
 import gguf
 import numpy as np
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, model_validator
 
 from quantfab.tasks.activations import MeasuredScales
 from quantfab.kernels.gguf_blocks import pack_gguf, verify_gguf
 from quantfab.kernels.verdict import Verdict
 from quantfab.tasks.convert.gguf_layouts import METADATA, SPLITS, split_of
 from quantfab.tasks.convert.gguf_types import DEFAULT_TYPE, ModelFacts, TypeChoice, choose_types
-from quantfab.tasks.convert.imatrix import Importance, write_imatrix
+from quantfab.tasks.convert.imatrix import Importance, ImportanceFile, write_imatrix
 from quantfab.tasks.errors import UserError
 from quantfab.tasks.manifests import IMATRIX_FILE
 from quantfab.tasks.families import GGUFArch, family
@@ -45,6 +45,7 @@ F32_ROUTERS = "ffn_gate_inp.weight"  # llama.cpp's converter writes routers F32 
 SIMPLE_TYPES = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1")  # blocks of 32: what explicit bits/symmetric pick from
 FileType = Literal["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_K_S", "Q4_K_M",
                    "Q5_K_S", "Q5_K_M", "Q6_K", "F16", "F32"]
+UNWEIGHTED = ("Q8_0", "F16", "F32")  # file types whose codes an importance matrix leaves alone: imatrix off by default
 
 
 class GGUFOptions(BaseModel):
@@ -55,11 +56,21 @@ class GGUFOptions(BaseModel):
     type: FileType
     pure: bool = False  # every quantized tensor of the type itself, as llama-quantize --pure
     float_type: Literal["F16", "F32"] = "F16"
-    imatrix: bool = False  # ship llama.cpp's importance matrix of the calibration inputs beside the file
+    imatrix: bool = True  # quantize with llama.cpp's importance matrix of the calibration inputs and ship it beside
+    # the file; unless given, on for every type but Q8_0, F16 and F32
+
+    @model_validator(mode="before")
+    @classmethod
+    def _imatrix_by_type(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("imatrix") is None:
+            return {**data, "imatrix": data.get("type") not in UNWEIGHTED}
+        return data
 
     @property
     def key(self) -> str:
-        return f"gguf-{self.type}" + ("-pure" if self.pure else "") + ("-imatrix" if self.imatrix else "")
+        default = self.type not in UNWEIGHTED
+        return (f"gguf-{self.type}" + ("-pure" if self.pure else "")
+                + ("" if self.imatrix == default else "-imatrix" if self.imatrix else "-noimatrix"))
 
 
 @dataclass(frozen=True)
@@ -147,7 +158,7 @@ class GGUFFormat:
         return self.output_name(options, name).removesuffix(".gguf") + IMATRIX_FILE
 
     def write_importance(self, path: Path, config, tensors: dict[str, TensorInfo], importance: Importance, dataset: str,
-                         chunk_size: int, chunks: int) -> None:
+                         chunk_size: int, chunks: int) -> ImportanceFile:
         """llama.cpp's imatrix file of ``importance`` under the file's tensor names (an expert set's experts as the
         rows of its stacked tensor). A tensor the file holds split in parts has none: llama-quantize quantizes
         it without, as it does the embedding and the head."""
@@ -157,6 +168,7 @@ class GGUFFormat:
                 rows.setdefault(gguf_name, {})[expert or 0] = importance[hf_name]
         write_imatrix(path, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH[gguf_arch(config).arch]],
                       {n: [r[e] for e in sorted(r)] for n, r in rows.items()}, dataset, chunk_size, chunks)
+        return ImportanceFile(path.name, dataset, len(rows), chunks)
 
     def stores_codes(self, options: GGUFOptions) -> bool:
         return options.type in DEFAULT_TYPE
@@ -212,12 +224,19 @@ class GGUFFormat:
         return out
 
     def write(self, path: Path, options: GGUFOptions, model: ModelDir, planned: list[PlannedTensor],
-              tensor_data: Callable[[PlannedTensor], np.ndarray], name: str) -> None:
-        """Stream the file: metadata and tensor infos first, then each tensor's bytes in order."""
+              tensor_data: Callable[[PlannedTensor], np.ndarray], name: str,
+              importance: ImportanceFile | None = None) -> None:
+        """Stream the file: metadata and tensor infos first, then each tensor's bytes in order. A file quantized
+        with an ``importance`` matrix says so in llama-quantize --imatrix's keys."""
         config = model.config()
         arch = gguf_arch(config)
         writer = gguf.GGUFWriter(str(path), gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH[arch.arch]])
         _add_metadata(writer, config, options, name, arch)
+        if importance is not None and self.stores_codes(options):
+            writer.add_string("quantize.imatrix.file", importance.file)
+            writer.add_string("quantize.imatrix.dataset", importance.dataset)
+            writer.add_uint32("quantize.imatrix.entries_count", importance.entries)
+            writer.add_uint32("quantize.imatrix.chunks_count", importance.chunks)
         _add_tokenizer(writer, model.path, int(config.vocab_size))
         for t in planned:
             if t.expert not in (None, 0):
@@ -275,7 +294,7 @@ SPLIT_PRESET = "split"  # presets' value for a tensor the file holds split (gguf
 def _types(options: GGUFOptions, config, listed: list[FileTensor]) -> dict[str, TypeChoice]:
     """GGUF name -> llama-quantize's type for it (None: float), an expert set or split part once, in file order."""
     stacked = list({g: shape for _, g, _, _, shape, _ in listed}.items())
-    return choose_types(options.type, stacked, ModelFacts.of(config), options.pure)
+    return choose_types(options.type, stacked, ModelFacts.of(config), options.pure, options.imatrix)
 
 
 def _presets(options: GGUFOptions, listed: list[FileTensor], types: dict[str, TypeChoice]) -> dict[str, str | None]:

@@ -1,11 +1,12 @@
 """Which GGML type each tensor of a GGUF gets: llama-quantize's rules (llama_tensor_get_type in llama.cpp's
-src/llama-quant.cpp) for the file types quantfab writes, on a dense Llama without an importance matrix.
+src/llama-quant.cpp) for the file types quantfab writes.
 
 A file type names a default type and a mix: Q4_K_M raises attn_v and ffn_down to Q6_K in the layers
 ``use_more_bits`` picks, the output head (or a tied embedding) goes to Q6_K, and so on. Counters run in
 file order, as llama.cpp's do. A tensor whose rows do not divide by its type's block falls back as
 llama.cpp falls back (Q4_K -> Q5_0, Q6_K -> Q8_0, ...), and to the float type if even that does not fit.
-``pure`` keeps the default type everywhere (llama-quantize --pure), fallbacks aside.
+``pure`` keeps the default type everywhere (llama-quantize --pure), fallbacks aside. With an importance matrix
+Q4_0 and Q5_0 raise the first eighth of ffn_down to Q4_1 and Q5_1, as llama-quantize --imatrix does.
 """
 
 from __future__ import annotations
@@ -72,11 +73,12 @@ def use_more_bits(i_layer: int, n_layers: int) -> bool:
 
 
 def choose_types(file_type: str, tensors: list[tuple[str, tuple[int, ...]]], facts: ModelFacts,
-                 pure: bool) -> dict[str, TypeChoice]:
+                 pure: bool, importance: bool = False) -> dict[str, TypeChoice]:
     """GGUF name -> its GGML type for every tensor (None for those llama-quantize leaves in float), with
     the fallback that moved it off the mix's type, if one did.
 
-    ``tensors`` are (GGUF name, HF shape (rows, cols)) in file order.
+    ``tensors`` are (GGUF name, HF shape (rows, cols)) in file order; ``importance``: the file is quantized with an
+    importance matrix.
     """
     default = DEFAULT_TYPE[file_type]
     tied = not any(name == "output.weight" for name, _ in tensors)
@@ -107,7 +109,7 @@ def choose_types(file_type: str, tensors: list[tuple[str, tuple[int, ...]]], fac
                 # with experts llama.cpp reads the layer off the name ("experts are not consecutive"), over the
                 # count of ffn_down tensors
                 i, n = (int(name.split(".")[1]), n_ffn_down) if facts.n_expert > 1 else (i_ffn_down, facts.n_layers)
-                new = _ffn_down(file_type, new, i, n)
+                new = _ffn_down(file_type, new, i, n, importance)
                 i_ffn_down += 1
             elif "attn_output.weight" in name:
                 if facts.n_expert == 8:
@@ -136,7 +138,7 @@ def _attn_v(file_type: str, new: str, i: int, n: int, facts: ModelFacts) -> str:
     return new
 
 
-def _ffn_down(file_type: str, new: str, i: int, n: int) -> str:
+def _ffn_down(file_type: str, new: str, i: int, n: int, importance: bool) -> str:
     if file_type == "Q2_K":
         return "Q3_K"
     if file_type == "Q3_K_M":
@@ -147,6 +149,8 @@ def _ffn_down(file_type: str, new: str, i: int, n: int) -> str:
         return "Q6_K"
     if file_type == "Q4_K_S" and i < n // 8:
         return "Q5_K"
+    if file_type in ("Q4_0", "Q5_0") and importance and i < n // 8:
+        return {"Q4_0": "Q4_1", "Q5_0": "Q5_1"}[file_type]  # "guard against craziness in the first few ffn_down"
     return new
 
 

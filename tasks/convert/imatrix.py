@@ -13,6 +13,7 @@ listed (the output head is not: llama-imatrix leaves it out unless --process-out
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import gguf
@@ -24,6 +25,16 @@ from quantfab.tasks.modelio import WeightIndex
 from quantfab.tasks.store import Store
 
 Importance = dict[str, tuple[np.ndarray, int]]  # checkpoint matrix name -> (sum of x^2 per input column, tokens)
+
+
+@dataclass(frozen=True)
+class ImportanceFile:
+    """What a GGUF file quantized with an importance matrix records of it (llama-quantize's quantize.imatrix.*)."""
+
+    file: str  # its name beside the model file
+    dataset: str  # the calibration source, redacted
+    entries: int  # tensors it holds rows for
+    chunks: int
 
 
 def importance(calibration: CalibrationManifest, weights: WeightIndex, store: Store) -> Importance:

@@ -97,11 +97,13 @@ def convert_output(job: OutputJob) -> FormatFile:
     out_name = fmt.output_name(o, job.name)
     work.mkdir()
     try:
-        fmt.write(work / out_name, o, model_dir, planned, tensor_data, job.name)
+        shipped = _write_importance(work, fmt, o, job, config, weights) if fmt.ships_importance(o) else None
+        fmt.write(work / out_name, o, model_dir, planned, tensor_data, job.name,
+                  **({"importance": shipped} if shipped else {}))
         verification = verify_output(fmt, fmt.reader(work / out_name, config), planned, codes)
         blobs = _put_tree(work, work / out_name, store)
-        if fmt.ships_importance(o):
-            blobs |= _put_tree(work, _write_importance(work, fmt, o, job, config, weights), store)
+        if shipped:
+            blobs |= _put_tree(work, work / shipped.file, store)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     types: dict[str, int] = {}
@@ -116,7 +118,8 @@ def convert_output(job: OutputJob) -> FormatFile:
                       nominal_bits_per_weight=round((weight_bytes(blobs) - added) * 8 / job.model.parameters, 4), verification=verification)
 
 
-def _write_importance(work: Path, fmt: Any, o: Any, job: OutputJob, config: Any, weights: Any) -> Path:
+def _write_importance(work: Path, fmt: Any, o: Any, job: OutputJob, config: Any, weights: Any) -> Any:
+    """Write the output's importance matrix into ``work``; what the format records of it (ImportanceFile)."""
     cal = job.calibration
     if cal is None or not cal.stats:
         raise RuntimeError(f"{o.key}: ships an importance matrix but the calibration holds no statistics: "
@@ -125,8 +128,8 @@ def _write_importance(work: Path, fmt: Any, o: Any, job: OutputJob, config: Any,
     with safe_open(str(store.local_path(cal.tokens)), framework="np") as f:
         samples, seq_len = f.get_slice("input_ids").get_shape()
     path = work / fmt.importance_name(o, job.name)
-    fmt.write_importance(path, config, weights.tensors, importance(cal, weights, store), cal.source, seq_len, samples)
-    return path
+    return fmt.write_importance(path, config, weights.tensors, importance(cal, weights, store), cal.source, seq_len,
+                                samples)
 
 
 def verify_output(fmt: Any, written: Any, planned: list, codes: Callable[[Any], tuple[Grid, Encoded] | None]) -> Verification:

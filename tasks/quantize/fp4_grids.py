@@ -89,7 +89,7 @@ class NVFP4Grid(Grid):
             raise RuntimeError("NVFP4: finalize needs the grid bound to its tensor's global scale (bind)")
         return Encoded(enc.codes, enc.d, None, {"global_scale": np.array([self.global_scale], np.float32)})
 
-    def reference(self, w: np.ndarray) -> Encoded:
+    def reference(self, w: np.ndarray, importance: np.ndarray | None = None) -> Encoded:
         grid = self if self.global_scale is not None else self.bind([w])
         d, _ = grid.scale_candidates(w, 1.0)
         return grid.finalize(Encoded(grid.encode(w, d, None), d, None))

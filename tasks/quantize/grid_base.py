@@ -43,17 +43,19 @@ class GridRequest:
 REFERENCE_ELEMENTS = 1 << 22  # weights ``reference_by_rows`` encodes at once (a search's temporaries are ~10x)
 
 
-def reference_by_rows(grid: "Grid", w: np.ndarray, elements: int = REFERENCE_ELEMENTS) -> Encoded:
-    """``grid.reference(w)`` a slice of rows at a time, so a search's temporaries scale with the slice, not with an
-    embedding of 128k rows or a 70B MLP. Scales are per block within a row, so the codes are the same; a grid whose
-    ``finalize`` spans rows (NF4's nested absmax) is encoded whole; slices of a grid whose scales span rows hold
-    whole row blocks."""
+def reference_by_rows(grid: "Grid", w: np.ndarray, importance: np.ndarray | None = None,
+                      elements: int = REFERENCE_ELEMENTS) -> Encoded:
+    """``grid.reference(w, importance)`` a slice of rows at a time, so a search's temporaries scale with the slice,
+    not with an embedding of 128k rows or a 70B MLP. Scales are per block within a row, so the codes are the same
+    (and the stored fields in ``extra``, rows first); a grid whose ``finalize`` spans rows (NF4's nested absmax) is
+    encoded whole; slices of a grid whose scales span rows hold whole row blocks."""
     rows = max(grid.row_span, elements // w.shape[1] // grid.row_span * grid.row_span)
     if rows >= w.shape[0] or type(grid).finalize is not Grid.finalize:
-        return grid.reference(w)
-    parts = [grid.reference(w[s:s + rows]) for s in range(0, w.shape[0], rows)]
+        return grid.reference(w, importance)
+    parts = [grid.reference(w[s:s + rows], importance) for s in range(0, w.shape[0], rows)]
     m = None if parts[0].m is None else np.concatenate([p.m for p in parts])
-    return Encoded(np.concatenate([p.codes for p in parts]), np.concatenate([p.d for p in parts]), m)
+    extra = {k: np.concatenate([p.extra[k] for p in parts]) for k in parts[0].extra}
+    return Encoded(np.concatenate([p.codes for p in parts]), np.concatenate([p.d for p in parts]), m, extra)
 
 
 class Grid:
@@ -79,8 +81,11 @@ class Grid:
         rows, cols = w.shape
         return w.reshape(rows, cols // self.block, self.block)
 
-    def reference(self, w: np.ndarray) -> Encoded:
-        """Round-to-nearest codes with the reference scale rule of this grid's home ecosystem."""
+    def reference(self, w: np.ndarray, importance: np.ndarray | None = None) -> Encoded:
+        """Round-to-nearest codes with the reference scale rule of this grid's home ecosystem. ``importance``: per
+        input column, the mean squared input on the calibration set (llama.cpp's importance matrix); a grid whose
+        home ecosystem weighs its rounding error by one (GGUF's but Q8_0) chooses its codes with it, the others
+        ignore it."""
         d, m = self.scale_candidates(w, 1.0)
         return self.finalize(Encoded(self.encode(w, d, m), d, m))
 

@@ -17,7 +17,8 @@ from quantfab.tasks.quantize.grid_base import (AsymmetricGrid, Encoded, Grid, Gr
                                                inverse_or_zero)
 from quantfab.tasks.quantize.float_grids import FP8BlockGrid, FP8ChannelGrid, FP8Grid
 from quantfab.tasks.quantize.fp4_grids import MXFP4Grid, NVFP4Grid
-from quantfab.tasks.quantize.kquants import K_GRIDS
+from quantfab.tasks.quantize.kquants import (K_GRIDS, WEIGHTED_SEARCH, importance_weights, row_sums_of_squares,
+                                             search)
 from quantfab.tasks.lazy import lazy
 
 torch = lazy("torch")
@@ -33,7 +34,7 @@ class Q8_0(SymmetricGrid):
     def scale_candidates(self, w: np.ndarray, ratio: float) -> tuple[np.ndarray, np.ndarray | None]:
         return self.store_scale(np.abs(self.blocks(w)).max(axis=-1) * ratio / 127), None
 
-    def reference(self, w: np.ndarray) -> Encoded:
+    def reference(self, w: np.ndarray, importance: np.ndarray | None = None) -> Encoded:
         d = (np.abs(self.blocks(w)).max(axis=-1) / np.float32(127)).astype(np.float32)
         # llama.cpp encodes with the fp32 scale and stores it as fp16.
         return Encoded(self.encode(w, d, None), self.store_scale(d), None)
@@ -57,9 +58,20 @@ class SignedMaxGrid(SymmetricGrid):
         q = np.floor(x * inverse_or_zero(d) + np.float32(0.5 - self.qmin))
         return (np.clip(q, 0, self.qmax - self.qmin) + self.qmin).astype(np.int8)
 
-    def reference(self, w: np.ndarray) -> Encoded:
+    def reference(self, w: np.ndarray, importance: np.ndarray | None = None) -> Encoded:
+        if importance is not None:
+            return self.weighted(w, importance)
         d = (self._signed_max(w) / np.float32(self.qmin)).astype(np.float32)
         return Encoded(self.encode(w, d, None), self.store_scale(d), None)
+
+    def weighted(self, w: np.ndarray, importance: np.ndarray) -> Encoded:
+        """quantize_row_q{4,5}_0_impl: each block's scale fitted to the importance-weighted error (make_qx_quants),
+        its codes the search's."""
+        x = w.reshape(-1, self.block).astype(np.float32)
+        sigma2 = np.repeat(row_sums_of_squares(w) / np.float32(w.shape[1]), w.shape[1] // self.block)
+        scale, codes = search.search_signed_scale(x, importance_weights(x, importance, sigma2), -self.qmin)
+        return Encoded((codes + self.qmin).reshape(w.shape).astype(np.int8),
+                       self.store_scale(scale).reshape(w.shape[0], -1), None)
 
 
 class Q4_0(SignedMaxGrid):
@@ -75,12 +87,25 @@ class MinMaxGrid(AsymmetricGrid):
 
     block = 32
 
-    def reference(self, w: np.ndarray) -> Encoded:
+    def reference(self, w: np.ndarray, importance: np.ndarray | None = None) -> Encoded:
+        if importance is not None:
+            return self.weighted(w, importance)
         b = self.blocks(w)
         lo = b.min(axis=-1)
         d = ((b.max(axis=-1) - lo) / np.float32(self.qmax)).astype(np.float32)
         # llama.cpp encodes with fp32 d and min, then stores both as fp16.
         return Encoded(self.encode(w, d, lo), self.store_scale(d), self.store_scale(lo))
+
+    def weighted(self, w: np.ndarray, importance: np.ndarray) -> Encoded:
+        """quantize_row_q{4,5}_1_impl: each block's scale and min fitted to the importance-weighted error
+        (make_qkx3_quants), its codes the search's."""
+        x = w.reshape(-1, self.block).astype(np.float32)
+        sigma2 = np.repeat(row_sums_of_squares(w) / np.float32(w.shape[1]), w.shape[1] // self.block)
+        scale, mins, codes = search.search_min_scale(x, importance_weights(x, importance, sigma2), self.qmax,
+                                                     *WEIGHTED_SEARCH)
+        blocks = (w.shape[0], w.shape[1] // self.block)
+        return Encoded(codes.reshape(w.shape).astype(np.int8), self.store_scale(scale).reshape(blocks),
+                       self.store_scale(-mins).reshape(blocks))
 
 
 class Q4_1(MinMaxGrid):

@@ -4,13 +4,16 @@ fp16 scale (and min) per super-block.
 A K grid's ``block`` is its sub-block (16 or 32) and its ``span`` the super-block: ``Encoded.d`` holds each
 sub-block's effective scale, fp16(d) * sc, and ``Encoded.m`` minus its effective min, -(fp16(dmin) * m), so
 decoding is the d * q + m every grid shares and equals gguf-py's dequantize bit for bit. ``split`` recovers
-the stored integers: the sub-block with the largest scale always holds the extreme integer.
+the stored integers where the scale rule maps the largest scale to the extreme integer (the reference rule,
+GPTQ's and AWQ's); the importance-weighted rule searches the super-block scale too, so its ``Encoded.extra``
+holds the stored fields themselves (``stored_fields`` reads either).
 
 ``reference`` is llama.cpp's quantize_row_q*_K_ref ported op for op in float32: sums accumulate in
 element order, nearest_int rounds half to even, and it divides where llama.cpp divides, so rtn writes
-the bytes llama-quantize writes. ``scale_candidates`` (what GPTQ, AWQ and the clip searches use) starts
-from each sub-block's range instead, then quantizes the sub-block scales to the super-block exactly as
-the reference does.
+the bytes llama-quantize writes. Given an importance per input column (llama.cpp's imatrix), it is
+quantize_row_q*_K_impl instead, as llama-quantize --imatrix runs it. ``scale_candidates`` (what GPTQ, AWQ and
+the clip searches use) starts from each sub-block's range instead, then quantizes the sub-block scales to the
+super-block exactly as the reference does.
 """
 
 from __future__ import annotations
@@ -28,8 +31,20 @@ SUPER = 256
 
 
 def nearest_int(x: np.ndarray) -> np.ndarray:
-    """llama.cpp's nearest_int (the 1.5 * 2**23 trick): round half to even."""
-    return np.rint(x).astype(np.int32)
+    """llama.cpp's nearest_int, the same 1.5 * 2**23 trick: round half to even within +-4194303 (all that its
+    callers should pass), and the same integer as llama.cpp's outside."""
+    shifted = np.empty(np.shape(x), F)
+    np.add(x, F(12582912), out=shifted, dtype=F)
+    bits = shifted.view(np.int32)
+    np.bitwise_and(bits, 0x007FFFFF, out=bits)
+    bits -= 0x00400000
+    return bits
+
+
+def _in_range(x: np.ndarray) -> np.ndarray:
+    """Values nearest_int rounds right, the others clipped into its range: codes a method (GPTQ's error feedback)
+    pushes far past a block's range come out clipped, where llama.cpp's own scales never get there."""
+    return np.clip(x, F(-4194303), F(4194303))
 
 
 def _fp16(x: np.ndarray) -> np.ndarray:
@@ -43,6 +58,29 @@ def _safe(x: np.ndarray) -> np.ndarray:
 def _columns(x: np.ndarray) -> np.ndarray:
     """(rows, n) -> contiguous (n, rows): the element-order loops below walk columns, which is fast this way."""
     return np.ascontiguousarray(x.T, dtype=F)
+
+
+def row_sums(x: np.ndarray) -> np.ndarray:
+    """Each row's sum in element order, as llama.cpp's loops add."""
+    total = np.zeros(len(x), F)
+    for column in _columns(x):
+        total = total + column
+    return total
+
+
+def row_sums_of_squares(x: np.ndarray) -> np.ndarray:
+    """Each row's sum of x * x in element order."""
+    total = np.zeros(len(x), F)
+    for column in _columns(x):
+        total = total + column * column
+    return total
+
+
+def importance_weights(x: np.ndarray, importance: np.ndarray, sigma2: np.ndarray) -> np.ndarray:
+    """llama.cpp's weights under an importance matrix, qw * sqrt(sigma2 + x^2), for blocks ``x`` (rows of one block,
+    in memory order) of a tensor whose columns have ``importance``; ``sigma2`` per block."""
+    qw = np.tile(importance.astype(F).reshape(-1, x.shape[1]), (len(x) * x.shape[1] // importance.size, 1))
+    return (qw * np.sqrt(sigma2[:, None] + x * x)).astype(F)
 
 
 def search_min_scale_reference(x: np.ndarray, weights: np.ndarray, nmax: int, rmin: float, rdelta: float, nstep: int,
@@ -106,27 +144,28 @@ def _signed_extreme(x: np.ndarray) -> np.ndarray:
     return np.take_along_axis(x, np.abs(x).argmax(axis=1)[:, None], axis=1)[:, 0]
 
 
-def _weighted_sums(xc: np.ndarray, qc: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """sum w*x*l and sum w*l*l with w = x*x, in element order, over columns (n, rows)."""
+def _weighted_sums(xc: np.ndarray, wc: np.ndarray, qc: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """sum w*x*l and sum w*l*l, in element order, over columns (n, rows)."""
     sumlx = np.zeros(xc.shape[1], F)
     suml2 = np.zeros(xc.shape[1], F)
     for i in range(len(xc)):
-        w, l = xc[i] * xc[i], qc[i].astype(F)
+        w, l = wc[i], qc[i].astype(F)
         sumlx = sumlx + w * xc[i] * l
         suml2 = suml2 + w * l * l
     return sumlx, suml2
 
 
-def search_signed_scale_reference(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
-    """make_qx_quants(n, nmax, x, L, rmse_type=1, NULL) per row: (scale, codes in [0, 2 nmax))."""
+def search_signed_scale_reference(x: np.ndarray, weights: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
+    """make_qx_quants(n, nmax, x, L, rmse_type=1, weights) per row: (scale, codes in [0, 2 nmax)). llama.cpp's
+    weights without an importance matrix are x * x."""
     extreme = _signed_extreme(x)
     zero = np.abs(extreme) < GROUP_MAX_EPS
     extreme = _safe(extreme)
-    xc = _columns(x)
+    xc, wc = _columns(x), _columns(weights)
 
     def trial(iscale: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         q = np.clip(nearest_int(iscale * xc), -nmax, nmax - 1)
-        sumlx, suml2 = _weighted_sums(xc, q)
+        sumlx, suml2 = _weighted_sums(xc, wc, q)
         return q, sumlx, suml2
 
     q, sumlx, suml2 = trial(-F(nmax) / extreme)
@@ -151,7 +190,7 @@ def search_q3_scale(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
     zero = np.abs(extreme) < GROUP_MAX_EPS
     xc = _columns(x)
     qc = np.clip(nearest_int(F(-nmax) / _safe(extreme) * xc), -nmax, nmax - 1)
-    sumlx, suml2 = _weighted_sums(xc, qc)
+    sumlx, suml2 = _weighted_sums(xc, xc * xc, qc)
     active = np.ones(len(x), bool)
     for _ in range(5):
         changed = np.zeros(len(x), bool)
@@ -173,6 +212,55 @@ def search_q3_scale(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
         active &= changed
     scale = np.where(suml2 > 0, sumlx / _safe(suml2), F(0)).astype(F)
     return np.where(zero, F(0), scale).astype(F), np.where(zero, 0, qc + nmax).T
+
+
+def search_positive_scale_reference(x: np.ndarray, weights: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
+    """make_qp_quants(n, nmax, x, L, weights) per row: one scale for non-negative values (a super-block's sub-block
+    scales or mins) and their integers in [0, nmax], fitted by weighted least squares: (scale, integers)."""
+    n = x.shape[1]
+    xc, wc = _columns(x), _columns(weights)
+    top = np.zeros(len(x), F)
+    for column in xc:
+        top = np.where(top > column, top, column).astype(F)  # MAX(max, x[i])
+    zero = top < GROUP_MAX_EPS
+    top = np.where(zero, F(1), top).astype(F)
+
+    def error(scale: np.ndarray, q: np.ndarray) -> np.ndarray:
+        total = np.zeros(len(x), F)
+        for i in range(n):
+            diff = xc[i] - scale * q[i].astype(F)
+            total = total + wc[i] * diff * diff
+        return total
+
+    iscale = F(nmax) / top
+    best = error(F(1) / iscale, nearest_int(iscale * xc))
+    for step in (-4, -3, -2, -1, 1, 2, 3, 4):
+        trial = (F(0.1) * F(step) + F(nmax)) / top
+        current = error(F(1) / trial, np.minimum(nmax, nearest_int(trial * xc)))
+        better = current < best
+        best = np.where(better, current, best).astype(F)
+        iscale = np.where(better, trial, iscale).astype(F)
+    q = np.minimum(nmax, nearest_int(iscale * xc))
+    sumlx, suml2 = _weighted_sums(xc, wc, q)
+    for _ in range(5):  # llama.cpp stops at a round that changes nothing: the rounds after it would change nothing
+        for i in range(n):
+            w, xi, li = wc[i], xc[i], q[i].astype(F)
+            slx = sumlx - w * xi * li
+            sl2 = suml2 - w * li * li
+            fits = (slx > 0) & (sl2 > 0)
+            new = np.minimum(nmax, nearest_int(xi * sl2 / np.where(fits, slx, F(1))))
+            nf = new.astype(F)
+            slx_new = slx + w * xi * nf
+            sl2_new = sl2 + w * nf * nf
+            take = fits & (new != q[i]) & (slx_new * slx_new * suml2 > sumlx * sumlx * sl2_new)
+            q[i] = np.where(take, new, q[i])
+            sumlx = np.where(take, slx_new, sumlx).astype(F)
+            suml2 = np.where(take, sl2_new, suml2).astype(F)
+    scale = np.where(suml2 > 0, sumlx / _safe(suml2), F(0)).astype(F)
+    return np.where(zero, F(0), scale).astype(F), np.ascontiguousarray(np.where(zero, 0, q).T)
+
+
+WEIGHTED_SEARCH = (-0.9, 0.05, 36, False)  # make_qkx3_quants' rmin, rdelta, nstep, use_mad in every *_impl
 
 
 class KGrid(Grid):
@@ -197,14 +285,27 @@ class KGrid(Grid):
         q = self.encode_values(x, d[:, None], None if m is None else m[:, None])
         return np.where(d[:, None] == 0, fallback, q)
 
-    def finish(self, w: np.ndarray, codes: np.ndarray, d: np.ndarray, m: np.ndarray | None) -> Encoded:
+    def finish(self, w: np.ndarray, codes: np.ndarray, d: np.ndarray, m: np.ndarray | None,
+               stored: dict[str, np.ndarray] | None = None) -> Encoded:
         rows, cols = w.shape
         shape = (rows, cols // self.block)
-        return Encoded(codes.reshape(w.shape).astype(np.int8), d.reshape(shape), None if m is None else m.reshape(shape))
+        return Encoded(codes.reshape(w.shape).astype(np.int8), d.reshape(shape), None if m is None else m.reshape(shape),
+                       stored or {})
 
     def split(self, d: np.ndarray, m: np.ndarray | None) -> dict[str, np.ndarray]:
         """The stored fields of every super-block (rows * super-blocks first) from effective scales and mins."""
         raise NotImplementedError
+
+    def stored_fields(self, enc: Encoded) -> dict[str, np.ndarray]:
+        """The stored fields of every super-block: those the scale search chose, or else ``split``'s."""
+        if enc.extra:
+            return enc.extra
+        return self.split(enc.d.reshape(-1), None if enc.m is None else enc.m.reshape(-1))
+
+    def super_sigma2(self, x: np.ndarray, factor: float) -> np.ndarray:
+        """Per sub-block, factor * (sum of x^2 over its super-block) / 256: the *_impl functions' sigma2."""
+        sums = row_sums_of_squares(x.reshape(-1, SUPER))
+        return np.repeat(F(factor) * sums / F(SUPER), SUPER // self.block)
 
 
 class MinKGrid(KGrid, AsymmetricGrid):
@@ -212,6 +313,7 @@ class MinKGrid(KGrid, AsymmetricGrid):
 
     levels: int  # the largest sub-block scale / min integer
     search: tuple[float, float, int, bool]  # make_qkx2_quants' rmin, rdelta, nstep, use_mad
+    sigma_factor: float  # sigma2 = sigma_factor * mean x^2 over the super-block, under an importance matrix
 
     def weights(self, x: np.ndarray) -> np.ndarray:
         raise NotImplementedError
@@ -229,12 +331,30 @@ class MinKGrid(KGrid, AsymmetricGrid):
         dmin = _fp16(max_min / F(self.levels))
         return (d[:, None] * sc.astype(F)).reshape(-1), (-(dmin[:, None] * mi.astype(F))).reshape(-1)
 
-    def reference(self, w: np.ndarray) -> Encoded:
+    def reference(self, w: np.ndarray, importance: np.ndarray | None = None) -> Encoded:
+        if importance is not None:
+            return self.weighted(w, importance)
         x = self.subblocks(w)
         rmin, rdelta, nstep, use_mad = self.search
         scales, mins, codes = search.search_min_scale(x, self.weights(x), self.qmax, rmin, rdelta, nstep, use_mad)
         d, m = self.quantize_scales(scales, mins)
         return self.finish(w, self.codes_for(x, d, m, codes), d, m)
+
+    def weighted(self, w: np.ndarray, importance: np.ndarray) -> Encoded:
+        """quantize_row_q{2,4,5}_K_impl: each sub-block's scale and min fitted to the importance-weighted error,
+        then the super-block's scale and min searched for those (make_qp_quants, weighted by each sub-block's
+        weight), where the reference maps the largest to the top integer."""
+        x = self.subblocks(w)
+        weights = importance_weights(x, importance, self.super_sigma2(x, self.sigma_factor))
+        scales, mins, codes = search.search_min_scale(x, weights, self.qmax, *WEIGHTED_SEARCH)
+        per_block = self.per_super(row_sums(weights))
+        d, sc = search_positive_scale_reference(self.per_super(scales), per_block, self.levels)
+        dmin, mi = search_positive_scale_reference(self.per_super(mins), per_block, self.levels)
+        d, dmin = _fp16(d), _fp16(dmin)
+        eff_d = (d[:, None] * sc.astype(F)).reshape(-1)
+        eff_m = (-(dmin[:, None] * mi.astype(F))).reshape(-1)
+        stored = {"d": d, "dmin": dmin, "scales": sc.astype(np.uint8), "mins": mi.astype(np.uint8)}
+        return self.finish(w, self.codes_for(x, eff_d, eff_m, codes), eff_d, eff_m, stored)
 
     def scale_candidates(self, w: np.ndarray, ratio: float) -> tuple[np.ndarray, np.ndarray | None]:
         x = self.subblocks(w)
@@ -245,7 +365,7 @@ class MinKGrid(KGrid, AsymmetricGrid):
 
     def encode_values(self, x: np.ndarray, d: np.ndarray, m: np.ndarray | None) -> np.ndarray:
         assert m is not None
-        q = nearest_int((x - m) / _safe(d))  # llama.cpp: (x + dmin * m) / d
+        q = nearest_int(_in_range((x - m) / _safe(d)))  # llama.cpp: (x + dmin * m) / d
         return np.where(d == 0, 0, np.clip(q, 0, self.qmax)).astype(np.int8)
 
     def split(self, d: np.ndarray, m: np.ndarray | None) -> dict[str, np.ndarray]:
@@ -260,6 +380,7 @@ class MinKGrid(KGrid, AsymmetricGrid):
 class Q2_K(MinKGrid):
     name, bits, block, qmax, levels = "Q2_K", 2, 16, 3, 15
     search = (-0.5, 0.1, 15, True)
+    sigma_factor = 1.0
 
     def weights(self, x: np.ndarray) -> np.ndarray:
         return np.abs(x)
@@ -269,11 +390,10 @@ class Q4_K(MinKGrid):
     name, bits, block, qmax, levels = "Q4_K", 4, 32, 15, 63
     search = (-1.0, 0.1, 20, False)
 
+    sigma_factor = 2.0
+
     def weights(self, x: np.ndarray) -> np.ndarray:
-        sum_x2 = np.zeros(len(x), F)
-        for column in _columns(x):
-            sum_x2 = sum_x2 + column * column
-        return (np.sqrt(sum_x2 / F(x.shape[1]))[:, None] + np.abs(x)).astype(F)
+        return (np.sqrt(row_sums_of_squares(x) / F(x.shape[1]))[:, None] + np.abs(x)).astype(F)
 
 
 class Q5_K(Q4_K):
@@ -291,6 +411,9 @@ class SignedKGrid(KGrid, SymmetricGrid):
     def search_scales(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         raise NotImplementedError
 
+    def weighted(self, w: np.ndarray, importance: np.ndarray) -> Encoded:
+        raise NotImplementedError
+
     def quantize_scales(self, scales: np.ndarray) -> np.ndarray:
         s = self.per_super(scales)
         top = _signed_extreme(s)
@@ -304,7 +427,9 @@ class SignedKGrid(KGrid, SymmetricGrid):
     def zero_super(self, top: np.ndarray) -> np.ndarray:
         return top == 0
 
-    def reference(self, w: np.ndarray) -> Encoded:
+    def reference(self, w: np.ndarray, importance: np.ndarray | None = None) -> Encoded:
+        if importance is not None:
+            return self.weighted(w, importance)
         x = self.subblocks(w)
         scales, codes = self.search_scales(x)
         d = self.quantize_scales(scales)
@@ -316,7 +441,7 @@ class SignedKGrid(KGrid, SymmetricGrid):
         return d.reshape(w.shape[0], w.shape[1] // self.block), None
 
     def encode_values(self, x: np.ndarray, d: np.ndarray, m: np.ndarray | None) -> np.ndarray:
-        q = nearest_int(x / _safe(d))
+        q = nearest_int(_in_range(x / _safe(d)))
         return np.where(d == 0, 0, np.clip(q, self.qmin, self.qmax)).astype(np.int8)
 
     def split(self, d: np.ndarray, m: np.ndarray | None) -> dict[str, np.ndarray]:
@@ -334,13 +459,34 @@ class Q3_K(SignedKGrid):
     def search_scales(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return search_q3_scale(x, 4)
 
+    def weighted(self, w: np.ndarray, importance: np.ndarray) -> Encoded:
+        """quantize_row_q3_K_impl: sub-block scales fitted to the importance-weighted error (make_qx_quants),
+        then the super-block scale and the 6-bit integers fitted to them, weighted by each sub-block's weight."""
+        x = self.subblocks(w)
+        weights = importance_weights(x, importance, self.super_sigma2(x, 2.0))
+        scales, codes = search.search_signed_scale(x, weights, -self.qmin)
+        d, sc = search.search_signed_scale(self.per_super(scales), self.per_super(row_sums(weights)), -self.scale_min)
+        d = _fp16(d)
+        sc = (sc + self.scale_min).astype(np.int8)  # [0, 64) -> [-32, 32)
+        eff = (d[:, None] * sc.astype(F)).reshape(-1)
+        return self.finish(w, self.codes_for(x, eff, None, codes + self.qmin), eff, None, {"d": d, "scales": sc})
+
 
 class Q6_K(SignedKGrid):
     name, bits, block, qmin, qmax = "Q6_K", 6, 16, -32, 31
     scale_min, scale_max, zero_scale = -128, 127, 0
 
-    def search_scales(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        return search.search_signed_scale(x, 32)
+    def search_scales(self, x: np.ndarray, weights: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        return search.search_signed_scale(x, x * x if weights is None else weights, 32)
+
+    def weighted(self, w: np.ndarray, importance: np.ndarray) -> Encoded:
+        """quantize_row_q6_K_impl: sub-block scales fitted with the importance itself as weights; the super-block
+        scale as without."""
+        x = self.subblocks(w)
+        qw = np.tile(importance.astype(F).reshape(-1, self.block), (w.shape[0], 1))
+        scales, codes = self.search_scales(x, qw)
+        d = self.quantize_scales(scales)
+        return self.finish(w, self.codes_for(x, d, None, codes + self.qmin), d, None)
 
     def zero_super(self, top: np.ndarray) -> np.ndarray:
         return np.abs(top) < GROUP_MAX_EPS

@@ -71,9 +71,10 @@ class PerModule:
     reads_inputs = True  # False: quantizes from the weights alone (the inputs serve only the module report)
     stepwise = True  # its Linears reading one input depend on nothing else: a layer can be fitted input by input
 
-    def __init__(self, spec: Any = None, device: torch.device = CPU):
+    def __init__(self, spec: Any = None, device: torch.device = CPU, importance: bool = False):
         self.spec = spec  # the recipe's QuantizeSpec, for methods with options
         self.device = device  # where a method runs its heavy linear algebra (grids' rules stay NumPy, on the CPU)
+        self.importance = importance  # the output quantizes with an importance matrix where its grids' rules take one
 
     def quantize(self, w: np.ndarray, grid: Grid, stats: InputStats) -> Encoded:
         raise NotImplementedError

@@ -34,6 +34,7 @@ def write_layer_file(path: Path, encoded: dict[str, Encoded], floats: dict[str, 
             tensors[f"{name}.m"] = enc.m
         for k, v in enc.extra.items():
             tensors[f"{name}.x.{k}"] = v
+    tensors = {k: np.ascontiguousarray(v) for k, v in tensors.items()}  # safetensors stores a view's buffer as is
     for name, value in floats.items():
         tensors[FLOAT + name] = np.ascontiguousarray(value, dtype=np.float32)
     save_file(tensors, str(path), metadata={"modules": json.dumps([r.model_dump() for r in reports])})

@@ -1,4 +1,5 @@
-"""rtn: round to nearest with the grid's reference scale rule (llama.cpp's own rule on GGUF grids)."""
+"""rtn: round to nearest with the grid's reference scale rule (llama.cpp's own rule on GGUF grids; with an importance
+matrix, llama-quantize --imatrix's: the calibration's mean squared input per column weighs each rounding error)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,11 @@ class RoundToNearest(PerModule):
     reads_inputs = False
 
     def quantize(self, w: np.ndarray, grid: Grid, stats: InputStats | None) -> Encoded:
-        return reference_by_rows(grid, w)
+        if not self.importance:
+            return reference_by_rows(grid, w)
+        if stats is None:
+            raise RuntimeError("rtn with an importance matrix got no statistics: reads_statistics decided otherwise")
+        return reference_by_rows(grid, w, stats.importance())
 
 
 class NormalFloat4(RoundToNearest):

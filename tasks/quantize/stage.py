@@ -62,23 +62,25 @@ def quantize(model: ModelManifest, calibration: CalibrationManifest, quant: Any,
         plans = assign_layers(config, weights.tensors, quant, fmt, o)
         with freed_memory_kept():
             out[o.key] = quantize_model(model, model_dir, calibration, quant, plans, o.key, pick_device(device), store,
-                                        fmt.measured_scales(o))
+                                        fmt.measured_scales(o), fmt.ships_importance(o))
     return QuantizeManifest(method=quant.method, outputs=out)
 
 
 def quantize_model(model: ModelManifest, model_dir: ModelDir, calibration: CalibrationManifest, quant: Any,
                    plans: list[dict[str, Assignment]], key: str, device: torch.device, store: Store,
-                   measured: MeasuredScales = MeasuredScales()) -> QuantizedOutput:
+                   measured: MeasuredScales = MeasuredScales(), importance: bool = False) -> QuantizedOutput:
     """Quantize every layer by ``plans`` (per layer: Linear -> method and grid) as output ``key``, and choose the
     scales ``measured`` asks for: each quantized Linear's static input scale, each layer's KV-cache scales.
+    ``importance``: the output ships an importance matrix, and methods whose grids' rules take one (rtn on GGUF's
+    grids) quantize with it, as llama-quantize --imatrix does.
 
     Layers of non-sequential methods do not depend on each other: they go through ``pmap``, which spreads
     them over the Dask cluster when the stage runs on one. A sequential method, or measured scales (which must
     come from what the built model's layers get), carries the calibration tokens through the layers as
     quantized instead.
     """
-    methods = {name: cls(quant, device) for name, cls in METHODS.items()}
-    settings = {**_settings(quant, device), "measured": asdict(measured)}
+    settings = {**_settings(quant, device), "measured": asdict(measured), "importance": importance}
+    methods = _methods(quant, device, settings)
     if measures_inputs(plans, measured):
         inputs = HiddenStates(model, model_dir, calibration, device, store, measured)
         layers: list[Blob] = []
@@ -177,9 +179,13 @@ def quantize_independent_layer(job: IndependentLayer) -> Blob:
 def _independent_layer(job: IndependentLayer) -> Blob:
     store = Store(job.store_url)
     device = torch.device(job.settings["device"])
-    methods = {name: cls(job.quant, device) for name, cls in METHODS.items()}
+    methods = _methods(job.quant, device, job.settings)
     return _layer(job.model, ModelDir(job.model_path), CalibrationStats(job.calibration, store), job.quant, job.plan,
                   job.index, methods, job.settings, store, device)[1]
+
+
+def _methods(quant: Any, device: torch.device, settings: dict[str, Any]) -> dict[str, Any]:
+    return {name: cls(quant, device, settings["importance"]) for name, cls in METHODS.items()}
 
 
 def _quantize_layer(tensors: dict[str, np.ndarray], stats: dict[str, InputStats], plan: dict[str, Assignment],

@@ -40,6 +40,13 @@ class InputStats:
         """E[x_j^2] per input channel: the diagonal of the mean Hessian."""
         return (np.diag(self.hessian) / max(self.count, 1)).astype(np.float32)
 
+    def importance(self) -> np.ndarray:
+        """llama.cpp's importance matrix row as llama-quantize reads it from the file convert ships: in_sum2 / count
+        in float32, all ones for a matrix that saw no token."""
+        if self.count == 0:
+            return np.ones(len(self.hessian), np.float32)
+        return np.diag(self.hessian).astype(np.float32) / np.float32(self.count)
+
     def relative_output_error(self, w: np.ndarray, w_hat: np.ndarray, device: torch.device = CPU) -> float:
         """||(W - W')X||^2 / ||W X||^2 over the calibration inputs, from the Hessian alone (on ``device``)."""
         h = torch.from_numpy(self.hessian.astype(np.float32, copy=False)).to(device)
