@@ -28,7 +28,7 @@ from quantfab.pipelines.recipe_loading import load_recipe
 from quantfab.tasks import calibrate as calibrate_mod
 from quantfab.tasks import download as download_mod
 from quantfab.tasks import validate as validate_mod
-from quantfab.tasks.convert.gguf import GGUFTensors
+from quantfab.tasks.convert.gguf import GGUFOptions, GGUFTensors
 from quantfab.tasks.convert.stage import convert
 from quantfab.tasks.download import materialize
 from quantfab.tasks.quantize.stage import quantize
@@ -85,7 +85,7 @@ def main() -> None:
                 outputs = "[" + ", ".join(f"{{format: gguf, type: {t}, imatrix: {str(imatrix).lower()}}}" for t in types) + "]"
                 done = build(method, outputs)
                 for t in types:
-                    f = done.files[f"gguf-{t}" + ("-imatrix" if imatrix else "")]
+                    f = done.files[GGUFOptions(type=t, imatrix=imatrix).key]
                     files[(t, f"quantfab {method}", imatrix)] = materialize(store, f.files).path / f.path
                 print(f"quantfab {method}, imatrix {imatrix}: built", flush=True)
         config, weights = folder.config(), folder.weights()
