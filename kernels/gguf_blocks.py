@@ -5,8 +5,8 @@ uint8 in ggml's block structs (ggml-common.h); gguf-py's ``quants.dequantize`` r
 packers get the stored super-block fields from the grid's ``stored_fields``. ``pack_gguf`` and ``verify_gguf``
 launch a kernel for the 32-element types (gguf_blocks.cu) and for Q4_K, Q5_K and Q6_K (kquant_blocks.cu:
 the host's ``stored_fields`` gives the super-block fields, one per 256 codes; the kernel lays out the bytes);
-these packers, and gguf-py's dequantize for the decode, are their specification. Q2_K and Q3_K stay
-NumPy: they only appear in the smallest llama.cpp mixes.
+these packers, and gguf-py's dequantize for the decode, are their specification. Q2_K, Q3_K, IQ4_NL and
+IQ4_XS stay NumPy: the first two only appear in the smallest llama.cpp mixes, the IQ4 ones are new.
 """
 
 from __future__ import annotations
@@ -153,9 +153,28 @@ def pack_q6_k(enc: Encoded) -> np.ndarray:
     return out.reshape(rows, -1)
 
 
+def pack_iq4_nl(enc: Encoded) -> np.ndarray:
+    rows, q = _blocks(enc, 32)
+    return np.concatenate([_fp16_bytes(enc.d), _nibbles(q.astype(np.uint8))], axis=-1).reshape(rows, -1)
+
+
+def pack_iq4_xs(enc: Encoded) -> np.ndarray:
+    """block_iq4_xs: d, the 6-bit scales' high crumbs (scales_h) and low nibbles (scales_l), then 8 x 16 nibble
+    bytes as IQ4_NL lays out each 32."""
+    rows = enc.codes.shape[0]
+    s = _split("IQ4_XS", enc)
+    levels = (s["scales"].astype(np.int16) + 32).astype(np.uint16)  # (n, 8)
+    low = (levels & 0xF).astype(np.uint8)
+    scales_h = (((levels >> 4) & 3) << (2 * np.arange(8, dtype=np.uint16))).sum(axis=1, dtype=np.uint16)
+    qs = _nibbles(enc.codes.astype(np.uint8).reshape(-1, 8, 32)).reshape(-1, 128)
+    return np.concatenate([_fp16_bytes(s["d"]), scales_h.astype("<u2").view(np.uint8).reshape(-1, 2),
+                           low[:, 0::2] | (low[:, 1::2] << 4), qs], axis=1).reshape(rows, -1)
+
+
 PACKERS: dict[str, Callable[[Encoded], np.ndarray]] = {
     "Q8_0": pack_q8_0, "Q4_0": pack_q4_0, "Q4_1": pack_q4_1, "Q5_0": pack_q5_0, "Q5_1": pack_q5_1,
     "Q2_K": pack_q2_k, "Q3_K": pack_q3_k, "Q4_K": pack_q4_k, "Q5_K": pack_q5_k, "Q6_K": pack_q6_k,
+    "IQ4_NL": pack_iq4_nl, "IQ4_XS": pack_iq4_xs,
 }
 
 

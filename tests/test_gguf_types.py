@@ -116,3 +116,19 @@ def test_an_importance_matrix_raises_q4_0_and_q5_0_ffn_down_in_the_first_eighth(
     q4_k_m = dict(pure=False)
     assert types_of("Q4_K_M", llama(32, 4096, 11008), facts, **q4_k_m) == \
         types_of("Q4_K_M", llama(32, 4096, 11008), facts, importance=True, **q4_k_m)
+
+
+def test_iq4_mixes_follow_llama_quantize() -> None:
+    """IQ4_NL and IQ4_XS: attn_v in Q5_K where 4 or more heads share a KV head, the first eighth of ffn_down in Q5_K
+    unless an importance matrix is given, the head in Q6_K; IQ4_XS rows that fit no 256-block fall back to IQ4_NL."""
+    for file_type in ("IQ4_NL", "IQ4_XS"):
+        plain = types_of(file_type, llama(16, 4096, 11008), ModelFacts(16, 32, 8), pure=False)
+        weighted = types_of(file_type, llama(16, 4096, 11008), ModelFacts(16, 32, 8), pure=False, importance=True)
+        assert layers_of(plain, "attn_v", "Q5_K") == layers_of(weighted, "attn_v", "Q5_K") == set(range(16))
+        assert layers_of(plain, "ffn_down", "Q5_K") == {0, 1} and layers_of(weighted, "ffn_down", file_type) == set(range(16))
+        assert plain["output.weight"] == "Q6_K" and plain["blk.3.attn_q.weight"] == file_type
+        no_gqa = types_of(file_type, llama(16, 4096, 11008), ModelFacts(16, 32, 16), pure=False)
+        assert layers_of(no_gqa, "attn_v", file_type) == set(range(16))
+    narrow = choose_types("IQ4_XS", llama(2, 576, 1536), ModelFacts(2, 9, 3), pure=False)
+    assert narrow["blk.0.attn_q.weight"].type == "IQ4_NL"
+    assert narrow["blk.0.attn_q.weight"].fallback == "row 576 not a multiple of 256 (IQ4_XS) -> IQ4_NL"

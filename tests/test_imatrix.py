@@ -204,30 +204,32 @@ def test_convert_keys_on_the_calibration_only_where_an_output_ships_an_imatrix(b
     assert stage_inputs("convert", build.recipe, build.store.url, up)["calibration"] == build.calibration
 
 
-EQUAL_TYPES = ("Q4_K_M", "Q3_K_M", "Q2_K", "Q5_K_M", "Q6_K", "Q4_0", "Q5_0", "Q4_1", "Q5_1")  # every weighted rule
+EQUAL_TYPES = ("Q4_K_M", "Q3_K_M", "Q2_K", "Q5_K_M", "Q6_K", "Q4_0", "Q5_0", "Q4_1", "Q5_1",  # every weighted rule
+               "IQ4_NL", "IQ4_XS")
 
 
 @pytest.mark.llama_cpp
 def test_rtn_with_our_imatrix_writes_llama_quantizes_bytes(tmp_path: Path) -> None:
-    """rtn with an importance matrix is llama-quantize --imatrix: for each file type, on a Llama whose rows fit the
-    K-quants (8 layers, so the first-eighth rules apply: Q4_0's ffn_down goes to Q4_1 with an imatrix), our file
-    holds the bytes llama-quantize writes from our F32 file and our importance matrix, tensor for tensor."""
+    """rtn with an importance matrix is llama-quantize --imatrix, and without one llama-quantize: for each file type,
+    on a Llama whose rows fit the K-quants (8 layers, so the first-eighth rules apply: Q4_0's ffn_down goes to Q4_1
+    with an imatrix, IQ4_NL's to Q5_K without), our file holds the bytes llama-quantize writes from our F32 file
+    (and our importance matrix), tensor for tensor."""
     quantize_tool = _tool("llama-quantize")
     outputs = ", ".join(["{format: gguf, type: F32, imatrix: true}",
-                         *(f"{{format: gguf, type: {t}, imatrix: true}}" for t in EQUAL_TYPES)])
+                         *(f"{{format: gguf, type: {t}, imatrix: {i}}}" for t in EQUAL_TYPES for i in ("true", "false"))])
     b = Build(f"[{outputs}]", Store(str(tmp_path / "store")),
               ("model.source=synthetic://llama?layers=8&hidden=256&intermediate=512&heads=4&kv_heads=2&vocab=512",
                "calibration.source=synthetic://tokens"))
     f32 = b.converted.files["gguf-F32-imatrix"]
     source = b.file("gguf-F32-imatrix", f32.path)
     imatrix = b.file("gguf-F32-imatrix", f32.path.removesuffix(".gguf") + ".imatrix.gguf")
-    for file_type in EQUAL_TYPES:
-        key = f"gguf-{file_type}"
-        theirs = tmp_path / f"{file_type}.gguf"
-        done = subprocess.run([str(quantize_tool), "--imatrix", str(imatrix), str(source), str(theirs), file_type, "2"],
+    for o in b.recipe.outputs[1:]:
+        theirs = tmp_path / f"{o.key}.gguf"
+        extra = ["--imatrix", str(imatrix)] if o.imatrix else []
+        done = subprocess.run([str(quantize_tool), *extra, str(source), str(theirs), o.type, "2"],
                               capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-        ours = {t.name: t for t in gguf.GGUFReader(b.file(key, b.converted.files[key].path)).tensors}
+        ours = {t.name: t for t in gguf.GGUFReader(b.file(o.key, b.converted.files[o.key].path)).tensors}
         for t in gguf.GGUFReader(theirs).tensors:
-            assert ours[t.name].tensor_type == t.tensor_type, (file_type, t.name)
-            assert np.array_equal(np.asarray(ours[t.name].data), np.asarray(t.data)), (file_type, t.name, t.tensor_type.name)
+            assert ours[t.name].tensor_type == t.tensor_type, (o.key, t.name)
+            assert np.array_equal(np.asarray(ours[t.name].data), np.asarray(t.data)), (o.key, t.name, t.tensor_type.name)

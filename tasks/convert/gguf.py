@@ -1,7 +1,7 @@
 """gguf: llama.cpp's container, written with gguf-py's GGUFWriter and read back with its GGUFReader.
 
 ``type`` is a llama-quantize file type: Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, the K-quant mixes Q2_K, Q3_K_S/M/L,
-Q4_K_S/M, Q5_K_S/M, Q6_K, or F16/F32. Each tensor gets the GGML type llama-quantize would give it
+Q4_K_S/M, Q5_K_S/M, Q6_K, the non-linear IQ4_NL and IQ4_XS, or F16/F32. Each tensor gets the GGML type llama-quantize would give it
 (``gguf_types``). Decoder-layer Linears hold the method's codes on that type's grid; the embedding and
 the output head, which no method quantizes, are rounded to nearest by the grid's reference rule, which
 is llama.cpp's own. 1-D tensors and routers are F32 and other float tensors ``float_type``. Tensors are
@@ -44,7 +44,7 @@ EXPERT = re.compile(r"\.experts\.(\d+)\.")  # a checkpoint's per-expert tensor n
 F32_ROUTERS = "ffn_gate_inp.weight"  # llama.cpp's converter writes routers F32 and llama-quantize never quantizes them
 SIMPLE_TYPES = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1")  # blocks of 32: what explicit bits/symmetric pick from
 FileType = Literal["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_K_S", "Q4_K_M",
-                   "Q5_K_S", "Q5_K_M", "Q6_K", "F16", "F32"]
+                   "Q5_K_S", "Q5_K_M", "Q6_K", "IQ4_NL", "IQ4_XS", "F16", "F32"]
 UNWEIGHTED = ("Q8_0", "F16", "F32")  # file types whose codes an importance matrix leaves alone: imatrix off by default
 
 

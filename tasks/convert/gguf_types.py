@@ -6,7 +6,8 @@ A file type names a default type and a mix: Q4_K_M raises attn_v and ffn_down to
 file order, as llama.cpp's do. A tensor whose rows do not divide by its type's block falls back as
 llama.cpp falls back (Q4_K -> Q5_0, Q6_K -> Q8_0, ...), and to the float type if even that does not fit.
 ``pure`` keeps the default type everywhere (llama-quantize --pure), fallbacks aside. With an importance matrix
-Q4_0 and Q5_0 raise the first eighth of ffn_down to Q4_1 and Q5_1, as llama-quantize --imatrix does.
+Q4_0 and Q5_0 raise the first eighth of ffn_down to Q4_1 and Q5_1, as llama-quantize --imatrix does; without one
+IQ4_NL and IQ4_XS raise it to Q5_K.
 """
 
 from __future__ import annotations
@@ -21,8 +22,9 @@ DEFAULT_TYPE = {
     "Q8_0": "Q8_0", "Q4_0": "Q4_0", "Q4_1": "Q4_1", "Q5_0": "Q5_0", "Q5_1": "Q5_1",
     "Q2_K": "Q2_K", "Q3_K_S": "Q3_K", "Q3_K_M": "Q3_K", "Q3_K_L": "Q3_K",
     "Q4_K_S": "Q4_K", "Q4_K_M": "Q4_K", "Q5_K_S": "Q5_K", "Q5_K_M": "Q5_K", "Q6_K": "Q6_K",
+    "IQ4_NL": "IQ4_NL", "IQ4_XS": "IQ4_XS",
 }
-FALLBACK = {"Q2_K": "Q4_0", "Q3_K": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
+FALLBACK = {"Q2_K": "Q4_0", "Q3_K": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0", "IQ4_XS": "IQ4_NL"}
 
 
 def block_of(type_name: str) -> int:
@@ -113,7 +115,7 @@ def choose_types(file_type: str, tensors: list[tuple[str, tuple[int, ...]]], fac
                 i_ffn_down += 1
             elif "attn_output.weight" in name:
                 if facts.n_expert == 8:
-                    new = "Q5_K" if file_type in ("Q2_K", "Q3_K_S", "Q3_K_M", "Q4_K_S", "Q4_K_M") else new
+                    new = "Q5_K" if file_type in ("Q2_K", "Q3_K_S", "Q3_K_M", "Q4_K_S", "Q4_K_M", "IQ4_NL", "IQ4_XS") else new
                 else:
                     new = {"Q2_K": "Q3_K", "Q3_K_M": "Q4_K", "Q3_K_L": "Q5_K"}.get(file_type, new)
         out[name] = _fallback(new, cols)
@@ -130,6 +132,8 @@ def _attn_v(file_type: str, new: str, i: int, n: int, facts: ModelFacts) -> str:
     elif file_type in ("Q4_K_M", "Q5_K_M") and use_more_bits(i, n):
         new = "Q6_K"
     elif file_type == "Q4_K_S" and i < 4:
+        new = "Q5_K"
+    elif file_type in ("IQ4_NL", "IQ4_XS") and facts.n_gqa >= 4:
         new = "Q5_K"
     if facts.is_70b and new in ("Q3_K", "Q4_K"):
         new = "Q5_K"  # attn_v is 8x smaller than attn_q there, so more bits cost little
@@ -148,6 +152,8 @@ def _ffn_down(file_type: str, new: str, i: int, n: int, importance: bool) -> str
     if file_type in ("Q4_K_M", "Q5_K_M") and use_more_bits(i, n):
         return "Q6_K"
     if file_type == "Q4_K_S" and i < n // 8:
+        return "Q5_K"
+    if file_type in ("IQ4_NL", "IQ4_XS") and not importance and i < n // 8:
         return "Q5_K"
     if file_type in ("Q4_0", "Q5_0") and importance and i < n // 8:
         return {"Q4_0": "Q4_1", "Q5_0": "Q5_1"}[file_type]  # "guard against craziness in the first few ffn_down"
