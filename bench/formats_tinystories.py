@@ -33,12 +33,12 @@ BLOCK = "{format: compressed-tensors, type: fp8, group_size: 128x128}"
 FP4 = "{compressed-tensors: nvfp4}, {format: compressed-tensors, type: nvfp4, activations: float}, {compressed-tensors: mxfp4}"
 SMOOTH = "quantize.smoothquant={alpha: 0.8}"
 BUILDS = {  # label -> recipe overrides (method and options), outputs
-    "gptq": (["quantize.method=gptq"], "[{compressed-tensors: int4}, {gptq: int4}, {gguf: Q4_0}, {gguf: Q4_K_M}, "
+    "gptq": (["quantize.method=gptq"], "[{compressed-tensors: int4}, {gptq: int4}, {gguf: Q4_0}, {gguf: Q4_K_M}, {mlx: int4}, "
              f"{{compressed-tensors: fp8}}, {W8A8}, {STATIC}, {KV}, {BLOCK}, {FP4}]"),
     "gptq, smoothquant 0.8": (["quantize.method=gptq", SMOOTH], f"[{W8A8}, {STATIC}]"),
-    "awq": (["quantize.method=awq"], "[{awq: int4}, {compressed-tensors: int4}, {gguf: Q4_0}, {gguf: Q4_K_M}]"),
+    "awq": (["quantize.method=awq"], "[{awq: int4}, {compressed-tensors: int4}, {gguf: Q4_0}, {gguf: Q4_K_M}, {mlx: int4}]"),
     "rtn": (["quantize.method=rtn"], "[{compressed-tensors: int8}, {compressed-tensors: int4}, {gguf: Q8_0}, "
-            f"{{gguf: Q4_0}}, {{compressed-tensors: fp8}}, {W8A8}, {STATIC}, {KV}, {BLOCK}, {FP4}]"),
+            f"{{gguf: Q4_0}}, {{mlx: int4}}, {{mlx: int8}}, {{compressed-tensors: fp8}}, {W8A8}, {STATIC}, {KV}, {BLOCK}, {FP4}]"),
     "rtn, smoothquant 0.8": (["quantize.method=rtn", SMOOTH], f"[{W8A8}, {STATIC}]"),
     "nf4": (["quantize.method=nf4"], "[{bnb-nf4: nf4}]"),
     "nf4, double quant": (["quantize.method=nf4", "quantize.nf4.double_quant=true"], "[{bnb-nf4: nf4}]"),
@@ -46,7 +46,8 @@ BUILDS = {  # label -> recipe overrides (method and options), outputs
 CONSUMERS = {"compressed-tensors": "transformers + compressed-tensors 0.20 (asymmetric: compressed-tensors' decompressor)",
              "gptq": "transformers + gptqmodel 7.6 (bench/consumers); v1 layout decoder (tests)",
              "awq": "transformers + gptqmodel 7.6 (bench/consumers); GEMM layout decoder (tests)",
-             "bnb-nf4": "transformers + bitsandbytes (CPU)", "gguf": "gguf-py GGUFReader + quants.dequantize; llama.cpp 0.3.36 (pytest -m llama_cpp)"}
+             "bnb-nf4": "transformers + bitsandbytes (CPU)", "gguf": "gguf-py GGUFReader + quants.dequantize; llama.cpp 0.3.36 (pytest -m llama_cpp)",
+             "mlx": "mlx-lm 0.32.2 (pytest -m mlx)"}
 
 
 def main() -> None:

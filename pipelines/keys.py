@@ -33,7 +33,8 @@ ROOT = Path(__file__).resolve().parent.parent  # where tasks/ and kernels/ live 
 COMMON = ["tasks/errors.py", "tasks/store.py", "tasks/manifests.py", "tasks/modelio.py", "tasks/decoder.py",
           "tasks/model_structure.py", "tasks/families.py", "tasks/checkpoint_map.py", "tasks/download.py"]
 GRID_SOURCES = ["tasks/quantize/grids.py", "tasks/quantize/grid_base.py", "tasks/quantize/kquants.py",
-                "tasks/quantize/float_grids.py", "tasks/quantize/fp4_grids.py"]
+                "tasks/quantize/float_grids.py", "tasks/quantize/fp4_grids.py", "tasks/quantize/iq_grids.py",
+                "tasks/quantize/mlx_grid.py"]
 STAGE_SOURCES = {
     "download": ["tasks/synthetic.py"],
     "calibrate": ["tasks/calibrate.py", "tasks/gram.py", "tasks/texts.py", "tasks/activations.py"],

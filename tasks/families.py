@@ -154,7 +154,8 @@ def report(every_type: bool = False) -> str:
              f"remote code: {len(supported_model_types())} model types, mixtures of experts included (each expert "
              "calibrated on the tokens routed to it; routers kept in float).",
              "For each: methods rtn, group, nf4, gptq, awq (scales folded into the norms and Linears the layer's "
-             "forward shows feeding each input group); formats compressed-tensors, gptq, awq, bnb-nf4.",
+             "forward shows feeding each input group); formats compressed-tensors, gptq, awq, bnb-nf4, and mlx for "
+             "those without experts (tested on Llama).",
              "The table in tasks/families.py adds, per family (each tested in tests/test_families.py; other types run "
              "on the same engine, untested here):", "",
              f"{'model_type':<14} {'gguf (llama.cpp architecture)':<31} awq scales also folded into"]

@@ -24,7 +24,8 @@ from quantfab.tasks.lazy import lazy
 
 torch = lazy("torch")
 
-ST_DTYPES = {"F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F64": 8, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+ST_DTYPES = {"F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F64": 8, "I64": 8, "I32": 4, "U32": 4, "I16": 2, "I8": 1, "U8": 1,
+             "BOOL": 1}
 MAX_HEADER = 100 << 20
 FLOAT_DTYPES = ("F32", "F16", "BF16")
 

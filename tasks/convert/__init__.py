@@ -7,6 +7,7 @@ from quantfab.tasks.convert.bnb_nf4 import BnbNF4Format
 from quantfab.tasks.convert.compressed_tensors import CompressedTensorsFormat
 from quantfab.tasks.convert.gguf import GGUFFormat
 from quantfab.tasks.convert.gptq import GPTQFormat
+from quantfab.tasks.convert.mlx import MLXFormat
 
 FORMATS = {
     "gguf": GGUFFormat(),
@@ -14,4 +15,5 @@ FORMATS = {
     "gptq": GPTQFormat(),
     "awq": AWQFormat(),
     "bnb-nf4": BnbNF4Format(),
+    "mlx": MLXFormat(),
 }

@@ -185,8 +185,9 @@ class FolderWeights:
     def load(self, names: list[str]) -> dict[str, torch.Tensor]:
         out = {}
         for name in names:
-            module = name.removesuffix(".weight")
-            if name.endswith(".weight") and self.has(f"{module}.{self.packed_suffix}"):
+            stored = self.index.tensors[name].name if self.has(name) else name  # a tied head: the embedding
+            module = stored.removesuffix(".weight")
+            if stored.endswith(".weight") and self.has(f"{module}.{self.packed_suffix}"):
                 out[name] = self.decode(module, self).float()
             else:
                 out[name] = self.index.load([name])[name]

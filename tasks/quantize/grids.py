@@ -1,6 +1,7 @@
 """Quantization grids, one small class per type with a NumPy reference (in the manner of gguf-py's
 ``quants.py``); ``GRIDS`` is the registry of the fixed GGUF grids (llama.cpp's IQ4 ones in ``iq_grids``), ``FP4_GRIDS`` of NVFP4 and MXFP4
-(``fp4_grids``), ``grid_named`` also builds the parametric ones (INT{bits}_G{group}_{SYM|ASYM}, INT{bits}_CH_..., NF4_B{block}[_DQ]).
+(``fp4_grids``), ``grid_named`` also builds the parametric ones (INT{bits}_G{group}_{SYM|ASYM}, INT{bits}_CH_..., NF4_B{block}[_DQ],
+MLX's affine MLX{bits}_G{group}_{type} in ``mlx_grid``).
 
 The contract they share (``Encoded``, ``Grid``) is in ``grid_base``; llama.cpp's K-quants in ``kquants``.
 """
@@ -18,6 +19,7 @@ from quantfab.tasks.quantize.grid_base import (AsymmetricGrid, Encoded, Grid, Gr
 from quantfab.tasks.quantize.float_grids import FP8BlockGrid, FP8ChannelGrid, FP8Grid
 from quantfab.tasks.quantize.fp4_grids import MXFP4Grid, NVFP4Grid
 from quantfab.tasks.quantize.iq_grids import IQ4_GRIDS
+from quantfab.tasks.quantize.mlx_grid import MLXAffineGrid
 from quantfab.tasks.quantize.kquants import (K_GRIDS, WEIGHTED_SEARCH, importance_weights, row_sums_of_squares,
                                              search)
 from quantfab.tasks.lazy import lazy
@@ -281,18 +283,21 @@ def blockwise_8bit_decode(codes: np.ndarray, absmax: np.ndarray, block: int) -> 
 GRIDS: dict[str, Grid] = {g.name: g for g in (Q8_0(), Q4_0(), Q4_1(), Q5_0(), Q5_1(), *K_GRIDS, *IQ4_GRIDS)}
 FP4_GRIDS: dict[str, Grid] = {g.name: g for g in (NVFP4Grid(), MXFP4Grid())}
 _PARAMETRIC = re.compile(r"^(?:INT(?P<bits>[2-8])_(?:G(?P<group>\d+)|(?P<ch>CH))_(?P<sym>SYM|ASYM)"
-                         r"|NF4_B(?P<nf4>\d+)(?P<dq>_DQ)?|FP8_(?:G(?P<fp8>\d+)|(?P<fp8ch>CH)|B(?P<fp8b>\d+)))$")
+                         r"|NF4_B(?P<nf4>\d+)(?P<dq>_DQ)?|FP8_(?:G(?P<fp8>\d+)|(?P<fp8ch>CH)|B(?P<fp8b>\d+))"
+                         r"|MLX(?P<mlx>[2-8])_G(?P<mlxg>\d+)_(?P<mlxt>F16|BF16|F32))$")
 
 
 @lru_cache(maxsize=None)
 def grid_named(name: str) -> Grid:
     """The grid called ``name``: a fixed grid (GGUF's, NVFP4, MXFP4), INT{bits}_{G{group}|CH}_{SYM|ASYM},
-    NF4_B{block}[_DQ] or FP8_{G{group}|CH|B{n}}."""
+    NF4_B{block}[_DQ], FP8_{G{group}|CH|B{n}} or MLX{bits}_G{group}_{F16|BF16|F32}."""
     if name in GRIDS or name in FP4_GRIDS:
         return GRIDS.get(name) or FP4_GRIDS[name]
     found = _PARAMETRIC.match(name)
     if found is None:
         raise KeyError(f"no grid named {name}")
+    if found["mlx"]:
+        return MLXAffineGrid(int(found["mlx"]), int(found["mlxg"]), found["mlxt"])
     if found["fp8"]:
         return FP8Grid(int(found["fp8"]))
     if found["fp8b"]:

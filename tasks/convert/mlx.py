@@ -1,0 +1,181 @@
+"""mlx: the checkpoint mlx-lm loads on Apple silicon (and on Linux CPUs): MLX's affine quantization.
+
+Per quantized Linear (out, in): ``weight`` uint32 (out, in * bits / 32), each row's unsigned codes as one
+little-endian bit stream (3-, 5- and 6-bit codes straddle bytes); ``scales`` and ``biases`` (out, in / group) in
+the checkpoint's float type; value = scales * u + biases. config.json carries ``quantization`` (and the same as
+``quantization_config``): the default ``group_size``, ``bits`` and ``mode: affine``, and an entry per Linear whose
+bits or group differ (``quantize.overrides``: mixed precision, as mlx-lm's own mixed recipes write it). Like
+mlx-lm's convert, the embedding (and an untied head) are quantized too, by MLX's own rule, where their rows
+divide by the group; Linears whose rows do not stay float. One ``model.safetensors`` with metadata
+``format: mlx``.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import replace
+from pathlib import Path
+from typing import Callable, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from quantfab.kernels.verdict import Verdict, compare
+from quantfab.tasks.convert.hf_folder import (TOKENIZER_FILES, FolderWeights, HFFolderFormat, PlannedTensor,
+                                             model_dtype, plan_tensors)
+from quantfab.tasks.errors import UserError
+from quantfab.tasks.families import EXPERT_KEYS
+from quantfab.tasks.modelio import ModelDir, TensorInfo
+from quantfab.tasks.quantize.grid_base import reference_by_rows
+from quantfab.tasks.quantize.grids import Encoded, Grid, GridRequest, grid_named
+from quantfab.tasks.lazy import lazy
+
+torch = lazy("torch")
+safetensors_torch = lazy("safetensors.torch")
+
+BITS = {"int2": 2, "int3": 3, "int4": 4, "int5": 5, "int6": 6, "int8": 8}
+SCALE_TYPE = {"float16": "F16", "bfloat16": "BF16", "float32": "F32"}
+OWN = ("model.embed_tokens", "lm_head")  # quantized by the format itself, as mlx-lm's convert does
+
+
+class MLXOptions(BaseModel):
+    """`{mlx: int4}` or `{format: mlx, type: int4, group_size: 64, dtype: bfloat16}`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    format: Literal["mlx"] = "mlx"
+    type: Literal["int2", "int3", "int4", "int5", "int6", "int8"] = Field(
+        description="Bits of MLX's affine codes (quantize.overrides may set others per Linear: mixed precision).")
+    group_size: Literal[32, 64, 128] = Field(64, description="Inputs per scale and bias (mlx-lm's default 64).")
+    dtype: Literal["float16", "bfloat16", "float32"] | None = Field(
+        None, description="Float type of the scales, biases and float tensors; default the model's (mlx-lm's).")
+
+    @property
+    def key(self) -> str:
+        return f"mlx-{self.type}-g{self.group_size}" + (f"-{self.dtype}" if self.dtype else "")
+
+
+def packed_bytes(shape: tuple[int, ...], grid_name: str, dtype: torch.dtype) -> int:
+    rows, cols = shape
+    grid = grid_named(grid_name)
+    return rows * cols * grid.bits // 8 + 2 * rows * (cols // grid.block) * dtype.itemsize
+
+
+def pack_bits(codes: np.ndarray, bits: int) -> np.ndarray:
+    """(rows, cols) unsigned codes -> (rows, cols * bits / 32) uint32: each row one little-endian bit stream."""
+    rows, cols = codes.shape
+    planes = ((codes.astype(np.uint32)[..., None] >> np.arange(bits, dtype=np.uint32)) & 1).astype(np.uint8)
+    return np.packbits(planes.reshape(rows, cols * bits), axis=1, bitorder="little").view("<u4")
+
+
+def unpack_bits(words: np.ndarray, bits: int, cols: int) -> np.ndarray:
+    """``pack_bits`` undone: (rows, cols) unsigned codes as int32."""
+    stream = np.unpackbits(np.ascontiguousarray(words).view(np.uint8), axis=1, bitorder="little")
+    planes = stream[:, :cols * bits].reshape(-1, cols, bits).astype(np.int32)
+    return (planes << np.arange(bits, dtype=np.int32)).sum(axis=-1)
+
+
+class MLXFormat(HFFolderFormat):
+    name = "mlx"
+    options = MLXOptions
+    packed_bytes = staticmethod(packed_bytes)
+
+    def output_name(self, options: MLXOptions, name: str) -> str:
+        return f"{name}-{options.key}"
+
+    def presets(self, options: MLXOptions, config, tensors: dict[str, TensorInfo]) -> dict[str, str | None]:
+        """Every Linear's stored float type: the grids carry it (``grid_for`` reads it here). (Plan and quantize call
+        this first: a model mlx-lm would not load as written is refused here.)"""
+        if any(getattr(config, k, None) for k in EXPERT_KEYS):
+            raise UserError(f"mlx: model_type {config.model_type!r} has experts, which mlx-lm stacks into one "
+                            "switch_mlp tensor per layer and matrix (scales and biases too); quantfab writes them one "
+                            "per expert, so mlx-lm would not load the folder yet: use gguf or compressed-tensors")
+        tag = SCALE_TYPE[options.dtype or str(model_dtype(config)).removeprefix("torch.")]
+        return {name.removesuffix(".weight"): tag for name, t in tensors.items() if len(t.shape) == 2}
+
+    def grid_for(self, options: MLXOptions, want: GridRequest, preset: str | None = None) -> Grid | None:
+        if want.nf4:
+            raise ValueError("mlx checkpoints hold MLX's affine codes, not NF4 (use output bnb-nf4)")
+        if want.symmetric:
+            raise ValueError("mlx's affine grid has a bias per group: symmetric codes have no layout there")
+        bits, group = want.bits or BITS[options.type], want.group_size or options.group_size
+        if bits not in BITS.values() or group not in (32, 64, 128):
+            raise ValueError(f"mlx holds {', '.join(map(str, BITS.values()))}-bit codes in groups of 32, 64 or 128, "
+                             f"not {bits} bits in groups of {group}")
+        return grid_named(f"MLX{bits}_G{group}_{preset or SCALE_TYPE[options.dtype or 'float32']}")
+
+    def plan(self, options: MLXOptions, config, tensors: dict[str, TensorInfo], grids: dict[str, str | None],
+             as_asked: bool = False) -> list[PlannedTensor]:
+        """The HF tensors, the embedding and an untied head on the output's default grid where they fit it."""
+        dtype = getattr(torch, options.dtype) if options.dtype else model_dtype(config)
+        tag = SCALE_TYPE[str(dtype).removeprefix("torch.")]
+        own = {m: f"MLX{BITS[options.type]}_G{options.group_size}_{tag}" for m in OWN
+               if f"{m}.weight" in tensors and tensors[f"{m}.weight"].shape[1] % options.group_size == 0}
+        planned = plan_tensors(config, tensors, {**own, **grids}, type(self).packed_bytes)
+        return [replace(t, dtype=dtype, nbytes=packed_bytes(t.shape, t.grid, dtype) if t.grid
+                        else int(np.prod(t.shape)) * dtype.itemsize) for t in planned]
+
+    def float_codes(self, t: PlannedTensor, load: Callable[[], np.ndarray]) -> tuple[Grid, Encoded] | None:
+        """The embedding's and head's codes, by MLX's own rule."""
+        if t.grid is None:
+            return None
+        grid = grid_named(t.grid)
+        return grid, reference_by_rows(grid, load().astype(np.float32))
+
+    def write(self, path: Path, options: MLXOptions, model: ModelDir, planned: list[PlannedTensor],
+              tensor_data: Callable[[PlannedTensor], dict[str, torch.Tensor]], name: str) -> None:
+        path.mkdir(parents=True)
+        default = {"group_size": options.group_size, "bits": BITS[options.type], "mode": "affine"}
+        quantization: dict = dict(default)
+        for t in planned:
+            if t.grid:
+                grid = grid_named(t.grid)
+                if (grid.bits, grid.block) != (default["bits"], default["group_size"]):
+                    quantization[t.hf_name.removesuffix(".weight")] = {"group_size": grid.block, "bits": grid.bits,
+                                                                      "mode": "affine"}
+        config = json.loads((model.path / "config.json").read_text())
+        config.pop("quantization_config", None)
+        config["quantization"] = config["quantization_config"] = quantization
+        config["torch_dtype"] = str(planned[0].dtype).removeprefix("torch.") if planned else config.get("torch_dtype")
+        (path / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        for f in TOKENIZER_FILES:
+            if (model.path / f).is_file():
+                shutil.copyfile(model.path / f, path / f)
+        tensors: dict[str, torch.Tensor] = {}
+        for t in planned:
+            tensors.update(tensor_data(t))
+        safetensors_torch.save_file(tensors, str(path / "model.safetensors"), metadata={"format": "mlx"})
+
+    def pack(self, t: PlannedTensor, enc: Encoded) -> dict[str, torch.Tensor]:
+        grid = grid_named(t.grid or "")
+        module = t.hf_name.removesuffix(".weight")
+        unsigned = enc.codes.astype(np.int16) + grid.offset  # type: ignore[attr-defined]
+        return {f"{module}.weight": torch.from_numpy(pack_bits(unsigned, grid.bits).astype(np.uint32)),
+                f"{module}.scales": torch.from_numpy(enc.d.astype(np.float32)).to(t.dtype),
+                f"{module}.biases": torch.from_numpy(enc.m.astype(np.float32)).to(t.dtype)}
+
+    def float_tensor(self, t: PlannedTensor, w: np.ndarray) -> dict[str, torch.Tensor]:
+        return {t.hf_name: torch.from_numpy(np.ascontiguousarray(w, dtype=np.float32)).to(t.dtype)}
+
+    def reader(self, path: Path, config) -> FolderWeights:
+        return FolderWeights(path, "scales", decode_mlx)
+
+    def verify(self, folder: FolderWeights, t: PlannedTensor, expected: np.ndarray) -> Verdict:
+        return compare(decode_mlx(t.hf_name.removesuffix(".weight"), folder).numpy(), expected, 0.0)
+
+
+def decode_mlx(module: str, folder: FolderWeights) -> torch.Tensor:
+    """(out, in) float32: scales * u + biases in float32, u unpacked from the bit stream."""
+    words = folder.raw(f"{module}.weight").numpy()
+    scales = folder.raw(f"{module}.scales").float().numpy()
+    biases = folder.raw(f"{module}.biases").float().numpy()
+    rows, groups = scales.shape
+    group = _group_of(module, folder)
+    bits = words.shape[1] * 32 // (groups * group)
+    u = unpack_bits(words, bits, groups * group).astype(np.float32).reshape(rows, groups, group)
+    return torch.from_numpy((scales[..., None] * u + biases[..., None]).reshape(rows, groups * group))
+
+
+def _group_of(module: str, folder: FolderWeights) -> int:
+    quantization = folder.config["quantization"]
+    return int(quantization.get(module, quantization)["group_size"])
