@@ -80,9 +80,6 @@ class MLXFormat(HFFolderFormat):
     options = MLXOptions
     packed_bytes = staticmethod(packed_bytes)
 
-    def output_name(self, options: MLXOptions, name: str) -> str:
-        return f"{name}-{options.key}"
-
     def presets(self, options: MLXOptions, config, tensors: dict[str, TensorInfo]) -> dict[str, str | None]:
         """Every Linear's stored float type: the grids carry it (``grid_for`` reads it here). (Plan and quantize call
         this first: a model mlx-lm would not load as written is refused here.)"""
@@ -153,9 +150,6 @@ class MLXFormat(HFFolderFormat):
         return {f"{module}.weight": torch.from_numpy(pack_bits(unsigned, grid.bits).astype(np.uint32)),
                 f"{module}.scales": torch.from_numpy(enc.d.astype(np.float32)).to(t.dtype),
                 f"{module}.biases": torch.from_numpy(enc.m.astype(np.float32)).to(t.dtype)}
-
-    def float_tensor(self, t: PlannedTensor, w: np.ndarray) -> dict[str, torch.Tensor]:
-        return {t.hf_name: torch.from_numpy(np.ascontiguousarray(w, dtype=np.float32)).to(t.dtype)}
 
     def reader(self, path: Path, config) -> FolderWeights:
         return FolderWeights(path, "scales", decode_mlx)
