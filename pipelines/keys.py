@@ -24,7 +24,7 @@ from quantfab.pipelines.recipe import Recipe
 from quantfab.tasks import manifests
 from quantfab.tasks.download import materialize
 from quantfab.tasks.manifests import ModelManifest
-from quantfab.tasks.quantize.assign import reads_statistics
+from quantfab.tasks.quantize.assign import reads_full_statistics, reads_statistics
 from quantfab.tasks.redact import redact
 from quantfab.tasks.store import Store
 
@@ -120,8 +120,9 @@ def stage_inputs(stage: str, recipe: Recipe, store_url: str, up: dict[str, Any])
         return {"model": recipe.model, **common}
     files = weights_only(up["download"])
     if stage == "calibrate":
-        statistics = _reads_statistics(files, recipe, Store(store_url))
-        return {"model": files, "calibration": recipe.calibration, "statistics": statistics, "device": device, **common}
+        statistics, full = _reads_statistics(files, recipe, Store(store_url))
+        return {"model": files, "calibration": recipe.calibration, "statistics": statistics,
+                "diagonal": statistics and not full, "device": device, **common}
     if stage == "quantize":
         return {"model": files, "calibration": up["calibrate"], "quantize": recipe.quantize,
                 "outputs": list(recipe.outputs), "device": device, **common}
@@ -143,9 +144,11 @@ def _ships_importance(recipe: Recipe) -> bool:
     return any(FORMATS[o.format].ships_importance(o) for o in recipe.outputs)
 
 
-def _reads_statistics(model: ModelManifest, recipe: Recipe, store: Store) -> bool:
+def _reads_statistics(model: ModelManifest, recipe: Recipe, store: Store) -> tuple[bool, bool]:
+    """Whether any output reads the statistics, and whether any reads the whole XᵀX (else: its diagonal)."""
     config, tensors = materialize(store, model.files, verify=False).frozen(store.memo_dir())  # config and headers only
-    return reads_statistics(config, tensors, recipe.quantize, list(recipe.outputs))
+    args = (config, tensors, recipe.quantize, list(recipe.outputs))
+    return reads_statistics(*args), reads_full_statistics(*args)
 
 
 def cached_result(store: Store, key: str) -> BaseModel | None:

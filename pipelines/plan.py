@@ -23,7 +23,7 @@ from quantfab.tasks.manifests import Manifest
 from quantfab.tasks.modelio import ST_DTYPES, ModelDir, TensorInfo, check_against_config, read_headers
 from quantfab.tasks.model_structure import BATCH, FrozenConfig, alias_tied_embeddings, frozen_config, layout
 from quantfab.tasks.malloc import KEEP
-from quantfab.tasks.quantize.assign import assign_layers, measures_inputs, reads_statistics
+from quantfab.tasks.quantize.assign import assign_layers, measures_inputs, reads_full_statistics, reads_statistics
 from quantfab.tasks.store import Store, filesystem, free_bytes
 
 
@@ -45,6 +45,14 @@ class Plan:
     nominal: dict[str, float] = field(default_factory=dict)  # output -> bits/weight had nothing fallen back
     fallbacks: dict[str, list[str]] = field(default_factory=dict)  # output -> "tensor: why" for each that differs
     statistics: bool | None = None  # whether calibrate gathers the unquantized model's statistics (None: unknown)
+    diagonal: bool = False  # only XᵀX's diagonal of them: nothing but an importance matrix reads them
+
+    @property
+    def gathers(self) -> str | None:
+        """What calibrate gathers: "none", "diagonal" or "full" (None: unknown)."""
+        if self.statistics is None:
+            return None
+        return "diagonal" if self.diagonal else "full" if self.statistics else "none"
 
     def notes(self, key: str) -> list[str]:
         """What the plan says under an output's size: its fallbacks by reason, and a warning when oversized."""
@@ -90,7 +98,7 @@ GRID_TEMPS = 10 * 4 * 2**22  # a grid's float32 temporaries over reference_by_ro
 
 
 def peak_memory(recipe: Recipe, config: Any, tensors: dict[str, TensorInfo], sizes: dict[str, int],
-                statistics: bool, sequential: bool) -> dict[str, int]:
+                statistics: bool, sequential: bool, diagonal: bool = False) -> dict[str, int]:
     """Peak working memory per stage from the tensor shapes, for the stages' one-layer-at-a-time design,
     above the process's own ``RUNTIME``.
 
@@ -109,7 +117,7 @@ def peak_memory(recipe: Recipe, config: Any, tensors: dict[str, TensorInfo], siz
     layer0 = {n: t for n, t in tensors.items() if n.startswith(prefix)}
     layer = 4 * sum(t.numel for t in layer0.values())
     inputs = {t.shape[1] for n, t in layer0.items() if len(t.shape) == 2}  # distinct Linear input widths
-    hessians = 4 * sum(i * i for i in inputs)
+    hessians = 4 * sum(i if diagonal else i * i for i in inputs)
     largest = 4 * max((t.numel for t in tensors.values()), default=0)
     matrix = 4 * vocab * hidden  # the embedding, or the head, in fp32
     cal = recipe.calibration
@@ -184,24 +192,26 @@ def plan(recipe: Recipe, store_url: str | None) -> Plan:
         out.nominal[o.key] = nominal * 8 / params
         out.fallbacks[o.key] = differences.fallbacks(fmt, o, config, tensors, {a.module: a.fallback for a in assigned})
     sizes = {k: v[0] for k, v in out.sizes.items() if not isinstance(v, str)}
-    out.writes = store_writes(recipe, tensors, sizes)
     out.statistics = reads_statistics(config, tensors, recipe.quantize, list(recipe.outputs))
-    out.memory = peak_memory(recipe, config, tensors, sizes, out.statistics, runs_sequential)
+    out.diagonal = out.statistics and not reads_full_statistics(config, tensors, recipe.quantize, list(recipe.outputs))
+    out.writes = store_writes(recipe, tensors, sizes, out.diagonal)
+    out.memory = peak_memory(recipe, config, tensors, sizes, out.statistics, runs_sequential, out.diagonal)
     return out
 
 
-def store_writes(recipe: Recipe, tensors: dict[str, TensorInfo], sizes: dict[str, int]) -> dict[str, int]:
+def store_writes(recipe: Recipe, tensors: dict[str, TensorInfo], sizes: dict[str, int],
+                 diagonal: bool = False) -> dict[str, int]:
     """About how many bytes each stage adds to the store (package: to the destination), from the headers.
 
-    download: the checkpoint; calibrate: float32 XᵀX of each Linear input per layer (Linears under one
-    parent reading one width counted once); quantize: a byte per quantized weight for each output;
+    download: the checkpoint; calibrate: float32 XᵀX of each Linear input per layer, or with ``diagonal`` its
+    diagonal alone (Linears under one parent reading one width counted once); quantize: a byte per quantized weight for each output;
     convert: the output files, plus the largest once more (written in scratch, then copied in).
     """
     weights = sum(t.numel * ST_DTYPES.get(t.dtype, 4) for n, t in tensors.items() if n == t.name)
     layers = [n for n, t in tensors.items() if ".layers." in n and len(t.shape) == 2 and n.endswith(".weight")]
     inputs = {(n.rsplit(".", 2)[0], tensors[n].shape[1]) for n in layers}
     return {"download": weights,
-            "calibrate": sum(4 * width * width for _, width in inputs),
+            "calibrate": sum(4 * (width if diagonal else width * width) for _, width in inputs),
             "quantize": len(recipe.outputs) * sum(tensors[n].numel for n in layers),
             "convert": sum(sizes.values()) + max(sizes.values(), default=0),
             "package": sum(sizes.values())}

@@ -85,19 +85,24 @@ def invalidated(fields: dict[str, tuple[Any, Any]]) -> dict[str, str]:
     return out
 
 
-def _gathering(before: bool | None, after: bool | None) -> dict[str, str]:
-    """calibrate reruns when a change of method or outputs changes whether it gathers the unquantized
-    model's statistics (sequential methods measure their own inputs), although no calibration field changed."""
+def _gathering(before: str | None, after: str | None) -> dict[str, str]:
+    """calibrate reruns when a change of method or outputs changes what it gathers of the unquantized model's
+    statistics (sequential methods measure their own inputs; an importance matrix alone reads XᵀX's diagonal),
+    although no calibration field changed."""
     if before is None or after is None or before == after:
         return {}
-    return {"calibrate": "the outputs " + ("now read" if after else "no longer read") +
-                         " the unquantized model's statistics (quantize.method, quantize.overrides or outputs)"}
+    why = " (quantize.method, quantize.overrides or outputs)"
+    if "none" in (before, after):
+        return {"calibrate": "the outputs " + ("no longer read" if after == "none" else "now read") +
+                             " the unquantized model's statistics" + why}
+    return {"calibrate": "the outputs now read " + ("XᵀX's diagonal alone (an importance matrix)" if after == "diagonal"
+                                                    else "the whole XᵀX of the unquantized model's statistics") + why}
 
 
-def _statistics(path: Path, root: Path, store_url: str | None) -> bool | None:
-    """Whether the base version's calibrate gathers statistics (None where it cannot be planned)."""
+def _statistics(path: Path, root: Path, store_url: str | None) -> str | None:
+    """What the base version's calibrate gathers (None where it cannot be planned)."""
     try:
-        return plan(load_recipe(path, root=root), store_url).statistics
+        return plan(load_recipe(path, root=root), store_url).gathers
     except UserError:
         return None
 
@@ -120,7 +125,7 @@ def review(root: Path, ref: str, only: list[str], store_url: str | None) -> list
             stages = invalidated(fields) if status == "changed" else {s: status for s in ORDER} if after else {}
             new_plan = plan(load_recipe(head[rel], root=root), store_url) if after else None
             if new_plan and stages and "calibrate" not in stages and "download" not in stages:
-                stages = _gathering(_statistics(base[rel], Path(tmp), store_url), new_plan.statistics) | stages
+                stages = _gathering(_statistics(base[rel], Path(tmp), store_url), new_plan.gathers) | stages
             changes.append(RecipeChange(rel, status, fields, stages, new_plan))
     return changes
 

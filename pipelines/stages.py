@@ -61,12 +61,12 @@ def download(model: ModelSpec, store_url: str, code: str) -> ModelManifest:
 
 
 @_stage("calibrate")
-def calibrate(model: ModelManifest, calibration: CalibrationSpec, statistics: bool, device: str, store_url: str,
-              code: str) -> CalibrationManifest:
+def calibrate(model: ModelManifest, calibration: CalibrationSpec, statistics: bool, diagonal: bool, device: str,
+              store_url: str, code: str) -> CalibrationManifest:
     with _store_writing(store_url) as store:
         return calibrate_mod.calibrate(model, calibration.source, calibration.samples, calibration.seq_len, calibration.seed,
                                        calibration.text_field, device, store, statistics,
-                                       ExpertFallback(**calibration.experts.model_dump()))
+                                       ExpertFallback(**calibration.experts.model_dump()), diagonal)
 
 
 @_stage("quantize")

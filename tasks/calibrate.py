@@ -47,18 +47,21 @@ def _bos(config) -> int:
 
 def calibrate(model: ModelManifest, source: str, samples: int, seq_len: int, seed: int, text_field: str,
               device: str, store: Store, statistics: bool = True,
-              experts: ExpertFallback = ExpertFallback()) -> CalibrationManifest:
+              experts: ExpertFallback = ExpertFallback(), diagonal: bool = False) -> CalibrationManifest:
     torch.manual_seed(seed)
     ids = calibration_tokens(model, source, samples, seq_len, seed, text_field, store)
-    return calibrate_on(model, ids, device, store, statistics, experts).model_copy(update={"source": redact(source)})
+    return calibrate_on(model, ids, device, store, statistics, experts, diagonal).model_copy(
+        update={"source": redact(source)})
 
 
 def calibrate_on(model: ModelManifest, ids: np.ndarray, device: str, store: Store, statistics: bool = True,
-                 experts: ExpertFallback = ExpertFallback()) -> CalibrationManifest:
+                 experts: ExpertFallback = ExpertFallback(), diagonal: bool = False) -> CalibrationManifest:
     """Statistics of the unquantized model on calibration windows ``ids`` (samples, seq_len).
 
     Without ``statistics`` only the windows are stored: a build whose every output runs a sequential
-    method (GPTQ) measures its layers' inputs itself, on the quantized model, and would not read them.
+    method (GPTQ) measures its layers' inputs itself, on the quantized model, and would not read them. With
+    ``diagonal`` each input's ``hessian`` is the diagonal of XᵀX alone (the sum of each column's squares): all an
+    importance matrix reads, when no output fits its layers to XᵀX.
     """
     with store.scratch_file(".safetensors") as tokens_file:
         save_file({"input_ids": ids}, str(tokens_file))
@@ -66,12 +69,12 @@ def calibrate_on(model: ModelManifest, ids: np.ndarray, device: str, store: Stor
     if not statistics:
         return CalibrationManifest(tokens=token_blob, stats=[], count=int(ids.size), experts=experts)
     with freed_memory_kept():
-        stats = _layer_statistics(model, ids, device, store, experts)
+        stats = _layer_statistics(model, ids, device, store, experts, diagonal)
     return CalibrationManifest(tokens=token_blob, stats=stats, count=int(ids.size), experts=experts)
 
 
 def _layer_statistics(model: ModelManifest, ids: np.ndarray, device: str, store: Store,
-                      experts: ExpertFallback) -> list[Blob]:
+                      experts: ExpertFallback, diagonal: bool) -> list[Blob]:
     """Per decoder layer, a stored file of its Linear inputs' moments."""
     model_dir = materialize(store, model.files)
     config, weights = model_dir.config(), model_dir.weights()
@@ -84,7 +87,8 @@ def _layer_statistics(model: ModelManifest, ids: np.ndarray, device: str, store:
         tensors = relative(weights.load(weights.layer_names(i)), weights.prefix(i))
         layer = decoder.layer(i, tensors)
         structure = decoder.structure(i, layer, hidden)
-        moments, hidden = measure_layer(decoder, i, layer, hidden, structure, widths(tensors, structure), experts, dev)
+        moments, hidden = measure_layer(decoder, i, layer, hidden, structure, widths(tensors, structure), experts, dev,
+                                        diagonal=diagonal)
         arrays = {}
         for key, m in moments.items():
             arrays |= {f"{key}.hessian": m.hessian(), f"{key}.mean_abs": m.mean_abs(), f"{key}.max_abs": m.max_abs(),
@@ -103,9 +107,9 @@ def widths(tensors: dict, structure: LayerStructure) -> dict[str, int]:
 
 def measure_layer(decoder: Decoder, i: int, layer: torch.nn.Module, hidden: torch.Tensor, structure: LayerStructure,
                   width: dict[str, int], experts: ExpertFallback, device: torch.device,
-                  histogram: bool = False) -> tuple[dict[str, Moments], torch.Tensor]:
+                  histogram: bool = False, diagonal: bool = False) -> tuple[dict[str, Moments], torch.Tensor]:
     """The Moments of every input of layer ``i`` on ``hidden`` (experts' fallbacks applied), and its output."""
-    recorder = InputRecorder(structure.groups, width, device, histogram)
+    recorder = InputRecorder(structure.groups, width, device, histogram, diagonal)
     with decoder.reading(i, layer, recorder.add):
         out = decoder.run_layer(i, layer, hidden)
     return with_expert_fallbacks(decoder, i, layer, hidden, structure, recorder.moments, width, experts, device), out
@@ -127,19 +131,21 @@ def with_expert_fallbacks(decoder: Decoder, i: int, layer: torch.nn.Module, hidd
     if experts.fallback != "all_tokens":
         return moments
     histogram = any(m.abs_hist is not None for m in moments.values())
-    recorder = InputRecorder({k: structure.groups[k] for k in routed}, width, device, histogram)
+    diagonal = any(m.upper is None for m in moments.values())
+    recorder = InputRecorder({k: structure.groups[k] for k in routed}, width, device, histogram, diagonal)
     with decoder.reading_all_tokens(i, layer, {structure.groups[k] for k in routed}, recorder.add):
         decoder.run_layer(i, layer, hidden)
     return moments | recorder.moments
 
 
 class Moments:
-    """Running sum of x^T x (its upper panels), sum and max of |x| per channel, and with ``histogram`` a histogram
-    of |x| (for static activation scales: it costs a fifth to a third of the rest), over the rows of one Linear's
-    inputs."""
+    """Running sum of x^T x (its upper panels; with ``diagonal`` only its diagonal, each column's sum of squares),
+    sum and max of |x| per channel, and with ``histogram`` a histogram of |x| (for static activation scales: it
+    costs a fifth to a third of the rest), over the rows of one Linear's inputs."""
 
-    def __init__(self, width: int, device: torch.device, histogram: bool = False):
-        self.upper = torch.zeros(width, width, dtype=torch.float32, device=device)
+    def __init__(self, width: int, device: torch.device, histogram: bool = False, diagonal: bool = False):
+        self.upper = None if diagonal else torch.zeros(width, width, dtype=torch.float32, device=device)
+        self.squares = torch.zeros(width, dtype=torch.float32, device=device) if diagonal else None
         self.abs_sum = torch.zeros(width, dtype=torch.float32, device=device)
         self.abs_max = torch.zeros(width, dtype=torch.float32, device=device)
         self.abs_hist = torch.zeros(HIST_BINS, dtype=torch.float64, device=device) if histogram else None
@@ -147,7 +153,10 @@ class Moments:
 
     def add(self, x: torch.Tensor) -> None:
         x = x.reshape(-1, x.shape[-1]).to(torch.float32)
-        add_gram_upper(self.upper, x)
+        if self.upper is None:
+            self.squares += x.square().sum(dim=0)
+        else:
+            add_gram_upper(self.upper, x)
         a = x.abs()
         self.abs_sum += a.sum(dim=0)
         if len(a):  # an expert may be routed no token of a batch
@@ -157,7 +166,10 @@ class Moments:
         self.count += x.shape[0]
 
     def hessian(self) -> np.ndarray:
-        """The full x^T x; call once, when every input is added (the upper blocks are mirrored in place)."""
+        """The full x^T x, or its diagonal (1-D) where only that is gathered; call once, when every input is added
+        (the upper blocks are mirrored in place)."""
+        if self.upper is None:
+            return self.squares.cpu().numpy()
         return mirror_upper(self.upper).cpu().numpy()
 
     def mean_abs(self) -> np.ndarray:
@@ -188,8 +200,8 @@ class InputRecorder:
     so a tensor read by q, k and v is added once)."""
 
     def __init__(self, groups: dict[str, tuple[str, ...]], width: dict[str, int], device: torch.device,
-                 histogram: bool = False):
-        self.moments = {key: Moments(width[key], device, histogram) for key in groups}
+                 histogram: bool = False, diagonal: bool = False):
+        self.moments = {key: Moments(width[key], device, histogram, diagonal) for key in groups}
 
     def add(self, units: tuple[str, ...], x: torch.Tensor) -> None:
         if units[0] in self.moments:

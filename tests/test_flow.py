@@ -209,9 +209,9 @@ def test_rerun_in_a_new_process_hits_every_stage_without_running_bodies(built: d
 
 def test_an_up_to_date_build_is_found_by_the_flows_keys_without_torch_or_prefect(built: dict, prefect_env) -> None:
     """`quantfab run` on an unchanged, published build answers from the store alone. The keys it finds are
-    the ones the flow recorded, calibrate's included (group and gptq's GGUF outputs ship an importance matrix
-    made from the statistics, rtn's do not, and both records are in this store), and neither torch, transformers
-    nor Prefect is imported."""
+    the ones the flow recorded, calibrate's included (group fits codes to XᵀX; gptq measures its own inputs, so its
+    GGUF outputs' importance matrices read XᵀX's diagonal alone; rtn's outputs ship none: three calibrations, all
+    recorded in this store), and neither torch, transformers nor Prefect is imported."""
     from quantfab.pipelines.uptodate import up_to_date
     from quantfab.tasks.builds import read_builds
 
@@ -224,8 +224,8 @@ def test_an_up_to_date_build_is_found_by_the_flows_keys_without_torch_or_prefect
         keys[method] = {stage: cached.key for stage, cached in found.items()}
         flow = [r for r in read_builds(store) if r.destination == str(b["dest"]) and r.status == "published"][-1]
         assert keys[method] == flow.results
-    assert keys["group"]["download"] == keys["rtn"]["download"] and keys["group"]["calibrate"] != keys["rtn"]["calibrate"]
-    assert keys["group"]["calibrate"] == keys["gptq"]["calibrate"]  # both read the unquantized model's statistics
+    assert keys["group"]["download"] == keys["rtn"]["download"] == keys["gptq"]["download"]
+    assert len({keys[m]["calibrate"] for m in ("rtn", "group", "gptq")}) == 3  # none, XᵀX, its diagonal
     assert up_to_date(load_recipe(RECIPE, [*built["gptq"]["overrides"], "validate.tokens=2048"]), store) is None
 
     code = ("import sys\nfrom quantfab.pipelines.cli import main\nrc = main(sys.argv[1:])\n"

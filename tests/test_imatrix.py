@@ -19,7 +19,7 @@ from quantfab.tasks import calibrate as calibrate_mod
 from quantfab.tasks import download as download_mod
 from quantfab.tasks.convert.stage import convert
 from quantfab.tasks.download import materialize
-from quantfab.tasks.quantize.assign import reads_statistics
+from quantfab.tasks.quantize.assign import reads_full_statistics, reads_statistics
 from quantfab.tasks.quantize.stage import quantize
 from quantfab.tasks.store import Store
 
@@ -40,9 +40,10 @@ class Build:
         folder = materialize(store, self.model.files)
         config, weights = folder.config(), folder.weights()
         statistics = reads_statistics(config, weights.tensors, r.quantize, list(r.outputs))
+        diagonal = statistics and not reads_full_statistics(config, weights.tensors, r.quantize, list(r.outputs))
         self.calibration = calibrate_mod.calibrate(self.model, r.calibration.source, r.calibration.samples,
                                                    r.calibration.seq_len, r.calibration.seed, r.calibration.text_field,
-                                                   "cpu", store, statistics)
+                                                   "cpu", store, statistics, diagonal=diagonal)  # as the flow decides
         self.quantized = quantize(self.model, self.calibration, r.quantize, r.outputs, "cpu", store)
         self.converted = convert(self.model, self.quantized, r.outputs, r.name, store, self.calibration)
         self.folder = folder
@@ -233,3 +234,46 @@ def test_rtn_with_our_imatrix_writes_llama_quantizes_bytes(tmp_path: Path) -> No
         for t in gguf.GGUFReader(theirs).tensors:
             assert ours[t.name].tensor_type == t.tensor_type, (o.key, t.name)
             assert np.array_equal(np.asarray(ours[t.name].data), np.asarray(t.data)), (o.key, t.name, t.tensor_type.name)
+
+
+def test_rtn_alone_gathers_the_diagonal_only_and_it_is_xtxs(build: Build, tmp_path: Path) -> None:
+    """With nothing but an importance matrix reading them (rtn, no module report), calibrate stores each input's
+    column sums of squares, not XᵀX: widths, not widths squared; they equal XᵀX's diagonal (float32 sums in
+    another order), and so do the importance matrices made from either. A module report asks for XᵀX again."""
+    folder = build.folder
+    config, tensors = folder.config(), folder.weights().tensors
+    r = build.recipe
+    assert reads_statistics(config, tensors, r.quantize, list(r.outputs))
+    assert not reads_full_statistics(config, tensors, r.quantize, list(r.outputs))
+    report = load_recipe(RECIPE, ["quantize.method=rtn", "quantize.module_report=true", "outputs=[{gguf: Q4_K_M}]"])
+    assert reads_full_statistics(config, tensors, report.quantize, list(report.outputs))
+    full = calibrate_mod.calibrate(build.model, r.calibration.source, r.calibration.samples, r.calibration.seq_len,
+                                   r.calibration.seed, r.calibration.text_field, "cpu", build.store, True)
+    for diagonal_blob, full_blob in zip(build.calibration.stats, full.stats):
+        with safe_open(str(build.store.local_path(diagonal_blob)), framework="np") as d, \
+                safe_open(str(build.store.local_path(full_blob)), framework="np") as f:
+            for key in (k for k in d.keys() if k.endswith(".hessian")):
+                squares, xtx = d.get_tensor(key), f.get_tensor(key)
+                assert squares.shape == (xtx.shape[0],) and xtx.shape == (xtx.shape[0],) * 2
+                np.testing.assert_allclose(squares, np.diag(xtx), rtol=1e-5)
+                assert d.get_tensor(key.replace("hessian", "count")) == f.get_tensor(key.replace("hessian", "count"))
+
+
+def test_plan_counts_the_diagonal_and_review_says_when_xtx_comes_back(build: Build, tmp_path: Path) -> None:
+    """plan estimates calibrate's store writes and memory from what it will gather: rtn with an importance matrix,
+    each input's width in float32; group, which fits codes to XᵀX, widths squared; review names the change."""
+    from quantfab.pipelines.plan import plan
+    from quantfab.pipelines.review import _gathering
+
+    rtn = plan(load_recipe(RECIPE, ["quantize.method=rtn", "outputs=[{gguf: Q4_K_M}]"]), str(tmp_path / "store"))
+    group = plan(load_recipe(RECIPE, ["quantize.method=group", "outputs=[{gguf: Q4_K_M}]"]), str(tmp_path / "store"))
+    assert (rtn.gathers, group.gathers) == ("diagonal", "full")
+    widths = [128, 128, 384]  # per layer, one per parent and width (plan's count): self_attn's, mlp's two
+    layers = int(build.folder.config().num_hidden_layers)
+    assert rtn.writes["calibrate"] == layers * sum(4 * w for w in widths)
+    assert group.writes["calibrate"] == layers * sum(4 * w * w for w in widths)
+    assert rtn.memory["calibrate"] < group.memory["calibrate"]
+    assert _gathering("diagonal", "full") == {"calibrate": "the outputs now read the whole XᵀX of the unquantized "
+                                              "model's statistics (quantize.method, quantize.overrides or outputs)"}
+    assert _gathering("full", "diagonal")["calibrate"].startswith("the outputs now read XᵀX's diagonal alone")
+    assert _gathering("none", "diagonal")["calibrate"].startswith("the outputs now read the unquantized model's")

@@ -46,7 +46,8 @@ def importance(calibration: CalibrationManifest, weights: WeightIndex, store: St
             # importing the calibrate stage: the file's digest in the manifest already keys what convert reads)
             groups = json.loads(f.metadata()["structure"])["groups"]
             for key, units in groups.items():
-                sums = np.diag(f.get_tensor(f"{key}.hessian")).astype(np.float32)
+                hessian = f.get_tensor(f"{key}.hessian")  # XᵀX, or its diagonal alone
+                sums = (hessian if hessian.ndim == 1 else np.diag(hessian)).astype(np.float32)
                 count = int(f.get_tensor(f"{key}.count"))
                 for unit in units:
                     out[f"{weights.prefix(i)}{unit}.weight"] = (sums, count)

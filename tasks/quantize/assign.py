@@ -106,21 +106,28 @@ def assign_layers(config, tensors: dict[str, TensorInfo], quant: Any, fmt: Any, 
 
 
 def reads_statistics(config, tensors: dict[str, TensorInfo], quant: Any, outputs: list) -> bool:
-    """Whether any output fits its layers to the calibrate stage's statistics of the unquantized model.
+    """Whether any output reads the calibrate stage's statistics of the unquantized model: it fits its layers to
+    them (``reads_full_statistics``), or it ships an importance matrix (GGUF's), which is their diagonal."""
+    from quantfab.tasks.convert import FORMATS  # on demand: loading a recipe imports this module, not the formats
+
+    return (any(FORMATS[o.format].ships_importance(o) for o in outputs)
+            or reads_full_statistics(config, tensors, quant, outputs))
+
+
+def reads_full_statistics(config, tensors: dict[str, TensorInfo], quant: Any, outputs: list) -> bool:
+    """Whether any output fits its layers to the unquantized model's statistics, XᵀX whole: where none does,
+    calibrate gathers the diagonal alone for an importance matrix (a 70B's XᵀX are hundreds of GB).
 
     An output with a module on a sequential method carries hidden states through the quantized model
     and measures every layer's inputs there, for all its methods; of the others, those with a method that
     reads its inputs (group, awq) read them, and those of rtn or nf4 alone only for the module report. An output
     with static activation scales measures its inputs as a sequential one does. SmoothQuant reads them for every
-    output. NVFP4 needs the pass for which Linears read one input (they share a global scale). A GGUF output
-    shipping an importance matrix reads them whatever its method.
+    output. NVFP4 needs the pass for which Linears read one input (they share a global scale).
     """
     from quantfab.tasks.convert import FORMATS  # on demand: loading a recipe imports this module, not the formats
     from quantfab.tasks.quantize import METHODS
 
     for o in outputs:
-        if FORMATS[o.format].ships_importance(o):  # llama.cpp's importance matrix is their diagonal
-            return True
         if not FORMATS[o.format].stores_codes(o):
             continue
         if quant.smoothquant is not None:  # its scales come from the unquantized model's input ranges

@@ -220,7 +220,7 @@ def _commit(result: LayerResult, plan: dict[str, Assignment], tensors: dict[str,
         # (AWQ: the scaled weight and the scaled inputs, whose product is the original's).
         fitted = result.fitted.get(lin, tensors[f"{lin}.weight"])
         stats = result.stats.get(lin)
-        error = stats.relative_output_error(fitted, grid.decode(enc), device) if stats else None
+        error = stats.relative_output_error(fitted, grid.decode(enc), device) if stats and not stats.diagonal_only else None
         scale = None
         if static_inputs:  # measured on the layers as built, so the histogram is there (never a scaled one)
             assert stats is not None and stats.abs_hist is not None, f"{prefix}{lin}: no input histogram"
