@@ -24,7 +24,7 @@ from quantfab.pipelines.recipe import Recipe
 from quantfab.tasks import manifests
 from quantfab.tasks.download import materialize
 from quantfab.tasks.manifests import ModelManifest
-from quantfab.tasks.quantize.assign import reads_full_statistics, reads_statistics
+from quantfab.tasks.quantize.assign import reads_full_statistics, ships_importance
 from quantfab.tasks.redact import redact
 from quantfab.tasks.store import Store
 
@@ -127,7 +127,7 @@ def stage_inputs(stage: str, recipe: Recipe, store_url: str, up: dict[str, Any])
         return {"model": files, "calibration": up["calibrate"], "quantize": recipe.quantize,
                 "outputs": list(recipe.outputs), "device": device, **common}
     if stage == "convert":  # the calibration only for an importance matrix: else rtn's convert stays cached
-        calibration = up["calibrate"] if _ships_importance(recipe) else None
+        calibration = up["calibrate"] if ships_importance(list(recipe.outputs)) else None
         return {"model": files, "calibration": calibration, "quantized": up["quantize"],
                 "outputs": list(recipe.outputs), "name": recipe.name, **common}
     if stage == "validate":
@@ -138,17 +138,11 @@ def stage_inputs(stage: str, recipe: Recipe, store_url: str, up: dict[str, Any])
             "destination": recipe.package.destination, "version": dist_version("quantfab"), **common}
 
 
-def _ships_importance(recipe: Recipe) -> bool:
-    from quantfab.tasks.convert import FORMATS  # on demand, as reads_statistics imports it
-
-    return any(FORMATS[o.format].ships_importance(o) for o in recipe.outputs)
-
-
 def _reads_statistics(model: ModelManifest, recipe: Recipe, store: Store) -> tuple[bool, bool]:
     """Whether any output reads the statistics, and whether any reads the whole XᵀX (else: its diagonal)."""
     config, tensors = materialize(store, model.files, verify=False).frozen(store.memo_dir())  # config and headers only
-    args = (config, tensors, recipe.quantize, list(recipe.outputs))
-    return reads_statistics(*args), reads_full_statistics(*args)
+    full = reads_full_statistics(config, tensors, recipe.quantize, list(recipe.outputs))
+    return full or ships_importance(list(recipe.outputs)), full
 
 
 def cached_result(store: Store, key: str) -> BaseModel | None:

@@ -23,7 +23,7 @@ from quantfab.tasks.manifests import Manifest
 from quantfab.tasks.modelio import ST_DTYPES, ModelDir, TensorInfo, check_against_config, read_headers
 from quantfab.tasks.model_structure import BATCH, FrozenConfig, alias_tied_embeddings, frozen_config, layout
 from quantfab.tasks.malloc import KEEP
-from quantfab.tasks.quantize.assign import assign_layers, measures_inputs, reads_full_statistics, reads_statistics
+from quantfab.tasks.quantize.assign import assign_layers, measures_inputs, reads_full_statistics, ships_importance
 from quantfab.tasks.store import Store, filesystem, free_bytes
 
 
@@ -192,8 +192,9 @@ def plan(recipe: Recipe, store_url: str | None) -> Plan:
         out.nominal[o.key] = nominal * 8 / params
         out.fallbacks[o.key] = differences.fallbacks(fmt, o, config, tensors, {a.module: a.fallback for a in assigned})
     sizes = {k: v[0] for k, v in out.sizes.items() if not isinstance(v, str)}
-    out.statistics = reads_statistics(config, tensors, recipe.quantize, list(recipe.outputs))
-    out.diagonal = out.statistics and not reads_full_statistics(config, tensors, recipe.quantize, list(recipe.outputs))
+    full = reads_full_statistics(config, tensors, recipe.quantize, list(recipe.outputs))
+    out.statistics = full or ships_importance(list(recipe.outputs))
+    out.diagonal = out.statistics and not full
     out.writes = store_writes(recipe, tensors, sizes, out.diagonal)
     out.memory = peak_memory(recipe, config, tensors, sizes, out.statistics, runs_sequential, out.diagonal)
     return out

@@ -106,18 +106,22 @@ class HFFolderFormat:
 
 
 def write_folder(path: Path, model: ModelDir, quantization_config: dict[str, Any], planned: list[PlannedTensor],
-                 tensor_data: Callable[[PlannedTensor], dict[str, torch.Tensor]]) -> None:
+                 tensor_data: Callable[[PlannedTensor], dict[str, torch.Tensor]], config_extra: dict[str, Any] | None = None,
+                 file_format: str = "pt") -> None:
+    """The folder: config.json with ``quantization_config`` (and ``config_extra``'s keys), the tokenizer files, the
+    shards, whose metadata names ``file_format`` (mlx-lm writes "mlx", save_pretrained "pt")."""
     path.mkdir(parents=True)
     config = json.loads((model.path / "config.json").read_text())
     config["quantization_config"] = quantization_config
+    config.update(config_extra or {})
     (path / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     for f in TOKENIZER_FILES:
         if (model.path / f).is_file():
             shutil.copyfile(model.path / f, path / f)
-    _write_shards(path, planned, tensor_data)
+    _write_shards(path, planned, tensor_data, file_format)
 
 
-def _write_shards(path: Path, planned: list[PlannedTensor], tensor_data: Callable) -> None:
+def _write_shards(path: Path, planned: list[PlannedTensor], tensor_data: Callable, file_format: str) -> None:
     """model.safetensors, or model-0000i-of-0000n.safetensors plus the index past SHARD_BYTES."""
     shards: list[Path] = []
     current: dict[str, torch.Tensor] = {}
@@ -125,7 +129,7 @@ def _write_shards(path: Path, planned: list[PlannedTensor], tensor_data: Callabl
 
     def flush() -> None:
         shards.append(path / f"part-{len(shards) + 1}.safetensors")
-        safetensors_torch.save_file(current, str(shards[-1]), metadata={"format": "pt"})
+        safetensors_torch.save_file(current, str(shards[-1]), metadata={"format": file_format})
         current.clear()
 
     for t in planned:

@@ -6,14 +6,12 @@ the checkpoint's float type; value = scales * u + biases. config.json carries ``
 ``quantization_config``): the default ``group_size``, ``bits`` and ``mode: affine``, and an entry per Linear whose
 bits or group differ (``quantize.overrides``: mixed precision, as mlx-lm's own mixed recipes write it). Like
 mlx-lm's convert, the embedding (and an untied head) are quantized too, by MLX's own rule, where their rows
-divide by the group; Linears whose rows do not stay float. One ``model.safetensors`` with metadata
-``format: mlx``.
+divide by the group; Linears whose rows do not stay float. Safetensors shards as save_pretrained cuts them, with
+metadata ``format: mlx``.
 """
 
 from __future__ import annotations
 
-import json
-import shutil
 from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Literal
@@ -22,8 +20,8 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from quantfab.kernels.verdict import Verdict, compare
-from quantfab.tasks.convert.hf_folder import (TOKENIZER_FILES, FolderWeights, HFFolderFormat, PlannedTensor,
-                                             model_dtype, plan_tensors)
+from quantfab.tasks.convert.hf_folder import (FolderWeights, HFFolderFormat, PlannedTensor, model_dtype, plan_tensors,
+                                             write_folder)
 from quantfab.tasks.errors import UserError
 from quantfab.tasks.families import EXPERT_KEYS
 from quantfab.tasks.modelio import ModelDir, TensorInfo
@@ -87,7 +85,7 @@ class MLXFormat(HFFolderFormat):
             raise UserError(f"mlx: model_type {config.model_type!r} has experts, which mlx-lm stacks into one "
                             "switch_mlp tensor per layer and matrix (scales and biases too); quantfab writes them one "
                             "per expert, so mlx-lm would not load the folder yet: use gguf or compressed-tensors")
-        tag = SCALE_TYPE[options.dtype or str(model_dtype(config)).removeprefix("torch.")]
+        tag = _scale_type(_dtype(options, config))
         return {name.removesuffix(".weight"): tag for name, t in tensors.items() if len(t.shape) == 2}
 
     def grid_for(self, options: MLXOptions, want: GridRequest, preset: str | None = None) -> Grid | None:
@@ -104,8 +102,8 @@ class MLXFormat(HFFolderFormat):
     def plan(self, options: MLXOptions, config, tensors: dict[str, TensorInfo], grids: dict[str, str | None],
              as_asked: bool = False) -> list[PlannedTensor]:
         """The HF tensors, the embedding and an untied head on the output's default grid where they fit it."""
-        dtype = getattr(torch, options.dtype) if options.dtype else model_dtype(config)
-        tag = SCALE_TYPE[str(dtype).removeprefix("torch.")]
+        dtype = _dtype(options, config)
+        tag = _scale_type(dtype)
         own = {m: f"MLX{BITS[options.type]}_G{options.group_size}_{tag}" for m in OWN
                if f"{m}.weight" in tensors and tensors[f"{m}.weight"].shape[1] % options.group_size == 0}
         planned = plan_tensors(config, tensors, {**own, **grids}, type(self).packed_bytes)
@@ -121,7 +119,6 @@ class MLXFormat(HFFolderFormat):
 
     def write(self, path: Path, options: MLXOptions, model: ModelDir, planned: list[PlannedTensor],
               tensor_data: Callable[[PlannedTensor], dict[str, torch.Tensor]], name: str) -> None:
-        path.mkdir(parents=True)
         default = {"group_size": options.group_size, "bits": BITS[options.type], "mode": "affine"}
         quantization: dict = dict(default)
         for t in planned:
@@ -130,18 +127,8 @@ class MLXFormat(HFFolderFormat):
                 if (grid.bits, grid.block) != (default["bits"], default["group_size"]):
                     quantization[t.hf_name.removesuffix(".weight")] = {"group_size": grid.block, "bits": grid.bits,
                                                                       "mode": "affine"}
-        config = json.loads((model.path / "config.json").read_text())
-        config.pop("quantization_config", None)
-        config["quantization"] = config["quantization_config"] = quantization
-        config["torch_dtype"] = str(planned[0].dtype).removeprefix("torch.") if planned else config.get("torch_dtype")
-        (path / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        for f in TOKENIZER_FILES:
-            if (model.path / f).is_file():
-                shutil.copyfile(model.path / f, path / f)
-        tensors: dict[str, torch.Tensor] = {}
-        for t in planned:
-            tensors.update(tensor_data(t))
-        safetensors_torch.save_file(tensors, str(path / "model.safetensors"), metadata={"format": "mlx"})
+        write_folder(path, model, quantization, planned, tensor_data,
+                     {"quantization": quantization, "torch_dtype": str(planned[0].dtype).removeprefix("torch.")}, "mlx")
 
     def pack(self, t: PlannedTensor, enc: Encoded) -> dict[str, torch.Tensor]:
         grid = grid_named(t.grid or "")
@@ -156,6 +143,15 @@ class MLXFormat(HFFolderFormat):
 
     def verify(self, folder: FolderWeights, t: PlannedTensor, expected: np.ndarray) -> Verdict:
         return compare(decode_mlx(t.hf_name.removesuffix(".weight"), folder).numpy(), expected, 0.0)
+
+
+def _dtype(options: MLXOptions, config) -> torch.dtype:
+    """The folder's float type: the option's, else the model's (as mlx-lm's convert)."""
+    return getattr(torch, options.dtype) if options.dtype else model_dtype(config)
+
+
+def _scale_type(dtype: torch.dtype) -> str:
+    return SCALE_TYPE[str(dtype).removeprefix("torch.")]
 
 
 def decode_mlx(module: str, folder: FolderWeights) -> torch.Tensor:

@@ -108,10 +108,14 @@ def assign_layers(config, tensors: dict[str, TensorInfo], quant: Any, fmt: Any, 
 def reads_statistics(config, tensors: dict[str, TensorInfo], quant: Any, outputs: list) -> bool:
     """Whether any output reads the calibrate stage's statistics of the unquantized model: it fits its layers to
     them (``reads_full_statistics``), or it ships an importance matrix (GGUF's), which is their diagonal."""
+    return ships_importance(outputs) or reads_full_statistics(config, tensors, quant, outputs)
+
+
+def ships_importance(outputs: list) -> bool:
+    """Whether any output ships llama.cpp's importance matrix (made by convert from the calibration)."""
     from quantfab.tasks.convert import FORMATS  # on demand: loading a recipe imports this module, not the formats
 
-    return (any(FORMATS[o.format].ships_importance(o) for o in outputs)
-            or reads_full_statistics(config, tensors, quant, outputs))
+    return any(FORMATS[o.format].ships_importance(o) for o in outputs)
 
 
 def reads_full_statistics(config, tensors: dict[str, TensorInfo], quant: Any, outputs: list) -> bool:

@@ -20,8 +20,7 @@ from quantfab.tasks.quantize.float_grids import FP8BlockGrid, FP8ChannelGrid, FP
 from quantfab.tasks.quantize.fp4_grids import MXFP4Grid, NVFP4Grid
 from quantfab.tasks.quantize.iq_grids import IQ4_GRIDS
 from quantfab.tasks.quantize.mlx_grid import MLXAffineGrid
-from quantfab.tasks.quantize.kquants import (K_GRIDS, WEIGHTED_SEARCH, importance_weights, row_sums_of_squares,
-                                             search)
+from quantfab.tasks.quantize.kquants import K_GRIDS, WEIGHTED_SEARCH, importance_weights, search
 from quantfab.tasks.lazy import lazy
 
 torch = lazy("torch")
@@ -71,8 +70,7 @@ class SignedMaxGrid(SymmetricGrid):
         """quantize_row_q{4,5}_0_impl: each block's scale fitted to the importance-weighted error (make_qx_quants),
         its codes the search's."""
         x = w.reshape(-1, self.block).astype(np.float32)
-        sigma2 = np.repeat(row_sums_of_squares(w) / np.float32(w.shape[1]), w.shape[1] // self.block)
-        scale, codes = search.search_signed_scale(x, importance_weights(x, importance, sigma2), -self.qmin)
+        scale, codes = search.search_signed_scale(x, importance_weights(x, importance, w.shape[1], 1.0), -self.qmin)
         return Encoded((codes + self.qmin).reshape(w.shape).astype(np.int8),
                        self.store_scale(scale).reshape(w.shape[0], -1), None)
 
@@ -103,8 +101,7 @@ class MinMaxGrid(AsymmetricGrid):
         """quantize_row_q{4,5}_1_impl: each block's scale and min fitted to the importance-weighted error
         (make_qkx3_quants), its codes the search's."""
         x = w.reshape(-1, self.block).astype(np.float32)
-        sigma2 = np.repeat(row_sums_of_squares(w) / np.float32(w.shape[1]), w.shape[1] // self.block)
-        scale, mins, codes = search.search_min_scale(x, importance_weights(x, importance, sigma2), self.qmax,
+        scale, mins, codes = search.search_min_scale(x, importance_weights(x, importance, w.shape[1], 1.0), self.qmax,
                                                      *WEIGHTED_SEARCH)
         blocks = (w.shape[0], w.shape[1] // self.block)
         return Encoded(codes.reshape(w.shape).astype(np.int8), self.store_scale(scale).reshape(blocks),

@@ -19,7 +19,8 @@ from __future__ import annotations
 import numpy as np
 
 from quantfab.tasks.quantize.grid_base import Encoded, Grid, inverse_or_zero
-from quantfab.tasks.quantize.kquants import GROUP_MAX_EPS, _columns, _fp16, _signed_extreme, nearest_int, row_sums_of_squares
+from quantfab.tasks.quantize.kquants import (GROUP_MAX_EPS, _columns, _fp16, _signed_extreme, importance_weights,
+                                             nearest_int)
 
 F = np.float32
 KVALUES = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], np.float32)  # kvalues_iq4nl
@@ -77,9 +78,7 @@ class IQ4NLGrid(Grid):
         """x * x, or qw * sqrt(sigma2 + x^2) with sigma2 = 2 * mean x^2 over the span (llama.cpp's weights)."""
         if importance is None:
             return (x * x).astype(F)
-        sigma2 = row_sums_of_squares(x.reshape(-1, self.span)) * (F(2) / F(self.span))
-        qw = np.tile(importance.astype(F).reshape(-1, self.block), (x.size // importance.size, 1))
-        return (qw * np.sqrt(np.repeat(sigma2, self.span // self.block)[:, None] + x * x)).astype(F)
+        return importance_weights(x, importance, self.span, 2.0)
 
     def reference(self, w: np.ndarray, importance: np.ndarray | None = None) -> Encoded:
         x = w.reshape(-1, self.block).astype(F)

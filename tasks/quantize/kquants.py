@@ -76,10 +76,13 @@ def row_sums_of_squares(x: np.ndarray) -> np.ndarray:
     return total
 
 
-def importance_weights(x: np.ndarray, importance: np.ndarray, sigma2: np.ndarray) -> np.ndarray:
+def importance_weights(x: np.ndarray, importance: np.ndarray, span: int, factor: float) -> np.ndarray:
     """llama.cpp's weights under an importance matrix, qw * sqrt(sigma2 + x^2), for blocks ``x`` (rows of one block,
-    in memory order) of a tensor whose columns have ``importance``; ``sigma2`` per block."""
-    qw = np.tile(importance.astype(F).reshape(-1, x.shape[1]), (len(x) * x.shape[1] // importance.size, 1))
+    in memory order) of a tensor whose columns have ``importance``: sigma2 = factor * (sum of x^2 over the ``span``
+    holding the block) / span, the *_impl functions' (span: a super-block, or the whole row for Q4_0..Q5_1)."""
+    block = x.shape[1]
+    sigma2 = np.repeat(F(factor) * row_sums_of_squares(x.reshape(-1, span)) / F(span), span // block)
+    qw = np.tile(importance.astype(F).reshape(-1, block), (x.size // importance.size, 1))
     return (qw * np.sqrt(sigma2[:, None] + x * x)).astype(F)
 
 
@@ -302,10 +305,6 @@ class KGrid(Grid):
             return enc.extra
         return self.split(enc.d.reshape(-1), None if enc.m is None else enc.m.reshape(-1))
 
-    def super_sigma2(self, x: np.ndarray, factor: float) -> np.ndarray:
-        """Per sub-block, factor * (sum of x^2 over its super-block) / 256: the *_impl functions' sigma2."""
-        sums = row_sums_of_squares(x.reshape(-1, SUPER))
-        return np.repeat(F(factor) * sums / F(SUPER), SUPER // self.block)
 
 
 class MinKGrid(KGrid, AsymmetricGrid):
@@ -345,7 +344,7 @@ class MinKGrid(KGrid, AsymmetricGrid):
         then the super-block's scale and min searched for those (make_qp_quants, weighted by each sub-block's
         weight), where the reference maps the largest to the top integer."""
         x = self.subblocks(w)
-        weights = importance_weights(x, importance, self.super_sigma2(x, self.sigma_factor))
+        weights = importance_weights(x, importance, SUPER, self.sigma_factor)
         scales, mins, codes = search.search_min_scale(x, weights, self.qmax, *WEIGHTED_SEARCH)
         per_block = self.per_super(row_sums(weights))
         d, sc = search_positive_scale_reference(self.per_super(scales), per_block, self.levels)
@@ -463,7 +462,7 @@ class Q3_K(SignedKGrid):
         """quantize_row_q3_K_impl: sub-block scales fitted to the importance-weighted error (make_qx_quants),
         then the super-block scale and the 6-bit integers fitted to them, weighted by each sub-block's weight."""
         x = self.subblocks(w)
-        weights = importance_weights(x, importance, self.super_sigma2(x, 2.0))
+        weights = importance_weights(x, importance, SUPER, 2.0)
         scales, codes = search.search_signed_scale(x, weights, -self.qmin)
         d, sc = search.search_signed_scale(self.per_super(scales), self.per_super(row_sums(weights)), -self.scale_min)
         d = _fp16(d)
