@@ -8,6 +8,9 @@ forward on the recipe's validation windows (PPL, KL against fp32, top-1). Needs 
 (bench/consumers/build_llama_cpp_tools.sh).
 
     python bench/imatrix_vs_llama_cpp.py --tools ../llama-cpp-tools [--types Q4_0,Q4_K_M] [--methods rtn,gptq]
+        [--model DIR]   # another model with the recipe's tokenizer (bench/train_tinystories_256.py's)
+
+A file type llama.cpp quantizes only with an importance matrix (IQ1_*, IQ2_*, IQ3_XXS/XS) is built with one only.
 """
 
 from __future__ import annotations
@@ -28,9 +31,10 @@ from quantfab.pipelines.recipe_loading import load_recipe
 from quantfab.tasks import calibrate as calibrate_mod
 from quantfab.tasks import download as download_mod
 from quantfab.tasks import validate as validate_mod
-from quantfab.tasks.convert.gguf import GGUFOptions, GGUFTensors
+from quantfab.tasks.convert.gguf import GGUFFormat, GGUFOptions, GGUFTensors
 from quantfab.tasks.convert.stage import convert
 from quantfab.tasks.download import materialize
+from quantfab.tasks.errors import UserError
 from quantfab.tasks.quantize.stage import quantize
 from quantfab.tasks.store import Store
 
@@ -43,13 +47,15 @@ def main() -> None:
     ap.add_argument("--types", default="Q4_0,Q4_K_M,Q3_K_M,Q2_K")
     ap.add_argument("--methods", default="rtn,gptq")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--model", help="model.source instead of the recipe's (a folder or URL)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     os.environ["QUANTFAB_THREADS"] = str(args.threads)
     types = args.types.split(",")
     with tempfile.TemporaryDirectory() as tmp:
         store = Store(tmp)
-        base = load_recipe(RECIPE, ["outputs=[{format: gguf, type: F32, imatrix: true}]"])
+        chosen = [f"model.source={args.model}"] if args.model else []
+        base = load_recipe(RECIPE, [*chosen, "outputs=[{format: gguf, type: F32, imatrix: true}]"])
         model = download_mod.download(base.model.source, None, base.model.include, False, store)
         folder = materialize(store, model.files)
         text = Path(tmp) / "calibration.txt"
@@ -57,7 +63,9 @@ def main() -> None:
         cal = base.calibration
         print(f"calibration text: {kept * 100:.2f} % of {cal.source}'s characters have tokens; {cal.samples} x "
               f"{cal.seq_len} tokens", flush=True)
-        overrides = [f"calibration.source={text}"]
+        overrides = [*chosen, f"calibration.source={text}"]
+        config, weights = folder.config(), folder.weights()
+        required = {t for t in types if needs_importance(t, config, weights.tensors)}
         files: dict[tuple[str, str, bool], Path] = {}
 
         def build(method: str, outputs: str) -> Any:
@@ -76,19 +84,20 @@ def main() -> None:
              "-o", theirs_imatrix, "-t", args.threads])
         print(f"importance matrices, ours against llama-imatrix's: {agreement(ours_imatrix, theirs_imatrix)}", flush=True)
         for t in types:
-            for label, extra in (("", []), ("imatrix", ["--imatrix", theirs_imatrix])):
+            for label, extra in (("", []), ("imatrix", ["--imatrix", theirs_imatrix]))[t in required:]:
                 path = Path(tmp) / f"llama-cpp-{t}-{label}.gguf"
                 run([args.tools / "llama-quantize", *extra, source, path, t, args.threads])
                 files[(t, "llama.cpp (llama-imatrix)" if label else "llama.cpp", bool(label))] = path
         for method in args.methods.split(","):
             for imatrix in ([False, True] if method == "rtn" else [True]):
-                outputs = "[" + ", ".join(f"{{format: gguf, type: {t}, imatrix: {str(imatrix).lower()}}}" for t in types) + "]"
+                built = [t for t in types if imatrix or t not in required]
+                outputs = "[" + ", ".join(f"{{format: gguf, type: {t}, imatrix: {str(imatrix).lower()}}}"
+                                          for t in built) + "]"
                 done = build(method, outputs)
-                for t in types:
+                for t in built:
                     f = done.files[GGUFOptions(type=t, imatrix=imatrix).key]
                     files[(t, f"quantfab {method}", imatrix)] = materialize(store, f.files).path / f.path
                 print(f"quantfab {method}, imatrix {imatrix}: built", flush=True)
-        config, weights = folder.config(), folder.weights()
         ids = validate_mod.eval_windows(model, base.validate_, store)
         sources = {"fp32": weights, **{"|".join(map(str, k)): GGUFTensors(p, config) for k, p in files.items()}}
         metrics = validate_mod.compare(config, sources, ids, "cpu")
@@ -103,6 +112,15 @@ def main() -> None:
                 bpw = path.stat().st_size * 8 / model.parameters
                 print(f"| {t} | {who} | {'yes' if imatrix else 'no'} | {bpw:.3f} | {m['perplexity']:.2f} | "
                       f"{m['kl_divergence']:.5f} | {m['top1_agreement'] * 100:.2f} % |", flush=True)
+
+
+def needs_importance(file_type: str, config, tensors) -> bool:
+    """Whether llama.cpp refuses ``file_type`` on this model without an importance matrix (our plan does too)."""
+    try:
+        GGUFFormat().presets(GGUFOptions(type=file_type, imatrix=False), config, tensors)
+    except UserError:
+        return True
+    return False
 
 
 def vocabulary_text(source: Path, tokenizer: Path, out: Path) -> float:

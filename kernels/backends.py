@@ -29,7 +29,8 @@ import numpy as np
 
 SOURCES = Path(__file__).resolve().parent
 NVRTC_OPTIONS = ("--std=c++17", "--fmad=false", f"-I{SOURCES}")  # no fused multiply-add: rounding as on the CPU
-KERNEL_SOURCES = ("words.cu", "nf4.cu", "gguf_blocks.cu", "kquant_blocks.cu", "kquant_search.cu")
+KERNEL_SOURCES = ("words.cu", "nf4.cu", "gguf_blocks.cu", "kquant_blocks.cu", "kquant_search.cu", "iq1_search.cu",
+                  "iq2_search.cu", "iq3_search.cu")
 BLOCK = 256  # threads per block on the GPU; kernels loop grid-stride, so any shape covers every item
 MAX_BLOCKS = 65535 * 8
 

@@ -5,8 +5,9 @@ uint8 in ggml's block structs (ggml-common.h); gguf-py's ``quants.dequantize`` r
 packers get the stored super-block fields from the grid's ``stored_fields``. ``pack_gguf`` and ``verify_gguf``
 launch a kernel for the 32-element types (gguf_blocks.cu) and for Q4_K, Q5_K and Q6_K (kquant_blocks.cu:
 the host's ``stored_fields`` gives the super-block fields, one per 256 codes; the kernel lays out the bytes);
-these packers, and gguf-py's dequantize for the decode, are their specification. Q2_K, Q3_K, IQ4_NL and
-IQ4_XS stay NumPy: the first two only appear in the smallest llama.cpp mixes, the IQ4 ones are new.
+these packers, and gguf-py's dequantize for the decode, are their specification. Q2_K, Q3_K, the IQ types and
+MXFP4 stay NumPy: the first two only appear in the smallest llama.cpp mixes, the others are new (a lattice type's
+bytes come out of its search whole).
 """
 
 from __future__ import annotations
@@ -171,10 +172,23 @@ def pack_iq4_xs(enc: Encoded) -> np.ndarray:
                            low[:, 0::2] | (low[:, 1::2] << 4), qs], axis=1).reshape(rows, -1)
 
 
+def pack_mxfp4(enc: Encoded) -> np.ndarray:
+    """block_mxfp4: the E8M0 exponent (d = 2^(e - 128)), then 16 bytes of nibbles as Q4_0 lays out its 32."""
+    rows, q = _blocks(enc, 32)
+    e = (np.frexp(enc.d)[1] + 127).astype(np.uint8).reshape(rows, -1, 1)
+    return np.concatenate([e, _nibbles(q.astype(np.uint8))], axis=-1).reshape(rows, -1)
+
+
+def pack_lattice(enc: Encoded) -> np.ndarray:
+    """IQ1_*, IQ2_*, IQ3_*: a group's codebook index, signs and scales come out of the search as ggml's bytes."""
+    return enc.extra["blocks"]
+
+
 PACKERS: dict[str, Callable[[Encoded], np.ndarray]] = {
     "Q8_0": pack_q8_0, "Q4_0": pack_q4_0, "Q4_1": pack_q4_1, "Q5_0": pack_q5_0, "Q5_1": pack_q5_1,
     "Q2_K": pack_q2_k, "Q3_K": pack_q3_k, "Q4_K": pack_q4_k, "Q5_K": pack_q5_k, "Q6_K": pack_q6_k,
-    "IQ4_NL": pack_iq4_nl, "IQ4_XS": pack_iq4_xs,
+    "IQ4_NL": pack_iq4_nl, "IQ4_XS": pack_iq4_xs, "MXFP4": pack_mxfp4,
+    **{t: pack_lattice for t in ("IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S")},
 }
 
 

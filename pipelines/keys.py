@@ -34,7 +34,8 @@ COMMON = ["tasks/errors.py", "tasks/store.py", "tasks/manifests.py", "tasks/mode
           "tasks/model_structure.py", "tasks/families.py", "tasks/checkpoint_map.py", "tasks/download.py"]
 GRID_SOURCES = ["tasks/quantize/grids.py", "tasks/quantize/grid_base.py", "tasks/quantize/kquants.py",
                 "tasks/quantize/float_grids.py", "tasks/quantize/fp4_grids.py", "tasks/quantize/iq_grids.py",
-                "tasks/quantize/mlx_grid.py"]
+                "tasks/quantize/lattice.py", "tasks/quantize/iq1_grids.py", "tasks/quantize/iq2_grids.py",
+                "tasks/quantize/iq3_grids.py", "tasks/quantize/mlx_grid.py"]
 STAGE_SOURCES = {
     "download": ["tasks/synthetic.py"],
     "calibrate": ["tasks/calibrate.py", "tasks/gram.py", "tasks/texts.py", "tasks/activations.py"],

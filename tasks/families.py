@@ -46,6 +46,8 @@ class Family:
     smooth_pairs: dict[str, str] = field(default_factory=dict)
     norm_offset: float = 0.0  # the family's norms scale by (norm_offset + weight): Gemma's 1 + w
     gguf: GGUFArch | None = None  # None: no GGUF writer for the family yet
+    # an expert matrix's name in mlx-lm's stacked switch_mlp, where it differs from the checkpoint's
+    mlx_experts: dict[str, str] = field(default_factory=dict)
 
     def smooth_pair(self, module: str) -> tuple[str, int] | None:
         """The Linear whose rows an AWQ scale of ``module``'s input divides (the last of how many equal row
@@ -61,6 +63,8 @@ class Family:
 EXPERT_COUNTS = (("add_expert_count", "num_local_experts"), ("add_expert_count", "num_experts"),
                  ("add_expert_count", "n_routed_experts"), ("add_expert_used_count", "num_experts_per_tok"))
 LLAMA_GGUF = GGUFArch("LLAMA", permute_qk=True, head_dims=False)
+MIXTRAL_PAIRS = {"self_attn.o_proj": "self_attn.v_proj", "block_sparse_moe.experts.*.w2": "block_sparse_moe.experts.*.w3"}
+MIXTRAL_MLX = {"w1": "gate_proj", "w2": "down_proj", "w3": "up_proj"}
 DEFAULT = Family()
 FAMILIES: dict[str, Family] = {
     "llama": Family(LLAMA_PAIRS, gguf=LLAMA_GGUF),
@@ -85,9 +89,9 @@ FAMILIES: dict[str, Family] = {
         ("add_final_logit_softcapping", "final_logit_softcapping"), ("add_sliding_window", "sliding_window")))),
     "gemma3_text": Family(LLAMA_PAIRS, norm_offset=1.0, gguf=GGUFArch("GEMMA3", norm_shift=1.0, layer_pattern=True, extras=(
         ("add_final_logit_softcapping", "final_logit_softcapping"), ("add_sliding_window", "sliding_window")))),
-    "mixtral": Family({"self_attn.o_proj": "self_attn.v_proj",
-                       "block_sparse_moe.experts.*.w2": "block_sparse_moe.experts.*.w3"},
-                      gguf=GGUFArch("LLAMA", permute_qk=True, head_dims=False, extras=EXPERT_COUNTS)),
+    "mixtral": Family(MIXTRAL_PAIRS, gguf=GGUFArch("LLAMA", permute_qk=True, head_dims=False, extras=EXPERT_COUNTS),
+                      mlx_experts=MIXTRAL_MLX),
+    "phimoe": Family(mlx_experts=MIXTRAL_MLX),
     "qwen3_moe": Family(EXPERT_PAIRS, gguf=GGUFArch("QWEN3MOE", extras=(
         *EXPERT_COUNTS, ("add_expert_feed_forward_length", "moe_intermediate_size")),
         requires=(("norm_topk_prob", True),))),  # llama.cpp renormalises the chosen experts' weights

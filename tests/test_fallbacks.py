@@ -141,3 +141,18 @@ def test_a_gguf_row_that_fits_no_32_block_is_refused_unless_kept_in_float(tmp_pa
     p = plan(recipe(odd, "[{gguf: Q8_0}]", "quantize.indivisible=keep_float"), str(tmp_path / "store"))
     assert p.fallbacks["gguf-Q8_0"] == [f"model.layers.{i}.mlp.down_proj: row 688 not a multiple of 32 (Q8_0) -> F16"
                                         for i in range(2)]
+
+
+def test_gptq_on_a_lattice_mix_codes_the_lattice_tensors_with_llama_cpps_search_and_says_so(tmp_path: Path) -> None:
+    """IQ2_M on a 256-wide model: gptq codes one column at a time, so the IQ2_S / IQ3_S tensors (a codebook point per
+    group of 8 weights) go to their own search (rtn), listed with the reason; Q4_K's attn_v stays gptq's. Without
+    an importance matrix IQ2_M is refused at plan time, as llama-quantize refuses it."""
+    w256 = "synthetic://llama?layers=2&hidden=256&intermediate=512&heads=4&kv_heads=1&vocab=512&seed=0"
+    p = plan(recipe(w256, "[{gguf: IQ2_M}]", "quantize.method=gptq"), str(tmp_path / "store"))
+    found = dict(line.split(": ", 1) for line in p.fallbacks["gguf-IQ2_M"])
+    assert found == {f"model.layers.{i}.{lin}": f"gptq cannot code {t} -> rtn" for i in range(2) for lin, t in (
+        ("self_attn.q_proj", "IQ2_S"), ("self_attn.k_proj", "IQ2_S"), ("self_attn.o_proj", "IQ3_S"),
+        ("mlp.gate_proj", "IQ2_S"), ("mlp.up_proj", "IQ2_S"), ("mlp.down_proj", "IQ2_S"))}
+    with pytest.raises(UserError, match="IQ2_M: blk.0.ffn_down.weight gets IQ2_S, which llama.cpp quantizes only with "
+                                        "an importance matrix"):
+        plan(recipe(w256, "[{format: gguf, type: IQ2_M, imatrix: false}]"), str(tmp_path / "store2"))

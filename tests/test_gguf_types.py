@@ -132,3 +132,66 @@ def test_iq4_mixes_follow_llama_quantize() -> None:
     narrow = choose_types("IQ4_XS", llama(2, 576, 1536), ModelFacts(2, 9, 3), pure=False)
     assert narrow["blk.0.attn_q.weight"].type == "IQ4_NL"
     assert narrow["blk.0.attn_q.weight"].fallback == "row 576 not a multiple of 256 (IQ4_XS) -> IQ4_NL"
+
+
+def test_two_bit_mixes_follow_llama_quantize() -> None:
+    """IQ2_XXS/XS and IQ1_S/M: attn_v in Q4_K with 4+ heads per KV head (Q2_K without), the first eighth of ffn_down
+    in Q2_K, an untied embedding in Q2_K, the head in Q5_K; IQ1_* put attn_output in IQ2_XXS. IQ2_S and IQ2_M use IQ3_S
+    where those use Q2_K, and IQ2_S's own layers are IQ2_XS."""
+    shapes, gqa, mha = llama(16, 4096, 11008), ModelFacts(16, 32, 8), ModelFacts(16, 32, 32)
+    for file_type, low, default in (("IQ2_XXS", "Q2_K", "IQ2_XXS"), ("IQ1_S", "Q2_K", "IQ1_S"),
+                                    ("IQ2_S", "IQ3_S", "IQ2_XS"), ("IQ2_M", "IQ3_S", "IQ2_S")):
+        types = types_of(file_type, shapes, gqa, pure=False, importance=True)
+        assert layers_of(types, "attn_v", "Q4_K") == set(range(16))
+        assert layers_of(types, "ffn_down", low) == {0, 1} and layers_of(types, "ffn_down", default) == set(range(2, 16))
+        assert types["token_embd.weight"] == low and types["output.weight"] == "Q5_K"
+        output = "IQ2_XXS" if file_type == "IQ1_S" else "IQ3_S" if low == "IQ3_S" else default
+        assert layers_of(types, "attn_output", output) == set(range(16))
+        assert layers_of(types, "attn_q", default) == layers_of(types, "ffn_up", default) == set(range(16))
+        assert layers_of(types_of(file_type, shapes, mha, pure=False, importance=True), "attn_v", low) == set(range(16))
+
+
+def test_iq3_mixes_follow_llama_quantize() -> None:
+    """IQ3_XS: attn_q/attn_k and the middle three quarters of ffn_gate/ffn_up in IQ3_XXS; IQ3_XXS: attn_q/attn_k in
+    IQ2_S, attn_output and the embedding in IQ3_S; IQ3_M: attn_v, attn_output and the first eighth of ffn_down in
+    Q4_K. Without an importance matrix IQ3_XXS's attn_v is IQ3_S and its ffn_down Q3_K (Q4_K in the first eighth)."""
+    shapes, facts = llama(16, 4096, 11008), ModelFacts(16, 32, 32)
+    xs = types_of("IQ3_XS", shapes, facts, pure=False, importance=True)
+    assert layers_of(xs, "attn_q", "IQ3_XXS") == layers_of(xs, "attn_k", "IQ3_XXS") == set(range(16))
+    assert layers_of(xs, "ffn_up", "IQ3_XXS") == layers_of(xs, "ffn_gate", "IQ3_XXS") == set(range(2, 14))
+    assert layers_of(xs, "ffn_up", "IQ3_S") == {0, 1, 14, 15} and layers_of(xs, "attn_v", "IQ3_S") == set(range(16))
+    xxs = types_of("IQ3_XXS", shapes, facts, pure=False, importance=True)
+    assert layers_of(xxs, "attn_q", "IQ2_S") == layers_of(xxs, "attn_output", "IQ3_S") == set(range(16))
+    assert layers_of(xxs, "attn_v", "IQ3_XXS") == layers_of(xxs, "ffn_down", "IQ3_XXS") == set(range(16))
+    assert xxs["token_embd.weight"] == "IQ3_S" and xxs["output.weight"] == "Q5_K"
+    m = types_of("IQ3_M", shapes, facts, pure=False)
+    assert layers_of(m, "attn_v", "Q4_K") == layers_of(m, "attn_output", "Q4_K") == set(range(16))
+    assert layers_of(m, "ffn_down", "Q4_K") == {0, 1} and layers_of(m, "ffn_up", "IQ3_S") == set(range(16))
+    assert m["output.weight"] == "Q6_K"
+    q3s = types_of("IQ3_S", shapes, ModelFacts(16, 32, 8), pure=False)
+    assert layers_of(q3s, "attn_v", "Q4_K") == set(range(16)) and layers_of(q3s, "attn_q", "IQ3_S") == set(range(16))
+
+
+def test_types_that_need_an_importance_matrix_are_refused_without_one() -> None:
+    """llama-quantize refuses IQ1_*, IQ2_* and IQ3_XXS tensors without --imatrix (the embedding and the head aside);
+    IQ3_S, IQ3_M and the IQ4 types run without one."""
+    import pytest
+
+    from quantfab.tasks.errors import UserError
+
+    shapes, facts = llama(8, 4096, 11008), ModelFacts(8, 32, 8)
+    for file_type in ("IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M", "IQ1_S", "IQ1_M", "IQ3_XXS", "IQ3_XS"):
+        with pytest.raises(UserError, match=rf"GGUF {file_type}: blk\.0\.attn_q\.weight gets I.*importance matrix"):
+            choose_types(file_type, shapes, facts, pure=False)
+    assert types_of("IQ3_XS", shapes, facts, pure=True)["blk.0.attn_q.weight"] == "IQ3_S"  # pure: no IQ3_XXS
+    for file_type in ("IQ3_S", "IQ3_M", "IQ4_XS", "MXFP4_MOE"):
+        choose_types(file_type, shapes, facts, pure=False)
+
+
+def test_mxfp4_moe_puts_stacked_experts_in_mxfp4_and_the_rest_in_q8_0() -> None:
+    shapes = [("token_embd.weight", (32000, 2048)), ("blk.0.attn_q.weight", (2048, 2048)),
+              ("blk.0.ffn_down_exps.weight", (2048, 768)), ("blk.0.ffn_gate_inp.weight", (8, 2048)),
+              ("output.weight", (32000, 2048))]
+    types = types_of("MXFP4_MOE", shapes, ModelFacts(1, 16, 4, 8), pure=False)
+    assert types == {"token_embd.weight": "Q8_0", "blk.0.attn_q.weight": "Q8_0", "blk.0.ffn_down_exps.weight": "MXFP4",
+                     "blk.0.ffn_gate_inp.weight": None, "output.weight": "Q8_0"}

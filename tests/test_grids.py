@@ -6,15 +6,20 @@ import gguf
 import numpy as np
 import pytest
 
-from quantfab.tasks.convert.gguf import permute_rows, unpermute_rows
+from quantfab.tasks.convert.gguf import GRID_OF_TYPE, TYPE_OF_GRID, permute_rows, unpermute_rows
 from quantfab.kernels.gguf_blocks import PACKERS
 from quantfab.tasks.quantize import METHODS
 from quantfab.tasks.quantize.gptq import gptq
 from quantfab.tasks.quantize.grids import GRIDS, Encoded, grid_named
 from quantfab.tasks.quantize.grid_base import reference_by_rows
+from quantfab.tasks.quantize.lattice import LatticeGrid
 from quantfab.tasks.quantize.stats import InputStats
 
 K_TYPES = ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]
+
+
+UNWEIGHTED = ("Q8_0", "MXFP4_GGML")  # grids whose codes llama.cpp chooses without the importance matrix
+LATTICE = [n for n, g in GRIDS.items() if isinstance(g, LatticeGrid)]  # searched only (tests/test_iq*_grid*.py)
 
 
 def weights(rows: int = 64, cols: int = 512, seed: int = 0) -> np.ndarray:
@@ -29,11 +34,13 @@ def weights(rows: int = 64, cols: int = 512, seed: int = 0) -> np.ndarray:
     return w
 
 
-@pytest.mark.parametrize("name", ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1"])
+@pytest.mark.parametrize("name", ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "MXFP4"])
 def test_rtn_reference_is_llama_cpp_bytes(name: str) -> None:
-    """rtn on a GGUF grid packs to exactly the bytes gguf-py's port of llama.cpp's reference produces."""
+    """rtn on a GGUF grid packs to exactly the bytes gguf-py's port of llama.cpp's reference produces (MXFP4's: ties
+    against the grid included)."""
     w = weights()
-    enc = GRIDS[name].reference(w)
+    w[6] = np.round(w[6] * 4) / 4  # values halfway between two of MXFP4's
+    enc = GRIDS[GRID_OF_TYPE.get(name, name)].reference(w)
     ours = PACKERS[name](enc)
     theirs = gguf.quants.quantize(w, gguf.GGMLQuantizationType[name])
     assert ours.dtype == np.uint8 and ours.shape == theirs.shape
@@ -50,8 +57,8 @@ def input_stats(x: np.ndarray) -> InputStats:
     return InputStats(np.abs(x).mean(axis=0), x.T @ x, len(x), np.abs(x).max(axis=0), None)
 
 
-@pytest.mark.parametrize("name", list(GRIDS))
-@pytest.mark.parametrize("method", ["rtn", "rtn-imatrix", "group", "gptq"])
+@pytest.mark.parametrize(("name", "method"), [(n, m) for n in GRIDS for m in ("rtn", "rtn-imatrix", "group", "gptq")
+                                              if n not in LATTICE or m == "rtn-imatrix"])
 def test_decode_equals_gguf_dequantize(name: str, method: str) -> None:
     """What our grid decodes is, bit for bit, what gguf-py decodes from the packed bytes, for every GGUF type (with
     an importance matrix too: its K-quants store the super-block fields their search chose)."""
@@ -65,10 +72,11 @@ def test_decode_equals_gguf_dequantize(name: str, method: str) -> None:
     else:
         enc = METHODS[method]().quantize(w, grid, None)
     assert enc.codes.min() >= grid.qmin and enc.codes.max() <= grid.qmax
-    packed = PACKERS[name](enc)
-    block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[name]]
+    qtype = gguf.GGMLQuantizationType[TYPE_OF_GRID.get(name, name)]
+    packed = PACKERS[qtype.name](enc)
+    block, size = gguf.GGML_QUANT_SIZES[qtype]
     assert packed.dtype == np.uint8 and packed.shape == (w.shape[0], w.shape[1] // block * size)
-    decoded = gguf.quants.dequantize(packed, gguf.GGMLQuantizationType[name])
+    decoded = gguf.quants.dequantize(packed, qtype)
     assert np.array_equal(decoded.view(np.uint32), grid.decode(enc).view(np.uint32))
 
 
@@ -180,8 +188,8 @@ def test_int_round_trip_is_bitwise_decode_of_encode(name: str) -> None:
     assert np.array_equal(grid.round_trip(w, d, m), grid.decode(Encoded(grid.encode(w, d, m), d, m)))
 
 
-@pytest.mark.parametrize("importance", [False, True])
-@pytest.mark.parametrize("name", [*GRIDS, "NF4_B64", "NF4_B64_DQ", "INT4_G32_ASYM"])
+@pytest.mark.parametrize(("name", "importance"), [(n, i) for n in (*GRIDS, "NF4_B64", "NF4_B64_DQ", "INT4_G32_ASYM")
+                                                  for i in (False, True) if i or n not in LATTICE])
 def test_reference_by_rows_equals_the_whole_tensors_reference(name: str, importance: bool) -> None:
     """Encoding a slice of rows at a time (how rtn and GGUF's float tensors bound their memory) changes no code,
     scale, min or stored field, also where the slices do not divide the rows, with an importance matrix too."""
@@ -360,18 +368,19 @@ def test_nvfp4_bound_to_fused_linears_shares_their_global_scale() -> None:
         grid.reference(k).extra["global_scale"][0] != grid.reference(q).extra["global_scale"][0]
 
 
-@pytest.mark.parametrize("name", [n for n in GRIDS if n != "Q8_0"])
+@pytest.mark.parametrize("name", [n for n in GRIDS if n not in UNWEIGHTED and n not in LATTICE])
 def test_an_importance_matrix_lowers_the_error_it_weighs(name: str) -> None:
     """With llama.cpp's importance matrix (each column's mean squared input), every GGUF type but Q8_0 (whose scale
-    llama.cpp never searches) rounds to a lower error on the calibration inputs than without it; Q8_0 is unchanged."""
+    llama.cpp never searches) and MXFP4 (whose exponent it never searches) rounds to a lower error on the calibration
+    inputs than without it; those two are unchanged."""
     w = weights(seed=4, cols=1024)
     stats = input_stats(skewed_inputs(1024, seed=5))
     grid = GRIDS[name]
     imp = stats.importance()
     error = lambda enc: float((imp * (w - grid.decode(enc)) ** 2).sum())  # noqa: E731
     assert error(reference_by_rows(grid, w, imp)) < 0.8 * error(reference_by_rows(grid, w))
-    q8 = GRIDS["Q8_0"]
-    assert np.array_equal(q8.reference(w, imp).codes, q8.reference(w).codes)
+    for unweighted in UNWEIGHTED:
+        assert np.array_equal(GRIDS[unweighted].reference(w, imp).codes, GRIDS[unweighted].reference(w).codes)
 
 
 def test_importance_is_what_llama_quantize_reads() -> None:

@@ -5,6 +5,7 @@ built, see bench/consumers/build_llama_cpp_tools.sh, in ``QUANTFAB_LLAMA_CPP_TOO
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from safetensors import safe_open
 from quantfab.pipelines.recipe_loading import load_recipe
 from quantfab.tasks import calibrate as calibrate_mod
 from quantfab.tasks import download as download_mod
+from quantfab.tasks.convert.gguf_types import DEFAULT_TYPE
 from quantfab.tasks.convert.stage import convert
 from quantfab.tasks.download import materialize
 from quantfab.tasks.quantize.assign import reads_full_statistics, reads_statistics
@@ -149,6 +151,30 @@ def _tool(name: str) -> Path:
     return path
 
 
+W256 = "synthetic://llama?layers=8&hidden=256&intermediate=512&heads=4&kv_heads=2&vocab=512"
+
+
+def llama_quantizes_our_bytes(b: Build, tmp_path: Path):
+    """For each output after the first (an F32 file with our imatrix): llama-quantize on that F32 file, with our
+    imatrix where the output has one, writes the bytes of our file, tensor for tensor. Yields (output, our path)."""
+    quantize_tool = _tool("llama-quantize")
+    f32 = b.converted.files["gguf-F32-imatrix"]
+    source = b.file("gguf-F32-imatrix", f32.path)
+    imatrix = b.file("gguf-F32-imatrix", f32.path.removesuffix(".gguf") + ".imatrix.gguf")
+    for o in b.recipe.outputs[1:]:
+        theirs = tmp_path / f"{o.key}.gguf"
+        extra = ["--imatrix", str(imatrix)] if o.imatrix else []
+        done = subprocess.run([str(quantize_tool), *extra, str(source), str(theirs), o.type, "2"],
+                              capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+        ours_path = b.file(o.key, b.converted.files[o.key].path)
+        ours = {t.name: t for t in gguf.GGUFReader(ours_path).tensors}
+        for t in gguf.GGUFReader(theirs).tensors:
+            assert ours[t.name].tensor_type == t.tensor_type, (o.key, t.name)
+            assert np.array_equal(np.asarray(ours[t.name].data), np.asarray(t.data)), (o.key, t.name)
+        yield o, ours_path
+
+
 @pytest.mark.llama_cpp
 def test_llama_quantize_takes_our_imatrix(build: Build, tmp_path: Path) -> None:
     """llama-quantize --imatrix loads every entry of our file and quantizes our F16 file with it: the bytes
@@ -215,25 +241,12 @@ def test_rtn_with_our_imatrix_writes_llama_quantizes_bytes(tmp_path: Path) -> No
     on a Llama whose rows fit the K-quants (8 layers, so the first-eighth rules apply: Q4_0's ffn_down goes to Q4_1
     with an imatrix, IQ4_NL's to Q5_K without), our file holds the bytes llama-quantize writes from our F32 file
     (and our importance matrix), tensor for tensor."""
-    quantize_tool = _tool("llama-quantize")
-    outputs = ", ".join(["{format: gguf, type: F32, imatrix: true}",
-                         *(f"{{format: gguf, type: {t}, imatrix: {i}}}" for t in EQUAL_TYPES for i in ("true", "false"))])
+    runs = [f"{{format: gguf, type: {t}, imatrix: {i}}}" for t in EQUAL_TYPES for i in ("true", "false")]
+    outputs = ", ".join(["{format: gguf, type: F32, imatrix: true}", *runs])
     b = Build(f"[{outputs}]", Store(str(tmp_path / "store")),
-              ("model.source=synthetic://llama?layers=8&hidden=256&intermediate=512&heads=4&kv_heads=2&vocab=512",
-               "calibration.source=synthetic://tokens"))
-    f32 = b.converted.files["gguf-F32-imatrix"]
-    source = b.file("gguf-F32-imatrix", f32.path)
-    imatrix = b.file("gguf-F32-imatrix", f32.path.removesuffix(".gguf") + ".imatrix.gguf")
-    for o in b.recipe.outputs[1:]:
-        theirs = tmp_path / f"{o.key}.gguf"
-        extra = ["--imatrix", str(imatrix)] if o.imatrix else []
-        done = subprocess.run([str(quantize_tool), *extra, str(source), str(theirs), o.type, "2"],
-                              capture_output=True, text=True, timeout=600)
-        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-        ours = {t.name: t for t in gguf.GGUFReader(b.file(o.key, b.converted.files[o.key].path)).tensors}
-        for t in gguf.GGUFReader(theirs).tensors:
-            assert ours[t.name].tensor_type == t.tensor_type, (o.key, t.name)
-            assert np.array_equal(np.asarray(ours[t.name].data), np.asarray(t.data)), (o.key, t.name, t.tensor_type.name)
+              (f"model.source={W256}", "calibration.source=synthetic://tokens"))
+    assert len(list(llama_quantizes_our_bytes(b, tmp_path))) == 2 * len(EQUAL_TYPES)
+
 
 
 def test_rtn_alone_gathers_the_diagonal_only_and_it_is_xtxs(build: Build, tmp_path: Path) -> None:
@@ -277,3 +290,32 @@ def test_plan_counts_the_diagonal_and_review_says_when_xtx_comes_back(build: Bui
                                               "model's statistics (quantize.method, quantize.overrides or outputs)"}
     assert _gathering("full", "diagonal")["calibrate"].startswith("the outputs now read XᵀX's diagonal alone")
     assert _gathering("none", "diagonal")["calibrate"].startswith("the outputs now read the unquantized model's")
+
+
+LATTICE_TYPES = ("IQ3_M", "IQ3_S", "IQ3_XS", "IQ3_XXS", "IQ2_M", "IQ2_S", "IQ2_XS", "IQ2_XXS", "IQ1_M", "IQ1_S")
+
+
+@pytest.mark.llama_cpp
+def test_lattice_and_mxfp4_file_types_write_llama_quantizes_bytes_and_llama_cpp_runs_them(tmp_path: Path) -> None:
+    """The IQ1/IQ2/IQ3 mixes (with our importance matrix, which all but IQ3_S and IQ3_M require; those two without
+    one too) and MXFP4_MOE (on a mixture of experts): our file holds the bytes llama-quantize writes from our F32 file,
+    tensor for tensor, and llama-perplexity loads and runs each file."""
+    perplexity_tool = _tool("llama-perplexity")
+    runs = [(t, "true") for t in LATTICE_TYPES] + [("IQ3_S", "false"), ("IQ3_M", "false")]
+    dense = Build("[{format: gguf, type: F32, imatrix: true}, "
+                  + ", ".join(f"{{format: gguf, type: {t}, imatrix: {i}}}" for t, i in runs) + "]",
+                  Store(str(tmp_path / "store")), (f"model.source={W256}", "calibration.source=synthetic://tokens"))
+    moe = Build("[{format: gguf, type: F32, imatrix: true}, {gguf: MXFP4_MOE}]", Store(str(tmp_path / "moe")),
+                ("model.source=synthetic://qwen3_moe?layers=2&experts=4&experts_per_token=2&expert_intermediate=64",
+                 "calibration.source=synthetic://tokens"))
+    text = tmp_path / "text.txt"
+    text.write_text(" ".join(f"w{i % 97}" for i in range(4000)))
+    for b in (dense, moe):
+        for o, ours_path in llama_quantizes_our_bytes(b, tmp_path):
+            types = {t.tensor_type.name for t in gguf.GGUFReader(ours_path).tensors}
+            assert DEFAULT_TYPE[o.type] in types, o.key
+            ran = subprocess.run([str(perplexity_tool), "-m", str(ours_path), "-f", str(text), "-c", "128",
+                                  "--chunks", "2", "-t", "2", "--no-repack"],  # a native build's AMX repacking
+                                 capture_output=True, text=True, timeout=600)  # crashes where the VM lacks AMX state
+            first = re.search(r"\[1\]([0-9.]+),", ran.stdout)  # the first chunk's perplexity: a forward ran
+            assert ran.returncode == 0 and first and np.isfinite(float(first[1])), ran.stderr[-2000:]

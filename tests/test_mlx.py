@@ -69,14 +69,18 @@ def test_codes_are_one_little_endian_bit_stream_per_row() -> None:
 
 
 class Build:
-    def __init__(self, store: Store):
+    """The recipe's model (TinyStories-656K) through gptq to the three mlx outputs, down_proj at 6 bits; or what
+    ``overrides`` ask instead."""
+
+    def __init__(self, store: Store, overrides: tuple[str, ...] = ()):
         from quantfab.tasks import calibrate as calibrate_mod
         from quantfab.tasks import download as download_mod
         from quantfab.tasks.convert.stage import convert
         from quantfab.tasks.quantize.stage import quantize
 
         r = load_recipe(RECIPE, ["calibration.samples=16", "calibration.seq_len=128", "quantize.method=gptq",
-                                 "quantize.overrides={'*.mlp.down_proj': {bits: 6}}", f"outputs={OUTPUTS}"])
+                                 "quantize.overrides={'*.mlp.down_proj': {bits: 6}}", f"outputs={OUTPUTS}",
+                                 *overrides])
         self.recipe, self.store = r, store
         self.model = download_mod.download(r.model.source, None, r.model.include, False, store)
         c = r.calibration
@@ -170,12 +174,79 @@ def test_mlx_lm_loads_generates_and_computes_validates_logits(build: Build, data
         assert (theirs.argmax(-1) == ours.argmax(-1)).mean() >= 0.98, key
 
 
-def test_a_model_with_experts_is_refused_at_plan_time(tmp_path: Path) -> None:
-    """mlx-lm stacks experts into switch_mlp tensors that quantfab does not write: plan says so, naming the way out."""
+class MoEBuild(Build):
+    """A synthetic mixture of experts (random weights in a real transformers architecture) built to mlx int4 by rtn,
+    with down_proj at 6 bits."""
+
+    def __init__(self, store: Store, model_type: str):
+        down = "w2" if model_type == "mixtral" else "down_proj"
+        super().__init__(store, (f"model.source=synthetic://{model_type}?layers=2&hidden=128&experts=4"
+                                 "&experts_per_token=2&expert_intermediate=128&intermediate=256",
+                                 "calibration.source=synthetic://tokens", "calibration.samples=8",
+                                 "calibration.seq_len=32", "quantize.method=rtn",
+                                 f"quantize.overrides={{'*.{down}': {{bits: 6}}}}", "outputs=[{mlx: int4}]"))
+        self.model_type = model_type
+
+
+@pytest.fixture(scope="module", params=["qwen3_moe", "mixtral"])
+def moe(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> MoEBuild:
+    return MoEBuild(Store(str(tmp_path_factory.mktemp("mlx-moe"))), request.param)
+
+
+def test_experts_are_stacked_as_mlx_lms_switch_mlp_and_read_back_per_expert(moe: MoEBuild) -> None:
+    """Each layer's experts are one switch_mlp tensor per matrix (expert first; Mixtral's w1/w2/w3 renamed
+    gate/down/up_proj as mlx-lm names them), scales and biases too; per-module bits name the stack; read back under
+    the checkpoint's names, every expert decodes to the codes quantize chose for it."""
+    path = moe.written("mlx-int4-g64")
+    config = json.loads((path / "config.json").read_text())
+    block = "block_sparse_moe" if moe.model_type == "mixtral" else "mlp"
+    assert config["quantization"][f"model.layers.1.{block}.switch_mlp.down_proj"]["bits"] == 6
+    with safe_open(str(path / "model.safetensors"), framework="pt") as f:
+        names = set(f.keys())
+        inner = 256 if moe.model_type == "mixtral" else 128  # Mixtral's experts are intermediate_size wide
+        assert f.get_slice(f"model.layers.0.{block}.switch_mlp.up_proj.weight").get_shape() == [4, inner, 128 * 4 // 32]
+        assert f.get_slice(f"model.layers.0.{block}.switch_mlp.down_proj.scales").get_shape() == [4, 128, inner // 64]
+    assert not any(".experts." in n for n in names)
+    reader = FORMATS["mlx"].reader(path, None)
+    q = moe.quantized.outputs["mlx-int4-g64"]
+    experts = [m for m in q.modules if ".experts." in m.name]
+    assert len(experts) == 2 * 4 * 3
+    for m in experts:
+        enc = LayerFile(moe.store.local_path(q.layers[int(m.name.split(".")[2])])).encoded(m.name)
+        got = reader.load([f"{m.name}.weight"])[f"{m.name}.weight"].numpy()
+        assert np.array_equal(got, grid_named(m.grid).decode(enc)), m.name
+    assert not moe.converted.files["mlx-int4-g64"].verification.mismatches
+
+
+def test_experts_of_one_stack_with_different_bits_are_refused_at_plan_time(tmp_path: Path) -> None:
     from quantfab.pipelines.plan import plan
     from quantfab.tasks.errors import UserError
 
     r = load_recipe(RECIPE, ["outputs=[{mlx: int4}]", "model.source=synthetic://qwen3_moe?layers=2",
+                             "quantize.overrides={'*.experts.0.up_proj': {bits: 8}}",
                              "calibration.source=synthetic://tokens", "validate.source=synthetic://tokens"])
-    with pytest.raises(UserError, match=r"mlx: model_type 'qwen3_moe' has experts.*use gguf or compressed-tensors"):
+    with pytest.raises(UserError, match=r"mlx: model.layers.0.mlp.switch_mlp.up_proj stacks .*'MLX4_G64_F32', "
+                                        r"'MLX8_G64_F32'.*same bits"):
         plan(r, str(tmp_path / "store"))
+
+
+@pytest.mark.mlx
+def test_mlx_lm_loads_a_mixture_of_experts_and_computes_validates_logits(moe: MoEBuild, tmp_path: Path) -> None:
+    """mlx-lm builds its SwitchGLU from the stacks (6-bit down_proj) and its logits equal validate's from our decode
+    of the same folder within 1e-4 (float32)."""
+    python = _mlx_python()
+    ids = np.random.default_rng(0).integers(3, 500, size=(4, 32)).astype(np.int64)
+    np.save(tmp_path / "ids.npy", ids)
+    out = tmp_path / "logits.npy"
+    script = REPO / "bench" / "consumers" / "mlx_logits.py"
+    done = subprocess.run([python, str(script), str(moe.written("mlx-int4-g64")), str(tmp_path / "ids.npy"), str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    block = "block_sparse_moe" if moe.model_type == "mixtral" else "mlp"
+    assert report["layer0_bits"][f"{block}.switch_mlp.down_proj"] == 6
+    assert report["layer0_bits"][f"{block}.switch_mlp.up_proj"] == 4
+    reader = FORMATS["mlx"].reader(moe.written("mlx-int4-g64"), None)
+    ours = validate_mod.logits(moe.folder.config(), reader, moe.folder.weights(), ids).numpy()
+    theirs = np.load(out)
+    assert np.abs(theirs - ours).max() < 1e-4, float(np.abs(theirs - ours).max())

@@ -1,8 +1,10 @@
 """gguf: llama.cpp's container, written with gguf-py's GGUFWriter and read back with its GGUFReader.
 
 ``type`` is a llama-quantize file type: Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, the K-quant mixes Q2_K, Q3_K_S/M/L,
-Q4_K_S/M, Q5_K_S/M, Q6_K, the non-linear IQ4_NL and IQ4_XS, or F16/F32. Each tensor gets the GGML type llama-quantize would give it
-(``gguf_types``). Decoder-layer Linears hold the method's codes on that type's grid; the embedding and
+Q4_K_S/M, Q5_K_S/M, Q6_K, the non-linear IQ4_NL and IQ4_XS, the lattice mixes IQ3_M/S/XS/XXS, IQ2_M/S/XS/XXS,
+IQ1_M/S, MXFP4_MOE (experts in llama.cpp's MXFP4), or F16/F32. Each tensor gets the GGML type llama-quantize would
+give it (``gguf_types``). Decoder-layer Linears hold the method's codes on that type's grid (a lattice type's
+codes come from its own search: ``lattice``); the embedding and
 the output head, which no method quantizes, are rounded to nearest by the grid's reference rule, which
 is llama.cpp's own. 1-D tensors and routers are F32 and other float tensors ``float_type``. Tensors are
 streamed to the file one at a time, and q/k rows are permuted to llama.cpp's rotary layout as its
@@ -44,8 +46,13 @@ EXPERT = re.compile(r"\.experts\.(\d+)\.")  # a checkpoint's per-expert tensor n
 F32_ROUTERS = "ffn_gate_inp.weight"  # llama.cpp's converter writes routers F32 and llama-quantize never quantizes them
 SIMPLE_TYPES = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1")  # blocks of 32: what explicit bits/symmetric pick from
 FileType = Literal["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_K_S", "Q4_K_M",
-                   "Q5_K_S", "Q5_K_M", "Q6_K", "IQ4_NL", "IQ4_XS", "F16", "F32"]
-UNWEIGHTED = ("Q8_0", "F16", "F32")  # file types whose codes an importance matrix leaves alone: imatrix off by default
+                   "Q5_K_S", "Q5_K_M", "Q6_K", "IQ4_NL", "IQ4_XS", "IQ3_M", "IQ3_S", "IQ3_XS", "IQ3_XXS", "IQ2_M",
+                   "IQ2_S", "IQ2_XS", "IQ2_XXS", "IQ1_M", "IQ1_S", "MXFP4_MOE", "F16", "F32"]
+UNWEIGHTED = ("Q8_0", "MXFP4_MOE", "F16", "F32")  # file types whose codes an importance matrix leaves alone: imatrix
+# off by default
+GRID_OF_TYPE = {"MXFP4": "MXFP4_GGML"}  # GGML types whose grid has a name of its own (compressed-tensors' MXFP4 rounds
+# otherwise)
+TYPE_OF_GRID = {g: t for t, g in GRID_OF_TYPE.items()}
 
 
 class GGUFOptions(BaseModel):
@@ -135,7 +142,7 @@ class GGUFFormat:
             return None
         if want.nf4:
             raise ValueError("gguf has no NF4 grid")
-        default = GRIDS[preset] if preset in GRIDS else GRIDS[DEFAULT_TYPE[options.type]]
+        default = GRIDS[preset] if preset in GRIDS else GRIDS[grid_of(DEFAULT_TYPE[options.type])]
         if want.bits is None and want.group_size is None and want.symmetric is None:
             return None if preset is not None and preset not in GRIDS else default
         bits = want.bits or default.bits
@@ -202,13 +209,14 @@ class GGUFFormat:
         for name, gname, expert, part, shape, dims in listed:
             module = name.removesuffix(".weight")
             if part is not None:
-                chosen = types[gname].type if gname in types else None
+                chosen = grid_of(types[gname].type) if gname in types else None
             else:
                 chosen = grids[module] if module in grids else presets.get(module)
-            if as_asked and gname in types and types[gname].fallback and chosen in (types[gname].type, options.float_type):
-                chosen = types[gname].wanted
+            if as_asked and gname in types and types[gname].fallback and \
+                    chosen in (grid_of(types[gname].type), options.float_type):
+                chosen = grid_of(types[gname].wanted)
             if chosen in GRIDS:
-                qtype = QTYPE[chosen]
+                qtype = QTYPE[TYPE_OF_GRID.get(chosen, chosen)]
             elif len(shape) == 1 or gname.endswith(F32_ROUTERS):
                 qtype = QTYPE.F32
             else:
@@ -273,7 +281,7 @@ class GGUFFormat:
         (a split tensor's part: its rows, heads one after the other)."""
         if not t.quantized:
             return None
-        grid = GRIDS[t.type_name]
+        grid = GRIDS[grid_of(t.type_name)]
         w = _part(t, load().astype(np.float32))
         return grid, reference_by_rows(grid, w.reshape(-1, w.shape[-1]))
 
@@ -300,9 +308,14 @@ def _types(options: GGUFOptions, config, listed: list[FileTensor]) -> dict[str, 
 def _presets(options: GGUFOptions, listed: list[FileTensor], types: dict[str, TypeChoice]) -> dict[str, str | None]:
     """Module -> its preset type (``float_type`` where llama-quantize keeps it float; SPLIT_PRESET where the
     file holds it split)."""
-    out = {hf.removesuffix(".weight"): types[g].type or options.float_type for hf, g, _, part, shape, _ in listed
-           if len(shape) == 2 and part is None}
+    out = {hf.removesuffix(".weight"): grid_of(types[g].type) or options.float_type
+           for hf, g, _, part, shape, _ in listed if len(shape) == 2 and part is None}
     return out | {hf.removesuffix(".weight"): SPLIT_PRESET for hf, _, _, part, _, _ in listed if part is not None}
+
+
+def grid_of(type_name: str | None) -> str | None:
+    """The grid that codes a GGML type (None: float)."""
+    return GRID_OF_TYPE.get(type_name, type_name) if type_name else type_name
 
 
 def _part(t: PlannedTensor, w: np.ndarray) -> np.ndarray:

@@ -6,12 +6,16 @@ the checkpoint's float type; value = scales * u + biases. config.json carries ``
 ``quantization_config``): the default ``group_size``, ``bits`` and ``mode: affine``, and an entry per Linear whose
 bits or group differ (``quantize.overrides``: mixed precision, as mlx-lm's own mixed recipes write it). Like
 mlx-lm's convert, the embedding (and an untied head) are quantized too, by MLX's own rule, where their rows
-divide by the group; Linears whose rows do not stay float. Safetensors shards as save_pretrained cuts them, with
-metadata ``format: mlx``.
+divide by the group; Linears whose rows do not stay float. A layer's experts (one checkpoint matrix per expert)
+are stacked as mlx-lm's SwitchGLU holds them: ``<prefix>.switch_mlp.<matrix>.{weight,scales,biases}`` with the
+expert first (the family table renames matrices where mlx-lm does: Mixtral's w1/w2/w3); every expert of a stack
+then needs the same bits and group. Safetensors shards as save_pretrained cuts them, with metadata ``format: mlx``.
 """
 
 from __future__ import annotations
 
+import json
+import re
 from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Literal
@@ -23,7 +27,7 @@ from quantfab.kernels.verdict import Verdict, compare
 from quantfab.tasks.convert.hf_folder import (FolderWeights, HFFolderFormat, PlannedTensor, model_dtype, plan_tensors,
                                              write_folder)
 from quantfab.tasks.errors import UserError
-from quantfab.tasks.families import EXPERT_KEYS
+from quantfab.tasks.families import family
 from quantfab.tasks.modelio import ModelDir, TensorInfo
 from quantfab.tasks.quantize.grid_base import reference_by_rows
 from quantfab.tasks.quantize.grids import Encoded, Grid, GridRequest, grid_named
@@ -35,6 +39,7 @@ safetensors_torch = lazy("safetensors.torch")
 BITS = {"int2": 2, "int3": 3, "int4": 4, "int5": 5, "int6": 6, "int8": 8}
 SCALE_TYPE = {"float16": "F16", "bfloat16": "BF16", "float32": "F32"}
 OWN = ("model.embed_tokens", "lm_head")  # quantized by the format itself, as mlx-lm's convert does
+EXPERT = re.compile(r"^(?P<prefix>.+)\.experts\.(?P<expert>\d+)\.(?P<matrix>[^.]+)$")  # a checkpoint's expert matrix
 
 
 class MLXOptions(BaseModel):
@@ -79,12 +84,7 @@ class MLXFormat(HFFolderFormat):
     packed_bytes = staticmethod(packed_bytes)
 
     def presets(self, options: MLXOptions, config, tensors: dict[str, TensorInfo]) -> dict[str, str | None]:
-        """Every Linear's stored float type: the grids carry it (``grid_for`` reads it here). (Plan and quantize call
-        this first: a model mlx-lm would not load as written is refused here.)"""
-        if any(getattr(config, k, None) for k in EXPERT_KEYS):
-            raise UserError(f"mlx: model_type {config.model_type!r} has experts, which mlx-lm stacks into one "
-                            "switch_mlp tensor per layer and matrix (scales and biases too); quantfab writes them one "
-                            "per expert, so mlx-lm would not load the folder yet: use gguf or compressed-tensors")
+        """Every Linear's stored float type: the grids carry it (``grid_for`` reads it here)."""
         tag = _scale_type(_dtype(options, config))
         return {name.removesuffix(".weight"): tag for name, t in tensors.items() if len(t.shape) == 2}
 
@@ -107,6 +107,16 @@ class MLXFormat(HFFolderFormat):
         own = {m: f"MLX{BITS[options.type]}_G{options.group_size}_{tag}" for m in OWN
                if f"{m}.weight" in tensors and tensors[f"{m}.weight"].shape[1] % options.group_size == 0}
         planned = plan_tensors(config, tensors, {**own, **grids}, type(self).packed_bytes)
+        stacks: dict[str, set[str | None]] = {}
+        for t in planned:
+            stack = stacked_module(config.model_type, t.hf_name.removesuffix(".weight"))
+            if stack:
+                stacks.setdefault(stack[0], set()).add(t.grid)
+        for stack, kinds in stacks.items():
+            if len(kinds) > 1:
+                raise UserError(f"mlx: {stack} stacks a layer's experts into one tensor, but they would be stored as "
+                                f"{sorted(k or 'float' for k in kinds)}; every expert of a layer needs the same bits "
+                                "and group (check quantize.overrides and quantize.ignore)")
         return [replace(t, dtype=dtype, nbytes=packed_bytes(t.shape, t.grid, dtype) if t.grid
                         else int(np.prod(t.shape)) * dtype.itemsize) for t in planned]
 
@@ -119,16 +129,20 @@ class MLXFormat(HFFolderFormat):
 
     def write(self, path: Path, options: MLXOptions, model: ModelDir, planned: list[PlannedTensor],
               tensor_data: Callable[[PlannedTensor], dict[str, torch.Tensor]], name: str) -> None:
+        model_type = model.config().model_type
         default = {"group_size": options.group_size, "bits": BITS[options.type], "mode": "affine"}
         quantization: dict = dict(default)
         for t in planned:
             if t.grid:
                 grid = grid_named(t.grid)
                 if (grid.bits, grid.block) != (default["bits"], default["group_size"]):
-                    quantization[t.hf_name.removesuffix(".weight")] = {"group_size": grid.block, "bits": grid.bits,
-                                                                      "mode": "affine"}
-        write_folder(path, model, quantization, planned, tensor_data,
-                     {"quantization": quantization, "torch_dtype": str(planned[0].dtype).removeprefix("torch.")}, "mlx")
+                    module = t.hf_name.removesuffix(".weight")
+                    stack = stacked_module(model_type, module)
+                    quantization[stack[0] if stack else module] = {"group_size": grid.block, "bits": grid.bits,
+                                                                   "mode": "affine"}
+        write_folder(path, model, quantization, planned, _stacking(model_type, planned, tensor_data),
+                     {**_legacy_keys(model), "quantization": quantization,
+                      "torch_dtype": str(planned[0].dtype).removeprefix("torch.")}, "mlx")
 
     def pack(self, t: PlannedTensor, enc: Encoded) -> dict[str, torch.Tensor]:
         grid = grid_named(t.grid or "")
@@ -138,11 +152,91 @@ class MLXFormat(HFFolderFormat):
                 f"{module}.scales": torch.from_numpy(enc.d.astype(np.float32)).to(t.dtype),
                 f"{module}.biases": torch.from_numpy(enc.m.astype(np.float32)).to(t.dtype)}
 
-    def reader(self, path: Path, config) -> FolderWeights:
-        return FolderWeights(path, "scales", decode_mlx)
+    def reader(self, path: Path, config) -> "MLXWeights":
+        return MLXWeights(path)
 
     def verify(self, folder: FolderWeights, t: PlannedTensor, expected: np.ndarray) -> Verdict:
         return compare(decode_mlx(t.hf_name.removesuffix(".weight"), folder).numpy(), expected, 0.0)
+
+
+def _legacy_keys(model: ModelDir) -> dict:
+    """The config keys mlx-lm reads by their older names, where the checkpoint was saved under newer ones (the
+    config class's attribute_map aliases, rope_theta out of transformers 5's rope_parameters)."""
+    saved = json.loads((model.path / "config.json").read_text())
+    config = model.config()
+    out = {alias: saved[name] for alias, name in type(config).attribute_map.items()
+           if alias not in saved and name in saved}
+    rope = saved.get("rope_parameters")
+    if "rope_theta" not in saved and isinstance(rope, dict) and "rope_theta" in rope:
+        out["rope_theta"] = rope["rope_theta"]
+    return out
+
+
+def stacked_module(model_type: str, module: str) -> tuple[str, int] | None:
+    """mlx-lm's switch_mlp module that holds an expert's matrix, and the expert's index; None for other modules."""
+    found = EXPERT.match(module)
+    if found is None:
+        return None
+    matrix = family(model_type).mlx_experts.get(found["matrix"], found["matrix"])
+    return f"{found['prefix']}.switch_mlp.{matrix}", int(found["expert"])
+
+
+TensorData = Callable[[PlannedTensor], dict[str, "torch.Tensor"]]  # quoted: torch stays unimported
+
+
+def _stacking(model_type: str, planned: list[PlannedTensor], tensor_data: TensorData) -> TensorData:
+    """``tensor_data`` with each layer's experts held back until the last of a stack arrives, then stacked in expert
+    order under the switch_mlp names (one layer's experts in memory at a time: plan order is by layer)."""
+    size: dict[str, int] = {}
+    for t in planned:
+        stack = stacked_module(model_type, t.hf_name.removesuffix(".weight"))
+        if stack:
+            size[stack[0]] = size.get(stack[0], 0) + 1
+    held: dict[str, dict[int, dict[str, torch.Tensor]]] = {}
+
+    def data(t: PlannedTensor) -> dict[str, torch.Tensor]:
+        module = t.hf_name.removesuffix(".weight")
+        stack = stacked_module(model_type, module)
+        if stack is None:
+            return tensor_data(t)
+        name, expert = stack
+        held.setdefault(name, {})[expert] = {k.removeprefix(module + "."): v for k, v in tensor_data(t).items()}
+        if len(held[name]) < size[name]:
+            return {}
+        experts = held.pop(name)
+        return {f"{name}.{part}": torch.stack([experts[e][part] for e in sorted(experts)]) for part in experts[0]}
+
+    return data
+
+
+class MLXWeights(FolderWeights):
+    """A written mlx folder read under checkpoint names: an expert's matrix is its slice of the switch_mlp stack."""
+
+    def __init__(self, path: Path):
+        super().__init__(path, "scales", decode_mlx)
+        self.model_type = str(self.config["model_type"])
+
+    def stored(self, name: str) -> tuple[str, int | None]:
+        """Where a checkpoint tensor (``<module>.<part>``) is stored: its stacked name and expert, or itself."""
+        module, _, part = name.rpartition(".")
+        stack = None if super().has(name) else stacked_module(self.model_type, module)
+        return (f"{stack[0]}.{part}", stack[1]) if stack else (name, None)
+
+    def raw(self, name: str) -> torch.Tensor:
+        stored, expert = self.stored(name)
+        data = super().raw(stored)
+        return data if expert is None else data[expert]
+
+    def has(self, name: str) -> bool:
+        return super().has(self.stored(name)[0])
+
+    def load(self, names: list[str]) -> dict[str, torch.Tensor]:
+        experts = [n for n in names if self.stored(n)[1] is not None]
+        out = super().load([n for n in names if n not in experts])
+        for name in experts:
+            module = name.removesuffix(".weight")
+            out[name] = decode_mlx(module, self) if self.has(f"{module}.scales") else self.raw(name).float()
+        return out
 
 
 def _dtype(options: MLXOptions, config) -> torch.dtype:
@@ -154,7 +248,7 @@ def _scale_type(dtype: torch.dtype) -> str:
     return SCALE_TYPE[str(dtype).removeprefix("torch.")]
 
 
-def decode_mlx(module: str, folder: FolderWeights) -> torch.Tensor:
+def decode_mlx(module: str, folder: MLXWeights) -> torch.Tensor:
     """(out, in) float32: scales * u + biases in float32, u unpacked from the bit stream."""
     words = folder.raw(f"{module}.weight").numpy()
     scales = folder.raw(f"{module}.scales").float().numpy()
@@ -166,6 +260,7 @@ def decode_mlx(module: str, folder: FolderWeights) -> torch.Tensor:
     return torch.from_numpy((scales[..., None] * u + biases[..., None]).reshape(rows, groups * group))
 
 
-def _group_of(module: str, folder: FolderWeights) -> int:
+def _group_of(module: str, folder: MLXWeights) -> int:
     quantization = folder.config["quantization"]
-    return int(quantization.get(module, quantization)["group_size"])
+    stored = folder.stored(f"{module}.weight")[0].removesuffix(".weight")
+    return int(quantization.get(stored, quantization)["group_size"])

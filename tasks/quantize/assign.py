@@ -1,8 +1,8 @@
 """Which grid and method each Linear gets for one output: ignore globs, overrides, row-length fallback.
 
 Plan and quantize both call this, so what plan shows is what quantize does. Every Linear that ends up
-other than the recipe asked (a format's fallback type, a smaller group, kept in float) carries the
-reason in ``fallback``. A group or block that does not divide a row is never turned into float
+other than the recipe asked (a format's fallback type, a smaller group, kept in float, rtn for a lattice type that
+gptq or awq cannot code) carries the reason in ``fallback``. A group or block that does not divide a row is never turned into float
 silently: ``quantize.indivisible`` refuses (the default, naming the Linears and the group sizes that
 would fit), picks the largest group that divides every row, or keeps those Linears in float.
 """
@@ -16,6 +16,7 @@ from typing import Any
 from quantfab.tasks.modelio import TensorInfo
 from quantfab.tasks.errors import UserError
 from quantfab.tasks.quantize.grids import GridRequest, grid_named
+from quantfab.tasks.quantize.lattice import LatticeGrid
 from quantfab.tasks.model_structure import layout, model_units
 
 
@@ -71,6 +72,10 @@ def assign(module: str, cols: int, quant: Any, fmt: Any, options: Any, preset: s
         return Assignment(module, method, None, f"row length {cols} is not a multiple of the {grid.name} block "
                           f"{grid.span}: kept as {kept}", asked=grid.name,
                           fallback=f"row {cols} not a multiple of {grid.span} ({grid.name}) -> {kept}")
+    if isinstance(grid, LatticeGrid) and method != "rtn":
+        return Assignment(module, "rtn", grid.name, f"{method} -> rtn: {grid.name} picks one codebook point per group "
+                          "of weights, which only its own search (llama.cpp's) chooses", asked=grid.name,
+                          fallback=f"{method} cannot code {grid.name} -> rtn")
     return Assignment(module, method, grid.name, fallback=preset_fallback if grid.name == preset else "")
 
 

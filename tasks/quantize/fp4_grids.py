@@ -7,6 +7,9 @@ rounding (nearest, ties to the even code, a negative value that rounds to 0 keep
 its decompressor, which hands back bfloat16, so ``decode_values`` rounds to bfloat16 too.
 
 A code is the 4-bit pattern sign << 3 | magnitude index, as compressed-tensors packs two per byte.
+
+``GGMLMXFP4Grid`` is llama.cpp's MXFP4 (GGUF's MXFP4_MOE experts): the same E2M1 values and E8M0 scales, but
+llama.cpp's exponent rule, its first-index tie rule and a float32 decode.
 """
 
 from __future__ import annotations
@@ -133,3 +136,43 @@ def mx_exponent(absmax: np.ndarray) -> np.ndarray:
 def mx_scale(exponent: np.ndarray) -> np.ndarray:
     """float32 scales 2^(e - 127) of biased E8M0 exponents."""
     return np.ldexp(np.float32(1), exponent.astype(np.int32) - 127).astype(np.float32)
+
+
+GGML_FP4 = np.array([0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12], np.float32)  # kvalues_mxfp4: 2 x E2M1
+
+
+class GGMLMXFP4Grid(Grid):
+    """llama.cpp's MXFP4 (the GGUF MXFP4_MOE file type's expert weights): 32 E2M1 codes and an E8M0 exponent e.
+
+    It rounds otherwise than compressed-tensors' MXFP4, hence a name of its own: e = floor(log2(absmax)) - 2 + 127
+    (0 for a block of zeros), d = 2^(e - 128) against doubled E2M1 values, each value the nearest, the first index
+    on a tie (quantize_row_mxfp4_ref), decoded in float32. A code is the index into kvalues_mxfp4 (8 is -0, never
+    chosen). llama.cpp ignores an importance matrix here.
+    """
+
+    name, bits, block, symmetric, qmin, qmax = "MXFP4_GGML", 4, 32, True, 0, 15
+    scale_dtype = np.float32
+
+    def scale_candidates(self, w: np.ndarray, ratio: float) -> tuple[np.ndarray, np.ndarray | None]:
+        absmax = (np.abs(self.blocks(w)).max(axis=-1) * np.float32(ratio)).astype(np.float32)
+        return ggml_mx_scale(ggml_mx_exponent(absmax)), None
+
+    def encode_values(self, x: np.ndarray, d: np.ndarray, m: np.ndarray | None) -> np.ndarray:
+        err = np.abs(np.multiply(GGML_FP4, d[..., None], dtype=np.float32) - x[..., None])
+        return np.argmin(err, axis=-1).astype(np.int8)
+
+    def decode_values(self, q: np.ndarray, d: np.ndarray, m: np.ndarray | None) -> np.ndarray:
+        return np.multiply(GGML_FP4[q.astype(np.intp)], d, dtype=np.float32)
+
+
+def ggml_mx_exponent(absmax: np.ndarray) -> np.ndarray:
+    """llama.cpp's E8M0 exponent (uint8) of blocks whose largest magnitude is ``absmax``: floor(log2) - 2 + 127,
+    narrowed to 8 bits as C narrows it, 0 for zero."""
+    with np.errstate(divide="ignore"):
+        e = np.floor(np.log2(absmax.astype(np.float32))) - 2 + 127
+    return np.where(absmax > 0, e, 0).astype(np.int32).astype(np.uint8)
+
+
+def ggml_mx_scale(exponent: np.ndarray) -> np.ndarray:
+    """GGML_E8M0_TO_FP32_HALF: 2^(e - 128) in float32 (denormal for e < 2)."""
+    return np.ldexp(np.float32(1), exponent.astype(np.int32) - 128).astype(np.float32)

@@ -1,5 +1,6 @@
 """Quantization grids, one small class per type with a NumPy reference (in the manner of gguf-py's
-``quants.py``); ``GRIDS`` is the registry of the fixed GGUF grids (llama.cpp's IQ4 ones in ``iq_grids``), ``FP4_GRIDS`` of NVFP4 and MXFP4
+``quants.py``); ``GRIDS`` is the registry of the fixed GGUF grids (llama.cpp's IQ4 ones in ``iq_grids``, its lattice
+types in ``iq1_grids``, ``iq2_grids``, ``iq3_grids`` on ``lattice``, its MXFP4 in ``fp4_grids``), ``FP4_GRIDS`` of NVFP4 and MXFP4
 (``fp4_grids``), ``grid_named`` also builds the parametric ones (INT{bits}_G{group}_{SYM|ASYM}, INT{bits}_CH_..., NF4_B{block}[_DQ],
 MLX's affine MLX{bits}_G{group}_{type} in ``mlx_grid``).
 
@@ -17,7 +18,10 @@ import numpy as np
 from quantfab.tasks.quantize.grid_base import (AsymmetricGrid, Encoded, Grid, GridRequest, SymmetricGrid,
                                                inverse_or_zero)
 from quantfab.tasks.quantize.float_grids import FP8BlockGrid, FP8ChannelGrid, FP8Grid
-from quantfab.tasks.quantize.fp4_grids import MXFP4Grid, NVFP4Grid
+from quantfab.tasks.quantize.fp4_grids import GGMLMXFP4Grid, MXFP4Grid, NVFP4Grid
+from quantfab.tasks.quantize.iq1_grids import IQ1_GRIDS
+from quantfab.tasks.quantize.iq2_grids import IQ2_GRIDS
+from quantfab.tasks.quantize.iq3_grids import IQ3_GRIDS
 from quantfab.tasks.quantize.iq_grids import IQ4_GRIDS
 from quantfab.tasks.quantize.mlx_grid import MLXAffineGrid
 from quantfab.tasks.quantize.kquants import K_GRIDS, WEIGHTED_SEARCH, importance_weights, search
@@ -277,7 +281,9 @@ def blockwise_8bit_decode(codes: np.ndarray, absmax: np.ndarray, block: int) -> 
     return (vb * absmax[:, None]).astype(np.float32).reshape(-1)[:n]
 
 
-GRIDS: dict[str, Grid] = {g.name: g for g in (Q8_0(), Q4_0(), Q4_1(), Q5_0(), Q5_1(), *K_GRIDS, *IQ4_GRIDS)}
+GRIDS: dict[str, Grid] = {g.name: g for g in (Q8_0(), Q4_0(), Q4_1(), Q5_0(), Q5_1(), *K_GRIDS, *IQ4_GRIDS,
+                                              *IQ3_GRIDS, *IQ2_GRIDS, *IQ1_GRIDS,
+                                              GGMLMXFP4Grid())}
 FP4_GRIDS: dict[str, Grid] = {g.name: g for g in (NVFP4Grid(), MXFP4Grid())}
 _PARAMETRIC = re.compile(r"^(?:INT(?P<bits>[2-8])_(?:G(?P<group>\d+)|(?P<ch>CH))_(?P<sym>SYM|ASYM)"
                          r"|NF4_B(?P<nf4>\d+)(?P<dq>_DQ)?|FP8_(?:G(?P<fp8>\d+)|(?P<fp8ch>CH)|B(?P<fp8b>\d+))"

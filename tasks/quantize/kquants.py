@@ -219,7 +219,9 @@ def search_q3_scale(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
 
 def search_positive_scale_reference(x: np.ndarray, weights: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
     """make_qp_quants(n, nmax, x, L, weights) per row: one scale for non-negative values (a super-block's sub-block
-    scales or mins) and their integers in [0, nmax], fitted by weighted least squares: (scale, integers)."""
+    scales or mins) and their integers in [0, nmax], fitted by weighted least squares: (scale, integers). A negative
+    value (IQ2_XXS/XS feed one per group: the sign they keep) gets an integer that wraps modulo 256 where llama.cpp
+    stores it, in its uint8_t L, and reads it back."""
     n = x.shape[1]
     xc, wc = _columns(x), _columns(weights)
     top = np.zeros(len(x), F)
@@ -236,7 +238,7 @@ def search_positive_scale_reference(x: np.ndarray, weights: np.ndarray, nmax: in
         return total
 
     iscale = F(nmax) / top
-    best = error(F(1) / iscale, nearest_int(iscale * xc))
+    best = error(F(1) / iscale, nearest_int(iscale * xc) & 255)
     for step in (-4, -3, -2, -1, 1, 2, 3, 4):
         trial = (F(0.1) * F(step) + F(nmax)) / top
         current = error(F(1) / trial, np.minimum(nmax, nearest_int(trial * xc)))
@@ -245,6 +247,7 @@ def search_positive_scale_reference(x: np.ndarray, weights: np.ndarray, nmax: in
         iscale = np.where(better, trial, iscale).astype(F)
     q = np.minimum(nmax, nearest_int(iscale * xc))
     sumlx, suml2 = _weighted_sums(xc, wc, q)
+    q = q & 255
     for _ in range(5):  # llama.cpp stops at a round that changes nothing: the rounds after it would change nothing
         for i in range(n):
             w, xi, li = wc[i], xc[i], q[i].astype(F)
@@ -256,7 +259,7 @@ def search_positive_scale_reference(x: np.ndarray, weights: np.ndarray, nmax: in
             slx_new = slx + w * xi * nf
             sl2_new = sl2 + w * nf * nf
             take = fits & (new != q[i]) & (slx_new * slx_new * suml2 > sumlx * sumlx * sl2_new)
-            q[i] = np.where(take, new, q[i])
+            q[i] = np.where(take, new & 255, q[i])
             sumlx = np.where(take, slx_new, sumlx).astype(F)
             suml2 = np.where(take, sl2_new, suml2).astype(F)
     scale = np.where(suml2 > 0, sumlx / _safe(suml2), F(0)).astype(F)
