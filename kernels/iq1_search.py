@@ -26,12 +26,9 @@ def search_blocks(grid_name: str, x: np.ndarray, importance: np.ndarray | None) 
     be = current()
     if be.name == "numpy":
         return grid.search_reference(x, importance)[2]
-    if importance is None and grid_name == "IQ1_S":
-        raise ValueError("IQ1_S needs an importance matrix (llama.cpp asserts quant_weights)")
-    xb = grid._blocks(x)  # raises as the reference does on rows that are not whole super-blocks
+    x, importance = grid.checked(x, importance)
+    xb = grid._blocks(x)
     rows, cols = x.shape
-    if importance is not None and np.shape(importance) != (cols,):
-        raise ValueError(f"{grid_name}: an importance per column ({cols}) is needed, not shape {np.shape(importance)}")
     supers = rows * cols // SUPER
     weighted = importance is not None
     out = be.xp.empty((supers, grid.type_size), np.uint8)

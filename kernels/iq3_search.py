@@ -36,14 +36,10 @@ def search_blocks(grid_name: str, x: np.ndarray, importance: np.ndarray | None) 
     be = current()
     if be.name == "numpy":
         return grid.search_reference(x, importance)
-    x = np.ascontiguousarray(x, F)
+    x, importance = grid.checked(x, importance)
     rows, cols = x.shape
-    if cols % QK:
-        raise ValueError(f"{grid_name} needs rows of a multiple of {QK} weights, not {cols}")
     weighted = importance is not None
-    imp = np.ascontiguousarray(importance, F).reshape(-1) if weighted else np.zeros(1, F)
-    if weighted and imp.size != cols:
-        raise ValueError(f"{grid_name} needs an importance per column ({cols}), not {imp.size} values")
+    imp = importance if weighted else np.zeros(1, F)
     supers = rows * (cols // QK)
     out = be.xp.empty((rows, cols // QK * grid.type_size), np.uint8)  # the kernel writes every byte
     be.launch(SOURCE, KERNELS[grid_name], supers, be.to_device(x), be.to_device(imp), int(weighted), supers, cols,

@@ -226,6 +226,7 @@ class IQ1Grid(LatticeGrid):
 
     def search(self, x: np.ndarray, importance: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The search on the current backend (search_reference's bytes), codes and scales read back from them."""
+        x, importance = self.checked(x, importance)
         rows, cols = x.shape
         blocks = kernel.search_blocks(self.name, x, importance)
         codes, scale = self._decode(blocks.reshape(-1, self.type_size))
@@ -241,10 +242,8 @@ class IQ1Grid(LatticeGrid):
         raise NotImplementedError
 
     def _blocks(self, x: np.ndarray) -> np.ndarray:
-        """Rows (rows, cols) -> blocks (n, block) float32; llama.cpp asserts rows of whole super-blocks."""
-        if x.ndim != 2 or x.shape[1] % SUPER:
-            raise ValueError(f"{self.name} quantizes rows of a multiple of {SUPER} weights, not shape {x.shape}")
-        return np.ascontiguousarray(x, F).reshape(-1, self.block)
+        """Rows (rows, cols), checked, -> blocks (n, block) float32."""
+        return x.reshape(-1, self.block)
 
     def _search_blocks(self, xb: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Every block (n, block) -> (entries (n, groups) int32, scale (n,), delta sign per group (n, groups))."""
@@ -279,6 +278,7 @@ class IQ1SGrid(IQ1Grid):
     """IQ1_S: 32-weight blocks, each with a 3-bit scale and one delta sign."""
 
     name = "IQ1_S"
+    asserts_importance = True
     block = 32
     type_size = 50
     eps = F(1e-12)  # GROUP_MAX_EPS_IQ1_S
@@ -304,8 +304,7 @@ class IQ1SGrid(IQ1Grid):
 
     def search_reference(self, x: np.ndarray,
                          importance: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        if importance is None:
-            raise ValueError("IQ1_S needs an importance matrix (llama.cpp asserts quant_weights)")
+        x, importance = self.checked(x, importance)
         rows, cols = x.shape
         xb = self._blocks(x)
         entries, scales, minus = self._search_blocks(xb, _weights(xb, importance))
@@ -368,6 +367,7 @@ class IQ1MGrid(IQ1Grid):
 
     def search_reference(self, x: np.ndarray,
                          importance: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        x, importance = self.checked(x, importance)
         rows, cols = x.shape
         xb = self._blocks(x)
         w = _weights(xb, importance)

@@ -213,19 +213,6 @@ class IQ2Grid(LatticeGrid):
         entries and sign bytes, all 8 signs, (s, groups))."""
         raise NotImplementedError
 
-    def checked(self, x: np.ndarray, importance: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:
-        """x and the importance as contiguous float32, refused where llama.cpp would abort (rows not whole
-        super-blocks, no importance where it asserts one) or would read past the importance (not one per column)."""
-        if x.shape[1] % SUPER:
-            raise ValueError(f"{self.name} codes rows of a multiple of {SUPER} weights, not {x.shape[1]}")
-        if importance is None:
-            if self.asserts_importance:
-                raise ValueError(f"{self.name} needs an importance matrix (llama.cpp asserts quant_weights)")
-            return np.ascontiguousarray(x, F), None
-        if np.size(importance) != x.shape[1]:
-            raise ValueError(f"{self.name}: an importance of {np.size(importance)} values for {x.shape[1]} columns")
-        return np.ascontiguousarray(x, F), np.ascontiguousarray(importance, F).reshape(-1)
-
     def search(self, x: np.ndarray, importance: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The search on the current kernel backend (the NumPy reference on the numpy backend)."""
         x, importance = self.checked(x, importance)

@@ -87,6 +87,7 @@ class _IQ3Grid(LatticeGrid):
         raise NotImplementedError
 
     def search(self, x: np.ndarray, importance: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        x, importance = self.checked(x, importance)
         rows, cols = x.shape
         raw = kernel.search_blocks(self.name, x, importance)
         codes, d = self.unpack(raw.reshape(-1, self.type_size))
@@ -95,10 +96,9 @@ class _IQ3Grid(LatticeGrid):
     def search_reference(self, x: np.ndarray, importance: np.ndarray | None) -> np.ndarray:
         """The NumPy search (what kernels/iq3_search.cu answers on the other backends): the ggml bytes (rows,
         cols // 256 * type_size)."""
+        x, importance = self.checked(x, importance)
         rows, cols = x.shape
-        if cols % QK:
-            raise ValueError(f"{self.name} needs rows of a multiple of {QK} weights, not {cols}")
-        xb = np.ascontiguousarray(x, F).reshape(-1, BLOCK)
+        xb = x.reshape(-1, BLOCK)
         if importance is None:
             weight = np.ascontiguousarray((xb * xb).T)
         else:

@@ -118,6 +118,7 @@ class LatticeGrid(Grid):
     scale_dtype = np.float32  # effective scales: fp16 x small-integer products, exact in float32
     type_size: int  # bytes of one 256-weight super-block
     needs_importance: bool  # llama.cpp's tensor_requires_imatrix for this type (but token_embd and output)
+    asserts_importance = False  # its quantize_<type> asserts quant_weights (IQ1_S, IQ2_XXS, IQ2_XS)
 
     @property
     def span(self) -> int:
@@ -127,6 +128,20 @@ class LatticeGrid(Grid):
         """llama.cpp's quantize_<type> on rows (rows, cols) float32 -> (codes int8, effective d float32 (rows,
         cols // block), ggml bytes uint8 (rows, cols // 256 * type_size))."""
         raise NotImplementedError
+
+    def checked(self, x: np.ndarray, importance: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:
+        """x and the importance as contiguous float32, refused where llama.cpp would abort (rows not whole
+        super-blocks, no importance where it asserts one) or would read past the importance (not one per column)."""
+        if x.ndim != 2 or x.shape[1] % self.span:
+            raise ValueError(f"{self.name} codes rows of a multiple of {self.span} weights, not shape {x.shape}")
+        if importance is None:
+            if self.asserts_importance:
+                raise ValueError(f"{self.name} needs an importance matrix (llama.cpp asserts quant_weights)")
+            return np.ascontiguousarray(x, F), None
+        if np.size(importance) != x.shape[1]:
+            raise ValueError(f"{self.name} needs an importance per column ({x.shape[1]}), not {np.size(importance)} "
+                             "values")
+        return np.ascontiguousarray(x, F), np.ascontiguousarray(importance, F).reshape(-1)
 
     def reference(self, w: np.ndarray, importance: np.ndarray | None = None) -> Encoded:
         codes, d, blocks = self.search(np.ascontiguousarray(w, F), importance)
