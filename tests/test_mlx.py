@@ -195,12 +195,16 @@ def moe(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 
 def test_experts_are_stacked_as_mlx_lms_switch_mlp_and_read_back_per_expert(moe: MoEBuild) -> None:
     """Each layer's experts are one switch_mlp tensor per matrix (expert first; Mixtral's w1/w2/w3 renamed
-    gate/down/up_proj as mlx-lm names them), scales and biases too; per-module bits name the stack; read back under
-    the checkpoint's names, every expert decodes to the codes quantize chose for it."""
+    gate/down/up_proj as mlx-lm names them), scales and biases too; per-module bits name the stack; config.json has
+    the key names mlx-lm reads; read back under the checkpoint's names, every expert decodes to the codes quantize
+    chose for it."""
     path = moe.written("mlx-int4-g64")
     config = json.loads((path / "config.json").read_text())
     block = "block_sparse_moe" if moe.model_type == "mixtral" else "mlp"
     assert config["quantization"][f"model.layers.1.{block}.switch_mlp.down_proj"]["bits"] == 6
+    # transformers 5 saved num_local_experts and rope_parameters; mlx-lm reads num_experts and rope_theta
+    assert config["num_experts"] == config["num_local_experts"] == 4
+    assert config["rope_theta"] == config["rope_parameters"]["rope_theta"]
     with safe_open(str(path / "model.safetensors"), framework="pt") as f:
         names = set(f.keys())
         inner = 256 if moe.model_type == "mixtral" else 128  # Mixtral's experts are intermediate_size wide
