@@ -25,9 +25,8 @@ import numpy as np
 
 from quantfab.tasks.lazy import lazy
 from quantfab.tasks.quantize.kquants import _fp16, importance_weights, nearest_int
-from quantfab.tasks.quantize.lattice import LatticeGrid, LatticeTable, lattice_table
+from quantfab.tasks.quantize.lattice import LatticeGrid, LatticeTable, lattice_table, stored_d
 
-kernel = lazy("quantfab.kernels.iq1_search")  # search_reference as a kernel (C on the CPU, CUDA on a GPU)
 
 F = np.float32
 SUPER = 256
@@ -222,23 +221,12 @@ class IQ1Grid(LatticeGrid):
     bits = 1
     qmin, qmax = -9, 9
     needs_importance = True
+    kernel = lazy("quantfab.kernels.iq1_search")  # search_reference as a kernel (C on the CPU, CUDA on a GPU)
     eps: np.float32  # a block whose largest |x| is below stays at scale 0 (entries 0, +delta)
-
-    def search(self, x: np.ndarray, importance: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """The search on the current backend (search_reference's bytes), codes and scales read back from them."""
-        x, importance = self.checked(x, importance)
-        rows, cols = x.shape
-        blocks = kernel.search_blocks(self.name, x, importance)
-        codes, scale = self._decode(blocks.reshape(-1, self.type_size))
-        return codes.reshape(rows, cols), scale.reshape(rows, -1), blocks
 
     def search_reference(self, x: np.ndarray,
                          importance: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``search`` in NumPy: the kernel's specification, and what the numpy backend runs."""
-        raise NotImplementedError
-
-    def _decode(self, blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """ggml bytes (super-blocks, type_size) -> (codes (super-blocks, 256) int8, effective scales (blocks,))."""
         raise NotImplementedError
 
     def _blocks(self, x: np.ndarray) -> np.ndarray:
@@ -321,8 +309,8 @@ class IQ1SGrid(IQ1Grid):
         codes = _codes(entries, np.repeat(sign.reshape(-1, 1), self.block // GROUP, axis=1))
         return codes.reshape(rows, cols), scale.reshape(rows, -1), blocks.reshape(rows, -1)
 
-    def _decode(self, blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        stored = blocks[:, :2].copy().view("<f2")[:, 0]
+    def codes_of(self, blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        stored = stored_d(blocks)
         qh = blocks[:, 34:].copy().view("<u2").astype(np.int32)  # (n, 8): high bits, l << 12, sign << 15
         entries = blocks[:, 2:34].astype(np.int32).reshape(-1, 8, 4) | (
             ((qh[:, :, None] >> (3 * np.arange(4))) & 7) << 8)
@@ -387,7 +375,7 @@ class IQ1MGrid(IQ1Grid):
         codes = _codes(entries, minus)
         return codes.reshape(rows, cols), scale.reshape(rows, -1), blocks.reshape(rows, -1)
 
-    def _decode(self, blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def codes_of(self, blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         qh = blocks[:, 32:48].astype(np.int32)[:, :, None]  # per block: high bits, delta signs at bits 3 and 7
         sc = blocks[:, 48:].copy().view("<u2").astype(np.int32)  # four 3-bit l each, a nibble of the fp16 on top
         entries = blocks[:, :32].astype(np.int32).reshape(-1, 16, 2) | (((qh >> np.array([0, 4])) & 7) << 8)

@@ -24,9 +24,8 @@ import numpy as np
 from quantfab.tasks.lazy import lazy
 from quantfab.tasks.quantize.kquants import (GROUP_MAX_EPS, _columns, _fp16, importance_weights, nearest_int,
                                              row_sums_of_squares, search_positive_scale_reference)
-from quantfab.tasks.quantize.lattice import LatticeGrid, LatticeTable, lattice_table
+from quantfab.tasks.quantize.lattice import LatticeGrid, LatticeTable, lattice_table, stored_d, with_parity_sign
 
-iq2_search = lazy("quantfab.kernels.iq2_search")  # imports this module: loaded on first use
 
 F = np.float32
 SUPER = 256
@@ -38,12 +37,6 @@ SEVEN_BITS = np.uint8(127)  # the stored signs of IQ2_XXS / IQ2_XS: the eighth f
 def _ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
     """num / den where den > 0, else 0 (never divides by zero)."""
     return np.where(den > 0, num / np.where(den > 0, den, F(1)), F(0)).astype(F)
-
-
-def with_parity_sign(seven: np.ndarray) -> np.ndarray:
-    """7 stored sign bits -> all 8, the eighth set where the seven are odd (a group's count of negatives is even)."""
-    odd = np.unpackbits(seven[..., None], axis=-1).sum(axis=-1, dtype=np.uint8) & 1
-    return (seven | (odd << 7)).astype(np.uint8)
 
 
 def low_and_high_nibbles(scales: np.ndarray) -> np.ndarray:
@@ -143,11 +136,6 @@ def refit(table: LatticeTable, xc: np.ndarray, wc: np.ndarray, wac: np.ndarray, 
     return scale, entries
 
 
-def _stored_d(blocks: np.ndarray) -> np.ndarray:
-    """The fp16 d that leads each super-block (s, type_size) -> float32 (s,)."""
-    return np.ascontiguousarray(blocks[:, :2]).view("<f2")[:, 0].astype(F)
-
-
 class IQ2Grid(LatticeGrid):
     """The search the 2-bit lattice types share, with IQ2_XS's choices as defaults; a subclass names its codebook,
     block and trials, overrides what its llama.cpp function does differently, and packs its bytes."""
@@ -155,6 +143,7 @@ class IQ2Grid(LatticeGrid):
     bits, qmin, qmax = 2, -43, 43
     needs_importance = True  # llama.cpp's tensor_requires_imatrix holds for all three
     asserts_importance = True  # quantize_iq2_xxs / quantize_iq2_xs assert quant_weights
+    kernel = lazy("quantfab.kernels.iq2_search")  # search_reference as a kernel (it imports this module)
     codebook: type  # gguf-py's quant class, whose grid holds the reader's values (8, 25, 43)
     nwant: int  # distinct distances in each neighbour list of a key off the codebook
     trials: int  # trial scales (5 + t / 10) / reach for t in -trials..trials
@@ -213,30 +202,21 @@ class IQ2Grid(LatticeGrid):
         entries and sign bytes, all 8 signs, (s, groups))."""
         raise NotImplementedError
 
-    def search(self, x: np.ndarray, importance: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """The search on the current kernel backend (the NumPy reference on the numpy backend)."""
-        x, importance = self.checked(x, importance)
-        blocks = iq2_search.search_blocks(self.name, x, importance)
-        return (*self.decode_blocks(blocks, x.shape), blocks)
-
     def search_reference(self, x: np.ndarray,
                          importance: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The search in NumPy, the kernel's specification: as ``search``."""
         x, importance = self.checked(x, importance)
         with np.errstate(over="ignore", invalid="ignore"):  # float32 overflows to inf, as in llama.cpp's C
             blocks = self._search(x, importance)
-        return (*self.decode_blocks(blocks, x.shape), blocks)
+        return self.decoded(blocks, x.shape)
 
-    def decode_blocks(self, blocks: np.ndarray, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
-        """ggml bytes (rows, bytes of a row) -> (each weight's signed codebook value int8 (rows, cols), each block's
-        effective scale fp16(d) * (0.5 + l) / 4, float32 (rows, cols // block))."""
-        rows, cols = shape
-        stored, levels, entries, signs = self.unpack(blocks.reshape(-1, self.type_size))
+    def codes_of(self, raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Each weight's signed codebook value and each block's effective scale fp16(d) * (0.5 + l) / 4."""
+        stored, levels, entries, signs = self.unpack(raw)
         effective = np.repeat(stored, SUPER // self.block) * (F(0.5) + levels.reshape(-1).astype(F)) * F(0.25)
-        values = np.asarray(self.codebook.grid, F).reshape(self.codebook.grid_shape).astype(np.int8)[entries]
+        values = self.table.values[entries]
         negative = ((signs[..., None] >> np.arange(GROUP, dtype=np.uint8)) & 1) == 1
-        codes = np.where(negative, -values, values).reshape(rows, cols)
-        return codes, effective.astype(F).reshape(rows, -1)
+        return np.where(negative, -values, values).reshape(-1), effective.astype(F)
 
     def _search(self, x: np.ndarray, importance: np.ndarray | None) -> np.ndarray:
         rows = len(x)
@@ -289,7 +269,7 @@ class IQ2XXSGrid(IQ2Grid):
         qs = np.ascontiguousarray(blocks[:, 2:]).view("<u4").reshape(len(blocks), -1, 2)
         entries = ((qs[..., :1] >> np.array([0, 8, 16, 24], np.uint32)) & 255).reshape(len(blocks), -1)
         seven = ((qs[..., 1:] >> np.array([0, 7, 14, 21], np.uint32)) & 127).reshape(len(blocks), -1)
-        return (_stored_d(blocks), (qs[..., 1] >> 28).astype(np.int32), entries.astype(np.int32),
+        return (stored_d(blocks), (qs[..., 1] >> 28).astype(np.int32), entries.astype(np.int32),
                 with_parity_sign(seven.astype(np.uint8)))
 
 
@@ -308,7 +288,7 @@ class IQ2XSGrid(IQ2Grid):
     def unpack(self, blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         qs = np.ascontiguousarray(blocks[:, 2:66]).view("<u2")
         levels = low_and_high_nibbles(blocks[:, 66:]).astype(np.int32)
-        return _stored_d(blocks), levels, (qs & 511).astype(np.int32), with_parity_sign((qs >> 9).astype(np.uint8))
+        return stored_d(blocks), levels, (qs & 511).astype(np.int32), with_parity_sign((qs >> 9).astype(np.uint8))
 
 
 class IQ2SGrid(IQ2Grid):
@@ -348,7 +328,7 @@ class IQ2SGrid(IQ2Grid):
         high = (blocks[:, 66:74, None] >> (2 * np.arange(4, dtype=np.uint8))) & 3
         entries = blocks[:, 2:34].astype(np.int32) | (high.reshape(len(blocks), -1).astype(np.int32) << 8)
         levels = low_and_high_nibbles(blocks[:, 74:]).astype(np.int32)
-        return _stored_d(blocks), levels, entries, blocks[:, 34:66].copy()
+        return stored_d(blocks), levels, entries, blocks[:, 34:66].copy()
 
 
 IQ2_GRIDS: tuple[LatticeGrid, ...] = (IQ2XXSGrid(), IQ2XSGrid(), IQ2SGrid())

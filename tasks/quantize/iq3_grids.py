@@ -22,9 +22,7 @@ import numpy as np
 
 from quantfab.tasks.lazy import lazy
 from quantfab.tasks.quantize.kquants import _fp16, importance_weights, nearest_int
-from quantfab.tasks.quantize.lattice import LatticeGrid, LatticeTable, lattice_table
-
-kernel = lazy("quantfab.kernels.iq3_search")  # the search below as a kernel (C on the CPU, CUDA on a GPU)
+from quantfab.tasks.quantize.lattice import LatticeGrid, LatticeTable, lattice_table, stored_d, with_parity_sign
 
 F = np.float32
 QK = 256  # weights of a super-block
@@ -33,31 +31,16 @@ GROUPS = BLOCK // 4  # codebook points per block
 MAX_LEVEL = 7  # 3 level bits; a level l is the coordinate 2 * l + 1 in the search
 
 
-def _ksigns() -> np.ndarray:
-    """7 stored sign bits -> the 8 of the group, the 8th making their count even (llama.cpp's ksigns_iq2xs)."""
-    low = np.arange(128, dtype=np.uint8)
-    parity = np.unpackbits(low[:, None], axis=1).sum(axis=1) & 1
-    return low | (parity.astype(np.uint8) << 7)
-
-
-KSIGNS = _ksigns()
-
-
 def _bits(byte: np.ndarray) -> np.ndarray:
     """(...,) unsigned -> (..., 8) 0/1, lowest bit first."""
     return ((byte[..., None] >> np.arange(8, dtype=byte.dtype)) & 1).astype(np.int8)
-
-
-def _grid_values(codebook: type) -> np.ndarray:
-    """The codebook's stored coordinates (IQ3_XXS: 4..62, IQ3_S: 1..15) as int8 (points, 4)."""
-    codebook.init_grid()
-    return np.asarray(codebook.grid, F).reshape(codebook.grid_shape).astype(np.int8)
 
 
 class _IQ3Grid(LatticeGrid):
     """What IQ3_XXS and IQ3_S share: the search, up to the few choices the subclasses set."""
 
     bits, block = 3, BLOCK
+    kernel = lazy("quantfab.kernels.iq3_search")  # search_reference as a kernel (C on the CPU, CUDA on a GPU)
     codebook: type
     nwant: int  # distinct neighbour distances iq3xs_init_impl keeps
     trials: int  # scales tried either side of the block maximum's
@@ -81,17 +64,6 @@ class _IQ3Grid(LatticeGrid):
         """The ggml bytes from each block's point indices (blocks, 8), negative flags (blocks, 32), scale and skip
         (blocks,) -> (super-blocks, type_size) uint8."""
         raise NotImplementedError
-
-    def unpack(self, raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """ggml bytes (super-blocks, type_size) -> (codes (blocks, 32) int8, effective scales (blocks,))."""
-        raise NotImplementedError
-
-    def search(self, x: np.ndarray, importance: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        x, importance = self.checked(x, importance)
-        rows, cols = x.shape
-        raw = kernel.search_blocks(self.name, x, importance)
-        codes, d = self.unpack(raw.reshape(-1, self.type_size))
-        return codes.reshape(rows, cols), d.reshape(rows, -1), raw
 
     def search_reference(self, x: np.ndarray, importance: np.ndarray | None) -> np.ndarray:
         """The NumPy search (what kernels/iq3_search.cu answers on the other backends): the ggml bytes (rows,
@@ -236,12 +208,12 @@ class IQ3XXSGrid(_IQ3Grid):
         body[~live] = 0
         return np.concatenate([stored.astype("<f2")[:, None].view(np.uint8), body], axis=1)
 
-    def unpack(self, raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        d = raw[:, :2].copy().view("<f2")[:, 0].astype(F)
+    def codes_of(self, raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        d = stored_d(raw)
         words = raw[:, 2 + QK // 4:].copy().view("<u4").reshape(-1)
         scale = np.repeat(d, QK // BLOCK) * (F(0.5) + (words >> 28).astype(F)) * F(0.5)
-        signs = KSIGNS[(words[:, None] >> np.array([0, 7, 14, 21], np.uint32)) & 127]
-        points = _grid_values(self.codebook)[raw[:, 2:2 + QK // 4].reshape(-1, GROUPS)].reshape(-1, BLOCK)
+        signs = with_parity_sign(((words[:, None] >> np.array([0, 7, 14, 21], np.uint32)) & 127).astype(np.uint8))
+        points = self.table.values[raw[:, 2:2 + QK // 4].reshape(-1, GROUPS)].reshape(-1, BLOCK)
         return points * (1 - 2 * _bits(signs).reshape(-1, BLOCK)), scale
 
 
@@ -273,13 +245,13 @@ class IQ3SGrid(_IQ3Grid):
         return np.concatenate([stored.astype("<f2")[:, None].view(np.uint8), low.reshape(-1, QK // 4),
                                high.reshape(-1, QK // BLOCK), signs.reshape(-1, QK // 8), scales], axis=1)
 
-    def unpack(self, raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        d = raw[:, :2].copy().view("<f2")[:, 0].astype(F)
+    def codes_of(self, raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        d = stored_d(raw)
         qs, qh, signs, packed = np.split(raw[:, 2:], np.cumsum([QK // 4, QK // 32, QK // 8]), axis=1)
         nibbles = np.stack([packed & 15, packed >> 4], axis=2).reshape(-1)
         scale = np.repeat(d, QK // BLOCK) * (1 + 2 * nibbles).astype(F)
         index = qs.reshape(-1).astype(np.int32) | (_bits(qh).reshape(-1).astype(np.int32) << 8)
-        points = _grid_values(self.codebook)[index].reshape(-1, BLOCK)
+        points = self.table.values[index].reshape(-1, BLOCK)
         return points * (1 - 2 * _bits(signs).reshape(-1, BLOCK)), scale
 
 

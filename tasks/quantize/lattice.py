@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Any
 
 import numpy as np
 
@@ -35,6 +36,7 @@ class LatticeTable:
     """
 
     points: np.ndarray  # (entries, dims) int8
+    values: np.ndarray  # (entries, dims) int8: the coordinates as stored and decoded (gguf-py's grid)
     index: np.ndarray  # (keys,) int32
     slot: np.ndarray  # (keys,) int32
     neighbours: np.ndarray  # (keys off the codebook, width) int16
@@ -107,7 +109,19 @@ def lattice_table(codebook: type, level_bits: int, nwant: int) -> LatticeTable:
     slot[off] = np.arange(len(off), dtype=np.int32)
     counts = (neighbours >= 0).sum(axis=1).astype(np.int32)
     coords = np.ascontiguousarray(points[np.maximum(neighbours, 0)].astype(F).transpose(2, 0, 1))
-    return LatticeTable(points, index, slot, neighbours, counts, coords, level_bits)
+    return LatticeTable(points, values.astype(np.int8), index, slot, neighbours, counts, coords, level_bits)
+
+
+def with_parity_sign(seven: np.ndarray) -> np.ndarray:
+    """7 stored sign bits -> all 8, the eighth set where the seven are odd (a group's count of negatives is even:
+    IQ2_XXS, IQ2_XS, IQ3_XXS; llama.cpp's ksigns_iq2xs)."""
+    odd = np.unpackbits(seven[..., None], axis=-1).sum(axis=-1, dtype=np.uint8) & 1
+    return (seven | (odd << 7)).astype(np.uint8)
+
+
+def stored_d(blocks: np.ndarray) -> np.ndarray:
+    """The fp16 d that leads each super-block (s, type_size) -> float32 (s,)."""
+    return np.ascontiguousarray(blocks[:, :2]).view("<f2")[:, 0].astype(F)
 
 
 class LatticeGrid(Grid):
@@ -119,15 +133,27 @@ class LatticeGrid(Grid):
     type_size: int  # bytes of one 256-weight super-block
     needs_importance: bool  # llama.cpp's tensor_requires_imatrix for this type (but token_embd and output)
     asserts_importance = False  # its quantize_<type> asserts quant_weights (IQ1_S, IQ2_XXS, IQ2_XS)
+    kernel: Any  # the family's kernels module: search_blocks(name, x, importance) -> ggml bytes on the backend
+
+    def search(self, x: np.ndarray, importance: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """llama.cpp's quantize_<type> on the current kernel backend (the NumPy ``search_reference`` on the numpy
+        backend): (codes, d, ggml bytes), codes and scales read back from the bytes."""
+        x, importance = self.checked(x, importance)
+        return self.decoded(self.kernel.search_blocks(self.name, x, importance), x.shape)
+
+    def decoded(self, blocks: np.ndarray, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """ggml bytes (rows, bytes of a row) -> (codes (rows, cols), d (rows, cols // block), the bytes)."""
+        codes, d = self.codes_of(blocks.reshape(-1, self.type_size))
+        return codes.reshape(shape), d.reshape(shape[0], -1), blocks
+
+    def codes_of(self, raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """ggml bytes (super-blocks, type_size) -> (each weight's signed codebook value int8, each block's
+        effective scale float32), in file order."""
+        raise NotImplementedError
 
     @property
     def span(self) -> int:
         return 256
-
-    def search(self, x: np.ndarray, importance: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """llama.cpp's quantize_<type> on rows (rows, cols) float32 -> (codes int8, effective d float32 (rows,
-        cols // block), ggml bytes uint8 (rows, cols // 256 * type_size))."""
-        raise NotImplementedError
 
     def checked(self, x: np.ndarray, importance: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:
         """x and the importance as contiguous float32, refused where llama.cpp would abort (rows not whole
