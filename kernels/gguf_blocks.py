@@ -19,6 +19,7 @@ import numpy as np
 from quantfab.kernels.backends import current
 from quantfab.kernels.verdict import Verdict, compare, new_verdict, read_verdict
 from quantfab.tasks.quantize.grids import GRIDS, Encoded
+from quantfab.tasks.quantize.lattice import LatticeGrid
 
 SOURCE, K_SOURCE = "gguf_blocks.cu", "kquant_blocks.cu"
 LEGACY = {"Q8_0": (0, 34), "Q4_0": (1, 18), "Q4_1": (2, 20), "Q5_0": (3, 22), "Q5_1": (4, 24)}  # kernel id, bytes
@@ -188,7 +189,7 @@ PACKERS: dict[str, Callable[[Encoded], np.ndarray]] = {
     "Q8_0": pack_q8_0, "Q4_0": pack_q4_0, "Q4_1": pack_q4_1, "Q5_0": pack_q5_0, "Q5_1": pack_q5_1,
     "Q2_K": pack_q2_k, "Q3_K": pack_q3_k, "Q4_K": pack_q4_k, "Q5_K": pack_q5_k, "Q6_K": pack_q6_k,
     "IQ4_NL": pack_iq4_nl, "IQ4_XS": pack_iq4_xs, "MXFP4": pack_mxfp4,
-    **{t: pack_lattice for t in ("IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S")},
+    **{t: pack_lattice for t, grid in GRIDS.items() if isinstance(grid, LatticeGrid)},
 }
 
 

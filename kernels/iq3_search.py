@@ -35,7 +35,7 @@ def search_blocks(grid_name: str, x: np.ndarray, importance: np.ndarray | None) 
     grid = next(g for g in IQ3_GRIDS if g.name == grid_name)
     be = current()
     if be.name == "numpy":
-        return grid.search_reference(x, importance)
+        return grid.search_reference(x, importance)[2]
     x, importance = grid.checked(x, importance)
     rows, cols = x.shape
     weighted = importance is not None

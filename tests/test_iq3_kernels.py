@@ -72,7 +72,7 @@ def test_kernel_bytes_equal_the_reference(grid: LatticeGrid, kind: str, kernels:
         x = weights(kind, shape, rng)
         for label, importance in importances(shape[1], rng).items():
             with np.errstate(invalid="ignore"):  # the signed importance's sqrt of negative weights, as in C
-                ref = grid.search_reference(x, importance)
+                ref = grid.search_reference(x, importance)[2]
             codes, d, raw = grid.search(x, importance)
             assert raw.dtype == np.uint8 and raw.shape == ref.shape, (shape, label)
             assert np.array_equal(raw, ref), (shape, label, np.argwhere(raw != ref)[:4].tolist())

@@ -21,6 +21,7 @@ import gguf
 from quantfab.tasks.errors import UserError
 from quantfab.tasks.families import EXPERT_KEYS
 from quantfab.tasks.quantize.grids import GRIDS
+from quantfab.tasks.quantize.lattice import LatticeGrid
 
 DEFAULT_TYPE = {
     "Q8_0": "Q8_0", "Q4_0": "Q4_0", "Q4_1": "Q4_1", "Q5_0": "Q5_0", "Q5_1": "Q5_1",
@@ -30,7 +31,7 @@ DEFAULT_TYPE = {
     "IQ3_XXS": "IQ3_XXS", "IQ2_M": "IQ2_S", "IQ2_S": "IQ2_XS", "IQ2_XS": "IQ2_XS", "IQ2_XXS": "IQ2_XXS",
     "IQ1_M": "IQ1_M", "IQ1_S": "IQ1_S", "MXFP4_MOE": "MXFP4",
 }
-LATTICE = ("IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S")
+LATTICE = [name for name, grid in GRIDS.items() if isinstance(grid, LatticeGrid)]
 FALLBACK = {"Q2_K": "Q4_0", "Q3_K": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0", "IQ4_XS": "IQ4_NL",
             **{t: "IQ4_NL" for t in LATTICE}}
 TWO_BIT = ("IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M", "IQ1_S", "IQ1_M")  # file types llama.cpp mixes by their own rules

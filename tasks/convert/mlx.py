@@ -129,7 +129,8 @@ class MLXFormat(HFFolderFormat):
 
     def write(self, path: Path, options: MLXOptions, model: ModelDir, planned: list[PlannedTensor],
               tensor_data: Callable[[PlannedTensor], dict[str, torch.Tensor]], name: str) -> None:
-        model_type = model.config().model_type
+        config = model.config()
+        model_type = config.model_type
         default = {"group_size": options.group_size, "bits": BITS[options.type], "mode": "affine"}
         quantization: dict = dict(default)
         for t in planned:
@@ -141,7 +142,7 @@ class MLXFormat(HFFolderFormat):
                     quantization[stack[0] if stack else module] = {"group_size": grid.block, "bits": grid.bits,
                                                                    "mode": "affine"}
         write_folder(path, model, quantization, planned, _stacking(model_type, planned, tensor_data),
-                     {**_legacy_keys(model), "quantization": quantization,
+                     {**_legacy_keys(model.path, config), "quantization": quantization,
                       "torch_dtype": str(planned[0].dtype).removeprefix("torch.")}, "mlx")
 
     def pack(self, t: PlannedTensor, enc: Encoded) -> dict[str, torch.Tensor]:
@@ -159,11 +160,10 @@ class MLXFormat(HFFolderFormat):
         return compare(decode_mlx(t.hf_name.removesuffix(".weight"), folder).numpy(), expected, 0.0)
 
 
-def _legacy_keys(model: ModelDir) -> dict:
+def _legacy_keys(folder: Path, config) -> dict:
     """The config keys mlx-lm reads by their older names, where the checkpoint was saved under newer ones (the
     config class's attribute_map aliases, rope_theta out of transformers 5's rope_parameters)."""
-    saved = json.loads((model.path / "config.json").read_text())
-    config = model.config()
+    saved = json.loads((folder / "config.json").read_text())
     out = {alias: saved[name] for alias, name in type(config).attribute_map.items()
            if alias not in saved and name in saved}
     rope = saved.get("rope_parameters")

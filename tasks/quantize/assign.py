@@ -2,8 +2,8 @@
 
 Plan and quantize both call this, so what plan shows is what quantize does. Every Linear that ends up
 other than the recipe asked (a format's fallback type, a smaller group, kept in float, rtn for a lattice type that
-gptq or awq cannot code) carries the reason in ``fallback``. A group or block that does not divide a row is never turned into float
-silently: ``quantize.indivisible`` refuses (the default, naming the Linears and the group sizes that
+gptq or awq cannot code) carries the reason in ``fallback``. A group or block that does not divide a row is never
+turned into float silently: ``quantize.indivisible`` refuses (the default, naming the Linears and the group sizes that
 would fit), picks the largest group that divides every row, or keeps those Linears in float.
 """
 

@@ -65,9 +65,9 @@ class _IQ3Grid(LatticeGrid):
         (blocks,) -> (super-blocks, type_size) uint8."""
         raise NotImplementedError
 
-    def search_reference(self, x: np.ndarray, importance: np.ndarray | None) -> np.ndarray:
-        """The NumPy search (what kernels/iq3_search.cu answers on the other backends): the ggml bytes (rows,
-        cols // 256 * type_size)."""
+    def search_reference(self, x: np.ndarray,
+                         importance: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The NumPy search (what kernels/iq3_search.cu answers on the other backends): as ``search``."""
         x, importance = self.checked(x, importance)
         rows, cols = x.shape
         xb = x.reshape(-1, BLOCK)
@@ -79,7 +79,7 @@ class _IQ3Grid(LatticeGrid):
         with np.errstate(over="ignore", invalid="ignore"):
             index, negative, scale, skip = self._search_blocks(xc, weight)
             raw = self.pack(index, negative, scale, skip)
-        return raw.reshape(rows, -1)
+        return self.decoded(raw.reshape(rows, -1), x.shape)
 
     def _signs(self, xc: np.ndarray, weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(|x| with the parity flip, negative flags): where a group of 8 has an odd count of negative weights,
