@@ -24,11 +24,11 @@ from quantfab.pipelines.recipe import Recipe
 from quantfab.tasks import manifests
 from quantfab.tasks.download import materialize
 from quantfab.tasks.manifests import ModelManifest
-from quantfab.tasks.quantize.assign import reads_full_statistics, ships_importance
+from quantfab.tasks.quantize.assign import budget_of, reads_full_statistics, reads_statistics, ships_importance
 from quantfab.tasks.redact import redact
 from quantfab.tasks.store import Store
 
-ORDER = ("download", "calibrate", "quantize", "convert", "validate", "package")
+ORDER = ("download", "calibrate", "allocate", "quantize", "convert", "validate", "package")
 ROOT = Path(__file__).resolve().parent.parent  # where tasks/ and kernels/ live (the repo, or site-packages)
 COMMON = ["tasks/errors.py", "tasks/store.py", "tasks/manifests.py", "tasks/modelio.py", "tasks/decoder.py",
           "tasks/model_structure.py", "tasks/families.py", "tasks/checkpoint_map.py", "tasks/download.py"]
@@ -39,6 +39,8 @@ GRID_SOURCES = ["tasks/quantize/grids.py", "tasks/quantize/grid_base.py", "tasks
 STAGE_SOURCES = {
     "download": ["tasks/synthetic.py"],
     "calibrate": ["tasks/calibrate.py", "tasks/gram.py", "tasks/texts.py", "tasks/activations.py"],
+    "allocate": ["tasks/quantize", "tasks/convert", "tasks/validate.py", "tasks/texts.py", "tasks/activations.py",
+                 "tasks/gates.py", "tasks/calibrate.py", "tasks/gram.py", "kernels"],  # the budget's types: grids, formats' sizes, the KL forward
     "quantize": ["tasks/quantize", "tasks/calibrate.py", "tasks/gram.py", "tasks/texts.py", "tasks/activations.py",
                  "tasks/convert", "kernels"],  # formats decide each Linear's grid
     "convert": ["tasks/convert", *GRID_SOURCES, "tasks/quantize/layer_file.py", "tasks/activations.py", "kernels"],
@@ -124,9 +126,13 @@ def stage_inputs(stage: str, recipe: Recipe, store_url: str, up: dict[str, Any])
         statistics, full = _reads_statistics(files, recipe, Store(store_url))
         return {"model": files, "calibration": recipe.calibration, "statistics": statistics,
                 "diagonal": statistics and not full, "device": device, **common}
+    if stage == "allocate":  # the outputs with a size budget: without one it keys on the model and calibration only
+        budgeted = [o for o in recipe.outputs if budget_of(o)]
+        return {"model": files, "calibration": up["calibrate"], "quantize": recipe.quantize if budgeted else None,
+                "outputs": budgeted, "device": device if budgeted else "any", **common}
     if stage == "quantize":
-        return {"model": files, "calibration": up["calibrate"], "quantize": recipe.quantize,
-                "outputs": list(recipe.outputs), "device": device, **common}
+        return {"model": files, "calibration": up["calibrate"], "allocation": up["allocate"],
+                "quantize": recipe.quantize, "outputs": list(recipe.outputs), "device": device, **common}
     if stage == "convert":  # the calibration only for an importance matrix: else rtn's convert stays cached
         calibration = up["calibrate"] if ships_importance(list(recipe.outputs)) else None
         return {"model": files, "calibration": calibration, "quantized": up["quantize"],
@@ -143,7 +149,7 @@ def _reads_statistics(model: ModelManifest, recipe: Recipe, store: Store) -> tup
     """Whether any output reads the statistics, and whether any reads the whole XᵀX (else: its diagonal)."""
     config, tensors = materialize(store, model.files, verify=False).frozen(store.memo_dir())  # config and headers only
     full = reads_full_statistics(config, tensors, recipe.quantize, list(recipe.outputs))
-    return full or ships_importance(list(recipe.outputs)), full
+    return reads_statistics(config, tensors, recipe.quantize, list(recipe.outputs), full), full
 
 
 def cached_result(store: Store, key: str) -> BaseModel | None:

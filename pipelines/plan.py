@@ -8,6 +8,7 @@ estimated size and bits per weight. All from the safetensors headers alone (no w
 from __future__ import annotations
 
 import tempfile
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,11 +20,12 @@ from quantfab.tasks.convert import FORMATS, differences
 from quantfab.tasks.redact import redact, redact_text
 from quantfab.tasks.download import materialize
 from quantfab.tasks.errors import UnsupportedModel, UserError
-from quantfab.tasks.manifests import Manifest
+from quantfab.tasks.manifests import Allocation, Manifest
 from quantfab.tasks.modelio import ST_DTYPES, ModelDir, TensorInfo, check_against_config, read_headers
-from quantfab.tasks.model_structure import BATCH, FrozenConfig, alias_tied_embeddings, frozen_config, layout
+from quantfab.tasks.model_structure import BATCH, FrozenConfig, alias_tied_embeddings, frozen_config, layout, model_units
 from quantfab.tasks.malloc import KEEP
-from quantfab.tasks.quantize.assign import assign_layers, measures_inputs, reads_full_statistics, ships_importance
+from quantfab.tasks.quantize.allocate import KL_STATES, KL_WINDOWS
+from quantfab.tasks.quantize.assign import assign_layers, budget_of, measures_inputs, reads_full_statistics, reads_statistics
 from quantfab.tasks.store import Store, filesystem, free_bytes
 
 
@@ -44,6 +46,7 @@ class Plan:
     writes: dict[str, int] = field(default_factory=dict)  # stage -> estimated bytes it adds to the store (or destination)
     nominal: dict[str, float] = field(default_factory=dict)  # output -> bits/weight had nothing fallen back
     fallbacks: dict[str, list[str]] = field(default_factory=dict)  # output -> "tensor: why" for each that differs
+    budgets: dict[str, str] = field(default_factory=dict)  # output -> what its size budget chose (or will choose)
     statistics: bool | None = None  # whether calibrate gathers the unquantized model's statistics (None: unknown)
     diagonal: bool = False  # only XᵀX's diagonal of them: nothing but an importance matrix reads them
 
@@ -60,7 +63,8 @@ class Plan:
         if isinstance(size, str) or size is None:
             return []
         found = self.fallbacks.get(key, [])
-        lines = [f"{len(found)} tensors differ from the recipe: " + "; ".join(differences.summary(found))] if found else []
+        lines = [f"size budget: {self.budgets[key]}"] if key in self.budgets else []
+        lines += [f"{len(found)} tensors differ from the recipe: " + "; ".join(differences.summary(found))] if found else []
         warning = differences.oversize(size[1], self.nominal.get(key, 0.0))
         return lines + ([f"WARNING: {warning}"] if warning else [])
 
@@ -131,9 +135,15 @@ def peak_memory(recipe: Recipe, config: Any, tensors: dict[str, TensorInfo], siz
         heads = int(getattr(config, "num_attention_heads", 0) or 0)
         gathers = (states + 4 * tokens_c * (widest + 2 * hidden) + 3 * 4 * widest * widest + 4 * largest_linear(layer0)
                    + 3 * 4 * BATCH * heads * cal.seq_len ** 2 + KEEP)
+    budgeted = any(budget_of(o) for o in recipe.outputs)
+    kl_tokens = min(cal.samples, KL_WINDOWS) * cal.seq_len
+    kl_models = 1 + min(sum(len(u) for u in model_units(config, {n: t.shape for n, t in tensors.items()})),
+                        max(1, KL_STATES // (4 * kl_tokens * hidden)))
     return {
         "download": 0,  # streams files into the store
         "calibrate": matrix + layer + gathers if statistics else 0,
+        # a budget's KL per unit: the units' models side by side, a layer and the hidden states each, and the heads
+        "allocate": kl_models * (layer + 4 * kl_tokens * hidden) + matrix + LOGPROB_TEMPS if budgeted else 0,
         "quantize": layer + gathers + GRID_TEMPS,
         "convert": 3 * largest + max(sizes.values(), default=0),  # a tensor, its codes, its decoding; the file read back
         "validate": max(models * (layer + 4 * tokens * hidden) + matrix,  # the layers, each model's hidden states
@@ -183,9 +193,18 @@ def plan(recipe: Recipe, store_url: str | None) -> Plan:
     runs_sequential = False
     for o in recipe.outputs:
         fmt = FORMATS[o.format]
-        layers = assign_layers(config, tensors, recipe.quantize, fmt, o)
+        allocated = up["allocate"].outputs.get(o.key) if "allocate" in up else None
+        layers = assign_layers(config, tensors, recipe.quantize, fmt, o, allocated and allocated.types)
         runs_sequential |= measures_inputs(layers, fmt.measured_scales(o))
         assigned = [a for layer in layers for a in layer.values()]
+        budget = budget_of(o)
+        if budget and allocated is None:  # sized by its budget until allocate has chosen the types
+            out.sizes[o.key] = (int(budget * params / 8), budget)
+            out.nominal[o.key] = budget
+            out.budgets[o.key] = f"types chosen by the allocate stage, after calibrate, for {budget:g} bits/weight"
+            continue
+        if allocated is not None:
+            out.budgets[o.key] = allocation_summary(allocated)
         size = sum(t.nbytes for t in fmt.plan(o, config, tensors, {a.module: a.grid for a in assigned}))
         out.sizes[o.key] = (size, size * 8 / params)
         nominal = differences.nominal_bytes(fmt, o, config, tensors, {a.module: a.asked or a.grid for a in assigned})
@@ -193,11 +212,19 @@ def plan(recipe: Recipe, store_url: str | None) -> Plan:
         out.fallbacks[o.key] = differences.fallbacks(fmt, o, config, tensors, {a.module: a.fallback for a in assigned})
     sizes = {k: v[0] for k, v in out.sizes.items() if not isinstance(v, str)}
     full = reads_full_statistics(config, tensors, recipe.quantize, list(recipe.outputs))
-    out.statistics = full or ships_importance(list(recipe.outputs))
+    out.statistics = reads_statistics(config, tensors, recipe.quantize, list(recipe.outputs), full)
     out.diagonal = out.statistics and not full
     out.writes = store_writes(recipe, tensors, sizes, out.diagonal)
     out.memory = peak_memory(recipe, config, tensors, sizes, out.statistics, runs_sequential, out.diagonal)
     return out
+
+
+def allocation_summary(allocated: Allocation) -> str:
+    """What a budget chose: how many Linears got each type, and the bits per weight it predicts."""
+    counts = Counter(allocated.types.values())
+    mix = ", ".join(f"{n} × {g}" for g, n in sorted(counts.items(), key=lambda item: (-item[1], item[0])))
+    return (f"{allocated.bits_per_weight:.3f} of {allocated.target_bits_per_weight:g} bits/weight in tensors; "
+            f"Linears: {mix}")
 
 
 def store_writes(recipe: Recipe, tensors: dict[str, TensorInfo], sizes: dict[str, int],

@@ -9,7 +9,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validat
 
 from quantfab.tasks.convert import FORMATS
 from quantfab.tasks.quantize import METHODS
-from quantfab.tasks.quantize.assign import request
+from quantfab.tasks.quantize.assign import budget_of, request
 from quantfab.tasks.gates import GATES
 
 MethodName = Literal[tuple(METHODS)]  # type: ignore[valid-type]
@@ -261,6 +261,12 @@ class Recipe(Section):
                                                         q.group_size if o.group_size is None else o.group_size,
                                                         q.symmetric if o.symmetric is None else o.symmetric)
         for i, o in enumerate(self.outputs):
+            if budget_of(o):
+                fixed = [f"quantize.{k}" for k in ("bits", "group_size", "symmetric") if getattr(q, k) is not None]
+                if fixed or "nf4" in {m for m, *_ in asks.values()}:
+                    raise ValueError(f"outputs[{i}]: {o.key} has target_bits_per_weight, which picks each Linear's "
+                                     f"type, and {', '.join(fixed) or 'method nf4'} would fix it: drop "
+                                     f"{'them' if len(fixed) > 1 else 'it'} (quantize.overrides can pin chosen Linears)")
             for where, (method, bits, group_size, symmetric) in asks.items():
                 if method == "awq" and FORMATS[o.format].measured_scales(o):
                     raise ValueError(f"outputs[{i}]: {o.key} has static activation or KV-cache scales, measured on the "

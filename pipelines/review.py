@@ -20,6 +20,7 @@ from typing import Any
 from quantfab.pipelines.plan import Plan, plan, render
 from quantfab.pipelines.keys import ORDER
 from quantfab.pipelines.recipe import Recipe
+from quantfab.tasks.quantize.assign import budget_of
 from quantfab.pipelines.recipe_loading import load_recipe
 from quantfab.tasks.errors import UserError
 
@@ -85,6 +86,12 @@ def invalidated(fields: dict[str, tuple[Any, Any]]) -> dict[str, str]:
     return out
 
 
+def budgeted(*recipes: Recipe | None) -> bool:
+    """Whether an output of either version has a size budget: then allocate reads what quantize reads (a recipe
+    without one keys allocate on the model and calibration alone, so it stays cached)."""
+    return any(budget_of(o) for r in recipes if r for o in r.outputs)
+
+
 def _gathering(before: str | None, after: str | None) -> dict[str, str]:
     """calibrate reruns when a change of method or outputs changes what it gathers of the unquantized model's
     statistics (sequential methods measure their own inputs; an importance matrix alone reads XᵀX's diagonal),
@@ -123,6 +130,9 @@ def review(root: Path, ref: str, only: list[str], store_url: str | None) -> list
                 continue
             status = "added" if before is None else "removed" if after is None else "changed"
             stages = invalidated(fields) if status == "changed" else {s: status for s in ORDER} if after else {}
+            if "quantize" in stages and "allocate" not in stages and budgeted(before, after):
+                stages = {s: stages["quantize"] if s == "allocate" else stages[s] for s in ORDER if s in stages
+                          or s == "allocate"}
             new_plan = plan(load_recipe(head[rel], root=root), store_url) if after else None
             if new_plan and stages and "calibrate" not in stages and "download" not in stages:
                 stages = _gathering(_statistics(base[rel], Path(tmp), store_url), new_plan.gathers) | stages

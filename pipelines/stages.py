@@ -1,4 +1,4 @@
-"""The six stages as Prefect tasks: thin wrappers over the plain functions in quantfab.tasks.
+"""The seven stages as Prefect tasks: thin wrappers over the plain functions in quantfab.tasks.
 
 A stage's cache key is ours (pipelines/keys.py), not Prefect's input hashing: Prefect stores and finds
 the result record under it, and anything else can compute it without Prefect.
@@ -20,8 +20,9 @@ from quantfab.tasks import package as package_mod
 from quantfab.tasks import validate as validate_mod
 from quantfab.tasks.convert import stage as convert_mod
 from quantfab.tasks.errors import UserError
-from quantfab.tasks.manifests import (CalibrationManifest, ConvertManifest, ExpertFallback, ModelManifest, PackageManifest,
-                                      QualityManifest, QuantizeManifest)
+from quantfab.tasks.manifests import (AllocationManifest, CalibrationManifest, ConvertManifest, ExpertFallback,
+                                      ModelManifest, PackageManifest, QualityManifest, QuantizeManifest)
+from quantfab.tasks.quantize import allocate as allocate_mod
 from quantfab.tasks.quantize import stage as quantize_mod
 from quantfab.tasks.store import Store
 
@@ -69,11 +70,18 @@ def calibrate(model: ModelManifest, calibration: CalibrationSpec, statistics: bo
                                        ExpertFallback(**calibration.experts.model_dump()), diagonal)
 
 
-@_stage("quantize")
-def quantize(model: ModelManifest, calibration: CalibrationManifest, quantize: QuantizeSpec, outputs: list,
-             device: str, store_url: str, code: str) -> QuantizeManifest:
+@_stage("allocate")
+def allocate(model: ModelManifest, calibration: CalibrationManifest, quantize: QuantizeSpec | None, outputs: list,
+             device: str, store_url: str, code: str) -> AllocationManifest:
     with _store_writing(store_url) as store:
-        return quantize_mod.quantize(model, calibration, quantize, outputs, device, store)
+        return allocate_mod.allocate(model, calibration, quantize, outputs, device, store)
+
+
+@_stage("quantize")
+def quantize(model: ModelManifest, calibration: CalibrationManifest, allocation: AllocationManifest,
+             quantize: QuantizeSpec, outputs: list, device: str, store_url: str, code: str) -> QuantizeManifest:
+    with _store_writing(store_url) as store:
+        return quantize_mod.quantize(model, calibration, quantize, outputs, device, store, allocation)
 
 
 @_stage("convert")
@@ -98,4 +106,4 @@ def package(name: str, model: ModelManifest, converted: ConvertManifest, quality
                                    store)
 
 
-STAGES: dict[str, Task] = {t.name: t for t in (download, calibrate, quantize, convert, validate, package)}
+STAGES: dict[str, Task] = {t.name: t for t in (download, calibrate, allocate, quantize, convert, validate, package)}

@@ -70,6 +70,19 @@ class CalibrationManifest(Manifest):
     source: str = ""  # where the calibration text came from, redacted: an importance matrix names its dataset
 
 
+class Allocation(BaseModel):
+    """One output's types chosen under its size budget (tasks/quantize/allocate.py)."""
+
+    target_bits_per_weight: float
+    bits_per_weight: float  # what the chosen types make the tensors' bytes, per model parameter
+    types: dict[str, str]  # Linear -> grid
+    kl: float  # the KL against the float model the chosen types predict, summed over the Linears (nats per token)
+
+
+class AllocationManifest(Manifest):
+    outputs: dict[str, Allocation] = {}  # output key -> its allocation; outputs without a budget are absent
+
+
 class ModuleReport(BaseModel):
     name: str
     grid: str | None  # None: kept in float

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-STAGES = ("download", "calibrate", "quantize", "convert", "validate", "package")
+STAGES = ("download", "calibrate", "allocate", "quantize", "convert", "validate", "package")
 VARIANT = """\
 extends: {demo}
 name: demo-rtn

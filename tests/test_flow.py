@@ -150,6 +150,7 @@ def _cached_model(store: Store, recipe):
 def _cached_quantize_manifest(store: Store, recipe):
     up = {"download": _cached_model(store, recipe)}
     up["calibrate"] = _cached("calibrate", store, recipe, up)
+    up["allocate"] = _cached("allocate", store, recipe, up)
     return _cached("quantize", store, recipe, up)
 
 
@@ -194,8 +195,9 @@ def test_rerun_in_a_new_process_hits_every_stage_without_running_bodies(built: d
         "import sys\n"
         "import quantfab.tasks.download as d, quantfab.tasks.calibrate as c, quantfab.tasks.validate as v\n"
         "import quantfab.tasks.package as p, quantfab.tasks.quantize.stage as q, quantfab.tasks.convert.stage as k\n"
+        "import quantfab.tasks.quantize.allocate as a\n"
         "def boom(*a, **kw): raise SystemExit('a stage body executed')\n"
-        "d.download = c.calibrate = v.validate = p.package = q.quantize = k.convert = boom\n"
+        "d.download = c.calibrate = v.validate = p.package = q.quantize = k.convert = a.allocate = boom\n"
         "from quantfab.pipelines.cli import main\n"
         "sys.exit(main(sys.argv[1:]))\n")
     args = [sys.executable, "-c", code, "run", str(RECIPE), "--store", str(built["store"])]
@@ -203,7 +205,7 @@ def test_rerun_in_a_new_process_hits_every_stage_without_running_bodies(built: d
         args += ["--set", o]
     proc = subprocess.run(args, capture_output=True, text=True, env={**os.environ, **prefect_env}, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    for stage in ("download", "calibrate", "quantize", "convert", "validate", "package"):
+    for stage in ("download", "calibrate", "allocate", "quantize", "convert", "validate", "package"):
         assert any(line.split()[:2] == [stage, "cached"] for line in proc.stderr.splitlines()), proc.stderr
 
 
@@ -237,7 +239,7 @@ def test_an_up_to_date_build_is_found_by_the_flows_keys_without_torch_or_prefect
     proc = subprocess.run(args, capture_output=True, text=True, env={**os.environ, **prefect_env}, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "imported: []" in proc.stdout and "up to date" in proc.stderr
-    assert [line.split()[:2] for line in proc.stderr.splitlines()[1:7]] == [[s, "cached"] for s in keys["gptq"]]
+    assert [line.split()[:2] for line in proc.stderr.splitlines()[1:8]] == [[s, "cached"] for s in keys["gptq"]]
     # plan too, of the build and of a change to it (the model's frozen config is memoized since the run): awq
     # reads the statistics, which group's calibrate record holds
     for more in ([], ["--set", "quantize.method=awq"]):
@@ -247,22 +249,23 @@ def test_an_up_to_date_build_is_found_by_the_flows_keys_without_torch_or_prefect
         status = {line.split()[0]: line.split()[1] for line in proc.stdout.splitlines() if line.startswith("  ")
                   and line.split()[0] in keys["gptq"]}
         assert status == ({s: "hit" for s in keys["gptq"]} if not more else
-                          {"download": "hit", "calibrate": "hit", **{s: "miss" for s in list(keys["gptq"])[2:]}})
+                          {"download": "hit", "calibrate": "hit", "allocate": "hit",  # no budget: keyed on those
+                           **{s: "miss" for s in list(keys["gptq"])[3:]}})
 
 
 def test_changing_only_a_gate_reruns_only_validate_and_package(built: dict) -> None:
     b = built["group"]
     _, stages = run([*b["overrides"], "validate.gates.max_kl=0.5"], built["store"])
-    assert stages == {"download": "cached", "calibrate": "cached", "quantize": "cached", "convert": "cached",
-                      "validate": "ran", "package": "ran"}
+    assert stages == {"download": "cached", "calibrate": "cached", "allocate": "cached", "quantize": "cached",
+                      "convert": "cached", "validate": "ran", "package": "ran"}
 
 
 def test_a_new_revision_label_over_the_same_bytes_reruns_only_download_and_package(built: dict) -> None:
     """What a watch run does when an upstream's listing changed but its weights did not."""
     b = built["group"]
     result, stages = run([*b["overrides"], "model.revision=relabelled"], built["store"])
-    assert stages == {"download": "ran", "calibrate": "cached", "quantize": "cached", "convert": "cached",
-                      "validate": "cached", "package": "ran"}
+    assert stages == {"download": "ran", "calibrate": "cached", "allocate": "cached", "quantize": "cached",
+                      "convert": "cached", "validate": "cached", "package": "ran"}
     assert json.loads((b["dest"] / "manifest.json").read_text())["source_revision"] == "relabelled"
 
 

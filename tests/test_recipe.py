@@ -473,7 +473,7 @@ def test_output_shorthand_equals_long_form(tmp_path):
     long = load_recipe(write_recipe(tmp_path / "b", lambda d: d.update(outputs=[{"format": "gguf", "type": "Q4_0"}])))
     assert short.outputs == long.outputs
     assert short.outputs[0].model_dump() == {"format": "gguf", "type": "Q4_0", "pure": False, "float_type": "F16",
-                                             "imatrix": True}
+                                             "imatrix": True, "target_bits_per_weight": None}
     assert short.outputs[0].key == "gguf-Q4_0"
 
 

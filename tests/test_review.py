@@ -62,7 +62,8 @@ def test_plan_base_reports_fields_stages_memory_sizes_and_gates(project: Path, c
     assert demo["reruns"] == {"calibrate": "the outputs no longer read the unquantized model's statistics (quantize.method, "
                                            "quantize.overrides or outputs)", "quantize": "quantize.method changed", "convert": "an upstream stage reruns",
                               "validate": "validate.gates.max_kl changed", "package": "an upstream stage reruns"}
-    assert [s["stage"] for s in demo["stages"]] == ["download", "calibrate", "quantize", "convert", "validate", "package"]
+    assert [s["stage"] for s in demo["stages"]] == ["download", "calibrate", "allocate", "quantize", "convert", "validate",
+                                                    "package"]
     memory = {s["stage"]: s["peak_memory_bytes"] for s in demo["stages"]}
     assert memory["calibrate"] == 0 and memory["quantize"] > 0 and memory["validate"] > 0  # rtn gathers no statistics
     assert demo["peak_rss_bytes"] > max(memory.values())

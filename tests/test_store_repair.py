@@ -92,8 +92,8 @@ def test_a_byte_altered_in_a_stored_gguf_is_never_published(first, damage) -> No
         p.unlink()
     (root / "out").rmdir()
     stages, notices = run(root)
-    assert stages == {"download": "cached", "calibrate": "cached", "quantize": "cached", "convert": "ran",
-                      "validate": "cached", "package": "ran"}
+    assert stages == {"download": "cached", "calibrate": "cached", "allocate": "cached", "quantize": "cached",
+                      "convert": "ran", "validate": "cached", "package": "ran"}
     assert any(f"demo-Q4_0.gguf (sha256 {digest}): altered" in n and "moved aside" in n for n in notices), notices
     assert files(root / "out") == published and whole(root / "out")
     assert any(p.name.startswith(digest) for p in (root / "store" / "quarantine").iterdir())

@@ -105,6 +105,11 @@ class CompressedTensorsOptions(BaseModel):
         None, description="fp8: the attention's keys and values cached in FP8 E4M3 with one calibrated scale each per "
         "layer (vLLM's --kv-cache-dtype fp8, loaded from the checkpoint), combinable with any weight type; validate "
         "simulates it.")
+    target_bits_per_weight: float | None = Field(None, gt=1, le=32, description=(
+        "int4/int8 with float activations: a size budget instead of one type, the tensors' bytes per model "
+        "parameter in bits. Each decoder-layer Linear gets int4 (groups of 128, 64 or 32) or int8 (per row or "
+        "groups of 128), or only ``group_size`` where given, whichever minimises the summed output error within it "
+        "(tasks/quantize/allocate.py); vLLM's WNA16 kernels run each Linear's own scheme."))
 
     @model_validator(mode="after")
     def _activations_match_the_weights(self) -> "CompressedTensorsOptions":
@@ -120,6 +125,9 @@ class CompressedTensorsOptions(BaseModel):
         if self.activation_scales == "static" and self.input_activations not in ("int8", "fp8"):
             raise ValueError("activation_scales static needs int8 or fp8 activations (nvfp4's global input scale is "
                              "always calibrated, mxfp4's scales are per group at run time)")
+        if self.target_bits_per_weight and (self.type not in ("int4", "int8") or self.input_activations != "float"):
+            raise ValueError("target_bits_per_weight picks among int4 and int8 weights with float activations: use "
+                             "type int4 or int8 without activations")
         if self.group_size == BLOCK and (self.type != "fp8" or self.input_activations != "fp8" or
                                         self.activation_scales != "dynamic"):
             raise ValueError(f"group_size {BLOCK} is FP8_BLOCK: type fp8 with dynamic fp8 activations (vLLM's block "
@@ -145,7 +153,8 @@ class CompressedTensorsOptions(BaseModel):
         shape = {"channel": "channel", BLOCK: f"b{BLOCK}"}.get(str(group), f"g{group}")
         return f"compressed-tensors-{self.type}-{shape}" + \
             ("" if self.symmetric else "-asym") + acts + ("-static" if self.activation_scales == "static" else "") + \
-            (f"-kv{self.kv_cache}" if self.kv_cache else "")
+            (f"-kv{self.kv_cache}" if self.kv_cache else "") + \
+            (f"-{self.target_bits_per_weight:g}bpw" if self.target_bits_per_weight else "")
 
 
 INT_QUANTIZED = "int-quantized"  # PlannedTensor.storage of a W8A8 Linear: int8 ``weight``, not ``weight_packed``
@@ -171,6 +180,13 @@ class CompressedTensorsFormat(HFFolderFormat):
 
     def output_name(self, options: CompressedTensorsOptions, name: str) -> str:
         return f"{name}-{options.key.removeprefix('compressed-tensors-')}-ct"
+
+    def budget_grids(self, options: CompressedTensorsOptions, preset: str | None = None) -> list[str]:
+        """The schemes a size budget picks among: int4 in groups of 128, 64 or 32 and int8 per row or in groups of
+        128 (vLLM's WNA16 group sizes), at the output's symmetry; only its ``group_size`` where it gives one."""
+        pairs = ([(4, options.group_size), (8, options.group_size)] if options.group_size else
+                 [(4, 128), (4, 64), (4, 32), (8, "channel"), (8, 128)])
+        return [self.grid_for(options, GridRequest(bits, group)).name for bits, group in pairs]
 
     def grid_for(self, options: CompressedTensorsOptions, want: GridRequest, preset: str | None = None) -> Grid | None:
         if want.nf4:

@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterator, Literal
 
 import gguf
 import numpy as np
-from pydantic import BaseModel, ConfigDict, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from quantfab.tasks.activations import MeasuredScales
 from quantfab.kernels.gguf_blocks import pack_gguf, verify_gguf
@@ -45,6 +45,8 @@ QTYPE = gguf.GGMLQuantizationType
 EXPERT = re.compile(r"\.experts\.(\d+)\.")  # a checkpoint's per-expert tensor name; gguf-py maps the stacked name
 F32_ROUTERS = "ffn_gate_inp.weight"  # llama.cpp's converter writes routers F32 and llama-quantize never quantizes them
 SIMPLE_TYPES = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1")  # blocks of 32: what explicit bits/symmetric pick from
+BUDGET_TYPES = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", *SIMPLE_TYPES, "IQ4_NL", "IQ4_XS", "IQ3_S", "IQ3_XXS", "IQ2_S",
+                "IQ2_XS", "IQ2_XXS", "IQ1_M", "IQ1_S")  # what a size budget picks among
 FileType = Literal["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_K_S", "Q4_K_M",
                    "Q5_K_S", "Q5_K_M", "Q6_K", "IQ4_NL", "IQ4_XS", "IQ3_M", "IQ3_S", "IQ3_XS", "IQ3_XXS", "IQ2_M",
                    "IQ2_S", "IQ2_XS", "IQ2_XXS", "IQ1_M", "IQ1_S", "MXFP4_MOE", "F16", "F32"]
@@ -53,6 +55,7 @@ UNWEIGHTED = ("Q8_0", "MXFP4_MOE", "F16", "F32")  # file types whose codes an im
 GRID_OF_TYPE = {"MXFP4": "MXFP4_GGML"}  # GGML types whose grid has a name of its own (compressed-tensors' MXFP4 rounds
 # otherwise)
 TYPE_OF_GRID = {g: t for t, g in GRID_OF_TYPE.items()}
+TYPE_TABLE = ".tensor-types.txt"  # a budgeted file's types, beside it, as llama-quantize --tensor-type-file reads them
 
 
 class GGUFOptions(BaseModel):
@@ -65,6 +68,11 @@ class GGUFOptions(BaseModel):
     float_type: Literal["F16", "F32"] = "F16"
     imatrix: bool = True  # quantize with llama.cpp's importance matrix of the calibration inputs and ship it beside
     # the file; unless given, on for every type but Q8_0, F16 and F32
+    target_bits_per_weight: float | None = Field(None, gt=1, le=32, description=(
+        "A size budget instead of the type's mix: the tensors' bytes per model parameter, in bits (llama.cpp's "
+        "BPW; the file adds its metadata and vocabulary). Each decoder-layer Linear gets the K, legacy or IQ type "
+        "(IQ1-IQ3 only with imatrix) that minimises the summed output error within it (tasks/quantize/allocate.py); "
+        "the embedding and head keep ``type``'s choice."))
 
     @model_validator(mode="before")
     @classmethod
@@ -77,7 +85,8 @@ class GGUFOptions(BaseModel):
     def key(self) -> str:
         default = self.type not in UNWEIGHTED
         return (f"gguf-{self.type}" + ("-pure" if self.pure else "")
-                + ("" if self.imatrix == default else "-imatrix" if self.imatrix else "-noimatrix"))
+                + ("" if self.imatrix == default else "-imatrix" if self.imatrix else "-noimatrix")
+                + (f"-{self.target_bits_per_weight:g}bpw" if self.target_bits_per_weight else ""))
 
 
 @dataclass(frozen=True)
@@ -157,6 +166,21 @@ class GGUFFormat:
                              + "; explicit settings pick among Q8_0 (8-bit symmetric), Q4_0/Q5_0 (symmetric) and "
                              "Q4_1/Q5_1 (with a min), all in blocks of 32")
         return fits[0]
+
+    def budget_grids(self, options: GGUFOptions, preset: str | None = None) -> list[str]:
+        """The types a size budget picks among: K and legacy types, IQ4, and the lattice IQ types where an importance
+        matrix is on (llama.cpp quantizes them only with one)."""
+        return [t for t in BUDGET_TYPES if options.imatrix or not getattr(GRIDS[t], "needs_importance", False)]
+
+    def type_table_name(self, options: GGUFOptions, name: str) -> str:
+        return self.output_name(options, name).removesuffix(".gguf") + TYPE_TABLE
+
+    def type_table(self, planned: list[PlannedTensor]) -> str:
+        """Every quantized tensor's type as llama-quantize --tensor-type-file reads it (``^name$=type``, one per
+        line): shipped beside a budgeted file, so llama.cpp can build the same mix (from its F16/F32 file, with the
+        same importance matrix: the same bytes)."""
+        return "".join(f"^{re.escape(t.gguf_name)}$={t.type_name.lower()}\n" for t in planned
+                       if t.quantized and t.expert in (None, 0))
 
     def ships_importance(self, options: GGUFOptions) -> bool:
         return options.imatrix

@@ -52,10 +52,16 @@ class MLXOptions(BaseModel):
     group_size: Literal[32, 64, 128] = Field(64, description="Inputs per scale and bias (mlx-lm's default 64).")
     dtype: Literal["float16", "bfloat16", "float32"] | None = Field(
         None, description="Float type of the scales, biases and float tensors; default the model's (mlx-lm's).")
+    target_bits_per_weight: float | None = Field(None, gt=1, le=32, description=(
+        "A size budget instead of one width: the tensors' bytes per model parameter, in bits. Each decoder-layer "
+        "Linear gets the width (2, 3, 4, 5, 6 or 8 bits) and group (32, 64 or 128) that minimise the summed predicted "
+        "KL within it (tasks/quantize/allocate.py), as mlx-lm's dynamic_quant --target-bpw does between two widths; "
+        "the embedding and head keep ``type`` and ``group_size``."))
 
     @property
     def key(self) -> str:
-        return f"mlx-{self.type}-g{self.group_size}" + (f"-{self.dtype}" if self.dtype else "")
+        return (f"mlx-{self.type}-g{self.group_size}" + (f"-{self.dtype}" if self.dtype else "")
+                + (f"-{self.target_bits_per_weight:g}bpw" if self.target_bits_per_weight else ""))
 
 
 def packed_bytes(shape: tuple[int, ...], grid_name: str, dtype: torch.dtype) -> int:
@@ -87,6 +93,12 @@ class MLXFormat(HFFolderFormat):
         """Every Linear's stored float type: the grids carry it (``grid_for`` reads it here)."""
         tag = _scale_type(_dtype(options, config))
         return {name.removesuffix(".weight"): tag for name, t in tensors.items() if len(t.shape) == 2}
+
+    def budget_grids(self, options: MLXOptions, preset: str | None = None) -> list[str]:
+        """What a size budget picks among: every width in groups of 32, 64 and 128 (mlx-lm reads each Linear's own
+        bits and group from config.json), in the Linear's float type."""
+        tag = preset or SCALE_TYPE[options.dtype or "float32"]
+        return [f"MLX{b}_G{g}_{tag}" for b in BITS.values() for g in (32, 64, 128)]
 
     def grid_for(self, options: MLXOptions, want: GridRequest, preset: str | None = None) -> Grid | None:
         if want.nf4:

@@ -104,6 +104,10 @@ def convert_output(job: OutputJob) -> FormatFile:
         blobs = _put_tree(work, work / out_name, store)
         if shipped:
             blobs |= _put_tree(work, work / shipped.file, store)
+        if getattr(o, "target_bits_per_weight", None) and hasattr(fmt, "type_table"):  # a budget: its table, reusable
+            table = work / fmt.type_table_name(o, job.name)
+            table.write_text(fmt.type_table(planned))
+            blobs |= _put_tree(work, table, store)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     types: dict[str, int] = {}

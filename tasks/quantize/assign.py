@@ -49,10 +49,11 @@ def keeps_floats(options: Any, preset: str | None, cols: int) -> str:
 
 
 def assign(module: str, cols: int, quant: Any, fmt: Any, options: Any, preset: str | None = None,
-           preset_fallback: str = "") -> Assignment:
+           preset_fallback: str = "", chosen: str | None = None) -> Assignment:
     """``quant`` is the recipe's QuantizeSpec; ``fmt``/``options`` the output's format and options; ``preset``
     the type the format's own per-tensor rules give this module (``fmt.presets``), if it has any, and
-    ``preset_fallback`` why those rules moved it off the type asked for."""
+    ``preset_fallback`` why those rules moved it off the type asked for; ``chosen`` the grid the output's size
+    budget gave it (the allocate stage), which takes the place of both."""
     if any(matches(module, pat) for pat in quant.ignore):
         return Assignment(module, quant.method, None, "ignored by quantize.ignore")
     method, bits, group_size, symmetric = quant.method, quant.bits, quant.group_size, quant.symmetric
@@ -62,7 +63,10 @@ def assign(module: str, cols: int, quant: Any, fmt: Any, options: Any, preset: s
             bits = o.bits if o.bits is not None else bits
             group_size = o.group_size if o.group_size is not None else group_size
             symmetric = o.symmetric if o.symmetric is not None else symmetric
-    grid = fmt.grid_for(options, request(method, bits, group_size, symmetric, quant), preset)
+    if chosen:
+        grid, preset_fallback = grid_named(chosen), ""
+    else:
+        grid = fmt.grid_for(options, request(method, bits, group_size, symmetric, quant), preset)
     if grid is None:  # a format may say why itself (GGUF's split tensors)
         note = fmt.float_note(options, preset) if hasattr(fmt, "float_note") else None
         return Assignment(module, method, None, note or keeps_floats(options, preset, cols), fallback=preset_fallback)
@@ -79,10 +83,13 @@ def assign(module: str, cols: int, quant: Any, fmt: Any, options: Any, preset: s
     return Assignment(module, method, grid.name, fallback=preset_fallback if grid.name == preset else "")
 
 
-def assign_layers(config, tensors: dict[str, TensorInfo], quant: Any, fmt: Any, options: Any) -> list[dict[str, Assignment]]:
+def assign_layers(config, tensors: dict[str, TensorInfo], quant: Any, fmt: Any, options: Any,
+                  chosen: dict[str, str] | None = None) -> list[dict[str, Assignment]]:
     """Per decoder layer, every unit's assignment for one output (what plan shows and quantize does): units are
     the checkpoint's matrices (Linears, and each expert's), named as on disk. Linears a group or block would
-    leave in float are handled by ``quant.indivisible``."""
+    leave in float are handled by ``quant.indivisible``. ``chosen``: the grids the output's size budget gave
+    (the allocate stage's table)."""
+    chosen = chosen or {}
     presets = fmt.presets(options, config, tensors)
     format_fallbacks = fmt.fallbacks(options, config, tensors) if hasattr(fmt, "fallbacks") else {}
     shape = layout(config)
@@ -91,7 +98,7 @@ def assign_layers(config, tensors: dict[str, TensorInfo], quant: Any, fmt: Any, 
     def assign_all(q: Any) -> list[dict[str, Assignment]]:
         named = [{lin: f"{shape.prefix(i)}{lin}" for lin in linears} for i, linears in enumerate(units)]
         return [{lin: assign(m, tensors[f"{m}.weight"].shape[1], q, fmt, options, presets.get(m),
-                             format_fallbacks.get(m, "")) for lin, m in layer.items()} for layer in named]
+                             format_fallbacks.get(m, ""), chosen.get(m)) for lin, m in layer.items()} for layer in named]
 
     layers = assign_all(quant)
     stuck = [a for layer in layers for a in layer.values() if a.grid is None and a.fallback]
@@ -110,10 +117,18 @@ def assign_layers(config, tensors: dict[str, TensorInfo], quant: Any, fmt: Any, 
     raise UserError(_refusal(options.key, stuck, rows, fits, quant.indivisible))
 
 
-def reads_statistics(config, tensors: dict[str, TensorInfo], quant: Any, outputs: list) -> bool:
+def budget_of(options: Any) -> float | None:
+    """An output's size budget, ``target_bits_per_weight`` (None: its type decides every tensor)."""
+    return getattr(options, "target_bits_per_weight", None)
+
+
+def reads_statistics(config, tensors: dict[str, TensorInfo], quant: Any, outputs: list, full: bool | None = None) -> bool:
     """Whether any output reads the calibrate stage's statistics of the unquantized model: it fits its layers to
-    them (``reads_full_statistics``), or it ships an importance matrix (GGUF's), which is their diagonal."""
-    return ships_importance(outputs) or reads_full_statistics(config, tensors, quant, outputs)
+    them (``reads_full_statistics``; ``full``, where the caller has it already), it ships an importance matrix
+    (GGUF's), which is their diagonal, or a size budget weighs its candidates' errors by that diagonal."""
+    if ships_importance(outputs) or any(budget_of(o) for o in outputs):
+        return True
+    return full if full is not None else reads_full_statistics(config, tensors, quant, outputs)
 
 
 def ships_importance(outputs: list) -> bool:

@@ -32,13 +32,13 @@ from quantfab.tasks.convert import FORMATS
 from quantfab.tasks.decoder import Decoder, LayerStructure
 from quantfab.tasks.download import materialize
 from quantfab.tasks.malloc import freed_memory_kept, hand_back_free_pages
-from quantfab.tasks.manifests import CalibrationManifest, ModelManifest, ModuleReport, QuantizedOutput, QuantizeManifest
+from quantfab.tasks.manifests import AllocationManifest, CalibrationManifest, ModelManifest, ModuleReport, QuantizedOutput, QuantizeManifest
 from quantfab.tasks.errors import UserError
 from quantfab.tasks.families import Family, family
 from quantfab.tasks.modelio import ModelDir, pick_device, relative
 from quantfab.tasks.parallel import pmap
 from quantfab.tasks.quantize import METHODS
-from quantfab.tasks.quantize.assign import Assignment, assign_layers, measures_inputs
+from quantfab.tasks.quantize.assign import Assignment, assign_layers, budget_of, measures_inputs
 from quantfab.tasks.quantize.grids import grid_named
 from quantfab.tasks.quantize.layer import LayerInput, LayerResult, bind_by_input
 from quantfab.tasks.quantize.layer_file import LayerFile, write_layer_file
@@ -51,7 +51,8 @@ SOURCES = Path(__file__).resolve().parent
 
 
 def quantize(model: ModelManifest, calibration: CalibrationManifest, quant: Any, outputs: list, device: str,
-             store: Store) -> QuantizeManifest:
+             store: Store, allocation: AllocationManifest | None = None) -> QuantizeManifest:
+    """Every output's codes, each Linear on the grid ``assign`` gives it (and a budgeted output's ``allocation``)."""
     model_dir = materialize(store, model.files)
     config, weights = model_dir.config(), model_dir.weights()
     out = {}
@@ -59,7 +60,10 @@ def quantize(model: ModelManifest, calibration: CalibrationManifest, quant: Any,
         fmt = FORMATS[o.format]
         if not fmt.stores_codes(o):
             continue
-        plans = assign_layers(config, weights.tensors, quant, fmt, o)
+        chosen = allocation.outputs[o.key].types if allocation and o.key in allocation.outputs else None
+        if chosen is None and budget_of(o):
+            raise RuntimeError(f"{o.key} has a size budget but no allocation: run the allocate stage first")
+        plans = assign_layers(config, weights.tensors, quant, fmt, o, chosen)
         with freed_memory_kept():
             out[o.key] = quantize_model(model, model_dir, calibration, quant, plans, o.key, pick_device(device), store,
                                         fmt.measured_scales(o), fmt.ships_importance(o))
