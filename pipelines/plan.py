@@ -292,6 +292,7 @@ def render(p: Plan) -> str:
         lines += [f"  {'':<{width}}   {note}" for note in p.notes(key)]
     if p.writes:
         lines += ["", f"space this run writes (estimated from the headers): {space_report(p)}"]
-    gates = {k: v for k, v in r.validate_.gates.model_dump().items() if v is not None}
-    lines += ["", "quality gates: " + (", ".join(f"{k} {v}" for k, v in gates.items()) or "none")]
+    gates = r.validate_.gates.limits()
+    by = " (each judged by its 95 % interval)" if gates and r.validate_.gates.judge_by == "interval" else ""
+    lines += ["", "quality gates: " + (", ".join(f"{k} {v}" for k, v in gates.items()) or "none") + by]
     return "\n".join(lines)

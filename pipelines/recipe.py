@@ -174,6 +174,15 @@ class GatesSpec(Section):
     min_top1: float | None = Field(None, ge=0, le=1, description="Smallest allowed top-1 agreement with fp32.")
     max_bits_per_weight: float | None = Field(None, gt=0, description="Largest allowed size of each output file, in "
                                               "bits per model parameter (what the report's bits/weight column shows).")
+    judge_by: Literal["estimate", "interval"] = Field("estimate", description="What a quality gate compares with its "
+        "limit. estimate: the measured mean itself (a figure within noise of the limit passes or fails by chance). "
+        "interval: its 95 % interval (± 1.96 standard errors over the evaluation tokens): the gate fails only when "
+        "all of it lies past the limit, so only an output worse beyond the evaluation's noise fails. The report "
+        "shows each figure's standard error and each gate's interval either way.")
+
+    def limits(self) -> dict[str, float]:
+        """The gates set, by name, with their limits."""
+        return {k: v for k, v in self.model_dump().items() if k != "judge_by" and v is not None}
 
 
 class ValidateSpec(Section):

@@ -179,7 +179,7 @@ def render_markdown(changes: list[RecipeChange], ref: str) -> str:
                 out.append(f"| `{key}` | {size} | | | |" if isinstance(size, str)
                            else f"| `{key}` | {size[0] / 2**20:,.2f} MiB | {size[1]:.3f} | {p.nominal[key]:.3f} | "
                                 f"{'<br>'.join(p.notes(key)) or 'none'} |")
-            gates = {k: v for k, v in p.recipe.validate_.gates.model_dump().items() if v is not None}
+            gates = p.recipe.validate_.gates.limits()
             out += ["", "Quality gates: " + (", ".join(f"`{k}` {v}" for k, v in gates.items()) or "none")]
         out.append("")
     return "\n".join(out)
@@ -197,6 +197,6 @@ def render_json(changes: list[RecipeChange], ref: str) -> str:
                 "outputs": {k: ({"bytes": v[0], "bits_per_weight": round(v[1], 4), "nominal_bits_per_weight": round(p.nominal[k], 4),
                                  "fallbacks": p.fallbacks[k]} if not isinstance(v, str) else {"unknown": v})
                             for k, v in p.sizes.items()} if p else {},
-                "gates": {k: v for k, v in p.recipe.validate_.gates.model_dump().items() if v is not None} if p else {}}
+                "gates": p.recipe.validate_.gates.limits() if p else {}}
 
     return json.dumps({"base": ref, "recipes": [one(c) for c in changes]}, indent=2)

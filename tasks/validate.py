@@ -24,7 +24,7 @@ from quantfab.tasks.convert.differences import summary
 from quantfab.tasks.download import materialize
 from quantfab.tasks.manifests import ConvertManifest, ModelManifest, QuantizeManifest, QualityManifest
 from quantfab.tasks.decoder import Decoder
-from quantfab.tasks.gates import GATES
+from quantfab.tasks.gates import GATES, judge_gate
 from quantfab.tasks.modelio import pick_device, relative
 from quantfab.tasks.store import Store
 from quantfab.tasks.texts import read_tokens, windows
@@ -112,7 +112,7 @@ def _metrics(decoder: Decoder, sources: dict[str, Any], hidden: dict, ids: torch
     the head runs per position, so no source's logits over all tokens x vocabulary are ever held."""
     names = sources["fp32"].checkpoint_names(decoder.exit_names())
     outer = {key: src.load(names) for key, src in sources.items()}
-    sums = {k: {"nll": 0.0, "kl": 0.0, "top1": 0} for k in hidden}
+    sums = {k: {"nll": 0.0, "kl": 0.0, "kl2": 0.0, "top1": 0, "d": 0.0, "d2": 0.0} for k in hidden}
     width = ids.shape[1] - 1  # the last position of a window predicts nothing
     step = max(1, min(LOGPROB_CHUNK // int(decoder.config.vocab_size), width))
     for w in range(ids.shape[0]):
@@ -121,12 +121,18 @@ def _metrics(decoder: Decoder, sources: dict[str, Any], hidden: dict, ids: torch
             for key in ["fp32", *(k for k in hidden if k != "fp32")]:
                 decoder.load_outer(outer[key])
                 lp = torch.log_softmax(decoder.logits(hidden[key][w:w + 1, s:s + step])[0].double(), dim=-1)
-                sums[key]["nll"] -= lp.gather(1, t[:, None]).sum().item()
+                nll = -lp.gather(1, t[:, None])[:, 0]
+                sums[key]["nll"] += nll.sum().item()
                 if key == "fp32":
-                    base, p, top_base = lp, lp.exp(), lp.argmax(dim=-1)
+                    base, p, top_base, base_nll = lp, lp.exp(), lp.argmax(dim=-1), nll
                     continue
+                d = nll - base_nll  # the per-token log-ratio of the perplexities
+                sums[key]["d"] += d.sum().item()
+                sums[key]["d2"] += d.square().sum().item()
                 sums[key]["top1"] += int((lp.argmax(dim=-1) == top_base).sum().item())
-                sums[key]["kl"] += torch.sub(base, lp, out=lp).mul_(p).sum().item()
+                kl = torch.sub(base, lp, out=lp).mul_(p).sum(dim=-1)
+                sums[key]["kl"] += kl.sum().item()
+                sums[key]["kl2"] += kl.square().sum().item()
     n = ids.shape[0] * width
     base_ppl = math.exp(sums["fp32"]["nll"] / n)
     out: dict[str, Any] = {"tokens": n, "windows": int(ids.shape[0]), "window": int(ids.shape[1]),
@@ -134,15 +140,34 @@ def _metrics(decoder: Decoder, sources: dict[str, Any], hidden: dict, ids: torch
     for key, v in sums.items():
         if key == "fp32":
             continue
-        ppl = math.exp(v["nll"] / n)
+        ppl, top1 = math.exp(v["nll"] / n), v["top1"] / n
         out["outputs"][key] = {"perplexity": ppl, "baseline_perplexity": base_ppl, "ppl_increase": ppl / base_ppl - 1,
-                               "kl_divergence": v["kl"] / n, "top1_agreement": v["top1"] / n}
+                               "ln_ppl_ratio": v["d"] / n, "ln_ppl_ratio_se": standard_error(v["d"], v["d2"], n),
+                               "kl_divergence": v["kl"] / n, "kl_divergence_se": standard_error(v["kl"], v["kl2"], n),
+                               "top1_agreement": top1,
+                               "top1_agreement_se": math.sqrt(top1 * (1 - top1) / (n - 1)) if n > 1 else 0.0}
     return out
 
 
+def _figure(result: dict[str, Any]) -> str:
+    """A gated figure with its 95 % interval where it has one (the file's size has none)."""
+    low, high = result.get("interval", (result["value"], result["value"]))
+    return f"{result['value']:.4f}" + (f" [{low:.4f}, {high:.4f}]" if low != high else "")
+
+
+def standard_error(total: float, squares: float, n: int) -> float:
+    """The standard error of a mean of ``n`` per-token values from their sum and sum of squares, as llama.cpp's
+    perplexity --kl-divergence computes it: sqrt((E[x²] - E[x]²) / (n - 1))."""
+    if n < 2:
+        return 0.0
+    mean = total / n
+    return math.sqrt(max(squares / n - mean * mean, 0.0) / (n - 1))
+
+
 WORST_MODULES = 8  # per output in the markdown table; quality.json lists every module
-METRIC_KEYS = {"perplexity": ("perplexity", "baseline_perplexity", "ppl_increase"),
-               "kl_divergence": ("kl_divergence",), "top1_agreement": ("top1_agreement",)}
+METRIC_KEYS = {"perplexity": ("perplexity", "baseline_perplexity", "ppl_increase", "ln_ppl_ratio", "ln_ppl_ratio_se"),
+               "kl_divergence": ("kl_divergence", "kl_divergence_se"),
+               "top1_agreement": ("top1_agreement", "top1_agreement_se")}
 
 
 def validate(model: ModelManifest, converted: ConvertManifest, quantized: QuantizeManifest, outputs: list, spec,
@@ -167,11 +192,10 @@ def judge(metrics: dict[str, Any], gates, converted: ConvertManifest, quantized:
             limit = getattr(gates, gate)
             if limit is None:
                 continue
-            value = measured[metric]
-            ok = value >= limit if gate.startswith("min_") else value <= limit
-            results[gate] = {"value": value, "limit": limit, "passed": ok}
-            if not ok:
-                failures.append(f"{key} {gate}: {value:.4f} vs limit {limit}")
+            results[gate] = judge_gate(gate, metric, measured, limit, gates.judge_by)
+            if not results[gate]["passed"]:
+                failures.append(f"{key} {gate}: {_figure(results[gate])} vs limit {limit}"
+                                + (" (all of its 95 % interval past it)" if gates.judge_by == "interval" else ""))
         q = quantized.outputs.get(key)
         modules = sorted(q.modules, key=lambda r: -(r.relative_output_error or 0.0)) if q else []
         report["outputs"][key] = {**m, "bits_per_weight": built.bits_per_weight,
@@ -186,15 +210,18 @@ def judge(metrics: dict[str, Any], gates, converted: ConvertManifest, quantized:
 def quality_table(report: dict[str, Any]) -> str:
     p = report["protocol"]
     lines = [f"Quality on {p['tokens']} tokens ({p['windows']} windows of {p['window']}, BOS first); "
-             f"FP32 perplexity {report['baseline_perplexity']:.4f}", "",
+             f"FP32 perplexity {report['baseline_perplexity']:.4f}; ± one standard error of the mean over the tokens "
+             "(as llama.cpp's perplexity reports it); gates show the 95 % interval", "",
              "| output | bits/weight (nominal) | perplexity | Δ PPL | KL (nats/token) | top-1 agreement | gates |",
              "|---|---|---|---|---|---|---|"]
     for key, m in report["outputs"].items():
-        gates = ", ".join(f"{g} {'pass' if r['passed'] else 'FAIL'} ({r['value']:.4f} vs {r['limit']})"
+        gates = ", ".join(f"{g} {'pass' if r['passed'] else 'FAIL'} ({_figure(r)} vs {r['limit']})"
                           for g, r in m["gates"].items()) or "none"
-        ppl = f"{m['perplexity']:.4f} | {m['ppl_increase'] * 100:+.2f} %" if "perplexity" in m else "- | -"
-        kl = f"{m['kl_divergence']:.5f}" if "kl_divergence" in m else "-"
-        top1 = f"{m['top1_agreement'] * 100:.2f} %" if "top1_agreement" in m else "-"
+        ppl = (f"{m['perplexity']:.4f} | {m['ppl_increase'] * 100:+.2f} ± "
+               f"{(1 + m['ppl_increase']) * m.get('ln_ppl_ratio_se', 0.0) * 100:.2f} %" if "perplexity" in m else "- | -")
+        kl = f"{m['kl_divergence']:.5f} ± {m.get('kl_divergence_se', 0.0):.5f}" if "kl_divergence" in m else "-"
+        top1 = (f"{m['top1_agreement'] * 100:.2f} ± {m.get('top1_agreement_se', 0.0) * 100:.2f} %"
+                if "top1_agreement" in m else "-")
         lines.append(f"| {key} | {m['bits_per_weight']:.3f} ({m['nominal_bits_per_weight']:.3f}) | {ppl} | {kl} | {top1} | {gates} |")
     for key, m in report["outputs"].items():
         if m.get("simulated"):

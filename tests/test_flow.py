@@ -163,6 +163,13 @@ def test_quality_report_has_every_metric_and_gate(built: dict) -> None:
         assert 0 <= m["kl_divergence"] and 0 <= m["top1_agreement"] <= 1
         assert set(m["gates"]) == {"max_ppl_increase", "max_kl"}
         assert all(g["passed"] for g in m["gates"].values())
+        assert 0 < m["kl_divergence_se"] < m["kl_divergence"] and 0 < m["top1_agreement_se"] < 0.05
+        assert m["ln_ppl_ratio_se"] > 0 and m["ppl_increase"] == pytest.approx(np.expm1(m["ln_ppl_ratio"]), rel=1e-9)
+        low, high = m["gates"]["max_kl"]["interval"]
+        assert low < m["kl_divergence"] < high and m["gates"]["max_kl"]["judged_by"] == "estimate"
+    table = (built["group"]["dest"] / "README.md").read_text()
+    kl = report["outputs"]["gguf-Q4_0"]
+    assert f"{kl['kl_divergence']:.5f} ± {kl['kl_divergence_se']:.5f}" in table
     q8, q4 = report["outputs"]["gguf-Q8_0"], report["outputs"]["gguf-Q4_0"]
     assert q8["kl_divergence"] < q4["kl_divergence"]  # 8 bits must beat 4
     errors = [r["relative_output_error"] for r in q4["modules"]]
