@@ -23,7 +23,7 @@ from pydantic import BaseModel
 from quantfab.pipelines.recipe import Recipe
 from quantfab.tasks import manifests
 from quantfab.tasks.download import materialize
-from quantfab.tasks.manifests import ModelManifest
+from quantfab.tasks.manifests import SOURCE_CARD, ModelManifest
 from quantfab.tasks.quantize.assign import budget_of, reads_full_statistics, reads_statistics, ships_importance
 from quantfab.tasks.redact import redact
 from quantfab.tasks.store import Store
@@ -103,12 +103,14 @@ def recipe_digest(recipe: Recipe) -> str:
 
 
 def weights_only(model: ModelManifest) -> ModelManifest:
-    """The download manifest without its source and revision labels.
+    """The download manifest without its source and revision labels, and without the source's model card.
 
     The stages between download and package read only the files, so they key on their content: a new
-    revision label over the same bytes (a watch run, a moved mirror) reruns download and package only.
+    revision label over the same bytes (a watch run, a moved mirror), or an edit of the upstream README (read by
+    package alone, for its license), reruns download and package only.
     """
-    return model.model_copy(update={"source": "", "revision": ""})
+    return model.model_copy(update={"source": "", "revision": "",
+                                    "files": {n: b for n, b in model.files.items() if n != SOURCE_CARD}})
 
 
 def stage_inputs(stage: str, recipe: Recipe, store_url: str, up: dict[str, Any]) -> dict[str, Any]:
@@ -140,7 +142,8 @@ def stage_inputs(stage: str, recipe: Recipe, store_url: str, up: dict[str, Any])
     if stage == "validate":
         return {"model": files, "converted": up["convert"], "quantized": up["quantize"],
                 "outputs": list(recipe.outputs), "validate": recipe.validate_, "device": device, **common}
-    return {"name": recipe.name, "model": up["download"], "converted": up["convert"], "quality": up["validate"],
+    return {"name": recipe.name, "model": up["download"], "calibration": up["calibrate"], "converted": up["convert"],
+            "quality": up["validate"],
             "recipe_yaml": recipe_yaml(recipe), "recipe_digest": recipe_digest(recipe),
             "destination": recipe.package.destination, "version": dist_version("quantfab"), **common}
 

@@ -43,8 +43,9 @@ class ModelSpec(Section):
     revision: str | None = Field(None, description="Branch, tag or commit (hf://); recorded in the manifest.")
     include: list[FileGlob] = Field(
         default=["*.safetensors", "*.safetensors.index.json", "config.json", "generation_config.json",
-                 "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model"],
-        description="Glob patterns of the files to fetch.")
+                 "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "README.md"],
+        description="Glob patterns of the files to fetch (the source's README.md only for its license, which the "
+                    "package's model card carries over; no stage but package reads it).")
     allow_pickle: bool = Field(False, description="Permit .bin/.pt checkpoints (they run code when loaded).")
     sha256: dict[str, Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]] = Field(default_factory=dict, description="Expected sha256 of source files, by file "
                                    "name: a file whose bytes differ is fetched again, then refused (hf:// sources "

@@ -99,11 +99,12 @@ def validate(model: ModelManifest, converted: ConvertManifest, quantized: Quanti
 
 
 @_stage("package")
-def package(name: str, model: ModelManifest, converted: ConvertManifest, quality: QualityManifest, recipe_yaml: str,
-            recipe_digest: str, destination: str, version: str, store_url: str, code: str) -> PackageManifest:
+def package(name: str, model: ModelManifest, calibration: CalibrationManifest, converted: ConvertManifest,
+            quality: QualityManifest, recipe_yaml: str, recipe_digest: str, destination: str, version: str,
+            store_url: str, code: str) -> PackageManifest:
     with _store_writing(store_url) as store:
         return package_mod.package(name, model, converted, quality, recipe_yaml, recipe_digest, destination, version,
-                                   store)
+                                   store, calibration)
 
 
 STAGES: dict[str, Task] = {t.name: t for t in (download, calibrate, allocate, quantize, convert, validate, package)}

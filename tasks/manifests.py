@@ -106,6 +106,7 @@ class QuantizeManifest(Manifest):
 
 
 WEIGHT_FILES = (".gguf", ".safetensors")  # what bits per weight counts; configs and tokenizers do not
+SOURCE_CARD = "README.md"  # the source model's card, downloaded for its license (package carries it over)
 IMATRIX_FILE = ".imatrix.gguf"  # nor llama.cpp's importance matrix shipped beside a GGUF file (its usual name)
 
 

@@ -20,11 +20,16 @@ import re
 import shutil
 import socket
 import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import yaml
 
 from quantfab.tasks.convert.differences import summary
 from quantfab.tasks.redact import redact
 from quantfab.tasks.errors import UserError, VerificationFailed
-from quantfab.tasks.manifests import ConvertManifest, ModelManifest, PackageManifest, QualityManifest
+from quantfab.tasks.manifests import (SOURCE_CARD, CalibrationManifest, ConvertManifest, ModelManifest, PackageManifest,
+                                      QualityManifest)
 from quantfab.tasks.store import Blob, Store, file_stamp, filesystem, is_local, reporting_full_disks, sha256_of
 
 STAGING = ".quantfab-staging"
@@ -36,7 +41,8 @@ MODEL_FILES = ("config.json", "generation_config.json", "tokenizer.json", "token
 
 
 def package(name: str, model: ModelManifest, converted: ConvertManifest, quality: QualityManifest, recipe_yaml: str,
-            recipe_digest: str, destination: str, version: str, store: Store) -> PackageManifest:
+            recipe_digest: str, destination: str, version: str, store: Store,
+            calibration: CalibrationManifest | None = None) -> PackageManifest:
     failures = [f"{f.path}: {m.tensor}: {m.count} element(s) differ, first at flat index {m.first_index} "
                 f"(max abs error {m.max_abs_error:g})" for f in converted.files.values() for m in f.verification.mismatches]
     if failures:
@@ -44,7 +50,11 @@ def package(name: str, model: ModelManifest, converted: ConvertManifest, quality
     files: dict[str, bytes | Blob] = {p: b for f in converted.files.values() for p, b in f.files.items()}
     files.update({n: b for n, b in model.files.items() if n in MODEL_FILES})
     files["quality.json"] = quality.report
-    files["README.md"] = model_card(model, converted, quality, recipe_yaml).encode()
+    source_card = store.read_bytes(model.files[SOURCE_CARD]).decode("utf-8", "replace") \
+        if SOURCE_CARD in model.files else ""
+    files["README.md"] = model_card(model, converted, quality, recipe_yaml,
+                                    Provenance(recipe_digest, version, calibration, source_card),
+                                    json.loads(store.read_bytes(quality.report))).encode()
     fs, root = filesystem(destination, "package.destination")
     root = root.rstrip("/")
     for path in files:
@@ -229,15 +239,81 @@ def publication_problem(destination: str, expected: PackageManifest) -> str | No
     return None
 
 
-def model_card(model: ModelManifest, converted: ConvertManifest, quality: QualityManifest, recipe_yaml: str) -> str:
+@dataclass(frozen=True)
+class Provenance:
+    """What the model card says a build came from, so anyone can check it or build it again."""
+
+    recipe_digest: str = ""
+    version: str = ""
+    calibration: CalibrationManifest | None = None
+    source_card: str = ""  # the source model's README.md, for its license
+
+
+LIBRARIES = {"gguf": "gguf", "mlx": "mlx"}  # format -> the Hub's library_name (the others load in transformers)
+
+
+def front_matter(model: ModelManifest, recipe_yaml: str, provenance: Provenance) -> dict[str, Any]:
+    """The YAML the Hugging Face Hub reads from a quantized model's card: the base model (a Hub id for an hf://
+    source), the relation, the library that loads the first output, tags, and the source's license carried over."""
+    source = redact(model.source)
+    recipe = yaml.safe_load(recipe_yaml) or {}
+    formats = [o["format"] for o in recipe.get("outputs") or [] if isinstance(o, dict) and "format" in o]
+    card: dict[str, Any] = {
+        "base_model": source.removeprefix("hf://") if source.startswith("hf://") else source,
+        "base_model_relation": "quantized",
+        "quantized_by": "quantfab",
+        "library_name": LIBRARIES.get(formats[0], "transformers") if formats else "transformers",
+        "tags": ["quantized", "quantfab", *sorted(set(formats))],
+    }
+    license_ = source_front_matter(provenance.source_card)
+    card.update({k: license_[k] for k in ("license", "license_name", "license_link") if k in license_})
+    return card
+
+
+def source_front_matter(text: str) -> dict[str, Any]:
+    """The YAML front matter of a model card (empty where it has none or it does not parse)."""
+    if not text.startswith("---"):
+        return {}
+    end = text.find("\n---", 3)
+    try:
+        found = yaml.safe_load(text[3:end]) if end > 0 else None
+    except yaml.YAMLError:
+        return {}
+    return found if isinstance(found, dict) else {}
+
+
+def model_card(model: ModelManifest, converted: ConvertManifest, quality: QualityManifest, recipe_yaml: str,
+               provenance: Provenance = Provenance(), report: dict[str, Any] | None = None) -> str:
     sizes = "\n".join(f"| {f.path} | {f.weight_bytes:,} | {f.bits_per_weight:.3f} | {f.nominal_bits_per_weight:.3f} | "
                       f"{', '.join(f'{k}×{v}' for k, v in sorted(f.tensor_types.items()))} | "
                       f"{'<br>'.join(summary(f.fallbacks)) or 'none'} |"
                       for f in converted.files.values())
-    return (f"# Quantized build of `{redact(model.source)}`\n\n"
+    front = yaml.safe_dump(front_matter(model, recipe_yaml, provenance), sort_keys=False)
+    return (f"---\n{front}---\n\n# Quantized build of `{redact(model.source)}`\n\n"
             f"Source revision `{model.revision}`, {model.parameters:,} parameters, built by quantfab.\n\n"
             f"## Quality\n\n{quality.table}\n\n"
             f"## Files\n\n| file or folder | weight bytes | bits/weight | nominal | tensor types | differences from the recipe "
             f"(tensors × reason) |\n|---|---|---|---|---|---|\n{sizes}\n\n"
+            f"{provenance_section(model, provenance, report or {})}"
             f"## Recipe\n\n```yaml\n{recipe_yaml}```\n")
 
+
+def provenance_section(model: ModelManifest, provenance: Provenance, report: dict[str, Any]) -> str:
+    """Where every input came from, by digest, and the command that builds the package again."""
+    lines = [f"- Source: `{redact(model.source)}` at revision `{model.revision}`"]
+    if provenance.recipe_digest:
+        lines.append(f"- Recipe (below): sha256 `{provenance.recipe_digest}`")
+    cal = provenance.calibration
+    if cal is not None:
+        lines.append(f"- Calibration: {cal.count:,} tokens from `{cal.source or 'the recipe calibration.source'}`, "
+                     f"token file sha256 `{cal.tokens.digest}`")
+    protocol = report.get("protocol", {})
+    if "tokens_sha256" in protocol:
+        lines.append(f"- Evaluation: {protocol['tokens']:,} scored tokens ({protocol['windows']} windows of "
+                     f"{protocol['window']}), token ids sha256 `{protocol['tokens_sha256']}`")
+    if provenance.version:
+        pin = f" --set model.revision={model.revision}" if model.source.startswith("hf://") and model.revision else ""
+        lines.append(f"- Built by quantfab {provenance.version}. To build it again: save the recipe below as "
+                     f"`recipe.yaml` (its redacted URLs filled in) and run `quantfab run recipe.yaml{pin}` with "
+                     f"quantfab {provenance.version}")
+    return "## Provenance\n\n" + "\n".join(lines) + "\n\n"

@@ -10,6 +10,7 @@ says so.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from collections import Counter
@@ -49,7 +50,9 @@ def measure(model: ModelManifest, converted: ConvertManifest, outputs: list, spe
     for o in outputs:
         f = converted.files[o.key]
         sources[o.key] = FORMATS[o.format].reader(materialize(store, f.files).path / f.path, config)
-    metrics = compare(config, sources, eval_windows(model, spec, store), device)
+    ids = eval_windows(model, spec, store)
+    metrics = compare(config, sources, ids, device)
+    metrics["tokens_sha256"] = hashlib.sha256(np.ascontiguousarray(ids, dtype="<i8").tobytes()).hexdigest()
     for key, m in metrics["outputs"].items():
         m["simulated"] = served_as(sources[key])
     return metrics
@@ -182,7 +185,7 @@ def judge(metrics: dict[str, Any], gates, converted: ConvertManifest, quantized:
           store: Store) -> QualityManifest:
     """Apply the gates, write quality.json to the store, and say whether the build may ship."""
     failures: list[str] = []
-    report = {"protocol": {k: metrics[k] for k in ("tokens", "windows", "window")},
+    report = {"protocol": {k: metrics[k] for k in ("tokens", "windows", "window", "tokens_sha256") if k in metrics},
               "baseline_perplexity": metrics["baseline_perplexity"], "outputs": {}}
     for key, m in metrics["outputs"].items():
         results = {}

@@ -11,7 +11,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
+from quantfab.pipelines.keys import recipe_digest
 from quantfab.pipelines.quantize import LISTENERS, quantize
 from quantfab.pipelines.recipe_loading import load_recipe
 from quantfab.tasks.convert.gguf import GGUFTensors
@@ -156,7 +158,8 @@ def _cached_quantize_manifest(store: Store, recipe):
 
 def test_quality_report_has_every_metric_and_gate(built: dict) -> None:
     report = json.loads((built["group"]["dest"] / "quality.json").read_text())
-    assert report["protocol"] == {"tokens": 32 * 127, "windows": 32, "window": 128}
+    assert {k: v for k, v in report["protocol"].items() if k != "tokens_sha256"} == {"tokens": 32 * 127, "windows": 32,
+                                                                                     "window": 128}
     for key in ("gguf-Q8_0", "gguf-Q4_0", "gguf-Q4_1"):
         m = report["outputs"][key]
         assert m["baseline_perplexity"] == report["baseline_perplexity"]
@@ -175,6 +178,27 @@ def test_quality_report_has_every_metric_and_gate(built: dict) -> None:
     errors = [r["relative_output_error"] for r in q4["modules"]]
     assert len(errors) == 14 and errors == sorted(errors, reverse=True) and errors[-1] > 0  # worst first
     assert {(r["method"], r["grid"]) for r in q4["modules"]} == {("group", "Q4_0")}
+
+
+def test_the_model_card_has_the_hubs_front_matter_and_the_builds_provenance(built: dict) -> None:
+    """The package README opens with YAML the Hub reads (base model, relation quantized, library, tags) and lists
+    the digests of the recipe, the calibration tokens and the evaluation tokens the build used."""
+    b = built["group"]
+    card = (b["dest"] / "README.md").read_text()
+    assert card.startswith("---\n")
+    front = yaml.safe_load(card.split("---\n")[1])
+    assert front["base_model"].endswith("tinystories-656k") and front["base_model_relation"] == "quantized"
+    assert front["quantized_by"] == "quantfab" and front["library_name"] == "gguf"
+    assert {"quantized", "quantfab", "gguf"} <= set(front["tags"]) and "license" not in front  # the source has none
+    store = Store(str(built["store"]))
+    recipe = load_recipe(RECIPE, b["overrides"])
+    up = {"download": _cached_model(store, recipe)}
+    calibration = _cached("calibrate", store, recipe, up)
+    report = json.loads((b["dest"] / "quality.json").read_text())
+    assert f"Recipe (below): sha256 `{recipe_digest(recipe)}`" in card
+    assert f"token file sha256 `{calibration.tokens.digest}`" in card
+    assert f"token ids sha256 `{report['protocol']['tokens_sha256']}`" in card
+    assert "quantfab run recipe.yaml" in card
 
 
 def test_rtn_gathers_no_statistics_unless_the_recipe_asks_for_the_module_report(built: dict, tmp_path: Path) -> None:
