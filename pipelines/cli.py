@@ -49,6 +49,11 @@ def main(argv: list[str] | None = None) -> int:
     ver.add_argument("--store", nargs="?", const="", default=None, metavar="URL",
                      help="check the store instead (default: $QUANTFAB_STORE or ~/.cache/quantfab/store); "
                           "altered blobs are moved aside to its quarantine/ so the next run rebuilds them")
+    cmp = sub.add_parser("compare", help="compare two published packages' quality output by output (exit 1 when NEW "
+                         "is worse: an output's KL up by more than --threshold and beyond the noise, or one missing)")
+    cmp.add_argument("old", help="the earlier package folder: a path or any fsspec URL")
+    cmp.add_argument("new", help="the later package folder")
+    cmp.add_argument("--threshold", type=float, default=0.10, help="largest allowed relative KL rise (default 0.10)")
     gc = sub.add_parser("gc", help="remove what the retention policy does not keep from the store (see README, "
                         "\"Operating the store\"); safe while other runs use it")
     gc.add_argument("--keep-last", type=int, default=3, metavar="N", help="builds kept per recipe (default 3); "
@@ -83,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
         return _deployments(args)
     if args.command == "verify":
         return _verify(args)
+    if args.command == "compare":
+        return _compare(args)
     if args.command in ("gc", "builds", "pin"):
         from quantfab.pipelines import store_cli
         from quantfab.tasks.errors import UserError
@@ -261,6 +268,20 @@ def _verify(args: argparse.Namespace) -> int:
     console.print(f"{'[bold red]' if bad else '[green]'}{len(checks)} files:[/] "
                   + ", ".join(f"{n} {s}" for s, n in counts.items() if n or s == "ok"), highlight=False)
     return 1 if bad else 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from quantfab.tasks.errors import UserError
+    from quantfab.tasks.regression import compare_reports, comparison_table, read_report
+
+    try:
+        old, new = read_report(args.old), read_report(args.new)
+    except UserError as exc:
+        console.print(f"[bold red]error:[/] {escape(redact_text(str(exc)))}", highlight=False)
+        return 2
+    deltas, regressions = compare_reports(old, new, args.threshold)
+    print(comparison_table(old, new, deltas, regressions))
+    return 1 if regressions else 0
 
 
 def _plan(args: argparse.Namespace) -> int:

@@ -46,7 +46,7 @@ STAGE_SOURCES = {
     "convert": ["tasks/convert", *GRID_SOURCES, "tasks/quantize/layer_file.py", "tasks/activations.py", "kernels"],
     "validate": ["tasks/validate.py", "tasks/activations.py", "tasks/gates.py", "tasks/texts.py", "tasks/convert", *GRID_SOURCES, "tasks/quantize/layer_file.py",
                  "kernels"],
-    "package": ["tasks/package.py", "tasks/convert/differences.py"],
+    "package": ["tasks/package.py", "tasks/convert/differences.py", "tasks/regression.py", "tasks/gates.py"],
 }
 SOURCE_SUFFIXES = (".py", ".cu", ".h")
 
@@ -145,7 +145,8 @@ def stage_inputs(stage: str, recipe: Recipe, store_url: str, up: dict[str, Any])
     return {"name": recipe.name, "model": up["download"], "calibration": up["calibrate"], "converted": up["convert"],
             "quality": up["validate"],
             "recipe_yaml": recipe_yaml(recipe), "recipe_digest": recipe_digest(recipe),
-            "destination": recipe.package.destination, "version": dist_version("quantfab"), **common}
+            "destination": recipe.package.destination, "version": dist_version("quantfab"),
+            "max_regression": recipe.validate_.gates.max_regression, **common}
 
 
 def _reads_statistics(model: ModelManifest, recipe: Recipe, store: Store) -> tuple[bool, bool]:

@@ -175,6 +175,10 @@ class GatesSpec(Section):
     min_top1: float | None = Field(None, ge=0, le=1, description="Smallest allowed top-1 agreement with fp32.")
     max_bits_per_weight: float | None = Field(None, gt=0, description="Largest allowed size of each output file, in "
                                               "bits per model parameter (what the report's bits/weight column shows).")
+    max_regression: float | None = Field(None, ge=0, description="Largest allowed relative rise of an output's KL "
+        "against the package published at the destination (the last build), beyond the two evaluations' noise (1.96 "
+        "standard errors of the difference): package refuses to replace a better build, and an output the last one "
+        "had must still be built. `quantfab compare OLD NEW` applies the same rule to any two packages.")
     judge_by: Literal["estimate", "interval"] = Field("estimate", description="What a quality gate compares with its "
         "limit. estimate: the measured mean itself (a figure within noise of the limit passes or fails by chance). "
         "interval: its 95 % interval (± 1.96 standard errors over the evaluation tokens): the gate fails only when "
@@ -199,7 +203,7 @@ class ValidateSpec(Section):
     @classmethod
     def _gated_metrics_are_measured(cls, gates: GatesSpec, info) -> GatesSpec:
         metrics = info.data.get("metrics", [])
-        for gate, (metric, _) in GATES.items():
+        for gate, (metric, _) in {**GATES, "max_regression": ("kl_divergence", "")}.items():
             if getattr(gates, gate) is not None and metric not in metrics:
                 raise ValueError(f"gate {gate} needs metric {metric} in validate.metrics")
         return gates

@@ -101,10 +101,10 @@ def validate(model: ModelManifest, converted: ConvertManifest, quantized: Quanti
 @_stage("package")
 def package(name: str, model: ModelManifest, calibration: CalibrationManifest, converted: ConvertManifest,
             quality: QualityManifest, recipe_yaml: str, recipe_digest: str, destination: str, version: str,
-            store_url: str, code: str) -> PackageManifest:
+            max_regression: float | None, store_url: str, code: str) -> PackageManifest:
     with _store_writing(store_url) as store:
         return package_mod.package(name, model, converted, quality, recipe_yaml, recipe_digest, destination, version,
-                                   store, calibration)
+                                   store, calibration, max_regression)
 
 
 STAGES: dict[str, Task] = {t.name: t for t in (download, calibrate, allocate, quantize, convert, validate, package)}

@@ -27,9 +27,10 @@ import yaml
 
 from quantfab.tasks.convert.differences import summary
 from quantfab.tasks.redact import redact
-from quantfab.tasks.errors import UserError, VerificationFailed
+from quantfab.tasks.errors import QualityGateFailed, UserError, VerificationFailed
 from quantfab.tasks.manifests import (SOURCE_CARD, CalibrationManifest, ConvertManifest, ModelManifest, PackageManifest,
                                       QualityManifest)
+from quantfab.tasks.regression import compare_reports, comparison_table, read_report
 from quantfab.tasks.store import Blob, Store, file_stamp, filesystem, is_local, reporting_full_disks, sha256_of
 
 STAGING = ".quantfab-staging"
@@ -42,19 +43,21 @@ MODEL_FILES = ("config.json", "generation_config.json", "tokenizer.json", "token
 
 def package(name: str, model: ModelManifest, converted: ConvertManifest, quality: QualityManifest, recipe_yaml: str,
             recipe_digest: str, destination: str, version: str, store: Store,
-            calibration: CalibrationManifest | None = None) -> PackageManifest:
+            calibration: CalibrationManifest | None = None, max_regression: float | None = None) -> PackageManifest:
     failures = [f"{f.path}: {m.tensor}: {m.count} element(s) differ, first at flat index {m.first_index} "
                 f"(max abs error {m.max_abs_error:g})" for f in converted.files.values() for m in f.verification.mismatches]
     if failures:
         raise VerificationFailed(failures)
+    report = json.loads(store.read_bytes(quality.report))
+    if max_regression is not None:
+        _refuse_regression(destination, report, max_regression)
     files: dict[str, bytes | Blob] = {p: b for f in converted.files.values() for p, b in f.files.items()}
     files.update({n: b for n, b in model.files.items() if n in MODEL_FILES})
     files["quality.json"] = quality.report
     source_card = store.read_bytes(model.files[SOURCE_CARD]).decode("utf-8", "replace") \
         if SOURCE_CARD in model.files else ""
     files["README.md"] = model_card(model, converted, quality, recipe_yaml,
-                                    Provenance(recipe_digest, version, calibration, source_card),
-                                    json.loads(store.read_bytes(quality.report))).encode()
+                                    Provenance(recipe_digest, version, calibration, source_card), report).encode()
     fs, root = filesystem(destination, "package.destination")
     root = root.rstrip("/")
     for path in files:
@@ -212,6 +215,20 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def _refuse_regression(destination: str, report: dict, threshold: float) -> None:
+    """validate.gates.max_regression: the package published at the destination is the last build; a new one worse
+    than it beyond the threshold and the noise is refused, and the old one stays (tasks/regression.py)."""
+    fs, root = filesystem(destination, "package.destination")
+    if not fs.exists(f"{root.rstrip('/')}/quality.json"):
+        return  # the first build
+    old = read_report(destination)
+    deltas, regressions = compare_reports(old, report, threshold)
+    if regressions:
+        raise QualityGateFailed(comparison_table(old, report, deltas, regressions),
+                                [f"max_regression {threshold} against the package at {redact(destination)}: {r}"
+                                 for r in regressions])
 
 
 def publication_problem(destination: str, expected: PackageManifest) -> str | None:
