@@ -46,7 +46,8 @@ STAGE_SOURCES = {
     "convert": ["tasks/convert", *GRID_SOURCES, "tasks/quantize/layer_file.py", "tasks/activations.py", "kernels"],
     "validate": ["tasks/validate.py", "tasks/activations.py", "tasks/gates.py", "tasks/texts.py", "tasks/convert", *GRID_SOURCES, "tasks/quantize/layer_file.py",
                  "kernels"],
-    "package": ["tasks/package.py", "tasks/convert/differences.py", "tasks/regression.py", "tasks/gates.py"],
+    "package": ["tasks/package.py", "tasks/convert/differences.py", "tasks/regression.py", "tasks/gates.py",
+                "tasks/charts.py"],
 }
 SOURCE_SUFFIXES = (".py", ".cu", ".h")
 

@@ -8,6 +8,7 @@ package has left the destination, is recomputed rather than trusted.
 from __future__ import annotations
 
 import json
+import os
 import re
 import time
 from contextlib import nullcontext
@@ -15,7 +16,7 @@ from functools import partial
 from typing import Any, Callable
 
 from prefect import flow, get_run_logger, tags, task
-from prefect.artifacts import create_markdown_artifact
+from prefect.artifacts import create_image_artifact, create_markdown_artifact
 
 from quantfab.pipelines.recipe import ExecutionSpec, Recipe
 from quantfab.pipelines.recipe_loading import check_recipes, load_recipe
@@ -104,12 +105,28 @@ def _run_stages(recipe: Recipe, store: Store, build: BuildLog, runner: Any, up: 
     for stage in ORDER:
         if stage == "package" and not up["validate"].passed:
             raise QualityGateFailed(up["validate"].table, up["validate"].failures)
-        up[stage], cached = _run_stage(stage, stage_inputs(stage, recipe, store.url, up), store, build,
-                                       recipe.package.destination, runner)
+        try:
+            up[stage], cached = _run_stage(stage, stage_inputs(stage, recipe, store.url, up), store, build,
+                                           recipe.package.destination, runner)
+        except QualityGateFailed as exc:  # package's max_regression: the comparison with the last build
+            create_markdown_artifact(key=_artifact_key(f"regression-{recipe.name}"), markdown=exc.table,
+                                     description=f"{recipe.name} against the package it would replace")
+            raise
         stages[stage] = "cached" if cached else "ran"
         if stage == "validate":
             create_markdown_artifact(key=_artifact_key(f"quality-{recipe.name}"), markdown=up[stage].table,
                                      description=f"Quality of {recipe.name}")
+        if stage == "package":
+            _chart_artifacts(recipe, up[stage])
+
+
+def _chart_artifacts(recipe: Recipe, published: Any) -> None:
+    """The package's charts, as image artifacts linking to where they were published (redacted)."""
+    destination = redact(recipe.package.destination).rstrip("/")
+    base = destination if "://" in destination else f"file://{os.path.abspath(destination)}"
+    for path in (p for p in published.files if p.startswith("charts/")):
+        create_image_artifact(image_url=f"{base}/{path}", key=_artifact_key(f"{recipe.name}-{path}"),
+                              description=f"{recipe.name}: {path}")
 
 
 def _notify_waiting(stage: str, holder: str) -> None:

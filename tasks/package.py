@@ -25,6 +25,7 @@ from typing import Any
 
 import yaml
 
+from quantfab.tasks.charts import charts
 from quantfab.tasks.convert.differences import summary
 from quantfab.tasks.redact import redact
 from quantfab.tasks.errors import QualityGateFailed, UserError, VerificationFailed
@@ -54,10 +55,13 @@ def package(name: str, model: ModelManifest, converted: ConvertManifest, quality
     files: dict[str, bytes | Blob] = {p: b for f in converted.files.values() for p, b in f.files.items()}
     files.update({n: b for n, b in model.files.items() if n in MODEL_FILES})
     files["quality.json"] = quality.report
+    pictures = charts(report)
+    files.update(pictures)
     source_card = store.read_bytes(model.files[SOURCE_CARD]).decode("utf-8", "replace") \
         if SOURCE_CARD in model.files else ""
     files["README.md"] = model_card(model, converted, quality, recipe_yaml,
-                                    Provenance(recipe_digest, version, calibration, source_card), report).encode()
+                                    Provenance(recipe_digest, version, calibration, source_card), report,
+                                    sorted(pictures)).encode()
     fs, root = filesystem(destination, "package.destination")
     root = root.rstrip("/")
     for path in files:
@@ -300,7 +304,8 @@ def source_front_matter(text: str) -> dict[str, Any]:
 
 
 def model_card(model: ModelManifest, converted: ConvertManifest, quality: QualityManifest, recipe_yaml: str,
-               provenance: Provenance = Provenance(), report: dict[str, Any] | None = None) -> str:
+               provenance: Provenance = Provenance(), report: dict[str, Any] | None = None,
+               pictures: list[str] | None = None) -> str:
     sizes = "\n".join(f"| {f.path} | {f.weight_bytes:,} | {f.bits_per_weight:.3f} | {f.nominal_bits_per_weight:.3f} | "
                       f"{', '.join(f'{k}×{v}' for k, v in sorted(f.tensor_types.items()))} | "
                       f"{'<br>'.join(summary(f.fallbacks)) or 'none'} |"
@@ -309,7 +314,8 @@ def model_card(model: ModelManifest, converted: ConvertManifest, quality: Qualit
     return (f"---\n{front}---\n\n# Quantized build of `{redact(model.source)}`\n\n"
             f"Source revision `{model.revision}`, {model.parameters:,} parameters, built by quantfab.\n\n"
             f"## Quality\n\n{quality.table}\n\n"
-            f"## Files\n\n| file or folder | weight bytes | bits/weight | nominal | tensor types | differences from the recipe "
+            + "".join(f"![{path.removeprefix('charts/').removesuffix('.png')}]({path})\n\n" for path in pictures or [])
+            + f"## Files\n\n| file or folder | weight bytes | bits/weight | nominal | tensor types | differences from the recipe "
             f"(tensors × reason) |\n|---|---|---|---|---|---|\n{sizes}\n\n"
             f"{provenance_section(model, provenance, report or {})}"
             f"## Recipe\n\n```yaml\n{recipe_yaml}```\n")

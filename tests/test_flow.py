@@ -181,8 +181,9 @@ def test_quality_report_has_every_metric_and_gate(built: dict) -> None:
 
 
 def test_the_model_card_has_the_hubs_front_matter_and_the_builds_provenance(built: dict) -> None:
-    """The package README opens with YAML the Hub reads (base model, relation quantized, library, tags) and lists
-    the digests of the recipe, the calibration tokens and the evaluation tokens the build used."""
+    """The package README opens with YAML the Hub reads (base model, relation quantized, library, tags), lists
+    the digests of the recipe, the calibration tokens and the evaluation tokens the build used, and shows the
+    package's charts."""
     b = built["group"]
     card = (b["dest"] / "README.md").read_text()
     assert card.startswith("---\n")
@@ -199,6 +200,9 @@ def test_the_model_card_has_the_hubs_front_matter_and_the_builds_provenance(buil
     assert f"token file sha256 `{calibration.tokens.digest}`" in card
     assert f"token ids sha256 `{report['protocol']['tokens_sha256']}`" in card
     assert "quantfab run recipe.yaml" in card
+    for chart in ("size-vs-kl", "gguf-Q4_0-module-error"):  # group reports every module's error
+        assert (b["dest"] / "charts" / f"{chart}.png").read_bytes().startswith(b"\x89PNG")
+        assert f"![{chart}](charts/{chart}.png)" in card
 
 
 def test_rtn_gathers_no_statistics_unless_the_recipe_asks_for_the_module_report(built: dict, tmp_path: Path) -> None:
