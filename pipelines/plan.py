@@ -24,7 +24,7 @@ from quantfab.tasks.manifests import Allocation, Manifest
 from quantfab.tasks.modelio import ST_DTYPES, ModelDir, TensorInfo, check_against_config, read_headers
 from quantfab.tasks.model_structure import BATCH, FrozenConfig, alias_tied_embeddings, frozen_config, layout, model_units
 from quantfab.tasks.malloc import KEEP
-from quantfab.tasks.quantize.allocate import KL_STATES, KL_WINDOWS
+from quantfab.tasks.quantize.allocate import KL_STATES, kl_windows
 from quantfab.tasks.quantize.assign import assign_layers, budget_of, measures_inputs, reads_full_statistics, reads_statistics
 from quantfab.tasks.store import Store, filesystem, free_bytes
 
@@ -136,14 +136,16 @@ def peak_memory(recipe: Recipe, config: Any, tensors: dict[str, TensorInfo], siz
         gathers = (states + 4 * tokens_c * (widest + 2 * hidden) + 3 * 4 * widest * widest + 4 * largest_linear(layer0)
                    + 3 * 4 * BATCH * heads * cal.seq_len ** 2 + KEEP)
     budgeted = any(budget_of(o) for o in recipe.outputs)
-    kl_tokens = min(cal.samples, KL_WINDOWS) * cal.seq_len
-    kl_models = 1 + min(sum(len(u) for u in model_units(config, {n: t.shape for n, t in tensors.items()})),
-                        max(1, KL_STATES // (4 * kl_tokens * hidden)))
+    kl_states = 4 * kl_windows(cal.samples, cal.seq_len) * cal.seq_len * hidden  # one model's hidden states
+    kl_units = min(sum(len(u) for u in model_units(config, {n: t.shape for n, t in tensors.items()})),
+                   max(1, KL_STATES // kl_states))
     return {
         "download": 0,  # streams files into the store
         "calibrate": matrix + layer + gathers if statistics else 0,
-        # a budget's KL per unit: the units' models side by side, a layer and the hidden states each, and the heads
-        "allocate": kl_models * (layer + 4 * kl_tokens * hidden) + matrix + LOGPROB_TEMPS if budgeted else 0,
+        # a budget's KL per unit: the float model's input to every layer (kept on the CPU), a batch of units' hidden
+        # states beside the float one, a float and a patched layer, the head and its log-probabilities
+        "allocate": (len(layout(config).linears) + kl_units + 1) * kl_states + 2 * layer + matrix + LOGPROB_TEMPS
+        if budgeted else 0,
         "quantize": layer + gathers + GRID_TEMPS,
         "convert": 3 * largest + max(sizes.values(), default=0),  # a tensor, its codes, its decoding; the file read back
         "validate": max(models * (layer + 4 * tokens * hidden) + matrix,  # the layers, each model's hidden states

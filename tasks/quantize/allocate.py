@@ -34,7 +34,7 @@ from quantfab.tasks.quantize.grid_base import reference_by_rows
 from quantfab.tasks.quantize.grids import grid_named
 from quantfab.tasks.store import Store
 
-KL_WINDOWS = 16  # calibration windows each unit's KL is measured on
+KL_TOKENS = 4096  # calibration tokens (whole windows, at least one) each unit's KL is measured on
 SAMPLE_ROWS = 256  # rows per Linear the error is measured on (evenly spaced), scaled up to all its rows
 STACKED = re.compile(r"\.experts\.\d+\.")  # experts one file tensor holds: they share a type
 
@@ -95,6 +95,11 @@ def weighted_error(grid_name: str, w: np.ndarray, importance: np.ndarray) -> flo
     sample = np.ascontiguousarray(w[::step][:SAMPLE_ROWS])
     diff = sample - grid.decode(reference_by_rows(grid, sample, importance))
     return float(np.einsum("ij,j->", diff.astype(np.float64) ** 2, importance.astype(np.float64)) * rows / len(sample))
+
+
+def kl_windows(samples: int, seq_len: int) -> int:
+    """How many calibration windows the KL per unit is measured on: ``KL_TOKENS`` worth, at least one."""
+    return max(1, min(samples, KL_TOKENS // seq_len))
 
 
 def fitting(grids: list[str], cols: int) -> list[str]:
@@ -173,38 +178,78 @@ def kl_per_error(config, weights: WeightIndex, units: dict[str, list[str]], refe
     The weighted error is each Linear's own output error; how much of it reaches the logits differs by orders of
     magnitude between Linears (an early o_proj against a late up_proj), while for one Linear the ratio barely moves
     with the type (measured within ~20 % from IQ1_S to Q6_K). So one forward per unit turns every candidate's error
-    into its KL. Units run side by side a batch at a time (``validate.compare``), each with its own hidden states."""
-    from quantfab.tasks import validate  # the forward machinery; imported on use (torch, transformers)
+    into its KL. The float model runs once, keeping each layer's input (on the CPU); units then run in batches
+    ordered by layer, each from its own layer's float input onward, every layer's float weights read once per
+    batch (a unit's model differs from the float one in that unit alone)."""
+    import torch
 
-    hidden = ids.size * int(config.hidden_size) * 4
-    batch = max(1, KL_STATES // hidden)
-    names = list(units)
-    out: dict[str, float] = {}
-    for start in range(0, len(names), batch):
-        part = names[start:start + batch]
-        sources = {"fp32": weights, **{u: Patched(weights, _dequantized(weights, units[u], reference[u], importance))
-                                       for u in part}}
-        measured = validate.compare(config, sources, ids, device)["outputs"]
-        for u in part:
-            err = errors[u][reference[u]]
-            out[u] = measured[u]["kl_divergence"] / err if err > 0 else 0.0
-    return out
+    from quantfab.tasks.decoder import Decoder
+    from quantfab.tasks.modelio import pick_device
+
+    with torch.no_grad():
+        dev = pick_device(device)
+        decoder = Decoder(config, dev)
+        decoder.load_outer(weights.load(weights.checkpoint_names(decoder.entry_names())))
+        hidden = decoder.embed(torch.from_numpy(ids))
+        inputs = []
+        for i in range(decoder.num_layers):
+            inputs.append(hidden.cpu())
+            hidden = decoder.run_layer(i, decoder.layer(i, _layer_weights(weights, i)), hidden)
+        decoder.load_outer(weights.load(weights.checkpoint_names(decoder.exit_names())))
+        layer_of = {u: _layer_index(weights, modules[0]) for u, modules in units.items()}
+        order = sorted(units, key=lambda u: (layer_of[u], u))
+        batch = max(1, KL_STATES // (ids.size * int(config.hidden_size) * 4))
+        out: dict[str, float] = {}
+        for start in range(0, len(order), batch):
+            part = order[start:start + batch]
+            states: dict[str, torch.Tensor] = {}
+            for i in range(layer_of[part[0]], decoder.num_layers):
+                tensors = _layer_weights(weights, i)
+                plain = decoder.layer(i, tensors)
+                for u in part:
+                    if layer_of[u] == i:
+                        patched = {n.removeprefix(weights.prefix(i)): torch.from_numpy(w)
+                                   for n, w in _dequantized(weights, units[u], reference[u], importance).items()}
+                        states[u] = decoder.run_layer(i, decoder.layer(i, {**tensors, **patched}), inputs[i].to(dev))
+                    elif u in states:
+                        states[u] = decoder.run_layer(i, plain, states[u])
+            kl = _mean_kl(decoder, hidden, states)
+            for u in part:
+                err = errors[u][reference[u]]
+                out[u] = kl[u] / err if err > 0 else 0.0
+        return out
 
 
-KL_STATES = 1 << 30  # bytes of hidden states ``kl_per_error`` holds at once (each unit's model has its own)
+KL_STATES = 1 << 30  # bytes of hidden states ``kl_per_error`` holds for a batch of units
+LOGPROB_CHUNK = 1 << 22  # float64 log-probabilities per model at a time, as validate computes them
 
 
-class Patched:
-    """The float model with some tensors replaced (a unit's dequantized codes): a source ``validate.compare`` runs."""
+def _layer_weights(weights: WeightIndex, i: int) -> dict[str, Any]:
+    from quantfab.tasks.modelio import relative
 
-    def __init__(self, weights: WeightIndex, replaced: dict[str, np.ndarray]):
-        self.weights, self.replaced = weights, replaced
+    return relative(weights.load(weights.layer_names(i)), weights.prefix(i))
 
-    def load(self, names: list[str]) -> dict[str, Any]:
-        import torch
 
-        out = self.weights.load(names)
-        return out | {n: torch.from_numpy(self.replaced[n]) for n in names if n in self.replaced}
+def _layer_index(weights: WeightIndex, module: str) -> int:
+    return int(module.removeprefix(weights.layers_name + ".").split(".")[0])
+
+
+def _mean_kl(decoder: Any, base: Any, hidden: dict[str, Any]) -> dict[str, float]:
+    """Each model's KL(float || it) of the next-token distributions, averaged over every predicting position (each
+    window's last predicts nothing), a chunk of positions at a time as validate's metrics compute it."""
+    import torch
+
+    width = base.shape[1] - 1
+    step = max(1, min(LOGPROB_CHUNK // int(decoder.config.vocab_size), width))
+    total = dict.fromkeys(hidden, 0.0)
+    for w in range(base.shape[0]):
+        for s in range(0, width, step):
+            lp_base = torch.log_softmax(decoder.logits(base[w:w + 1, s:s + step])[0].double(), dim=-1)
+            p = lp_base.exp()
+            for key, h in hidden.items():
+                lp = torch.log_softmax(decoder.logits(h[w:w + 1, s:s + step])[0].double(), dim=-1)
+                total[key] += (p * (lp_base - lp)).sum().item()
+    return {key: t / (base.shape[0] * width) for key, t in total.items()}
 
 
 def _dequantized(weights: WeightIndex, modules: list[str], grid_name: str, importance: dict[str, Any]) -> dict[str, np.ndarray]:
@@ -257,6 +302,7 @@ def allocate(model: ModelManifest, calibration: CalibrationManifest, quant: Any,
         raise RuntimeError("allocate got a calibration without statistics: reads_statistics decided otherwise")
     sums = importance(calibration, weights, store)
     with safe_open(str(store.local_path(calibration.tokens)), framework="np") as f:
-        ids = f.get_tensor("input_ids")[:KL_WINDOWS]
+        ids = f.get_tensor("input_ids")
+    ids = ids[:kl_windows(*ids.shape)]
     return AllocationManifest(outputs={o.key: allocate_output(config, weights.tensors, weights, sums, quant,
                                                               FORMATS[o.format], o, ids, device) for o in budgeted})
