@@ -85,12 +85,14 @@ def test_the_destination_filling_up_keeps_the_previous_package(tmp_path: Path, p
     # the package is about 7.5 MiB: one fits, a second one staged beside it does not
     script = (f"{quantfab(*base)} || exit 3\n"
               f"{sys.executable} -c 'import json,hashlib,pathlib; print(\"BEFORE \" + json.dumps("
-              f"{{p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in pathlib.Path(\"{out}/demo\").iterdir()}}))'\n"
+              f"{{str(p): hashlib.sha256(p.read_bytes()).hexdigest() for p in pathlib.Path(\"{out}/demo\").rglob(\"*\") "
+              f"if p.is_file()}}))'\n"
               f"{quantfab(*base, '--set', 'validate.gates.max_kl=0.45')}\necho RC=$?\n"
               f"{sys.executable} -c '{LEFTOVERS}' {out}\n"
               f"{quantfab('verify', out / 'demo')}\necho VERIFY=$?\n"
               f"{sys.executable} -c 'import json,hashlib,pathlib; print(\"AFTER \" + json.dumps("
-              f"{{p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in pathlib.Path(\"{out}/demo\").iterdir()}}))'\n")
+              f"{{str(p): hashlib.sha256(p.read_bytes()).hexdigest() for p in pathlib.Path(\"{out}/demo\").rglob(\"*\") "
+              f"if p.is_file()}}))'\n")
     proc = in_small_tmpfs(out, "12m", script, env)
     assert "RC=2" in proc.stdout, proc.stdout + proc.stderr
     error = next(line for line in proc.stderr.splitlines() if line.startswith("error:"))

@@ -37,8 +37,8 @@ def launch(root: Path, prefect_env: dict[str, str]) -> subprocess.Popen:
 
 
 def published(out: Path) -> dict[str, str]:
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(out.iterdir())
-            if p.is_file() and p.name != "manifest.json"}
+    return {p.relative_to(out).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(out.rglob("*"))
+            if p.is_file() and p.relative_to(out).as_posix() != "manifest.json"}  # charts/ included
 
 
 def shipped(out: Path) -> dict[str, str]:
