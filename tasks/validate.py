@@ -222,7 +222,7 @@ def quality_table(report: dict[str, Any]) -> str:
                           for g, r in m["gates"].items()) or "none"
         ppl = (f"{m['perplexity']:.4f} | {m['ppl_increase'] * 100:+.2f} ± "
                f"{(1 + m['ppl_increase']) * m.get('ln_ppl_ratio_se', 0.0) * 100:.2f} %" if "perplexity" in m else "- | -")
-        kl = f"{m['kl_divergence']:.5f} ± {m.get('kl_divergence_se', 0.0):.5f}" if "kl_divergence" in m else "-"
+        kl = f"{m['kl_divergence']:.5f} ± {m.get('kl_divergence_se', 0.0):.2g}" if "kl_divergence" in m else "-"
         top1 = (f"{m['top1_agreement'] * 100:.2f} ± {m.get('top1_agreement_se', 0.0) * 100:.2f} %"
                 if "top1_agreement" in m else "-")
         lines.append(f"| {key} | {m['bits_per_weight']:.3f} ({m['nominal_bits_per_weight']:.3f}) | {ppl} | {kl} | {top1} | {gates} |")

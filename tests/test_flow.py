@@ -172,7 +172,7 @@ def test_quality_report_has_every_metric_and_gate(built: dict) -> None:
         assert low < m["kl_divergence"] < high and m["gates"]["max_kl"]["judged_by"] == "estimate"
     table = (built["group"]["dest"] / "README.md").read_text()
     kl = report["outputs"]["gguf-Q4_0"]
-    assert f"{kl['kl_divergence']:.5f} ± {kl['kl_divergence_se']:.5f}" in table
+    assert f"{kl['kl_divergence']:.5f} ± {kl['kl_divergence_se']:.2g}" in table
     q8, q4 = report["outputs"]["gguf-Q8_0"], report["outputs"]["gguf-Q4_0"]
     assert q8["kl_divergence"] < q4["kl_divergence"]  # 8 bits must beat 4
     errors = [r["relative_output_error"] for r in q4["modules"]]
