@@ -118,6 +118,9 @@ def _run_stages(recipe: Recipe, store: Store, build: BuildLog, runner: Any, up: 
                                      description=f"Quality of {recipe.name}")
         if stage == "package":
             _chart_artifacts(recipe, up[stage])
+            if up[stage].comparison and not cached:  # what a scheduled rebuild replaced, and how it compares
+                create_markdown_artifact(key=_artifact_key(f"regression-{recipe.name}"), markdown=up[stage].comparison,
+                                         description=f"{recipe.name} against the package it replaced")
 
 
 def _chart_artifacts(recipe: Recipe, published: Any) -> None:

@@ -168,3 +168,4 @@ class PackageManifest(BaseModel):
     manifest_sha256: str
     files: list[str]
     stamps: dict[str, str] = {}  # path -> size and modification time when published (the cheap check of a cache hit)
+    comparison: str = ""  # with validate.gates.max_regression: the build against the package it replaced (markdown)

@@ -50,8 +50,7 @@ def package(name: str, model: ModelManifest, converted: ConvertManifest, quality
     if failures:
         raise VerificationFailed(failures)
     report = json.loads(store.read_bytes(quality.report))
-    if max_regression is not None:
-        _refuse_regression(destination, report, max_regression)
+    comparison = _refuse_regression(destination, report, max_regression) if max_regression is not None else ""
     files: dict[str, bytes | Blob] = {p: b for f in converted.files.values() for p, b in f.files.items()}
     files.update({n: b for n, b in model.files.items() if n in MODEL_FILES})
     files["quality.json"] = quality.report
@@ -103,7 +102,7 @@ def package(name: str, model: ModelManifest, converted: ConvertManifest, quality
             fs.rm(staging, recursive=True)
     stamps = {e["path"]: (file_stamp(fs, f"{root}/{e['path']}", identity=False) or (0, ""))[1] for e in entries}
     return PackageManifest(destination=redact(destination), manifest_sha256=hashlib.sha256(manifest).hexdigest(),
-                           files=[e["path"] for e in entries], stamps=stamps)
+                           files=[e["path"] for e in entries], stamps=stamps, comparison=comparison)
 
 
 def _check_relative(path: str) -> None:
@@ -221,18 +220,20 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _refuse_regression(destination: str, report: dict, threshold: float) -> None:
+def _refuse_regression(destination: str, report: dict, threshold: float) -> str:
     """validate.gates.max_regression: the package published at the destination is the last build; a new one worse
-    than it beyond the threshold and the noise is refused, and the old one stays (tasks/regression.py)."""
+    than it beyond the threshold and the noise is refused, and the old one stays (tasks/regression.py). Returns the
+    comparison ("" for the first build), which the flow shows as an artifact."""
     fs, root = filesystem(destination, "package.destination")
     if not fs.exists(f"{root.rstrip('/')}/quality.json"):
-        return  # the first build
+        return ""  # the first build
     old = read_report(destination)
     deltas, regressions = compare_reports(old, report, threshold)
+    table = comparison_table(old, report, deltas, regressions)
     if regressions:
-        raise QualityGateFailed(comparison_table(old, report, deltas, regressions),
-                                [f"max_regression {threshold} against the package at {redact(destination)}: {r}"
-                                 for r in regressions])
+        raise QualityGateFailed(table, [f"max_regression {threshold} against the package at {redact(destination)}: "
+                                        f"{r}" for r in regressions])
+    return table
 
 
 def publication_problem(destination: str, expected: PackageManifest) -> str | None:

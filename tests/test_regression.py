@@ -74,14 +74,16 @@ def inputs(store: Store, kl: float) -> tuple[ModelManifest, ConvertManifest, Qua
 
 def test_max_regression_keeps_the_better_package_in_place(tmp_path: Path) -> None:
     """The first build publishes; a worse one is refused with the comparison and the destination keeps the first;
-    one within the threshold replaces it."""
+    one within the threshold replaces it, and its manifest carries the comparison (the flow's artifact)."""
     store, dest = Store(str(tmp_path / "store")), tmp_path / "dest"
-    package("x", *inputs(store, 0.050), "name: x\n", "d", str(dest), "0", store, max_regression=0.10)
+    assert package("x", *inputs(store, 0.050), "name: x\n", "d", str(dest), "0", store,
+                   max_regression=0.10).comparison == ""  # nothing to compare with
     first = (dest / "manifest.json").read_bytes()
     with pytest.raises(QualityGateFailed) as failed:
         package("x", *inputs(store, 0.080), "name: x\n", "d", str(dest), "0", store, max_regression=0.10)
     assert "max_regression 0.1 against the package at" in failed.value.failures[0]
     assert "| gguf-Q4_0 | KL | 0.05000 | 0.08000 |" in failed.value.table
     assert (dest / "manifest.json").read_bytes() == first
-    package("x", *inputs(store, 0.052), "name: x\n", "d", str(dest), "0", store, max_regression=0.10)
+    assert package("x", *inputs(store, 0.052), "name: x\n", "d", str(dest), "0", store,
+                   max_regression=0.10).comparison.startswith("| output | figure | old | new |")
     assert json.loads((dest / "quality.json").read_text())["outputs"]["gguf-Q4_0"]["kl_divergence"] == 0.052
