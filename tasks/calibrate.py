@@ -25,7 +25,7 @@ from quantfab.tasks.download import materialize
 from quantfab.tasks.gram import add_gram_upper, mirror_upper
 from quantfab.tasks.malloc import freed_memory_kept
 from quantfab.tasks.manifests import EXPERT_FALLBACK, CalibrationManifest, ExpertFallback, ModelManifest
-from quantfab.tasks.modelio import pick_device, relative
+from quantfab.tasks.modelio import pick_device
 from quantfab.tasks.redact import redact
 from quantfab.tasks.store import Blob, Store
 from quantfab.tasks.texts import read_tokens, sampled_windows
@@ -84,7 +84,7 @@ def _layer_statistics(model: ModelManifest, ids: np.ndarray, device: str, store:
     hidden = decoder.embed(torch.from_numpy(ids))
     stats = []
     for i in range(decoder.num_layers):
-        tensors = relative(weights.load(weights.layer_names(i)), weights.prefix(i))
+        tensors = weights.layer(i)
         layer = decoder.layer(i, tensors)
         structure = decoder.structure(i, layer, hidden)
         moments, hidden = measure_layer(decoder, i, layer, hidden, structure, widths(tensors, structure), experts, dev,

@@ -16,13 +16,21 @@ GATES = {"max_ppl_increase": ("perplexity", "ppl_increase"), "max_kl": ("kl_dive
 Z95 = 1.959963984540054  # the normal quantile of a two-sided 95 % interval
 
 
+def standard_error_of(metric: str, m: dict[str, Any]) -> float:
+    """A report figure's standard error (0 where it has none): Δ PPL's through its log-ratio, (1 + Δ) se(ln ratio),
+    as llama.cpp reports PPL(Q)/PPL(base) ± its error."""
+    if metric == "ppl_increase":
+        return (1 + m["ppl_increase"]) * m.get("ln_ppl_ratio_se", 0.0)
+    return m.get(f"{metric}_se", 0.0)
+
+
 def interval(metric: str, m: dict[str, Any]) -> tuple[float, float]:
     """The 95 % interval of a report figure: ± 1.96 standard errors of its mean (Δ PPL through the mean of the
     per-token log-ratio, as exp(ln ± 1.96 se) - 1); a figure without an error (the file's size) is exact."""
     if metric == "ppl_increase" and "ln_ppl_ratio_se" in m:
         ln, se = m["ln_ppl_ratio"], m["ln_ppl_ratio_se"]
         return math.expm1(ln - Z95 * se), math.expm1(ln + Z95 * se)
-    se = m.get(f"{metric}_se", 0.0)
+    se = standard_error_of(metric, m)
     return m[metric] - Z95 * se, m[metric] + Z95 * se
 
 

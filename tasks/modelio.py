@@ -173,6 +173,10 @@ class WeightIndex:
         prefix = self.prefix(i)
         return [n for n in self.tensors if n.startswith(prefix)]
 
+    def layer(self, i: int) -> dict[str, torch.Tensor]:
+        """Decoder layer ``i``'s tensors, named relative to the layer (what ``Decoder.layer`` takes)."""
+        return relative(self.load(self.layer_names(i)), self.prefix(i))
+
 
 @dataclass(frozen=True)
 class ModelDir:

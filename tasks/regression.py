@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from quantfab.tasks.errors import UserError
-from quantfab.tasks.gates import Z95
+from quantfab.tasks.gates import Z95, standard_error_of
 from quantfab.tasks.redact import redact
 from quantfab.tasks.store import filesystem
 
@@ -48,12 +48,6 @@ def read_report(package: str) -> dict[str, Any]:
         raise UserError(f"{redact(package)}/quality.json does not parse: {exc}") from None
 
 
-def _error(m: dict[str, Any], metric: str) -> float:
-    if metric == "ppl_increase":
-        return (1 + m["ppl_increase"]) * m.get("ln_ppl_ratio_se", 0.0)
-    return m.get(f"{metric}_se", 0.0)
-
-
 def compare_reports(old: dict[str, Any], new: dict[str, Any], threshold: float) -> tuple[list[Delta], list[str]]:
     """Every shared figure's difference, and the regressions (why NEW is worse than OLD), output by output."""
     deltas: list[Delta] = []
@@ -65,7 +59,8 @@ def compare_reports(old: dict[str, Any], new: dict[str, Any], threshold: float) 
             continue
         for metric in SHOWN:
             if metric in o and metric in n:
-                deltas.append(Delta(key, metric, o[metric], n[metric], math.hypot(_error(o, metric), _error(n, metric))))
+                se = math.hypot(standard_error_of(metric, o), standard_error_of(metric, n))
+                deltas.append(Delta(key, metric, o[metric], n[metric], se))
         kl = next((d for d in deltas if d.output == key and d.metric == "kl_divergence"), None)
         if kl is not None and kl.delta > threshold * kl.old and kl.delta > Z95 * kl.se:
             regressions.append(f"{key}: KL {kl.old:.5f} -> {kl.new:.5f} (+{kl.delta / kl.old:.1%} ± "

@@ -25,7 +25,7 @@ from quantfab.tasks.convert.differences import summary
 from quantfab.tasks.download import materialize
 from quantfab.tasks.manifests import ConvertManifest, ModelManifest, QuantizeManifest, QualityManifest
 from quantfab.tasks.decoder import Decoder
-from quantfab.tasks.gates import GATES, judge_gate
+from quantfab.tasks.gates import GATES, judge_gate, standard_error_of
 from quantfab.tasks.modelio import pick_device, relative
 from quantfab.tasks.store import Store
 from quantfab.tasks.texts import read_tokens, windows
@@ -221,9 +221,10 @@ def quality_table(report: dict[str, Any]) -> str:
         gates = ", ".join(f"{g} {'pass' if r['passed'] else 'FAIL'} ({_figure(r)} vs {r['limit']})"
                           for g, r in m["gates"].items()) or "none"
         ppl = (f"{m['perplexity']:.4f} | {m['ppl_increase'] * 100:+.2f} ± "
-               f"{(1 + m['ppl_increase']) * m.get('ln_ppl_ratio_se', 0.0) * 100:.2f} %" if "perplexity" in m else "- | -")
-        kl = f"{m['kl_divergence']:.5f} ± {m.get('kl_divergence_se', 0.0):.2g}" if "kl_divergence" in m else "-"
-        top1 = (f"{m['top1_agreement'] * 100:.2f} ± {m.get('top1_agreement_se', 0.0) * 100:.2f} %"
+               f"{standard_error_of('ppl_increase', m) * 100:.2f} %" if "perplexity" in m else "- | -")
+        kl = (f"{m['kl_divergence']:.5f} ± {standard_error_of('kl_divergence', m):.2g}" if "kl_divergence" in m
+              else "-")
+        top1 = (f"{m['top1_agreement'] * 100:.2f} ± {standard_error_of('top1_agreement', m) * 100:.2f} %"
                 if "top1_agreement" in m else "-")
         lines.append(f"| {key} | {m['bits_per_weight']:.3f} ({m['nominal_bits_per_weight']:.3f}) | {ppl} | {kl} | {top1} | {gates} |")
     for key, m in report["outputs"].items():

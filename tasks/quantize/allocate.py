@@ -139,7 +139,7 @@ def allocate_output(config, tensors: dict[str, TensorInfo], weights: WeightIndex
         if not c:
             raise UserError(f"outputs[{options.key}]: {m}: no type {fmt.name}'s budget picks among fits its rows of "
                             f"{cols[m]}: add it to quantize.ignore (or pin it with an override)")
-    sizes = _module_bytes(fmt, options, config, tensors, fixed, candidates)
+    sizes, rest = _module_bytes(fmt, options, config, tensors, fixed, candidates)
     units: dict[str, list[str]] = {}
     for a in free:
         units.setdefault(STACKED.sub(".experts.*.", a.module), []).append(a.module)
@@ -148,11 +148,9 @@ def allocate_output(config, tensors: dict[str, TensorInfo], weights: WeightIndex
     for unit, modules in units.items():
         shared = [g for g in candidates[modules[0]] if all(g in candidates[m] for m in modules)]
         raw = weights.load([f"{m}.weight" for m in modules])
-        loaded = {m: raw[f"{m}.weight"].numpy() for m in modules}
-        errors[unit] = {g: sum(weighted_error(g, w, _importance(importance, m, w.shape[1])) for m, w in loaded.items())
-                        for g in shared}
+        loaded = {m: (raw[f"{m}.weight"].numpy(), _importance(importance, m, cols[m])) for m in modules}
+        errors[unit] = {g: sum(weighted_error(g, w, h) for w, h in loaded.values()) for g in shared}
         nbytes[unit] = {g: sum(sizes[g][m] for m in modules) for g in shared}
-    rest = sizes["rest"]
     least = rest + sum(min(n.values()) for n in nbytes.values())
     if least > budget:
         raise UserError(f"outputs[{options.key}]: target_bits_per_weight {target:g} is below the smallest this "
@@ -194,7 +192,7 @@ def kl_per_error(config, weights: WeightIndex, units: dict[str, list[str]], refe
         inputs = []
         for i in range(decoder.num_layers):
             inputs.append(hidden.cpu())
-            hidden = decoder.run_layer(i, decoder.layer(i, _layer_weights(weights, i)), hidden)
+            hidden = decoder.run_layer(i, decoder.layer(i, weights.layer(i)), hidden)
         decoder.load_outer(weights.load(weights.checkpoint_names(decoder.exit_names())))
         layer_of = {u: _layer_index(weights, modules[0]) for u, modules in units.items()}
         order = sorted(units, key=lambda u: (layer_of[u], u))
@@ -204,7 +202,7 @@ def kl_per_error(config, weights: WeightIndex, units: dict[str, list[str]], refe
             part = order[start:start + batch]
             states: dict[str, torch.Tensor] = {}
             for i in range(layer_of[part[0]], decoder.num_layers):
-                tensors = _layer_weights(weights, i)
+                tensors = weights.layer(i)
                 plain = decoder.layer(i, tensors)
                 for u in part:
                     if layer_of[u] == i:
@@ -222,12 +220,6 @@ def kl_per_error(config, weights: WeightIndex, units: dict[str, list[str]], refe
 
 KL_STATES = 1 << 30  # bytes of hidden states ``kl_per_error`` holds for a batch of units
 LOGPROB_CHUNK = 1 << 22  # float64 log-probabilities per model at a time, as validate computes them
-
-
-def _layer_weights(weights: WeightIndex, i: int) -> dict[str, Any]:
-    from quantfab.tasks.modelio import relative
-
-    return relative(weights.load(weights.layer_names(i)), weights.prefix(i))
 
 
 def _layer_index(weights: WeightIndex, module: str) -> int:
@@ -274,20 +266,20 @@ def _importance(importance: dict[str, Any], module: str, cols: int) -> np.ndarra
 
 
 def _module_bytes(fmt: Any, options: Any, config, tensors: dict[str, TensorInfo], fixed: dict[str, str | None],
-                  candidates: dict[str, list[str]]) -> dict[str, Any]:
+                  candidates: dict[str, list[str]]) -> tuple[dict[str, dict[str, int]], int]:
     """Each candidate's bytes per module, from the format's plan with every module that fits it on that type, and
-    under "rest" the bytes of everything the budget does not choose."""
-    grids = sorted({g for c in candidates.values() for g in c})
-    out: dict[str, Any] = {}
-    for g in grids:
+    the bytes of everything the budget does not choose (the same in every plan)."""
+    sizes: dict[str, dict[str, int]] = {}
+    rest = 0
+    for g in sorted({g for c in candidates.values() for g in c}):
         chosen = {m: (g if g in c else c[0]) for m, c in candidates.items()}
-        planned = fmt.plan(options, config, tensors, {**fixed, **chosen})
         by_module: dict[str, int] = {}
-        for t in planned:
-            by_module[t.hf_name.removesuffix(".weight")] = by_module.get(t.hf_name.removesuffix(".weight"), 0) + t.nbytes
-        out[g] = {m: by_module[m] for m in candidates}
-        out["rest"] = sum(n for m, n in by_module.items() if m not in candidates)
-    return out
+        for t in fmt.plan(options, config, tensors, {**fixed, **chosen}):
+            module = t.hf_name.removesuffix(".weight")
+            by_module[module] = by_module.get(module, 0) + t.nbytes
+        sizes[g] = {m: by_module[m] for m in candidates}
+        rest = sum(n for m, n in by_module.items() if m not in candidates)
+    return sizes, rest
 
 
 def allocate(model: ModelManifest, calibration: CalibrationManifest, quant: Any, outputs: list, device: str,

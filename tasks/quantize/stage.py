@@ -118,7 +118,7 @@ def _layer(model: ModelManifest, model_dir: ModelDir, inputs: Any, quant: Any, p
                           "plan": {lin: [a.method, a.grid, a.note] for lin, a in plan.items()}, "settings": settings})
     blob = store.get_ref(CHECKPOINTS, checkpoint)
     if blob is None:
-        tensors = {k: v.numpy() for k, v in relative(weights.load(weights.layer_names(i)), prefix).items()}
+        tensors = {k: v.numpy() for k, v in weights.layer(i).items()}
         name = prefix.rstrip(".")
         kind = family(model.model_type)
         rtn = inputs.calibration.experts.fallback == "rtn"
@@ -395,7 +395,7 @@ class HiddenStates:
             self.hidden = self.decoder.embed(ids)
         for i, layer_file in self.pending:
             prefix = self.weights.prefix(i)
-            tensors = relative(self.weights.load(self.weights.layer_names(i)), prefix)
+            tensors = self.weights.layer(i)
             tensors.update(relative(layer_file.weights(), prefix))
             self.hidden = self.decoder.run_layer(i, self.decoder.layer(i, tensors), self.hidden)
         self.pending = []
