@@ -23,6 +23,7 @@ from pydantic import BaseModel
 from quantfab.pipelines.recipe import Recipe
 from quantfab.tasks import manifests
 from quantfab.tasks.download import materialize
+from quantfab.tasks.eval_items import task_digest
 from quantfab.tasks.manifests import SOURCE_CARD, ModelManifest
 from quantfab.tasks.quantize.assign import budget_of, reads_full_statistics, reads_statistics, ships_importance
 from quantfab.tasks.redact import redact
@@ -39,12 +40,13 @@ GRID_SOURCES = ["tasks/quantize/grids.py", "tasks/quantize/grid_base.py", "tasks
 STAGE_SOURCES = {
     "download": ["tasks/synthetic.py"],
     "calibrate": ["tasks/calibrate.py", "tasks/gram.py", "tasks/texts.py", "tasks/activations.py"],
-    "allocate": ["tasks/quantize", "tasks/convert", "tasks/validate.py", "tasks/texts.py", "tasks/activations.py",
+    "allocate": ["tasks/quantize", "tasks/convert", "tasks/validate.py", "tasks/forward.py", "tasks/evals.py",
+                 "tasks/eval_items.py", "tasks/texts.py", "tasks/activations.py",
                  "tasks/gates.py", "tasks/calibrate.py", "tasks/gram.py", "kernels"],  # the budget's types: grids, formats' sizes, the KL forward
     "quantize": ["tasks/quantize", "tasks/calibrate.py", "tasks/gram.py", "tasks/texts.py", "tasks/activations.py",
                  "tasks/convert", "kernels"],  # formats decide each Linear's grid
     "convert": ["tasks/convert", *GRID_SOURCES, "tasks/quantize/layer_file.py", "tasks/activations.py", "kernels"],
-    "validate": ["tasks/validate.py", "tasks/activations.py", "tasks/gates.py", "tasks/texts.py", "tasks/convert", *GRID_SOURCES, "tasks/quantize/layer_file.py",
+    "validate": ["tasks/validate.py", "tasks/forward.py", "tasks/evals.py", "tasks/eval_items.py", "tasks/activations.py", "tasks/gates.py", "tasks/texts.py", "tasks/convert", *GRID_SOURCES, "tasks/quantize/layer_file.py",
                  "kernels"],
     "package": ["tasks/package.py", "tasks/convert/differences.py", "tasks/regression.py", "tasks/gates.py",
                 "tasks/charts.py"],
@@ -96,6 +98,8 @@ def recipe_yaml(recipe: Recipe) -> str:
     data = recipe.model_dump(mode="json", by_alias=True, exclude={"extends"})
     for section, key in (("model", "source"), ("calibration", "source"), ("validate", "source"), ("package", "destination")):
         data[section][key] = redact(data[section][key])
+    for task in data["validate"]["tasks"]:
+        task["source"] = redact(task["source"])
     return yaml.safe_dump(data, sort_keys=False)
 
 
@@ -142,7 +146,9 @@ def stage_inputs(stage: str, recipe: Recipe, store_url: str, up: dict[str, Any])
                 "outputs": list(recipe.outputs), "name": recipe.name, **common}
     if stage == "validate":
         return {"model": files, "converted": up["convert"], "quantized": up["quantize"],
-                "outputs": list(recipe.outputs), "validate": recipe.validate_, "device": device, **common}
+                "outputs": list(recipe.outputs), "validate": recipe.validate_,
+                "task_digests": {t.label: task_digest(t.source) for t in recipe.validate_.tasks},  # edits rerun it
+                "device": device, **common}
     return {"name": recipe.name, "model": up["download"], "calibration": up["calibrate"], "converted": up["convert"],
             "quality": up["validate"],
             "recipe_yaml": recipe_yaml(recipe), "recipe_digest": recipe_digest(recipe),

@@ -154,6 +154,12 @@ def peak_memory(recipe: Recipe, config: Any, tensors: dict[str, TensorInfo], siz
     }
 
 
+def _tasks(r: Recipe) -> str:
+    shown = [f"{t.label} ({t.kind}{f', {t.new_tokens} tokens' if t.kind == 'continuation' else ''})"
+             for t in r.validate_.tasks]
+    return f"; task evals: {', '.join(shown)}" if shown else ""
+
+
 def largest_linear(layer: dict[str, TensorInfo]) -> int:
     return 4 * max((t.numel for t in layer.values() if len(t.shape) == 2), default=0)
 
@@ -278,7 +284,7 @@ def render(p: Plan) -> str:
     r = p.recipe
     lines = [f"recipe {r.name}: {redact(r.model.source)} -> {', '.join(o.key for o in r.outputs)} at {redact(r.package.destination)}",
              f"method {r.quantize.method}; calibration {r.calibration.samples} x {r.calibration.seq_len} tokens; "
-             f"validate {r.validate_.tokens} tokens, window {r.validate_.window}", "", "stages:"]
+             f"validate {r.validate_.tokens} tokens, window {r.validate_.window}{_tasks(r)}", "", "stages:"]
     for s in p.stages:
         mem = f"~{p.memory[s.stage] / 2**20:,.0f} MiB peak" if p.memory.get(s.stage) else ""
         lines.append(f"  {s.stage:<10} {s.status:<8} {mem:<18} {s.why}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from pathlib import PurePosixPath
 from typing import Annotated, Any, Literal, Union
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -10,7 +11,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validat
 from quantfab.tasks.convert import FORMATS
 from quantfab.tasks.quantize import METHODS
 from quantfab.tasks.quantize.assign import budget_of, request
-from quantfab.tasks.gates import GATES
+from quantfab.tasks.gates import GATES, TASK_GATES
 
 MethodName = Literal[tuple(METHODS)]  # type: ignore[valid-type]
 NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,63}$"
@@ -175,6 +176,11 @@ class GatesSpec(Section):
     min_top1: float | None = Field(None, ge=0, le=1, description="Smallest allowed top-1 agreement with fp32.")
     max_bits_per_weight: float | None = Field(None, gt=0, description="Largest allowed size of each output file, in "
                                               "bits per model parameter (what the report's bits/weight column shows).")
+    max_accuracy_drop: float | None = Field(None, ge=0, le=1, description="Largest allowed drop of each "
+        "multiple_choice task's accuracy (the task's score) below the unquantized model's on the same items, as a "
+        "fraction (0.02 = 2 points); its standard error is the paired one over the items.")
+    min_exact_match: float | None = Field(None, ge=0, le=1, description="Smallest allowed share of each continuation "
+        "task's prompts whose greedy continuation equals the unquantized model's, token for token.")
     max_regression: float | None = Field(None, ge=0, description="Largest allowed relative rise of an output's KL "
         "against the package published at the destination (the last build), beyond the two evaluations' noise (1.96 "
         "standard errors of the difference): package refuses to replace a better build, and an output the last one "
@@ -190,6 +196,38 @@ class GatesSpec(Section):
         return {k: v for k, v in self.model_dump().items() if k != "judge_by" and v is not None}
 
 
+class EvalTaskSpec(Section):
+    source: str = Field(description="URL of a JSONL task file, one item per line. multiple_choice: "
+        '{"context": str, "choices": [str, ...], "gold": index}; continuation: {"prompt": str}.')
+    kind: Literal["multiple_choice", "continuation"] = Field(description="multiple_choice: each choice's "
+        "log-likelihood after the context, as lm-evaluation-harness scores such tasks (accuracy, and accuracy_norm "
+        "per character of the choice). continuation: the greedy continuation of each prompt against the unquantized "
+        "model's (exact_match, and the mean position of the first differing token).")
+    name: str | None = Field(None, pattern=NAME_PATTERN, description="The task's name in the report and gates; "
+                             "empty: the file's name without its extension.")
+    items: int | None = Field(None, ge=1, description="Score the file's first N items only; empty: all.")
+    delimiter: str = Field(" ", description="multiple_choice: what goes between the context and each choice "
+                           "(lm-eval's target_delimiter).")
+    score: Literal["accuracy", "accuracy_norm"] = Field("accuracy_norm", description="multiple_choice: the accuracy "
+        "gate max_accuracy_drop reads: accuracy (the choice of highest log-likelihood) or accuracy_norm (highest "
+        "log-likelihood per character of the delimited choice, lm-eval's acc_norm). Both are reported.")
+    new_tokens: int = Field(32, ge=1, le=4096, description="continuation: greedy tokens compared per prompt (no "
+                            "stop at EOS). The unquantized model runs once per token, over every prompt.")
+
+    @model_validator(mode="after")
+    def _fields_of_its_kind(self) -> "EvalTaskSpec":
+        other = {"multiple_choice": {"new_tokens"}, "continuation": {"delimiter", "score"}}[self.kind]
+        wrong = sorted(other & self.model_fields_set)
+        if wrong:
+            raise ValueError(f"{', '.join(wrong)} {'does' if len(wrong) == 1 else 'do'} not apply to kind {self.kind}")
+        return self
+
+    @property
+    def label(self) -> str:
+        """The task's name: ``name``, else the file's name without its extension."""
+        return self.name or PurePosixPath(self.source.rstrip("/")).name.split(".")[0]
+
+
 class ValidateSpec(Section):
     source: str = Field(description="URL of the evaluation text (.txt/.jsonl) or synthetic://tokens.")
     text_field: str = "text"
@@ -197,7 +235,22 @@ class ValidateSpec(Section):
     window: int = Field(256, ge=8, le=131_072, description="Non-overlapping window length, BOS included.")
     metrics: list[Literal["perplexity", "kl_divergence", "top1_agreement"]] = Field(
         default=["perplexity", "kl_divergence", "top1_agreement"], min_length=1)
+    tasks: list[EvalTaskSpec] = Field(default_factory=list, description="Task evals on your own items (JSONL), "
+        "scored for the unquantized model and every output on the same items; gates max_accuracy_drop and "
+        "min_exact_match read them. Needs the model's tokenizer.")
     gates: GatesSpec = Field(default_factory=GatesSpec)
+
+    @model_validator(mode="after")
+    def _tasks_are_named_once_and_gated_tasks_exist(self) -> "ValidateSpec":
+        labels = [t.label for t in self.tasks]
+        dupes = sorted({x for x in labels if labels.count(x) > 1})
+        if dupes:
+            raise ValueError(f"validate.tasks names {', '.join(dupes)} more than once: give each a distinct name")
+        kinds = {t.kind for t in self.tasks}
+        for gate, (kind, _) in TASK_GATES.items():
+            if getattr(self.gates, gate) is not None and kind not in kinds:
+                raise ValueError(f"gate {gate} needs a task of kind {kind} in validate.tasks")
+        return self
 
     @field_validator("gates", mode="after")
     @classmethod
@@ -264,6 +317,13 @@ class Recipe(Section):
         if dupes:
             raise ValueError(f"outputs lists {', '.join(dupes)} more than once")
         return outputs
+
+    @model_validator(mode="after")
+    def _tasks_have_a_tokenizer(self) -> "Recipe":
+        if self.validate_.tasks and self.model.source.startswith("synthetic://"):
+            raise ValueError("validate.tasks are text, read with the model's tokenizer, and a synthetic:// model has "
+                             "none: evaluate a model with a tokenizer.json")
+        return self
 
     @model_validator(mode="after")
     def _outputs_hold_the_grids(self) -> "Recipe":

@@ -93,9 +93,10 @@ def convert(model: ModelManifest, calibration: CalibrationManifest | None, quant
 
 @_stage("validate")
 def validate(model: ModelManifest, converted: ConvertManifest, quantized: QuantizeManifest, outputs: list,
-             validate: ValidateSpec, device: str, store_url: str, code: str) -> QualityManifest:
+             validate: ValidateSpec, task_digests: dict[str, str], device: str, store_url: str,
+             code: str) -> QualityManifest:
     with _store_writing(store_url) as store:
-        return validate_mod.validate(model, converted, quantized, outputs, validate, device, store)
+        return validate_mod.validate(model, converted, quantized, outputs, validate, task_digests, device, store)
 
 
 @_stage("package")

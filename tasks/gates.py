@@ -1,8 +1,10 @@
 """The quality gates a recipe can set on measured quality: gate -> (the metric it needs measured, the
-figure of the report it reads). The size gate, max_bits_per_weight, reads the built file instead.
+figure of the report it reads). The size gate, max_bits_per_weight, reads the built file instead; the task gates
+read each task eval's figures.
 
 Every measured figure is a mean over the evaluation tokens and carries its standard error, computed as llama.cpp's
-perplexity --kl-divergence computes it (tokens taken as independent): a gate compares either the point estimate or,
+perplexity --kl-divergence computes it (tokens taken as independent), or over a task's items as lm-eval computes
+it (tasks/evals.py): a gate compares either the point estimate or,
 with ``judge_by: interval``, the 95 % interval (failing only when all of it lies past the limit).
 """
 
@@ -13,6 +15,8 @@ from typing import Any
 
 GATES = {"max_ppl_increase": ("perplexity", "ppl_increase"), "max_kl": ("kl_divergence", "kl_divergence"),
          "min_top1": ("top1_agreement", "top1_agreement")}
+# task gates: gate -> (the kind of validate.tasks task it limits, the task figure it reads), per output and task
+TASK_GATES = {"max_accuracy_drop": ("multiple_choice", "accuracy_drop"), "min_exact_match": ("continuation", "exact_match")}
 Z95 = 1.959963984540054  # the normal quantile of a two-sided 95 % interval
 
 

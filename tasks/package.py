@@ -335,6 +335,9 @@ def provenance_section(model: ModelManifest, provenance: Provenance, report: dic
     if "tokens_sha256" in protocol:
         lines.append(f"- Evaluation: {protocol['tokens']:,} scored tokens ({protocol['windows']} windows of "
                      f"{protocol['window']}), token ids sha256 `{protocol['tokens_sha256']}`")
+    for name, task in report.get("tasks", {}).items():
+        lines.append(f"- Task eval {name}: {task['items']} {task['kind']} items from `{task['source']}`, sha256 "
+                     f"`{task['sha256']}`")
     if provenance.version:
         pin = f" --set model.revision={model.revision}" if model.source.startswith("hf://") and model.revision else ""
         lines.append(f"- Built by quantfab {provenance.version}. To build it again: save the recipe below as "

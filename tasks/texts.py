@@ -27,7 +27,7 @@ def read_tokens(url: str, tokenizer, vocab_size: int, needed: int, text_field: s
         raise UserError(f"{url}: no such text file") from None
     except OSError as exc:
         raise UserError(f"{url}: cannot read the text: {exc}") from None
-    _refuse_binary(url, raw)
+    refuse_binary(url, raw)
     text = raw.decode("utf-8", errors="ignore").replace("\r\n", "\n")
     if url.endswith(".jsonl"):
         text = _jsonl_text(url, text, text_field, complete=len(raw) < needed * CHARS_PER_TOKEN_GUESS)
@@ -35,7 +35,7 @@ def read_tokens(url: str, tokenizer, vocab_size: int, needed: int, text_field: s
     return np.asarray(ids, dtype=np.int64)
 
 
-def _refuse_binary(url: str, raw: bytes) -> None:
+def refuse_binary(url: str, raw: bytes) -> None:
     """Text sources are read as text, never deserialised; a pickled or array dataset is named, not decoded."""
     for magic, what in BINARY_MAGIC.items():
         if raw.startswith(magic):

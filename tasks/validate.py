@@ -19,31 +19,38 @@ from typing import Any
 import numpy as np
 import torch
 
-from quantfab.tasks.activations import SCHEMES, simulate_inputs, simulate_kv_cache
+from quantfab.tasks.activations import SCHEMES
 from quantfab.tasks.convert import FORMATS
 from quantfab.tasks.convert.differences import summary
 from quantfab.tasks.download import materialize
 from quantfab.tasks.manifests import ConvertManifest, ModelManifest, QuantizeManifest, QualityManifest
 from quantfab.tasks.decoder import Decoder
-from quantfab.tasks.gates import GATES, judge_gate, standard_error_of
-from quantfab.tasks.modelio import pick_device, relative
+from quantfab.tasks.forward import forward
+from quantfab.tasks.evals import run_tasks
+from quantfab.tasks.gates import GATES, TASK_GATES, judge_gate, standard_error_of
+from quantfab.tasks.modelio import pick_device
 from quantfab.tasks.store import Store
 from quantfab.tasks.texts import read_tokens, windows
 
 # gate -> (the recipe metric it needs, the report value it limits)
+def bos_of(config) -> int:
+    """The token every evaluated sequence starts with (1 where the config names none)."""
+    return int(config.bos_token_id if config.bos_token_id is not None else 1)
+
+
 def eval_windows(model: ModelManifest, spec, store: Store) -> np.ndarray:
     model_dir = materialize(store, model.files)
     config = model_dir.config()
     tokenizer = None if spec.source.startswith("synthetic://") else model_dir.tokenizer()
     count = max(spec.tokens // spec.window, 1)
     ids = read_tokens(spec.source, tokenizer, config.vocab_size, count * (spec.window - 1), spec.text_field)
-    bos = int(config.bos_token_id if config.bos_token_id is not None else 1)
-    return windows(ids, spec.window, count, bos, spec.source, "validate")
+    return windows(ids, spec.window, count, bos_of(config), spec.source, "validate")
 
 
-def measure(model: ModelManifest, converted: ConvertManifest, outputs: list, spec, device: str,
-            store: Store) -> dict[str, Any]:
-    """Metrics of the baseline and every output over the same tokens, each decoded from its written file."""
+def measure(model: ModelManifest, converted: ConvertManifest, outputs: list, spec, task_digests: dict[str, str],
+            device: str, store: Store) -> dict[str, Any]:
+    """Metrics of the baseline and every output over the same tokens and task items, each decoded from its
+    written file."""
     model_dir = materialize(store, model.files)
     config, weights = model_dir.config(), model_dir.weights()
     sources: dict[str, Any] = {"fp32": weights}
@@ -55,6 +62,11 @@ def measure(model: ModelManifest, converted: ConvertManifest, outputs: list, spe
     metrics["tokens_sha256"] = hashlib.sha256(np.ascontiguousarray(ids, dtype="<i8").tobytes()).hexdigest()
     for key, m in metrics["outputs"].items():
         m["simulated"] = served_as(sources[key])
+    if spec.tasks:
+        metrics["tasks"], per_output = run_tasks(config, model_dir.tokenizer(), sources, spec.tasks, task_digests,
+                                                 bos_of(config), spec.tokens, pick_device(device))
+        for key, m in metrics["outputs"].items():
+            m["tasks"] = per_output[key]
     return metrics
 
 
@@ -72,39 +84,8 @@ def served_as(source: Any) -> list[str]:
 def compare(config, sources: dict[str, Any], ids: np.ndarray, device: str) -> dict[str, Any]:
     """Run ``sources`` (name -> anything with ``load(names)``; "fp32" is the baseline) side by side, a layer at a time."""
     dev = pick_device(device)
-    decoder, hidden = _forward(config, sources, sources["fp32"], torch.from_numpy(ids), dev)
+    decoder, hidden = forward(config, sources, sources["fp32"], torch.from_numpy(ids), dev)
     return _metrics(decoder, sources, hidden, torch.from_numpy(ids))
-
-
-@torch.no_grad()
-def logits(config, source: Any, fp32: Any, ids: np.ndarray, device: str = "cpu") -> torch.Tensor:
-    """float32 logits (windows, tokens, vocab) of ``source`` as ``compare`` computes them; ``fp32`` names the tensors."""
-    dev = pick_device(device)
-    decoder, hidden = _forward(config, {"q": source}, fp32, torch.from_numpy(ids), dev)
-    decoder.load_outer(source.load(fp32.checkpoint_names(decoder.exit_names())))
-    return decoder.logits(hidden["q"]).cpu()
-
-
-def _forward(config, sources: dict[str, Any], fp32: Any, ids: torch.Tensor, dev: torch.device) -> tuple[Decoder, dict]:
-    """The final hidden states of every source; ``fp32.layer_names(i)`` lists layer i's tensors, ``fp32.prefix(i)``
-    their common prefix."""
-    decoder = Decoder(config, dev)
-    hidden = {}
-    for key, src in sources.items():  # each source's own embedding (a GGUF may quantize it)
-        decoder.load_outer(src.load(fp32.checkpoint_names(decoder.entry_names())))
-        hidden[key] = decoder.embed(ids)
-    for i in range(decoder.num_layers):
-        names = fp32.layer_names(i)
-        for key, src in sources.items():
-            layer = decoder.layer(i, relative(src.load(names), fp32.prefix(i)))
-            if hasattr(src, "input_schemes"):  # activations and KV cache quantized as the runtime quantizes them
-                schemes = src.input_schemes(fp32.prefix(i))
-                simulate_inputs(layer, {m: schemes[c] for m, c in decoder.checkpoint_modules[i].items() if c in schemes})
-                for attention, (k_scale, v_scale) in src.kv_cache(fp32.prefix(i)).items():
-                    simulate_kv_cache(layer, attention, k_scale, v_scale)
-            hidden[key] = decoder.run_layer(i, layer, hidden[key])
-            del layer
-    return decoder, hidden
 
 
 LOGPROB_CHUNK = 1 << 22  # float64 log-probabilities per source at a time (32 MiB): memory independent of tokens
@@ -174,9 +155,9 @@ METRIC_KEYS = {"perplexity": ("perplexity", "baseline_perplexity", "ppl_increase
 
 
 def validate(model: ModelManifest, converted: ConvertManifest, quantized: QuantizeManifest, outputs: list, spec,
-             device: str, store: Store) -> QualityManifest:
-    metrics = measure(model, converted, outputs, spec, device, store)
-    keep = {k for name in spec.metrics for k in METRIC_KEYS[name]} | {"simulated"}
+             task_digests: dict[str, str], device: str, store: Store) -> QualityManifest:
+    metrics = measure(model, converted, outputs, spec, task_digests, device, store)
+    keep = {k for name in spec.metrics for k in METRIC_KEYS[name]} | {"simulated", "tasks"}
     metrics["outputs"] = {key: {k: v for k, v in m.items() if k in keep} for key, m in metrics["outputs"].items()}
     return judge(metrics, spec.gates, converted, quantized, store)
 
@@ -186,7 +167,7 @@ def judge(metrics: dict[str, Any], gates, converted: ConvertManifest, quantized:
     """Apply the gates, write quality.json to the store, and say whether the build may ship."""
     failures: list[str] = []
     report = {"protocol": {k: metrics[k] for k in ("tokens", "windows", "window", "tokens_sha256") if k in metrics},
-              "baseline_perplexity": metrics["baseline_perplexity"], "outputs": {}}
+              "baseline_perplexity": metrics["baseline_perplexity"], "tasks": metrics.get("tasks", {}), "outputs": {}}
     for key, m in metrics["outputs"].items():
         results = {}
         built = converted.files[key]
@@ -196,8 +177,14 @@ def judge(metrics: dict[str, Any], gates, converted: ConvertManifest, quantized:
             if limit is None:
                 continue
             results[gate] = judge_gate(gate, metric, measured, limit, gates.judge_by)
-            if not results[gate]["passed"]:
-                failures.append(f"{key} {gate}: {_figure(results[gate])} vs limit {limit}"
+        for gate, (kind, metric) in TASK_GATES.items():
+            limit = getattr(gates, gate)
+            for task, figures in m.get("tasks", {}).items():
+                if limit is not None and report["tasks"][task]["kind"] == kind:
+                    results[f"{gate}:{task}"] = judge_gate(gate, metric, figures, limit, gates.judge_by)
+        for gate, result in results.items():
+            if not result["passed"]:
+                failures.append(f"{key} {gate}: {_figure(result)} vs limit {result['limit']}"
                                 + (" (all of its 95 % interval past it)" if gates.judge_by == "interval" else ""))
         q = quantized.outputs.get(key)
         modules = sorted(q.modules, key=lambda r: -(r.relative_output_error or 0.0)) if q else []
@@ -227,6 +214,7 @@ def quality_table(report: dict[str, Any]) -> str:
         top1 = (f"{m['top1_agreement'] * 100:.2f} ± {standard_error_of('top1_agreement', m) * 100:.2f} %"
                 if "top1_agreement" in m else "-")
         lines.append(f"| {key} | {m['bits_per_weight']:.3f} ({m['nominal_bits_per_weight']:.3f}) | {ppl} | {kl} | {top1} | {gates} |")
+    lines += task_table(report)
     for key, m in report["outputs"].items():
         if m.get("simulated"):
             lines += ["", f"{key}: measured as served, simulating " + "; ".join(m["simulated"])]
@@ -243,3 +231,28 @@ def quality_table(report: dict[str, Any]) -> str:
             lines += [f"| {r['name']} | {r.get('method') or '-'} | {r['grid']} | {r['relative_output_error']:.5f} |"
                       for r in worst]
     return "\n".join(lines)
+
+
+def task_table(report: dict[str, Any]) -> list[str]:
+    """The task evals: the unquantized model's figures, then each output's, ± one standard error over the items."""
+    lines: list[str] = []
+    for task, t in report.get("tasks", {}).items():
+        if t["kind"] == "multiple_choice":
+            lines += ["", f"Task {task}: {t['items']} multiple-choice items (`{t['source']}`, sha256 "
+                      f"{t['sha256'][:12]}…), log-likelihood scoring as lm-eval; the gate reads {t['score']}", "",
+                      "| model | accuracy | accuracy_norm | drop in " + t["score"] + " |", "|---|---|---|---|",
+                      f"| unquantized | {_pct(t['baseline'], 'accuracy')} | {_pct(t['baseline'], 'accuracy_norm')} | - |"]
+            lines += [f"| {key} | {_pct(m['tasks'][task], 'accuracy')} | {_pct(m['tasks'][task], 'accuracy_norm')} | "
+                      f"{_pct(m['tasks'][task], 'accuracy_drop')} |" for key, m in report["outputs"].items()]
+        else:
+            n = t["baseline"]["continuation_tokens"]
+            lines += ["", f"Task {task}: {t['items']} prompts (`{t['source']}`, sha256 {t['sha256'][:12]}…), greedy "
+                      f"continuations of {n} tokens against the unquantized model's", "",
+                      "| output | exact match | first differing token (mean position) |", "|---|---|---|"]
+            lines += [f"| {key} | {_pct(m['tasks'][task], 'exact_match')} | {m['tasks'][task]['first_difference']:.1f} "
+                      f"± {m['tasks'][task]['first_difference_se']:.1f} of {n} |" for key, m in report["outputs"].items()]
+    return lines
+
+
+def _pct(m: dict[str, Any], figure: str) -> str:
+    return f"{m[figure] * 100:.1f} ± {m[figure + '_se'] * 100:.1f} %"

@@ -21,6 +21,7 @@ from quantfab.pipelines.quantize import quantize as quantize_flow
 from quantfab.pipelines.recipe_loading import RecipeError, load_recipe
 from quantfab.tasks import calibrate as calibrate_mod
 from quantfab.tasks import download as download_mod
+from quantfab.tasks import forward as forward_mod
 from quantfab.tasks import validate as validate_mod
 from quantfab.tasks.convert import FORMATS
 from quantfab.tasks.convert.gguf import GGUFTensors
@@ -241,7 +242,7 @@ def test_mlx_lm_loads_a_budgeted_mix(budgeted: Built, tmp_path: Path) -> None:
             for m, g in budgeted.allocation.outputs[key].types.items() if m.startswith("model.layers.0.")}
     assert report["layer0_bits"] == bits, report
     reader = FORMATS["mlx"].reader(budgeted.written(key), None)
-    ours = validate_mod.logits(budgeted.folder.config(), reader, budgeted.folder.weights(), ids).numpy()
+    ours = forward_mod.logits(budgeted.folder.config(), reader, budgeted.folder.weights(), ids).numpy()
     assert np.abs(np.load(tmp_path / "out.npy") - ours).max() < 1e-4
 
 

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from quantfab.pipelines.recipe_loading import RecipeError, load_recipe
+from quantfab.tasks import forward as forward_mod
 from quantfab.tasks import validate as validate_mod
 from quantfab.tasks.gates import Z95, judge_gate
 from quantfab.tasks.modelio import ModelDir
@@ -45,8 +46,8 @@ def test_standard_errors_equal_a_direct_computation_over_the_tokens(data_dir: Pa
     ids[:, 0] = 1
     got = validate_mod.compare(config, {"fp32": weights, "q": perturbed}, ids, "cpu")["outputs"]["q"]
 
-    base = torch.log_softmax(validate_mod.logits(config, weights, weights, ids).double(), -1)[:, :-1]
-    quant = torch.log_softmax(validate_mod.logits(config, perturbed, weights, ids).double(), -1)[:, :-1]
+    base = torch.log_softmax(forward_mod.logits(config, weights, weights, ids).double(), -1)[:, :-1]
+    quant = torch.log_softmax(forward_mod.logits(config, perturbed, weights, ids).double(), -1)[:, :-1]
     target = torch.from_numpy(ids[:, 1:])[..., None]
     kl = (base.exp() * (base - quant)).sum(-1).flatten().numpy()
     d = (base.gather(-1, target) - quant.gather(-1, target)).flatten().numpy()
@@ -154,8 +155,8 @@ def test_kl_and_its_error_agree_with_llama_perplexity_on_the_same_tokens(data_di
     model_dir = materialize(store, model.files)
     config, weights = model_dir.config(), model_dir.weights()
     first = int(n_ctx) // 2
-    fp = torch.log_softmax(validate_mod.logits(config, weights, weights, ids).double(), -1)[:, first:-1]
-    q = torch.log_softmax(validate_mod.logits(config, GGUFTensors(path["gguf-Q4_0-noimatrix"], config), weights,
+    fp = torch.log_softmax(forward_mod.logits(config, weights, weights, ids).double(), -1)[:, first:-1]
+    q = torch.log_softmax(forward_mod.logits(config, GGUFTensors(path["gguf-Q4_0-noimatrix"], config), weights,
                                               ids).double(), -1)[:, first:-1]
     target = torch.from_numpy(ids[:, first + 1:])[..., None]
     kl = (fp.exp() * (fp - q)).sum(-1).flatten().numpy()
