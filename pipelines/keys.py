@@ -24,6 +24,7 @@ from quantfab.pipelines.recipe import Recipe
 from quantfab.tasks import manifests
 from quantfab.tasks.download import materialize
 from quantfab.tasks.eval_items import task_digest
+from quantfab.tasks.speed import tool_digest
 from quantfab.tasks.manifests import SOURCE_CARD, ModelManifest
 from quantfab.tasks.quantize.assign import budget_of, reads_full_statistics, reads_statistics, ships_importance
 from quantfab.tasks.redact import redact
@@ -46,7 +47,7 @@ STAGE_SOURCES = {
     "quantize": ["tasks/quantize", "tasks/calibrate.py", "tasks/gram.py", "tasks/texts.py", "tasks/activations.py",
                  "tasks/convert", "kernels"],  # formats decide each Linear's grid
     "convert": ["tasks/convert", *GRID_SOURCES, "tasks/quantize/layer_file.py", "tasks/activations.py", "kernels"],
-    "validate": ["tasks/validate.py", "tasks/forward.py", "tasks/evals.py", "tasks/eval_items.py", "tasks/activations.py", "tasks/gates.py", "tasks/texts.py", "tasks/convert", *GRID_SOURCES, "tasks/quantize/layer_file.py",
+    "validate": ["tasks/validate.py", "tasks/forward.py", "tasks/evals.py", "tasks/eval_items.py", "tasks/speed.py", "tasks/activations.py", "tasks/gates.py", "tasks/texts.py", "tasks/convert", *GRID_SOURCES, "tasks/quantize/layer_file.py",
                  "kernels"],
     "package": ["tasks/package.py", "tasks/convert/differences.py", "tasks/regression.py", "tasks/gates.py",
                 "tasks/charts.py"],
@@ -148,6 +149,7 @@ def stage_inputs(stage: str, recipe: Recipe, store_url: str, up: dict[str, Any])
         return {"model": files, "converted": up["convert"], "quantized": up["quantize"],
                 "outputs": list(recipe.outputs), "validate": recipe.validate_,
                 "task_digests": {t.label: task_digest(t.source) for t in recipe.validate_.tasks},  # edits rerun it
+                "speed_tool": tool_digest() if recipe.validate_.speed else None,  # a rebuilt llama-bench measures again
                 "device": device, **common}
     return {"name": recipe.name, "model": up["download"], "calibration": up["calibrate"], "converted": up["convert"],
             "quality": up["validate"],

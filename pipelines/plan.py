@@ -154,10 +154,14 @@ def peak_memory(recipe: Recipe, config: Any, tensors: dict[str, TensorInfo], siz
     }
 
 
-def _tasks(r: Recipe) -> str:
+def _extra_measures(r: Recipe) -> str:
+    """What validate measures beside the windows: task evals and llama-bench speeds."""
     shown = [f"{t.label} ({t.kind}{f', {t.new_tokens} tokens' if t.kind == 'continuation' else ''})"
              for t in r.validate_.tasks]
-    return f"; task evals: {', '.join(shown)}" if shown else ""
+    speed = r.validate_.speed
+    return (f"; task evals: {', '.join(shown)}" if shown else "") + (
+        f"; speed: llama-bench pp{speed.prompt_tokens}/tg{speed.generated_tokens} on each GGUF"
+        f"{' and an F16 reference' if speed.reference else ''}" if speed else "")
 
 
 def largest_linear(layer: dict[str, TensorInfo]) -> int:
@@ -284,7 +288,7 @@ def render(p: Plan) -> str:
     r = p.recipe
     lines = [f"recipe {r.name}: {redact(r.model.source)} -> {', '.join(o.key for o in r.outputs)} at {redact(r.package.destination)}",
              f"method {r.quantize.method}; calibration {r.calibration.samples} x {r.calibration.seq_len} tokens; "
-             f"validate {r.validate_.tokens} tokens, window {r.validate_.window}{_tasks(r)}", "", "stages:"]
+             f"validate {r.validate_.tokens} tokens, window {r.validate_.window}{_extra_measures(r)}", "", "stages:"]
     for s in p.stages:
         mem = f"~{p.memory[s.stage] / 2**20:,.0f} MiB peak" if p.memory.get(s.stage) else ""
         lines.append(f"  {s.stage:<10} {s.status:<8} {mem:<18} {s.why}")

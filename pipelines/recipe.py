@@ -228,6 +228,18 @@ class EvalTaskSpec(Section):
         return self.name or PurePosixPath(self.source.rstrip("/")).name.split(".")[0]
 
 
+class SpeedSpec(Section):
+    prompt_tokens: int = Field(512, ge=1, le=131_072, description="pp: prompt tokens processed in one batch.")
+    generated_tokens: int = Field(128, ge=1, le=131_072, description="tg: tokens generated one at a time.")
+    repetitions: int = Field(3, ge=1, le=100, description="Runs of each test; the report gives their mean and "
+                             "standard deviation.")
+    threads: int | None = Field(None, ge=1, le=1024, description="CPU threads; empty: llama-bench's default.")
+    repack: bool = Field(True, description="Let llama.cpp repack weights for the CPU's fastest kernels (its "
+                         "default); a file on which llama-bench dies by a signal with it is measured again without.")
+    reference: bool = Field(True, description="Also measure the unquantized model as an F16 GGUF, written for it "
+                            "(2 bytes per parameter in the store).")
+
+
 class ValidateSpec(Section):
     source: str = Field(description="URL of the evaluation text (.txt/.jsonl) or synthetic://tokens.")
     text_field: str = "text"
@@ -238,6 +250,10 @@ class ValidateSpec(Section):
     tasks: list[EvalTaskSpec] = Field(default_factory=list, description="Task evals on your own items (JSONL), "
         "scored for the unquantized model and every output on the same items; gates max_accuracy_drop and "
         "min_exact_match read them. Needs the model's tokenizer.")
+    speed: SpeedSpec | None = Field(None, description="Speed beside quality: llama.cpp's llama-bench on each GGUF "
+        "output (and an F16 reference), prompt processing and generation tokens/s on the machine validate runs on, "
+        "where llama-bench is installed ($QUANTFAB_LLAMA_CPP_TOOLS or PATH); elsewhere the report says it was not "
+        "measured. {} takes the defaults.")
     gates: GatesSpec = Field(default_factory=GatesSpec)
 
     @model_validator(mode="after")
@@ -317,6 +333,12 @@ class Recipe(Section):
         if dupes:
             raise ValueError(f"outputs lists {', '.join(dupes)} more than once")
         return outputs
+
+    @model_validator(mode="after")
+    def _speed_has_a_gguf_to_measure(self) -> "Recipe":
+        if self.validate_.speed is not None and not any(o.format == "gguf" for o in self.outputs):
+            raise ValueError("validate.speed runs llama.cpp's llama-bench on GGUF outputs, and outputs has none")
+        return self
 
     @model_validator(mode="after")
     def _tasks_have_a_tokenizer(self) -> "Recipe":

@@ -93,10 +93,11 @@ def convert(model: ModelManifest, calibration: CalibrationManifest | None, quant
 
 @_stage("validate")
 def validate(model: ModelManifest, converted: ConvertManifest, quantized: QuantizeManifest, outputs: list,
-             validate: ValidateSpec, task_digests: dict[str, str], device: str, store_url: str,
-             code: str) -> QualityManifest:
+             validate: ValidateSpec, task_digests: dict[str, str], speed_tool: str | None, device: str,
+             store_url: str, code: str) -> QualityManifest:
     with _store_writing(store_url) as store:
-        return validate_mod.validate(model, converted, quantized, outputs, validate, task_digests, device, store)
+        return validate_mod.validate(model, converted, quantized, outputs, validate, task_digests, speed_tool, device,
+                                     store)
 
 
 @_stage("package")

@@ -28,6 +28,7 @@ from quantfab.tasks.decoder import Decoder
 from quantfab.tasks.forward import forward
 from quantfab.tasks.evals import run_tasks
 from quantfab.tasks.gates import GATES, TASK_GATES, judge_gate, standard_error_of
+from quantfab.tasks.speed import REFERENCE, measure_speed
 from quantfab.tasks.modelio import pick_device
 from quantfab.tasks.store import Store
 from quantfab.tasks.texts import read_tokens, windows
@@ -155,10 +156,14 @@ METRIC_KEYS = {"perplexity": ("perplexity", "baseline_perplexity", "ppl_increase
 
 
 def validate(model: ModelManifest, converted: ConvertManifest, quantized: QuantizeManifest, outputs: list, spec,
-             task_digests: dict[str, str], device: str, store: Store) -> QualityManifest:
+             task_digests: dict[str, str], speed_tool: str | None, device: str, store: Store) -> QualityManifest:
     metrics = measure(model, converted, outputs, spec, task_digests, device, store)
     keep = {k for name in spec.metrics for k in METRIC_KEYS[name]} | {"simulated", "tasks"}
     metrics["outputs"] = {key: {k: v for k, v in m.items() if k in keep} for key, m in metrics["outputs"].items()}
+    if spec.speed is not None:  # after the quality passes, alone on the machine
+        metrics["speed"], speeds = measure_speed(model, converted, outputs, spec.speed, speed_tool, store)
+        for key, figures in speeds.items():
+            metrics["outputs"][key]["speed"] = figures
     return judge(metrics, spec.gates, converted, quantized, store)
 
 
@@ -167,7 +172,8 @@ def judge(metrics: dict[str, Any], gates, converted: ConvertManifest, quantized:
     """Apply the gates, write quality.json to the store, and say whether the build may ship."""
     failures: list[str] = []
     report = {"protocol": {k: metrics[k] for k in ("tokens", "windows", "window", "tokens_sha256") if k in metrics},
-              "baseline_perplexity": metrics["baseline_perplexity"], "tasks": metrics.get("tasks", {}), "outputs": {}}
+              "baseline_perplexity": metrics["baseline_perplexity"], "tasks": metrics.get("tasks", {}), "outputs": {},
+              **({"speed": metrics["speed"]} if "speed" in metrics else {})}
     for key, m in metrics["outputs"].items():
         results = {}
         built = converted.files[key]
@@ -214,7 +220,7 @@ def quality_table(report: dict[str, Any]) -> str:
         top1 = (f"{m['top1_agreement'] * 100:.2f} ± {standard_error_of('top1_agreement', m) * 100:.2f} %"
                 if "top1_agreement" in m else "-")
         lines.append(f"| {key} | {m['bits_per_weight']:.3f} ({m['nominal_bits_per_weight']:.3f}) | {ppl} | {kl} | {top1} | {gates} |")
-    lines += task_table(report)
+    lines += task_table(report) + speed_table(report)
     for key, m in report["outputs"].items():
         if m.get("simulated"):
             lines += ["", f"{key}: measured as served, simulating " + "; ".join(m["simulated"])]
@@ -256,3 +262,30 @@ def task_table(report: dict[str, Any]) -> list[str]:
 
 def _pct(m: dict[str, Any], figure: str) -> str:
     return f"{m[figure] * 100:.1f} ± {m[figure + '_se'] * 100:.1f} %"
+
+
+def speed_table(report: dict[str, Any]) -> list[str]:
+    """llama-bench's tokens/s of each GGUF output beside its size and KL, the F16 reference first."""
+    speed = report.get("speed")
+    if speed is None:
+        return []
+    if "skipped" in speed:
+        return ["", f"Speed: not measured: {speed['skipped']}"]
+    s, machine = speed["settings"], speed["machine"]
+    pp, tg = f"pp{s['prompt_tokens']}", f"tg{s['generated_tokens']}"
+    ran_on = ", ".join(str(x) for x in (f"llama.cpp {machine['build_commit']}", machine["backends"],
+                                        machine["cpu_info"], machine.get("gpu_info"),
+                                        f"{machine['n_threads']} threads", machine.get("note")) if x)
+    lines = ["", f"Speed on this machine ({ran_on}): llama-bench's {pp}, a {s['prompt_tokens']}-token prompt in one "
+             f"batch, and {tg}, {s['generated_tokens']} tokens generated one at a time; tokens/s, mean ± standard "
+             f"deviation over {s['repetitions']} runs", "",
+             f"| file | bits/weight | KL (nats/token) | {pp} tokens/s | {tg} tokens/s |", "|---|---|---|---|---|"]
+    rows = ([(REFERENCE, speed["reference"]["bits_per_weight"], None, speed["reference"])] if "reference" in speed
+            else [])
+    rows += [(key, m["bits_per_weight"], m.get("kl_divergence"), m["speed"])
+             for key, m in report["outputs"].items() if "speed" in m]
+    for key, bits, kl, f in rows:
+        lines.append(f"| {key} | {bits:.3f} | {'-' if kl is None else f'{kl:.5f}'} | "
+                     f"{f['prompt_tokens_per_s']:,.1f} ± {f['prompt_tokens_per_s_sd']:,.1f} | "
+                     f"{f['generation_tokens_per_s']:,.1f} ± {f['generation_tokens_per_s_sd']:,.1f} |")
+    return lines

@@ -145,7 +145,7 @@ def test_a_two_bit_output_fails_the_accuracy_gate_and_an_eight_bit_one_passes(da
     built = stages(r, store)
     digests = {t.label: task_digest(t.source) for t in r.validate_.tasks}
     quality = validate_mod.validate(built.model, built.converted, built.quantized, list(r.outputs), r.validate_,
-                                    digests, "cpu", store)
+                                    digests, None, "cpu", store)
     report = json.loads(store.read_bytes(quality.report))
     names = report["outputs"]["mlx-int2-g64"]["tasks"]["tinystories-names"]
     assert report["tasks"]["tinystories-names"]["baseline"]["accuracy_norm"] > 0.7
