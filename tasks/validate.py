@@ -26,6 +26,7 @@ from quantfab.tasks.download import materialize
 from quantfab.tasks.manifests import ConvertManifest, ModelManifest, QuantizeManifest, QualityManifest
 from quantfab.tasks.decoder import Decoder
 from quantfab.tasks.forward import forward
+from quantfab.tasks.eval_items import task_digest
 from quantfab.tasks.evals import run_tasks
 from quantfab.tasks.gates import GATES, TASK_GATES, judge_gate, standard_error_of
 from quantfab.tasks.speed import REFERENCE, measure_speed
@@ -48,10 +49,10 @@ def eval_windows(model: ModelManifest, spec, store: Store) -> np.ndarray:
     return windows(ids, spec.window, count, bos_of(config), spec.source, "validate")
 
 
-def measure(model: ModelManifest, converted: ConvertManifest, outputs: list, spec, task_digests: dict[str, str],
-            device: str, store: Store) -> dict[str, Any]:
+def measure(model: ModelManifest, converted: ConvertManifest, outputs: list, spec, device: str, store: Store,
+            task_digests: dict[str, str] | None = None) -> dict[str, Any]:
     """Metrics of the baseline and every output over the same tokens and task items, each decoded from its
-    written file."""
+    written file; ``task_digests`` (the stage's key) are the task files' expected sha256, else they are read now."""
     model_dir = materialize(store, model.files)
     config, weights = model_dir.config(), model_dir.weights()
     sources: dict[str, Any] = {"fp32": weights}
@@ -64,7 +65,8 @@ def measure(model: ModelManifest, converted: ConvertManifest, outputs: list, spe
     for key, m in metrics["outputs"].items():
         m["simulated"] = served_as(sources[key])
     if spec.tasks:
-        metrics["tasks"], per_output = run_tasks(config, model_dir.tokenizer(), sources, spec.tasks, task_digests,
+        digests = task_digests or {t.label: task_digest(t.source) for t in spec.tasks}
+        metrics["tasks"], per_output = run_tasks(config, model_dir.tokenizer(), sources, spec.tasks, digests,
                                                  bos_of(config), spec.tokens, pick_device(device))
         for key, m in metrics["outputs"].items():
             m["tasks"] = per_output[key]
@@ -157,7 +159,7 @@ METRIC_KEYS = {"perplexity": ("perplexity", "baseline_perplexity", "ppl_increase
 
 def validate(model: ModelManifest, converted: ConvertManifest, quantized: QuantizeManifest, outputs: list, spec,
              task_digests: dict[str, str], speed_tool: str | None, device: str, store: Store) -> QualityManifest:
-    metrics = measure(model, converted, outputs, spec, task_digests, device, store)
+    metrics = measure(model, converted, outputs, spec, device, store, task_digests)
     keep = {k for name in spec.metrics for k in METRIC_KEYS[name]} | {"simulated", "tasks"}
     metrics["outputs"] = {key: {k: v for k, v in m.items() if k in keep} for key, m in metrics["outputs"].items()}
     if spec.speed is not None:  # after the quality passes, alone on the machine

@@ -295,7 +295,7 @@ def test_each_family_builds_and_transformers_loads_what_it_ships(builds: dict, m
     import gguf
     from transformers import AutoModelForCausalLM
 
-    from quantfab.tasks import validate as validate_mod
+    from quantfab.tasks import forward as forward_mod
     from quantfab.tasks.convert import FORMATS
     from quantfab.tasks.families import family
 
@@ -314,7 +314,7 @@ def test_each_family_builds_and_transformers_loads_what_it_ships(builds: dict, m
         with torch.no_grad():
             theirs = hf(torch.from_numpy(b.ids)).logits
         reader = FORMATS["compressed-tensors"].reader(path, b.folder.config())
-        ours = validate_mod.logits(b.folder.config(), reader, b.folder.weights(), b.ids)
+        ours = forward_mod.logits(b.folder.config(), reader, b.folder.weights(), b.ids)
         assert (theirs - ours).abs().max().item() <= LOGIT_ATOL, (method, (theirs - ours).abs().max().item())
         assert 0 < b.metrics["outputs"][key]["kl_divergence"] < 0.5
     if family(model_type).gguf is None:
@@ -346,7 +346,7 @@ def test_each_family_ships_w8a8_with_smoothquant_and_an_fp8_kv_cache(tmp_path: P
     rounding left out (transformers 5.25 does not apply it: test_formats.py)."""
     from transformers import AutoModelForCausalLM
 
-    from quantfab.tasks import validate as validate_mod
+    from quantfab.tasks import forward as forward_mod
     from quantfab.tasks.convert import FORMATS
 
     folder = tiny_model(tmp_path / model_type, model_type)
@@ -371,7 +371,7 @@ def test_each_family_ships_w8a8_with_smoothquant_and_an_fp8_kv_cache(tmp_path: P
     with torch.no_grad():
         theirs = hf(torch.from_numpy(b.ids)).logits
     reader.kv_scales = {}
-    ours = validate_mod.logits(b.folder.config(), reader, b.folder.weights(), b.ids)
+    ours = forward_mod.logits(b.folder.config(), reader, b.folder.weights(), b.ids)
     assert (theirs - ours).abs().max().item() <= LOGIT_ATOL, (theirs - ours).abs().max().item()
 
 
@@ -388,7 +388,7 @@ def test_each_family_ships_fp8_blocks_with_inputs_quantized_per_group(tmp_path: 
     computes validate's logits."""
     from transformers import AutoModelForCausalLM
 
-    from quantfab.tasks import validate as validate_mod
+    from quantfab.tasks import forward as forward_mod
     from quantfab.tasks.convert import FORMATS
 
     experts = {"moe_intermediate_size": 128} if "moe_intermediate_size" in FAMILIES[model_type] else {}
@@ -414,7 +414,7 @@ def test_each_family_ships_fp8_blocks_with_inputs_quantized_per_group(tmp_path: 
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     with torch.no_grad():
         theirs = hf(torch.from_numpy(b.ids)).logits
-    ours = validate_mod.logits(b.folder.config(), reader, b.folder.weights(), b.ids)
+    ours = forward_mod.logits(b.folder.config(), reader, b.folder.weights(), b.ids)
     assert (theirs - ours).abs().max().item() <= LOGIT_ATOL, (theirs - ours).abs().max().item()
 
 
@@ -431,7 +431,7 @@ def test_each_family_ships_nvfp4_with_one_global_scale_per_fused_matrix(tmp_path
     validate's logits."""
     from transformers import AutoModelForCausalLM
 
-    from quantfab.tasks import validate as validate_mod
+    from quantfab.tasks import forward as forward_mod
     from quantfab.tasks.convert import FORMATS
 
     folder = tiny_model(tmp_path / model_type, model_type)
@@ -456,7 +456,7 @@ def test_each_family_ships_nvfp4_with_one_global_scale_per_fused_matrix(tmp_path
     hf = fp4_runs_in_float32(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval(), key)
     with torch.no_grad():
         theirs = hf(torch.from_numpy(b.ids)).logits
-    ours = validate_mod.logits(b.folder.config(), reader, b.folder.weights(), b.ids)
+    ours = forward_mod.logits(b.folder.config(), reader, b.folder.weights(), b.ids)
     assert (theirs - ours).abs().max().item() <= LOGIT_ATOL, (theirs - ours).abs().max().item()
 
 
@@ -477,7 +477,7 @@ def test_llama_cpp_runs_each_familys_gguf_as_transformers_runs_its_weights(build
     forward over each file's decoded tensors): the F32 file shows llama.cpp computes the family as transformers
     does, the Q8_0 file what ships."""
     pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install .[llama-cpp])")
-    from quantfab.tasks import validate as validate_mod
+    from quantfab.tasks import forward as forward_mod
     from quantfab.tasks.convert.gguf import GGUFTensors
     from quantfab.tasks.llama_cpp import llama_cpp_logits
 
@@ -488,7 +488,7 @@ def test_llama_cpp_runs_each_familys_gguf_as_transformers_runs_its_weights(build
     for key, limit in (("gguf-F32", LLAMA_CPP_F32_MAX_KL),
                        ("gguf-Q8_0", LLAMA_CPP_MAX_KL_MOE if model_type in MOE else LLAMA_CPP_MAX_KL)):
         path, config = b.written(key), b.folder.config()
-        ours = validate_mod.logits(config, GGUFTensors(path, config), b.folder.weights(), ids).numpy()
+        ours = forward_mod.logits(config, GGUFTensors(path, config), b.folder.weights(), ids).numpy()
         theirs = llama_cpp_logits(path, ids, threads=2)
         diff = float(np.abs(theirs - ours).max())
         agree = float((theirs.argmax(-1) == ours.argmax(-1)).mean())

@@ -21,6 +21,7 @@ import torch
 from quantfab.pipelines.recipe_loading import load_recipe
 from quantfab.tasks import calibrate as calibrate_mod
 from quantfab.tasks import download as download_mod
+from quantfab.tasks import forward as forward_mod
 from quantfab.tasks import validate as validate_mod
 from quantfab.tasks.convert import FORMATS
 from quantfab.tasks.convert.compressed_tensors import CompressedTensorsOptions
@@ -194,7 +195,7 @@ def test_compressed_tensors_consumer_reproduces_our_logits(builds: dict[str, Bui
     for name, value in b.reconstruction(key).items():
         assert torch.equal(state[name], torch.from_numpy(value)), name
     reader = FORMATS["compressed-tensors"].reader(path, b.folder.config())
-    ours = validate_mod.logits(b.folder.config(), reader, b.folder.weights(), eval_ids)
+    ours = forward_mod.logits(b.folder.config(), reader, b.folder.weights(), eval_ids)
     diff = (theirs - ours).abs().max().item()
     print(f"{build} {key} via {consumer}: max |logit difference| {diff:.3g} over {eval_ids.size} tokens")
     assert diff <= LOGIT_ATOL
@@ -256,9 +257,9 @@ def test_activation_schemes_are_served_by_transformers_and_compressed_tensors_as
         assert reader.inputs[r.name].scale == r.input_scale
     assert validate_mod.served_as(reader) == [f"inputs of the quantized Linears as {inputs} (14 Linears), as "
                                               "compressed-tensors computes them"]
-    served = validate_mod.logits(b.folder.config(), reader, b.folder.weights(), eval_ids)
+    served = forward_mod.logits(b.folder.config(), reader, b.folder.weights(), eval_ids)
     reader.inputs = {}
-    weights_only = validate_mod.logits(b.folder.config(), reader, b.folder.weights(), eval_ids)
+    weights_only = forward_mod.logits(b.folder.config(), reader, b.folder.weights(), eval_ids)
     assert (served - weights_only).abs().max().item() > 0.1
     floats = b.floats(key)
     assert sorted(floats) == (sorted(f"model.layers.{i}.{norm}.weight" for i in range(2) for norm in
@@ -317,7 +318,7 @@ def test_an_fp8_kv_cache_is_stored_as_vllm_loads_it_and_validate_rounds_it_as_co
         assert reader.raw(f"{attention}.k_scale").dtype == torch.float32 and 0 < k_scale and 0 < v_scale
     assert validate_mod.served_as(reader)[-1] == "keys and values cached as FP8 E4M3, one calibrated scale each per " \
         "layer (2 layers)"
-    served = validate_mod.logits(b.folder.config(), reader, b.folder.weights(), eval_ids)
+    served = forward_mod.logits(b.folder.config(), reader, b.folder.weights(), eval_ids)
 
     args = QuantizationArgs(**scheme)
 
@@ -329,12 +330,12 @@ def test_an_fp8_kv_cache_is_stored_as_vllm_loads_it_and_validate_rounds_it_as_co
         through_kv_cache(layer, attention, lambda k, v: (forward_quantize(holder, k, "k", args),
                                                          forward_quantize(holder, v, "v", args)))
 
-    monkeypatch.setattr(validate_mod, "simulate_kv_cache", compressed_tensors_rounding)
-    theirs = validate_mod.logits(b.folder.config(), reader, b.folder.weights(), eval_ids)
+    monkeypatch.setattr(forward_mod, "simulate_kv_cache", compressed_tensors_rounding)
+    theirs = forward_mod.logits(b.folder.config(), reader, b.folder.weights(), eval_ids)
     monkeypatch.undo()
     assert torch.equal(theirs, served)
     reader.kv_scales = {}
-    assert (served - validate_mod.logits(b.folder.config(), reader, b.folder.weights(), eval_ids)).abs().max() > 1e-3
+    assert (served - forward_mod.logits(b.folder.config(), reader, b.folder.weights(), eval_ids)).abs().max() > 1e-3
 
 
 @pytest.mark.slow
@@ -491,7 +492,7 @@ def test_bnb_nf4_loads_in_transformers_with_bitsandbytes_and_reproduces_our_logi
         param = modules[name.removesuffix(".weight")].weight
         assert torch.equal(functional.dequantize_4bit(param.data, param.quant_state), torch.from_numpy(value)), name
     reader = FORMATS["bnb-nf4"].reader(path, b.folder.config())
-    ours = validate_mod.logits(b.folder.config(), reader, b.folder.weights(), eval_ids)
+    ours = forward_mod.logits(b.folder.config(), reader, b.folder.weights(), eval_ids)
     # In eval mode on a CPU with AVX512-BF16, bitsandbytes repacks the weights and runs its fused kernel in
     # bfloat16 whatever bnb_4bit_compute_dtype says; train mode (no dropout in Llama) takes its float32
     # dequantize-then-matmul path, which is what the comparison needs.

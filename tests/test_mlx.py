@@ -14,7 +14,7 @@ import pytest
 from safetensors import safe_open
 
 from quantfab.pipelines.recipe_loading import load_recipe
-from quantfab.tasks import validate as validate_mod
+from quantfab.tasks import forward as forward_mod
 from quantfab.tasks.convert import FORMATS
 from quantfab.tasks.convert.mlx import pack_bits, unpack_bits
 from quantfab.tasks.download import materialize
@@ -168,7 +168,7 @@ def test_mlx_lm_loads_generates_and_computes_validates_logits(build: Build, data
         assert report["embedding"] == "QuantizedEmbedding" and report["layer0_bits"]["mlp.down_proj"] == 6
         assert len(report["text"].split()) >= 5, report["text"]
         reader = FORMATS["mlx"].reader(build.written(key), None)
-        ours = validate_mod.logits(build.folder.config(), reader, build.folder.weights(), ids).numpy()
+        ours = forward_mod.logits(build.folder.config(), reader, build.folder.weights(), ids).numpy()
         theirs = np.load(out)
         assert np.abs(theirs - ours).max() < tolerance, (key, float(np.abs(theirs - ours).max()))
         assert (theirs.argmax(-1) == ours.argmax(-1)).mean() >= 0.98, key
@@ -251,6 +251,6 @@ def test_mlx_lm_loads_a_mixture_of_experts_and_computes_validates_logits(moe: Mo
     assert report["layer0_bits"][f"{block}.switch_mlp.down_proj"] == 6
     assert report["layer0_bits"][f"{block}.switch_mlp.up_proj"] == 4
     reader = FORMATS["mlx"].reader(moe.written("mlx-int4-g64"), None)
-    ours = validate_mod.logits(moe.folder.config(), reader, moe.folder.weights(), ids).numpy()
+    ours = forward_mod.logits(moe.folder.config(), reader, moe.folder.weights(), ids).numpy()
     theirs = np.load(out)
     assert np.abs(theirs - ours).max() < 1e-4, float(np.abs(theirs - ours).max())
