@@ -42,7 +42,7 @@ STAGE_SOURCES = {
     "download": ["tasks/synthetic.py"],
     "calibrate": ["tasks/calibrate.py", "tasks/gram.py", "tasks/texts.py", "tasks/activations.py"],
     "allocate": ["tasks/quantize", "tasks/convert", "tasks/validate.py", "tasks/forward.py", "tasks/evals.py",
-                 "tasks/eval_items.py", "tasks/texts.py", "tasks/activations.py",
+                 "tasks/eval_items.py", "tasks/speed.py", "tasks/texts.py", "tasks/activations.py",
                  "tasks/gates.py", "tasks/calibrate.py", "tasks/gram.py", "kernels"],  # the budget's types: grids, formats' sizes, the KL forward
     "quantize": ["tasks/quantize", "tasks/calibrate.py", "tasks/gram.py", "tasks/texts.py", "tasks/activations.py",
                  "tasks/convert", "kernels"],  # formats decide each Linear's grid

@@ -43,12 +43,13 @@ def run_tasks(config, tokenizer, sources: dict[str, Any], tasks: list, digests: 
         limit = int(getattr(config, "max_position_embeddings", 0) or 0)
         if task.kind == "multiple_choice":
             sequences, scored = _choice_sequences(items, tokenizer, bos, task.delimiter)
-            _refuse_long(sequences, limit, task, [it["line"] for it in items for _ in it["choices"]])
+            lines = [it["line"] for it in items for _ in it["choices"]]
+            _refuse_long([len(q) for q in sequences], limit, task, lines)
             sums = log_likelihoods(config, sources, sequences, scored, per_pass, dev)
             base, figures = multiple_choice_figures(items, sums, task.delimiter, task.score)
         else:
             prompts = [[bos, *tokenizer(it["prompt"], add_special_tokens=False)["input_ids"]] for it in items]
-            _refuse_long([p + [0] * task.new_tokens for p in prompts], limit, task, [it["line"] for it in items])
+            _refuse_long([len(p) + task.new_tokens for p in prompts], limit, task, [it["line"] for it in items])
             greedy = greedy_continuations(config, sources["fp32"], prompts, task.new_tokens, per_pass, dev)
             base = {"continuation_tokens": task.new_tokens}
             figures = continuation_figures(config, sources, prompts, greedy, per_pass, dev)
@@ -60,13 +61,13 @@ def run_tasks(config, tokenizer, sources: dict[str, Any], tasks: list, digests: 
     return described, per_output
 
 
-def _refuse_long(sequences: list[list[int]], limit: int, task, lines: list[int]) -> None:
+def _refuse_long(lengths: list[int], limit: int, task, lines: list[int]) -> None:
     """Items longer than the model's context are refused by name: their scores would measure extrapolation."""
     if limit <= 0:
         return
-    for seq, line in zip(sequences, lines):
-        if len(seq) > limit:
-            raise UserError(f"{task.source}:{line}: the item is {len(seq)} tokens "
+    for length, line in zip(lengths, lines):
+        if length > limit:
+            raise UserError(f"{task.source}:{line}: the item is {length} tokens "
                             f"with BOS{' and the continuation' if task.kind == 'continuation' else ''}, longer than "
                             f"the model's max_position_embeddings ({limit}): shorten it or drop it")
 

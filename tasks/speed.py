@@ -54,13 +54,15 @@ def measure_speed(model: ModelManifest, converted: ConvertManifest, outputs: lis
                   store: Store) -> tuple[dict[str, Any], dict[str, dict[str, float]]]:
     """The settings and machine of the measurement (or why none was made), and each GGUF output's figures; the
     reference file's are under ``REFERENCE`` in the first."""
+    files = {o.key: converted.files[o.key] for o in outputs if o.format == "gguf"}
+    if not files:
+        return {"skipped": f"no GGUF output ({TOOL} measures GGUF files)"}, {}
     tool = find_llama_bench()
     if tool is None or expected_tool is None:
         return {"skipped": f"{TOOL} not found (put it on PATH or set QUANTFAB_LLAMA_CPP_TOOLS to its folder; "
                            "bench/consumers/build_llama_cpp_tools.sh builds it)"}, {}
     if hashlib.sha256(tool.read_bytes()).hexdigest() != expected_tool:
         raise UserError(f"{tool}: changed after this build's cache keys were computed: run the build again")
-    files = {o.key: converted.files[o.key] for o in outputs if o.format == "gguf"}
     if spec.reference:
         files = {REFERENCE: convert_output(OutputJob(model, None, GGUFOptions(type="F16"), "reference", store.url)),
                  **files}

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from quantfab.pipelines.keys import cache_key, stage_inputs
-from quantfab.pipelines.recipe_loading import RecipeError, load_recipe
+from quantfab.pipelines.recipe_loading import load_recipe
 from quantfab.tasks import validate as validate_mod
 from quantfab.tasks.manifests import ModelManifest
 from quantfab.tasks.speed import REFERENCE, tool_digest
@@ -77,6 +77,12 @@ def test_the_validate_key_follows_the_llama_bench_it_would_run(tmp_path: Path, m
     assert stage_inputs("validate", load_recipe(RECIPE), "store", up)["speed_tool"] is None
 
 
-def test_speed_needs_a_gguf_output() -> None:
-    with pytest.raises(RecipeError, match="validate.speed runs llama.cpp's llama-bench on GGUF outputs"):
-        load_recipe(RECIPE, ["validate.speed={}", "outputs=[{mlx: int4}]"])
+def test_a_build_without_gguf_outputs_says_there_was_nothing_to_measure(data_dir: Path, tmp_path: Path,
+                                                                        stages) -> None:
+    """speed is asked on a recipe whose outputs (here overridden) hold no GGUF: the report says so."""
+    r = load_recipe(RECIPE, [*SMALL, "validate.speed={}", "outputs=[{mlx: int8}]"])
+    store = Store(str(tmp_path / "store"))
+    built = stages(r, store)
+    quality = validate_mod.validate(built.model, built.converted, built.quantized, list(r.outputs), r.validate_, {},
+                                    tool_digest(), "cpu", store)
+    assert "Speed: not measured: no GGUF output (llama-bench measures GGUF files)" in quality.table

@@ -245,3 +245,15 @@ def test_compare_shows_each_task_figure_beside_kl() -> None:
     assert not regressions
     assert "| gguf-Q4_0 | names:accuracy_norm | 80.0 % | 70.0 % | -10 ± 2.8 |" in comparison_table(
         report(0.80), report(0.70), deltas, regressions)
+
+
+def test_an_item_longer_than_the_model_context_is_refused_by_line(tiny, tmp_path: Path) -> None:
+    from quantfab.pipelines.recipe import EvalTaskSpec
+
+    config, weights, tokenizer, _ = tiny
+    path = tmp_path / "long.jsonl"
+    path.write_text('{"prompt": "Once upon a time"}\n\n{"prompt": "' + "and then " * 300 + '"}\n')
+    task = EvalTaskSpec(source=str(path), kind="continuation", new_tokens=8)
+    with pytest.raises(UserError, match=r"long.jsonl:3: the item is \d+ tokens with BOS and the continuation, "
+                                        r"longer than the model's max_position_embeddings \(512\)"):
+        evals.run_tasks(config, tokenizer, {"fp32": weights}, [task], {"long": task_digest(str(path))}, 1, 4096, CPU)
