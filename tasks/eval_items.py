@@ -13,12 +13,11 @@ validate refuses a file whose bytes changed after the key was computed.
 from __future__ import annotations
 
 import hashlib
-import json
 from typing import Any
 
 from quantfab.tasks.errors import UserError
 from quantfab.tasks.store import filesystem
-from quantfab.tasks.texts import refuse_binary
+from quantfab.tasks.texts import jsonl_records, refuse_binary
 
 MAX_TASK_BYTES = 256 * 2**20  # a task file is read whole: larger is a dataset, not an eval set
 
@@ -55,13 +54,7 @@ def task_items(url: str, kind: str, limit: int | None, expected_sha256: str | No
     except UnicodeDecodeError as exc:
         raise UserError(f"{url}: not UTF-8 text (byte {exc.start})") from None
     items = []
-    for n, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise UserError(f"{url}:{n}: not valid JSON ({exc.msg})") from None
+    for n, record in jsonl_records(url, text.splitlines()):
         items.append({**CHECKS[kind](f"{url}:{n}", record), "line": n})
         if limit is not None and len(items) == limit:
             break

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 
@@ -48,17 +50,22 @@ def _jsonl_text(url: str, text: str, field: str, complete: bool) -> str:
     if not complete:
         lines = lines[:-1]  # the last line may be cut mid-record
     parts = []
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise UserError(f"{url}:{n}: not valid JSON ({exc.msg})") from None
+    for n, record in jsonl_records(url, lines):
         if not isinstance(record, dict) or not isinstance(record.get(field), str):
             raise UserError(f"{url}:{n}: expected an object with a string field {field!r}")
         parts.append(record[field])
     return "\n\n".join(parts)
+
+
+def jsonl_records(url: str, lines: list[str]) -> Iterator[tuple[int, Any]]:
+    """Each non-blank line's 1-based number and parsed JSON; a line that is not JSON is named by file and line."""
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            yield n, json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise UserError(f"{url}:{n}: not valid JSON ({exc.msg})") from None
 
 
 def windows(ids: np.ndarray, length: int, count: int, bos: int, url: str, what: str) -> np.ndarray:
