@@ -29,6 +29,7 @@ from quantfab.tasks.manifests import SOURCE_CARD, ModelManifest
 from quantfab.tasks.quantize.assign import budget_of, reads_full_statistics, reads_statistics, ships_importance
 from quantfab.tasks.redact import redact
 from quantfab.tasks.store import Store
+from quantfab.tasks.texts import calibration_tokens_read, evaluation_tokens_read, text_digest
 
 ORDER = ("download", "calibrate", "allocate", "quantize", "convert", "validate", "package")
 ROOT = Path(__file__).resolve().parent.parent  # where tasks/ and kernels/ live (the repo, or site-packages)
@@ -132,7 +133,10 @@ def stage_inputs(stage: str, recipe: Recipe, store_url: str, up: dict[str, Any])
     files = weights_only(up["download"])
     if stage == "calibrate":
         statistics, full = _reads_statistics(files, recipe, Store(store_url))
-        return {"model": files, "calibration": recipe.calibration, "statistics": statistics,
+        c = recipe.calibration
+        return {"model": files, "calibration": c,
+                "text_sha256": text_digest(c.source, calibration_tokens_read(c.samples, c.seq_len)),  # edits rerun it
+                "statistics": statistics,
                 "diagonal": statistics and not full, "device": device, **common}
     if stage == "allocate":  # the outputs with a size budget: without one it keys on the model and calibration only
         budgeted = [o for o in recipe.outputs if budget_of(o)]
@@ -146,10 +150,12 @@ def stage_inputs(stage: str, recipe: Recipe, store_url: str, up: dict[str, Any])
         return {"model": files, "calibration": calibration, "quantized": up["quantize"],
                 "outputs": list(recipe.outputs), "name": recipe.name, **common}
     if stage == "validate":
+        v = recipe.validate_
         return {"model": files, "converted": up["convert"], "quantized": up["quantize"],
-                "outputs": list(recipe.outputs), "validate": recipe.validate_,
-                "task_digests": {t.label: task_digest(t.source) for t in recipe.validate_.tasks},  # edits rerun it
-                "speed_tool": tool_digest() if recipe.validate_.speed else None,  # a rebuilt llama-bench measures again
+                "outputs": list(recipe.outputs), "validate": v,
+                "text_sha256": text_digest(v.source, evaluation_tokens_read(v.tokens, v.window)),
+                "task_digests": {t.label: task_digest(t.source) for t in v.tasks},  # edits rerun it
+                "speed_tool": tool_digest() if v.speed else None,  # a rebuilt llama-bench measures again
                 "device": device, **common}
     return {"name": recipe.name, "model": up["download"], "calibration": up["calibrate"], "converted": up["convert"],
             "quality": up["validate"],

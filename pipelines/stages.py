@@ -62,12 +62,12 @@ def download(model: ModelSpec, store_url: str, code: str) -> ModelManifest:
 
 
 @_stage("calibrate")
-def calibrate(model: ModelManifest, calibration: CalibrationSpec, statistics: bool, diagonal: bool, device: str,
-              store_url: str, code: str) -> CalibrationManifest:
+def calibrate(model: ModelManifest, calibration: CalibrationSpec, text_sha256: str | None, statistics: bool,
+              diagonal: bool, device: str, store_url: str, code: str) -> CalibrationManifest:
     with _store_writing(store_url) as store:
         return calibrate_mod.calibrate(model, calibration.source, calibration.samples, calibration.seq_len, calibration.seed,
                                        calibration.text_field, device, store, statistics,
-                                       ExpertFallback(**calibration.experts.model_dump()), diagonal)
+                                       ExpertFallback(**calibration.experts.model_dump()), diagonal, text_sha256)
 
 
 @_stage("allocate")
@@ -93,11 +93,11 @@ def convert(model: ModelManifest, calibration: CalibrationManifest | None, quant
 
 @_stage("validate")
 def validate(model: ModelManifest, converted: ConvertManifest, quantized: QuantizeManifest, outputs: list,
-             validate: ValidateSpec, task_digests: dict[str, str], speed_tool: str | None, device: str,
-             store_url: str, code: str) -> QualityManifest:
+             validate: ValidateSpec, text_sha256: str | None, task_digests: dict[str, str], speed_tool: str | None,
+             device: str, store_url: str, code: str) -> QualityManifest:
     with _store_writing(store_url) as store:
         return validate_mod.validate(model, converted, quantized, outputs, validate, task_digests, speed_tool, device,
-                                     store)
+                                     store, text_sha256)
 
 
 @_stage("package")

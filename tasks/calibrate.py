@@ -28,28 +28,25 @@ from quantfab.tasks.manifests import EXPERT_FALLBACK, CalibrationManifest, Exper
 from quantfab.tasks.modelio import pick_device
 from quantfab.tasks.redact import redact
 from quantfab.tasks.store import Blob, Store
-from quantfab.tasks.texts import read_tokens, sampled_windows
+from quantfab.tasks.texts import bos_of, calibration_tokens_read, read_tokens, sampled_windows
 
 
 def calibration_tokens(model: ModelManifest, source: str, samples: int, seq_len: int, seed: int, text_field: str,
-                       store: Store) -> np.ndarray:
+                       store: Store, text_sha256: str | None = None) -> np.ndarray:
     model_dir = materialize(store, model.files)
     config = model_dir.config()
     tokenizer = None if source.startswith("synthetic://") else model_dir.tokenizer()
-    # Read four times what is needed so the seed has windows to choose from.
-    ids = read_tokens(source, tokenizer, config.vocab_size, samples * (seq_len - 1) * 4, text_field)
-    return sampled_windows(ids, seq_len, samples, _bos(config), seed, source)
-
-
-def _bos(config) -> int:
-    return int(config.bos_token_id if config.bos_token_id is not None else 1)
+    ids = read_tokens(source, tokenizer, config.vocab_size, calibration_tokens_read(samples, seq_len), text_field,
+                      text_sha256)
+    return sampled_windows(ids, seq_len, samples, bos_of(config), seed, source)
 
 
 def calibrate(model: ModelManifest, source: str, samples: int, seq_len: int, seed: int, text_field: str,
               device: str, store: Store, statistics: bool = True,
-              experts: ExpertFallback = ExpertFallback(), diagonal: bool = False) -> CalibrationManifest:
+              experts: ExpertFallback = ExpertFallback(), diagonal: bool = False,
+              text_sha256: str | None = None) -> CalibrationManifest:
     torch.manual_seed(seed)
-    ids = calibration_tokens(model, source, samples, seq_len, seed, text_field, store)
+    ids = calibration_tokens(model, source, samples, seq_len, seed, text_field, store, text_sha256)
     return calibrate_on(model, ids, device, store, statistics, experts, diagonal).model_copy(
         update={"source": redact(source)})
 

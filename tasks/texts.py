@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Iterator
 from typing import Any
@@ -17,10 +18,54 @@ BINARY_MAGIC = {b"\x80\x02": "a pickle", b"\x80\x03": "a pickle", b"\x80\x04": "
                 b"PK\x03\x04": "a zip archive (torch.save writes these)", b"\x93NUMPY": "a NumPy array"}
 
 
-def read_tokens(url: str, tokenizer, vocab_size: int, needed: int, text_field: str = "text") -> np.ndarray:
-    """At least ``needed`` token ids from the source if it has them (fewer only when the text runs out)."""
+def read_tokens(url: str, tokenizer, vocab_size: int, needed: int, text_field: str = "text",
+                expected_sha256: str | None = None) -> np.ndarray:
+    """At least ``needed`` token ids from the source if it has them (fewer only when the text runs out). With
+    ``expected_sha256`` (the stage's key, from ``text_digest``), a text whose bytes read differ is refused."""
     if url.startswith("synthetic://"):
         return synthetic.token_stream(url, vocab_size, needed)
+    raw = _read_text_bytes(url, needed)
+    if expected_sha256 is not None and hashlib.sha256(raw).hexdigest() != expected_sha256:
+        raise UserError(f"{url}: the text changed after this build's cache keys were computed (sha256 of the bytes "
+                        f"read {expected_sha256[:12]}…, now {hashlib.sha256(raw).hexdigest()[:12]}…): "
+                        "run the build again")
+    text = raw.decode("utf-8", errors="ignore").replace("\r\n", "\n")
+    if url.endswith(".jsonl"):
+        text = _jsonl_text(url, text, text_field, complete=len(raw) < needed * CHARS_PER_TOKEN_GUESS)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return np.asarray(ids, dtype=np.int64)
+
+
+def text_digest(url: str, needed: int) -> str | None:
+    """sha256 of the bytes ``read_tokens`` reads for ``needed`` tokens (None for synthetic ids, which the URL
+    fixes). calibrate and validate key on it, so editing a text they read reruns them; the rest of a long file,
+    which they never read, does not."""
+    if url.startswith("synthetic://"):
+        return None
+    return hashlib.sha256(_read_text_bytes(url, needed)).hexdigest()
+
+
+def bos_of(config) -> int:
+    """The token every calibration and evaluation window starts with (1 where the config names none)."""
+    return int(config.bos_token_id if config.bos_token_id is not None else 1)
+
+
+def calibration_tokens_read(samples: int, seq_len: int) -> int:
+    """Text tokens calibrate reads: four times its windows' worth, so the seed has windows to choose from."""
+    return samples * (seq_len - 1) * 4
+
+
+def evaluation_window_count(tokens: int, window: int) -> int:
+    """Windows validate scores: ``tokens`` cut into windows of ``window`` (BOS first), at least one."""
+    return max(tokens // window, 1)
+
+
+def evaluation_tokens_read(tokens: int, window: int) -> int:
+    """Text tokens validate reads: each window's after its BOS."""
+    return evaluation_window_count(tokens, window) * (window - 1)
+
+
+def _read_text_bytes(url: str, needed: int) -> bytes:
     fs, path = filesystem(url, "text source")
     try:
         with fs.open(path, "rb") as f:
@@ -30,11 +75,7 @@ def read_tokens(url: str, tokenizer, vocab_size: int, needed: int, text_field: s
     except OSError as exc:
         raise UserError(f"{url}: cannot read the text: {exc}") from None
     refuse_binary(url, raw)
-    text = raw.decode("utf-8", errors="ignore").replace("\r\n", "\n")
-    if url.endswith(".jsonl"):
-        text = _jsonl_text(url, text, text_field, complete=len(raw) < needed * CHARS_PER_TOKEN_GUESS)
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    return np.asarray(ids, dtype=np.int64)
+    return raw
 
 
 def refuse_binary(url: str, raw: bytes) -> None:

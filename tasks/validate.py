@@ -32,34 +32,32 @@ from quantfab.tasks.gates import GATES, TASK_GATES, judge_gate, standard_error_o
 from quantfab.tasks.speed import REFERENCE, measure_speed
 from quantfab.tasks.modelio import pick_device
 from quantfab.tasks.store import Store
-from quantfab.tasks.texts import read_tokens, windows
+from quantfab.tasks.texts import bos_of, evaluation_tokens_read, evaluation_window_count, read_tokens, windows
 
 # gate -> (the recipe metric it needs, the report value it limits)
-def bos_of(config) -> int:
-    """The token every evaluated sequence starts with (1 where the config names none)."""
-    return int(config.bos_token_id if config.bos_token_id is not None else 1)
-
-
-def eval_windows(model: ModelManifest, spec, store: Store) -> np.ndarray:
+def eval_windows(model: ModelManifest, spec, store: Store, text_sha256: str | None = None) -> np.ndarray:
     model_dir = materialize(store, model.files)
     config = model_dir.config()
     tokenizer = None if spec.source.startswith("synthetic://") else model_dir.tokenizer()
-    count = max(spec.tokens // spec.window, 1)
-    ids = read_tokens(spec.source, tokenizer, config.vocab_size, count * (spec.window - 1), spec.text_field)
-    return windows(ids, spec.window, count, bos_of(config), spec.source, "validate")
+    ids = read_tokens(spec.source, tokenizer, config.vocab_size, evaluation_tokens_read(spec.tokens, spec.window),
+                      spec.text_field, text_sha256)
+    return windows(ids, spec.window, evaluation_window_count(spec.tokens, spec.window), bos_of(config), spec.source,
+                   "validate")
 
 
 def measure(model: ModelManifest, converted: ConvertManifest, outputs: list, spec, device: str, store: Store,
-            task_digests: dict[str, str] | None = None) -> dict[str, Any]:
+            task_digests: dict[str, str] | None = None, text_sha256: str | None = None) -> dict[str, Any]:
     """Metrics of the baseline and every output over the same tokens and task items, each decoded from its
-    written file; ``task_digests`` (the stage's key) are the task files' expected sha256, else they are read now."""
+    written file; ``task_digests`` and ``text_sha256`` (the stage's key) are the task files' and the evaluation
+    text's expected sha256: a file edited since the key was computed is refused (task digests are read now if not
+    given)."""
     model_dir = materialize(store, model.files)
     config, weights = model_dir.config(), model_dir.weights()
     sources: dict[str, Any] = {"fp32": weights}
     for o in outputs:
         f = converted.files[o.key]
         sources[o.key] = FORMATS[o.format].reader(materialize(store, f.files).path / f.path, config)
-    ids = eval_windows(model, spec, store)
+    ids = eval_windows(model, spec, store, text_sha256)
     metrics = compare(config, sources, ids, device)
     metrics["tokens_sha256"] = hashlib.sha256(np.ascontiguousarray(ids, dtype="<i8").tobytes()).hexdigest()
     for key, m in metrics["outputs"].items():
@@ -158,8 +156,9 @@ METRIC_KEYS = {"perplexity": ("perplexity", "baseline_perplexity", "ppl_increase
 
 
 def validate(model: ModelManifest, converted: ConvertManifest, quantized: QuantizeManifest, outputs: list, spec,
-             task_digests: dict[str, str], speed_tool: str | None, device: str, store: Store) -> QualityManifest:
-    metrics = measure(model, converted, outputs, spec, device, store, task_digests)
+             task_digests: dict[str, str], speed_tool: str | None, device: str, store: Store,
+             text_sha256: str | None = None) -> QualityManifest:
+    metrics = measure(model, converted, outputs, spec, device, store, task_digests, text_sha256)
     keep = {k for name in spec.metrics for k in METRIC_KEYS[name]} | {"simulated", "tasks"}
     metrics["outputs"] = {key: {k: v for k, v in m.items() if k in keep} for key, m in metrics["outputs"].items()}
     if spec.speed is not None:  # after the quality passes, alone on the machine

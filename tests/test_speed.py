@@ -61,7 +61,7 @@ def test_without_llama_bench_the_report_says_speed_was_not_measured(data_dir: Pa
     assert "Speed: not measured: llama-bench not found" in table
 
 
-def test_the_validate_key_follows_the_llama_bench_it_would_run(tmp_path: Path, monkeypatch) -> None:
+def test_the_validate_key_follows_the_llama_bench_it_would_run(data_dir: Path, tmp_path: Path, monkeypatch) -> None:
     """A rebuilt llama-bench (other bytes) keys validate anew, so its speeds are measured again; without speed
     the tool does not enter the key."""
     tools = tmp_path / "tools"

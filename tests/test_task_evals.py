@@ -160,7 +160,7 @@ def test_a_two_bit_output_fails_the_accuracy_gate_and_an_eight_bit_one_passes(da
     assert report["tasks"]["tinystories-continue"]["sha256"] == task_digest(str(CONTINUE))
 
 
-def test_an_edited_task_file_changes_the_validate_key_and_a_late_edit_is_refused(tmp_path: Path) -> None:
+def test_an_edited_task_file_changes_the_validate_key_and_a_late_edit_is_refused(data_dir: Path, tmp_path: Path) -> None:
     """validate keys on each task file's bytes, so editing the file reruns it; a file edited after the keys were
     computed is refused instead of scored under the old key."""
     items = tmp_path / "mine.jsonl"
