@@ -16,25 +16,16 @@ import hashlib
 from typing import Any
 
 from quantfab.tasks.errors import UserError
-from quantfab.tasks.store import filesystem
-from quantfab.tasks.texts import jsonl_records, refuse_binary
+from quantfab.tasks.texts import jsonl_records, read_text_bytes
 
 MAX_TASK_BYTES = 256 * 2**20  # a task file is read whole: larger is a dataset, not an eval set
 
 
 def read_task_file(url: str) -> bytes:
-    fs, path = filesystem(url, "validate.tasks source")
-    try:
-        if fs.size(path) > MAX_TASK_BYTES:
-            raise UserError(f"{url}: larger than {MAX_TASK_BYTES // 2**20} MiB; a task file holds items to score, "
-                            "read whole (use its first items with validate.tasks[].items)")
-        with fs.open(path, "rb") as f:
-            raw = f.read()
-    except FileNotFoundError:
-        raise UserError(f"{url}: no such task file (validate.tasks)") from None
-    except OSError as exc:
-        raise UserError(f"{url}: cannot read the task file: {exc}") from None
-    refuse_binary(url, raw)
+    raw = read_text_bytes(url, "task file", MAX_TASK_BYTES + 1)
+    if len(raw) > MAX_TASK_BYTES:
+        raise UserError(f"{url}: larger than {MAX_TASK_BYTES // 2**20} MiB; a task file holds items to score, "
+                        "read whole (use its first items with validate.tasks[].items)")
     return raw
 
 

@@ -11,6 +11,7 @@ import numpy as np
 
 from quantfab.tasks import synthetic
 from quantfab.tasks.errors import UserError
+from quantfab.tasks.redact import redact
 from quantfab.tasks.store import filesystem
 
 CHARS_PER_TOKEN_GUESS = 8  # generous: read this many characters per token needed, then stop
@@ -24,9 +25,9 @@ def read_tokens(url: str, tokenizer, vocab_size: int, needed: int, text_field: s
     ``expected_sha256`` (the stage's key, from ``text_digest``), a text whose bytes read differ is refused."""
     if url.startswith("synthetic://"):
         return synthetic.token_stream(url, vocab_size, needed)
-    raw = _read_text_bytes(url, needed)
+    raw = read_text_bytes(url, "text file", needed * CHARS_PER_TOKEN_GUESS)
     if expected_sha256 is not None and hashlib.sha256(raw).hexdigest() != expected_sha256:
-        raise UserError(f"{url}: the text changed after this build's cache keys were computed (sha256 of the bytes "
+        raise UserError(f"{redact(url)}: the text changed after this build's cache keys were computed (sha256 of the bytes "
                         f"read {expected_sha256[:12]}…, now {hashlib.sha256(raw).hexdigest()[:12]}…): "
                         "run the build again")
     text = raw.decode("utf-8", errors="ignore").replace("\r\n", "\n")
@@ -42,7 +43,7 @@ def text_digest(url: str, needed: int) -> str | None:
     which they never read, does not."""
     if url.startswith("synthetic://"):
         return None
-    return hashlib.sha256(_read_text_bytes(url, needed)).hexdigest()
+    return hashlib.sha256(read_text_bytes(url, "text file", needed * CHARS_PER_TOKEN_GUESS)).hexdigest()
 
 
 def bos_of(config) -> int:
@@ -65,15 +66,17 @@ def evaluation_tokens_read(tokens: int, window: int) -> int:
     return evaluation_window_count(tokens, window) * (window - 1)
 
 
-def _read_text_bytes(url: str, needed: int) -> bytes:
-    fs, path = filesystem(url, "text source")
+def read_text_bytes(url: str, what: str, limit: int | None = None) -> bytes:
+    """The first ``limit`` bytes of a text source (all of it when None), refused if binary; errors name it as
+    ``what`` (e.g. "text file", "task file")."""
+    fs, path = filesystem(url, what)
     try:
         with fs.open(path, "rb") as f:
-            raw = f.read(needed * CHARS_PER_TOKEN_GUESS)
+            raw = f.read() if limit is None else f.read(limit)
     except FileNotFoundError:
-        raise UserError(f"{url}: no such text file") from None
+        raise UserError(f"{redact(url)}: no such {what}") from None
     except OSError as exc:
-        raise UserError(f"{url}: cannot read the text: {exc}") from None
+        raise UserError(f"{redact(url)}: cannot read the {what}: {exc}") from None
     refuse_binary(url, raw)
     return raw
 
