@@ -25,14 +25,14 @@ def read_tokens(url: str, tokenizer, vocab_size: int, needed: int, text_field: s
     ``expected_sha256`` (the stage's key, from ``text_digest``), a text whose bytes read differ is refused."""
     if url.startswith("synthetic://"):
         return synthetic.token_stream(url, vocab_size, needed)
-    raw = read_text_bytes(url, "text file", needed * CHARS_PER_TOKEN_GUESS)
+    raw = _text_prefix(url, needed)
     if expected_sha256 is not None and hashlib.sha256(raw).hexdigest() != expected_sha256:
         raise UserError(f"{redact(url)}: the text changed after this build's cache keys were computed (sha256 of the bytes "
                         f"read {expected_sha256[:12]}…, now {hashlib.sha256(raw).hexdigest()[:12]}…): "
                         "run the build again")
     text = raw.decode("utf-8", errors="ignore").replace("\r\n", "\n")
     if url.endswith(".jsonl"):
-        text = _jsonl_text(url, text, text_field, complete=len(raw) < needed * CHARS_PER_TOKEN_GUESS)
+        text = _jsonl_text(url, text, text_field, complete=len(raw) < _prefix_bytes(needed))
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     return np.asarray(ids, dtype=np.int64)
 
@@ -43,7 +43,16 @@ def text_digest(url: str, needed: int) -> str | None:
     which they never read, does not."""
     if url.startswith("synthetic://"):
         return None
-    return hashlib.sha256(read_text_bytes(url, "text file", needed * CHARS_PER_TOKEN_GUESS)).hexdigest()
+    return hashlib.sha256(_text_prefix(url, needed)).hexdigest()
+
+
+def _text_prefix(url: str, needed: int) -> bytes:
+    """What a text source gives for ``needed`` tokens: its first bytes at a generous guess per token."""
+    return read_text_bytes(url, "text file", _prefix_bytes(needed))
+
+
+def _prefix_bytes(needed: int) -> int:
+    return needed * CHARS_PER_TOKEN_GUESS
 
 
 def bos_of(config) -> int:
@@ -77,11 +86,11 @@ def read_text_bytes(url: str, what: str, limit: int | None = None) -> bytes:
         raise UserError(f"{redact(url)}: no such {what}") from None
     except OSError as exc:
         raise UserError(f"{redact(url)}: cannot read the {what}: {exc}") from None
-    refuse_binary(url, raw)
+    _refuse_binary(redact(url), raw)
     return raw
 
 
-def refuse_binary(url: str, raw: bytes) -> None:
+def _refuse_binary(url: str, raw: bytes) -> None:
     """Text sources are read as text, never deserialised; a pickled or array dataset is named, not decoded."""
     for magic, what in BINARY_MAGIC.items():
         if raw.startswith(magic):

@@ -34,7 +34,7 @@ from quantfab.tasks.modelio import pick_device
 from quantfab.tasks.store import Store
 from quantfab.tasks.texts import bos_of, evaluation_tokens_read, evaluation_window_count, read_tokens, windows
 
-# gate -> (the recipe metric it needs, the report value it limits)
+
 def eval_windows(model: ModelManifest, spec, store: Store, text_sha256: str | None = None) -> np.ndarray:
     model_dir = materialize(store, model.files)
     config = model_dir.config()
